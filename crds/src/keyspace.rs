@@ -1,0 +1,415 @@
+//! The keyspace specification and its validation.
+
+use std::{collections::BTreeMap, collections::HashSet, fmt, time::Duration};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{ByteSize, DurationString};
+
+/// Default `fetchTimeout` of a keyspace.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `maxValueBytes` of a keyspace (capped at `maxBytes`).
+pub const DEFAULT_MAX_VALUE_BYTES: u64 = 8 << 20;
+/// Most keyspaces one node or one DistCache serves.
+pub const MAX_KEYSPACES: usize = 256;
+
+const MIN_MAX_BYTES: u64 = 64 << 10;
+const MAX_MAX_BYTES: u64 = 1 << 40;
+const MAX_VALUE_BYTES_LIMIT: u64 = 512 << 20;
+const MIN_TTL: Duration = Duration::from_millis(10);
+const MAX_TTL: Duration = Duration::from_secs(366 * 86_400);
+const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The keyspaces file a node reads (`keyspacesFile`), and the data key of the operator's keyspace ConfigMap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyspacesFile {
+    /// The keyspaces, each with a unique name.
+    #[serde(default)]
+    pub keyspaces: Vec<KeyspaceSpec>,
+}
+
+/// One keyspace: a named, independently sized and configured set of keys. Each node holds the keys of every
+/// keyspace that it owns, up to `maxBytes` per keyspace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyspaceSpec {
+    /// Name used by clients (`Get(keyspace, key)`): lowercase letters, digits, '-', '_' and '.', at most 63
+    /// characters, starting and ending with a letter or digit.
+    pub name: String,
+    /// Memory budget of the keyspace on each node, counting key + value + a fixed per-entry overhead; least
+    /// recently and least frequently used entries are evicted beyond it. Between 64Ki and 1Ti. One eighth of it
+    /// is the budget of the hot tier that keeps copies of keys owned by other nodes.
+    pub max_bytes: ByteSize,
+    /// Default time to live of an entry (a Put or the data source may set another). Absent: entries do not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<DurationString>,
+    /// How long a NOT_FOUND answer of the data source is cached. Absent: NOT_FOUND is not cached and every Get of
+    /// a missing key reaches the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_ttl: Option<DurationString>,
+    /// Deadline of one fetch from the data source; a slower fetch fails with DEADLINE_EXCEEDED. Default 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_timeout: Option<DurationString>,
+    /// Largest value a Put accepts. Default 8Mi (or maxBytes when smaller); at most 512Mi and at most maxBytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_value_bytes: Option<ByteSize>,
+    /// The data-source hook that loads missing keys (read-through). Absent: a pure cache-aside keyspace where a
+    /// miss is NOT_FOUND and values arrive only through Put.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookSpec>,
+}
+
+/// A WebAssembly data-source hook and its sandbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HookSpec {
+    /// Where the hook's WebAssembly component comes from: exactly one of path, configMap, or url with sha256.
+    pub module: ModuleSource,
+    /// String settings passed to the hook's `init` (for example the backend's base URL).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+    /// The only `host:port` pairs the hook may reach through the host's HTTP interface.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    /// Resource limits of one hook call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<HookLimits>,
+}
+
+/// The source of a hook's WebAssembly component. Exactly one of `path`, `configMap` or `url` (with `sha256`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModuleSource {
+    /// A file on the node, relative to the keyspaces file's directory unless absolute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A key of a ConfigMap (binaryData) in the DistCache's namespace, mounted into the node pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapKeyRef>,
+    /// An http(s) URL to download the component from, once; requires `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Hex SHA-256 of the component; required with `url`, checked for every source when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// A key of a ConfigMap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigMapKeyRef {
+    /// ConfigMap name.
+    pub name: String,
+    /// Key inside the ConfigMap.
+    pub key: String,
+}
+
+/// Limits of one hook call.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HookLimits {
+    /// WebAssembly fuel (roughly instructions) per call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    /// Linear memory of one instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// Wall-clock deadline of one call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationString>,
+    /// Ready instances kept per keyspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+}
+
+/// A keyspace whose settings passed validation, with defaults applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidKeyspace {
+    /// Keyspace name.
+    pub name: String,
+    /// Byte budget of the main tier on each node.
+    pub max_bytes: u64,
+    /// Default entry TTL.
+    pub ttl: Option<Duration>,
+    /// TTL of cached NOT_FOUND answers.
+    pub negative_ttl: Option<Duration>,
+    /// Deadline of one fetch.
+    pub fetch_timeout: Duration,
+    /// Largest value accepted.
+    pub max_value_bytes: u64,
+    /// The spec it came from (hook settings are interpreted by the hook runtime).
+    pub spec: KeyspaceSpec,
+}
+
+/// One problem found in a keyspaces file, naming the field (`keyspaces[1].maxBytes`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidationError {
+    /// JSON-path-like location of the field.
+    pub field: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every problem found in a keyspaces file (validation does not stop at the first).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<ValidationError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+struct Collector {
+    errors: Vec<ValidationError>,
+}
+
+impl Collector {
+    fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ValidationError { field: field.into(), message: message.into() });
+    }
+
+    fn duration_in_range(&mut self, field: String, value: Option<DurationString>, min: Duration, max: Duration) {
+        if let Some(DurationString(d)) = value
+            && (d < min || d > max)
+        {
+            self.push(
+                field,
+                format!(
+                    "{} is out of range: must be between {} and {}",
+                    DurationString(d),
+                    DurationString(min),
+                    DurationString(max)
+                ),
+            );
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !name.is_empty()
+        && name.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+fn valid_host_port(entry: &str) -> bool {
+    let Some((host, port)) = entry.rsplit_once(':') else { return false };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    !host.is_empty()
+        && !host.contains(['/', ' ', '@'])
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) {
+    let m = &hook.module;
+    let sources = [m.path.is_some(), m.config_map.is_some(), m.url.is_some()].iter().filter(|s| **s).count();
+    if sources != 1 {
+        c.push(format!("{at}.hook.module"), "exactly one of path, configMap or url must be set");
+    }
+    if m.url.is_some() && m.sha256.is_none() {
+        c.push(format!("{at}.hook.module.sha256"), "required when url is set");
+    }
+    if let Some(url) = &m.url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        c.push(format!("{at}.hook.module.url"), format!("{url:?} must be an http:// or https:// URL"));
+    }
+    if let Some(sha) = &m.sha256
+        && !(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        c.push(format!("{at}.hook.module.sha256"), "must be 64 hexadecimal characters");
+    }
+    if let Some(path) = &m.path
+        && path.is_empty()
+    {
+        c.push(format!("{at}.hook.module.path"), "must not be empty");
+    }
+    for (i, host) in hook.allowed_hosts.iter().enumerate() {
+        if !valid_host_port(host) {
+            c.push(format!("{at}.hook.allowedHosts[{i}]"), format!("{host:?} must be host:port"));
+        }
+    }
+    if let Some(limits) = &hook.limits {
+        if limits.fuel == Some(0) {
+            c.push(format!("{at}.hook.limits.fuel"), "must be positive");
+        }
+        if let Some(ByteSize(mem)) = limits.memory
+            && !(1 << 20..=4 << 30).contains(&mem)
+        {
+            c.push(format!("{at}.hook.limits.memory"), "must be between 1Mi and 4Gi");
+        }
+        c.duration_in_range(format!("{at}.hook.limits.timeout"), limits.timeout, MIN_TTL, MAX_FETCH_TIMEOUT);
+        if let Some(pool) = limits.pool_size
+            && !(1..=1024).contains(&pool)
+        {
+            c.push(format!("{at}.hook.limits.poolSize"), "must be between 1 and 1024");
+        }
+    }
+}
+
+/// Validates a list of keyspaces and applies defaults. Reports every problem at once, each naming its field
+/// as `keyspaces[i].field`.
+pub fn validate_keyspaces(specs: &[KeyspaceSpec]) -> Result<Vec<ValidKeyspace>, ValidationErrors> {
+    let mut c = Collector { errors: Vec::new() };
+    if specs.len() > MAX_KEYSPACES {
+        c.push("keyspaces", format!("{} keyspaces given, at most {MAX_KEYSPACES} allowed", specs.len()));
+    }
+    let mut seen = HashSet::new();
+    let mut valid = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let at = format!("keyspaces[{i}]");
+        if !valid_name(&spec.name) {
+            c.push(
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a valid keyspace name: use 1-63 lowercase letters, digits, '-', '_' or '.', \
+                     starting and ending with a letter or digit",
+                    spec.name
+                ),
+            );
+        } else if !seen.insert(spec.name.as_str()) {
+            c.push(format!("{at}.name"), format!("duplicate keyspace name {:?}", spec.name));
+        }
+        let max_bytes = spec.max_bytes.0;
+        if !(MIN_MAX_BYTES..=MAX_MAX_BYTES).contains(&max_bytes) {
+            c.push(
+                format!("{at}.maxBytes"),
+                format!(
+                    "{} is out of range: must be between {} and {}",
+                    spec.max_bytes,
+                    ByteSize(MIN_MAX_BYTES),
+                    ByteSize(MAX_MAX_BYTES)
+                ),
+            );
+        }
+        c.duration_in_range(format!("{at}.ttl"), spec.ttl, MIN_TTL, MAX_TTL);
+        c.duration_in_range(format!("{at}.negativeTtl"), spec.negative_ttl, MIN_TTL, MAX_TTL);
+        c.duration_in_range(format!("{at}.fetchTimeout"), spec.fetch_timeout, MIN_TTL, MAX_FETCH_TIMEOUT);
+        let max_value_bytes = match spec.max_value_bytes {
+            Some(ByteSize(v)) => {
+                if v == 0 || v > MAX_VALUE_BYTES_LIMIT || v > max_bytes {
+                    c.push(
+                        format!("{at}.maxValueBytes"),
+                        format!(
+                            "{} is out of range: must be positive, at most {} and at most maxBytes ({})",
+                            ByteSize(v),
+                            ByteSize(MAX_VALUE_BYTES_LIMIT),
+                            spec.max_bytes
+                        ),
+                    );
+                }
+                v
+            }
+            None => DEFAULT_MAX_VALUE_BYTES.min(max_bytes),
+        };
+        if let Some(hook) = &spec.hook {
+            validate_hook(&mut c, &at, hook);
+        }
+        valid.push(ValidKeyspace {
+            name: spec.name.clone(),
+            max_bytes,
+            ttl: spec.ttl.map(DurationString::get),
+            negative_ttl: spec.negative_ttl.map(DurationString::get),
+            fetch_timeout: spec.fetch_timeout.map_or(DEFAULT_FETCH_TIMEOUT, DurationString::get),
+            max_value_bytes,
+            spec: spec.clone(),
+        });
+    }
+    if c.errors.is_empty() { Ok(valid) } else { Err(ValidationErrors(c.errors)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> KeyspacesFile {
+        serde_yaml::from_str(yaml).expect("fixture parses")
+    }
+
+    #[test]
+    fn design_example_validates_with_defaults() {
+        let file = parse(
+            r#"
+keyspaces:
+  - name: users
+    maxBytes: 64Mi
+    ttl: 5m
+    negativeTtl: 30s
+    fetchTimeout: 2s
+    hook:
+      module: { path: hooks/users.wasm }
+      config: { baseUrl: "http://127.0.0.1:8080/users" }
+      allowedHosts: ["127.0.0.1:8080"]
+      limits: { fuel: 50000000, memory: 64Mi, timeout: 2s, poolSize: 8 }
+  - name: sessions
+    maxBytes: 1Mi
+"#,
+        );
+        let valid = validate_keyspaces(&file.keyspaces).expect("valid");
+        assert_eq!(valid[0].max_bytes, 64 << 20);
+        assert_eq!(valid[0].ttl, Some(Duration::from_secs(300)));
+        assert_eq!(valid[0].fetch_timeout, Duration::from_secs(2));
+        assert_eq!(valid[1].max_value_bytes, 1 << 20, "default capped at maxBytes");
+        assert_eq!(valid[1].fetch_timeout, DEFAULT_FETCH_TIMEOUT);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let file = parse(
+            r#"
+keyspaces:
+  - { name: users, maxBytes: 1Ki, ttl: 1ms }
+  - { name: users, maxBytes: 1Mi, maxValueBytes: 2Mi }
+  - { name: "Bad Name", maxBytes: 1Mi, hook: { module: {}, allowedHosts: ["nohost"] } }
+"#,
+        );
+        let errors = validate_keyspaces(&file.keyspaces).expect_err("invalid").to_string();
+        for expected in [
+            "keyspaces[0].maxBytes: 1Ki is out of range",
+            "keyspaces[0].ttl: 1ms is out of range",
+            "keyspaces[1].name: duplicate keyspace name \"users\"",
+            "keyspaces[1].maxValueBytes",
+            "keyspaces[2].name",
+            "keyspaces[2].hook.module: exactly one of path, configMap or url",
+            "keyspaces[2].hook.allowedHosts[0]",
+        ] {
+            assert!(errors.contains(expected), "missing {expected:?} in {errors}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_sizes_fail_to_parse_with_the_field_path() {
+        let err = serde_yaml::from_str::<KeyspacesFile>("keyspaces:\n  - { name: a, maxBytes: 12Qi }\n")
+            .expect_err("bad size")
+            .to_string();
+        assert!(err.contains("keyspaces[0].maxBytes") && err.contains("12Qi"), "{err}");
+        let err = serde_yaml::from_str::<KeyspacesFile>("keyspaces:\n  - { name: a, maxBytes: 1Mi, tll: 5m }\n")
+            .expect_err("typo")
+            .to_string();
+        assert!(err.contains("tll"), "{err}");
+    }
+
+    #[test]
+    fn url_module_needs_a_sha256() {
+        let file = parse("keyspaces:\n  - { name: a, maxBytes: 1Mi, hook: { module: { url: \"https://x/y.wasm\" } } }\n");
+        let errors = validate_keyspaces(&file.keyspaces).expect_err("invalid").to_string();
+        assert!(errors.contains("keyspaces[0].hook.module.sha256: required"), "{errors}");
+    }
+}

@@ -1,0 +1,18 @@
+//! API types shared by the DistCache node and operator.
+//!
+//! [`KeyspaceSpec`] is both an entry of the node's keyspaces file and an element of `DistCache.spec.keyspaces`,
+//! so the CRD field and the file the operator writes into the keyspace ConfigMap are one type: what validates
+//! here validates everywhere. Sizes are Kubernetes quantities ([`ByteSize`]) and durations are Go-style strings
+//! ([`DurationString`]), as Kubernetes users write them.
+
+mod duration;
+mod keyspace;
+mod quantity;
+
+pub use duration::{DurationString, ParseDurationError};
+pub use keyspace::{
+    ConfigMapKeyRef, HookLimits, HookSpec, KeyspaceSpec, KeyspacesFile, ModuleSource, ValidKeyspace,
+    ValidationError, ValidationErrors, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_VALUE_BYTES, MAX_KEYSPACES,
+    validate_keyspaces,
+};
+pub use quantity::{ByteSize, ParseSizeError};

@@ -1,0 +1,120 @@
+//! Admin HTTP on port 7421: `/healthz` (the process runs), `/readyz` (keyspaces loaded, membership known, not
+//! stopping), `/metrics` (Prometheus text), `/admin/peers` and `/admin/keyspaces` (JSON).
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::json;
+
+use crate::engine::Engine;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Discovery backend name.
+    pub discovery: &'static str,
+    /// Set when the initial keyspaces were loaded.
+    pub keyspaces_loaded: AtomicBool,
+    /// Set when the node starts stopping (it then reports not ready so traffic drains).
+    pub stopping: AtomicBool,
+}
+
+impl AdminState {
+    /// Why the node is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.stopping.load(Ordering::Acquire) {
+            Some("node is shutting down")
+        } else if !self.keyspaces_loaded.load(Ordering::Acquire) {
+            Some("keyspaces not loaded yet")
+        } else if !self.engine.membership().is_known() {
+            Some("membership not known yet (discovery has not reported)")
+        } else {
+            None
+        }
+    }
+}
+
+/// The admin router.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/admin/peers", get(peers))
+        .route("/admin/keyspaces", get(keyspaces))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    match s.not_ready_reason() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    s.engine.refresh_gauges();
+    match s.engine.metrics().encode() {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to encode metrics: {e}\n")).into_response(),
+    }
+}
+
+async fn peers(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let membership = s.engine.membership();
+    let local = membership.local();
+    let members: Vec<_> = membership
+        .ring()
+        .members()
+        .iter()
+        .map(|m| json!({ "name": m.name, "address": m.address, "local": m.name == local.name }))
+        .collect();
+    Json(json!({
+        "local": { "name": local.name, "address": local.address },
+        "discovery": s.discovery,
+        "known": membership.is_known(),
+        "members": members,
+    }))
+}
+
+async fn keyspaces(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let ks = s.engine.keyspaces();
+    let stats = s.engine.stats(None).unwrap_or_default();
+    let list: Vec<_> = ks
+        .all()
+        .iter()
+        .map(|rt| {
+            let c = &rt.config;
+            json!({
+                "name": c.name,
+                "maxBytes": c.max_bytes,
+                "ttlMs": c.ttl.map(|d| d.as_millis()),
+                "negativeTtlMs": c.negative_ttl.map(|d| d.as_millis()),
+                "fetchTimeoutMs": c.fetch_timeout.as_millis(),
+                "maxValueBytes": c.max_value_bytes,
+                "readThrough": rt.source.is_some(),
+                "spec": c.spec,
+                "stats": stats.iter().find(|st| st.name == c.name),
+            })
+        })
+        .collect();
+    let status = ks.status();
+    Json(json!({
+        "file": status.file,
+        "appliedAt": status.applied_at,
+        "lastError": status.last_error,
+        "reloadsApplied": s.engine.metrics().reloads("applied"),
+        "reloadsRefused": s.engine.metrics().reloads("refused"),
+        "keyspaces": list,
+    }))
+}

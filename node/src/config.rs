@@ -1,0 +1,332 @@
+//! Node configuration: a YAML file (`--config`) whose every field can be overridden by an environment variable
+//! `DISTCACHE_<FIELD>` (nested fields joined by `__`, values in YAML syntax), as pods set them:
+//! `DISTCACHE_NAME=node-0`, `DISTCACHE_ADVERTISE=10.0.0.7:7420`,
+//! `DISTCACHE_DISCOVERY__STATIC__PEERS='["10.0.0.7:7420","10.0.0.8:7420"]'`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use distcache_crds::{ByteSize, DurationString};
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+
+/// Default gRPC port.
+pub const GRPC_PORT: u16 = 7420;
+/// Default admin HTTP port.
+pub const ADMIN_PORT: u16 = 7421;
+
+/// The node configuration file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Unique member name; default: the hostname.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// gRPC listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address peers dial; default: `listen`, with 127.0.0.1 when `listen` is unspecified (0.0.0.0).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Admin HTTP listen address.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// How members find each other.
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    /// The keyspaces file, relative to the config file's directory; absent = no keyspaces.
+    #[serde(default)]
+    pub keyspaces_file: Option<PathBuf>,
+    /// How often the keyspaces file is checked for changes.
+    #[serde(default = "default_poll")]
+    pub keyspaces_poll_interval: DurationString,
+    /// Deadline of one call to a peer.
+    #[serde(default = "default_peer_timeout")]
+    pub peer_timeout: DurationString,
+    /// Largest gRPC message accepted or sent (bounds batch sizes; values are bounded per keyspace).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: ByteSize,
+    /// How long a stopping node keeps answering in-flight requests.
+    #[serde(default = "default_drain")]
+    pub shutdown_grace: DurationString,
+}
+
+/// The discovery backend: exactly one field is set (none = standalone).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// A fixed list of peers, health-checked.
+    #[serde(default, rename = "static", skip_serializing_if = "Option::is_none")]
+    pub static_list: Option<StaticDiscovery>,
+    /// One node alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standalone: Option<Empty>,
+}
+
+/// An empty settings object (`standalone: {}`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// The selected discovery backend.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DiscoveryKind {
+    /// Static peer list.
+    Static(StaticDiscovery),
+    /// Single node.
+    Standalone,
+}
+
+impl DiscoveryConfig {
+    /// The one configured backend.
+    pub fn kind(&self) -> Result<DiscoveryKind, String> {
+        match (&self.static_list, &self.standalone) {
+            (Some(s), None) => Ok(DiscoveryKind::Static(s.clone())),
+            (None, _) => Ok(DiscoveryKind::Standalone),
+            (Some(_), Some(_)) => Err("discovery: set exactly one of static, standalone".into()),
+        }
+    }
+}
+
+/// Static discovery settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StaticDiscovery {
+    /// Peer addresses (`host:port`); may include this node's own advertise address.
+    pub peers: Vec<String>,
+    /// Time between health probes.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: DurationString,
+    /// Consecutive failed probes before a peer leaves the ring.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], GRPC_PORT))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))
+}
+fn default_poll() -> DurationString {
+    DurationString(Duration::from_secs(1))
+}
+fn default_peer_timeout() -> DurationString {
+    DurationString(Duration::from_secs(2))
+}
+fn default_max_message() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_drain() -> DurationString {
+    DurationString(Duration::from_secs(5))
+}
+fn default_probe_interval() -> DurationString {
+    DurationString(Duration::from_secs(1))
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            listen: default_listen(),
+            advertise: None,
+            admin: default_admin(),
+            discovery: DiscoveryConfig::default(),
+            keyspaces_file: None,
+            keyspaces_poll_interval: default_poll(),
+            peer_timeout: default_peer_timeout(),
+            max_message_bytes: default_max_message(),
+            shutdown_grace: default_drain(),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read config file {path}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML (after env overrides) does not match the schema.
+    #[error("invalid config {origin}: {message}")]
+    Invalid {
+        /// The file, or "from the environment".
+        origin: String,
+        /// serde's message with the field path.
+        message: String,
+    },
+    /// An environment override is not valid YAML.
+    #[error("invalid environment variable {name}: {message}")]
+    Env {
+        /// Variable name.
+        name: String,
+        /// Parse error.
+        message: String,
+    },
+}
+
+fn camel(segment: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in segment.split('_').filter(|p| !p.is_empty()).enumerate() {
+        let lower = part.to_ascii_lowercase();
+        if i == 0 {
+            out.push_str(&lower);
+        } else {
+            let mut chars = lower.chars();
+            if let Some(first) = chars.next() {
+                out.push(first.to_ascii_uppercase());
+                out.extend(chars);
+            }
+        }
+    }
+    out
+}
+
+fn set_path(root: &mut Mapping, path: &[String], value: Value) {
+    let Some((last, parents)) = path.split_last() else { return };
+    let mut node = root;
+    for p in parents {
+        let key = Value::String(p.clone());
+        if !matches!(node.get(&key), Some(Value::Mapping(_))) {
+            node.insert(key.clone(), Value::Mapping(Mapping::new()));
+        }
+        match node.get_mut(&key) {
+            Some(Value::Mapping(m)) => node = m,
+            _ => return,
+        }
+    }
+    node.insert(Value::String(last.clone()), value);
+}
+
+impl NodeConfig {
+    /// Loads the file (if any), applies `DISTCACHE_*` overrides from `env`, and resolves relative paths against
+    /// the file's directory.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root = match path {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                match serde_yaml::from_str::<Value>(&text) {
+                    Ok(Value::Mapping(m)) => m,
+                    Ok(Value::Null) => Mapping::new(),
+                    Ok(_) => {
+                        return Err(ConfigError::Invalid {
+                            origin: p.display().to_string(),
+                            message: "the top level must be a mapping".into(),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(ConfigError::Invalid { origin: p.display().to_string(), message: e.to_string() });
+                    }
+                }
+            }
+            None => Mapping::new(),
+        };
+        let mut overridden = Vec::new();
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix("DISTCACHE_") else { continue };
+            // DISTCACHE_ENDPOINT and DISTCACHE_LOG belong to the CLI and logging, not to the node config.
+            if rest == "ENDPOINT" || rest == "LOG" || rest.is_empty() {
+                continue;
+            }
+            let value: Value = serde_yaml::from_str(&raw)
+                .map_err(|e| ConfigError::Env { name: name.clone(), message: e.to_string() })?;
+            let path: Vec<String> = rest.split("__").map(camel).collect();
+            set_path(&mut root, &path, value);
+            overridden.push(name);
+        }
+        let origin = match path {
+            Some(p) if overridden.is_empty() => p.display().to_string(),
+            Some(p) => format!("{} (with {})", p.display(), overridden.join(", ")),
+            None => format!("from the environment ({})", overridden.join(", ")),
+        };
+        // Through text rather than `from_value`: serde_yaml's `Value` deserializer cannot read externally
+        // tagged enums (`discovery: {static: ...}`) from a plain mapping.
+        let text = serde_yaml::to_string(&Value::Mapping(root))
+            .map_err(|e| ConfigError::Invalid { origin: origin.clone(), message: e.to_string() })?;
+        let mut config: Self =
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid { origin, message: e.to_string() })?;
+        if let (Some(file), Some(dir)) = (config.keyspaces_file.as_mut(), path.and_then(Path::parent))
+            && file.is_relative()
+        {
+            *file = dir.join(&*file);
+        }
+        if let Err(message) = config.discovery.kind() {
+            return Err(ConfigError::Invalid { origin: "config".into(), message });
+        }
+        Ok(config)
+    }
+
+    /// The member name: configured, else the hostname.
+    pub fn member_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "distcache-node".into())
+        })
+    }
+
+    /// The address peers dial, given the bound gRPC address.
+    pub fn advertise_address(&self, bound: SocketAddr) -> String {
+        match &self.advertise {
+            Some(a) => a.clone(),
+            None if bound.ip().is_unspecified() => format!("127.0.0.1:{}", bound.port()),
+            None => bound.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_nested_fields_and_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.yaml");
+        std::fs::write(&file, "name: a\nkeyspacesFile: ./ks.yaml\ndiscovery:\n  standalone: {}\n").expect("write");
+        let env = vec![
+            ("DISTCACHE_NAME".to_owned(), "b".to_owned()),
+            ("DISTCACHE_DISCOVERY".to_owned(), "{static: {peers: [\"127.0.0.1:1\"]}}".to_owned()),
+            ("DISTCACHE_PEER_TIMEOUT".to_owned(), "3s".to_owned()),
+            ("DISTCACHE_ENDPOINT".to_owned(), "ignored".to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+        ];
+        let c = NodeConfig::load(Some(&file), env).expect("valid");
+        assert_eq!(c.name.as_deref(), Some("b"));
+        assert_eq!(c.keyspaces_file, Some(dir.path().join("./ks.yaml")));
+        assert_eq!(c.peer_timeout.get(), Duration::from_secs(3));
+        match c.discovery.kind() {
+            Ok(DiscoveryKind::Static(s)) => assert_eq!(s.peers, vec!["127.0.0.1:1"]),
+            other => panic!("override ignored: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nested_env_path() {
+        let env = vec![("DISTCACHE_DISCOVERY__STATIC__PEERS".to_owned(), "[\"127.0.0.1:9\"]".to_owned())];
+        let c = NodeConfig::load(None, env).expect("valid");
+        assert!(matches!(c.discovery.kind(), Ok(DiscoveryKind::Static(ref s)) if s.peers == vec!["127.0.0.1:9"]));
+    }
+
+    #[test]
+    fn typos_are_reported_with_the_field() {
+        let err = NodeConfig::load(None, vec![("DISTCACHE_LISTN".to_owned(), "x".to_owned())])
+            .expect_err("unknown field")
+            .to_string();
+        assert!(err.contains("listn") && err.contains("DISTCACHE_LISTN"), "{err}");
+    }
+}

@@ -1,0 +1,116 @@
+//! A fixed list of peer addresses, health-checked: a peer is a member while it answers `Peer.Ping`, leaves the
+//! ring after `failure_threshold` consecutive failed probes, and rejoins when it answers again. Probing also
+//! learns each peer's member name, which is the ring identity.
+//!
+//! Timing: a probe round starts every `interval` and each probe is bounded by `timeout` (< interval), so a dead
+//! peer leaves after at most `failure_threshold × interval + timeout` (1 s × 3 + 0.8 s by default, under 5 s).
+
+use std::{collections::HashMap, time::Duration};
+
+use async_trait::async_trait;
+
+use super::{Discovery, DiscoveryContext};
+use crate::ring::Member;
+
+/// Probe settings of static discovery.
+#[derive(Clone, Debug)]
+pub struct StaticListSettings {
+    /// Time between probe rounds.
+    pub interval: Duration,
+    /// Deadline of one probe.
+    pub timeout: Duration,
+    /// Consecutive failures before a peer leaves.
+    pub failure_threshold: u32,
+}
+
+impl Default for StaticListSettings {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(1), timeout: Duration::from_millis(800), failure_threshold: 3 }
+    }
+}
+
+/// Static peer list discovery.
+pub struct StaticList {
+    peers: Vec<String>,
+    settings: StaticListSettings,
+}
+
+impl StaticList {
+    /// Peers as `host:port`; the node's own advertise address may be in the list (it is skipped).
+    pub fn new(peers: Vec<String>, settings: StaticListSettings) -> Self {
+        Self { peers, settings }
+    }
+}
+
+struct PeerState {
+    member: Option<Member>,
+    failures: u32,
+}
+
+#[async_trait]
+impl Discovery for StaticList {
+    fn name(&self) -> &'static str {
+        "static"
+    }
+
+    async fn run(self: Box<Self>, ctx: DiscoveryContext) {
+        let peers: Vec<String> = self.peers.into_iter().filter(|p| *p != ctx.local.address).collect();
+        let mut state: HashMap<String, PeerState> =
+            peers.iter().map(|p| (p.clone(), PeerState { member: None, failures: 0 })).collect();
+        let mut last_sent: Option<Vec<Member>> = None;
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let probes = peers.iter().map(|addr| {
+                let transport = ctx.transport.clone();
+                let timeout = self.settings.timeout;
+                async move {
+                    let r = tokio::time::timeout(timeout, transport.ping(addr)).await;
+                    (addr.clone(), r)
+                }
+            });
+            for (addr, result) in futures::future::join_all(probes).await {
+                let Some(s) = state.get_mut(&addr) else { continue };
+                match result {
+                    Ok(Ok(m)) if m.name == ctx.local.name => {
+                        // The list names this node under another address: not a peer.
+                        s.member = None;
+                    }
+                    Ok(Ok(m)) => {
+                        if s.member.is_none() {
+                            tracing::info!(peer = %addr, name = %m.name, "static peer answers; joining the ring");
+                        }
+                        // Dial the address from the list: it is the one known to be reachable from here.
+                        s.member = Some(Member::new(m.name, addr.clone()));
+                        s.failures = 0;
+                    }
+                    Ok(Err(e)) => {
+                        s.failures = s.failures.saturating_add(1);
+                        tracing::debug!(peer = %addr, error = %e, failures = s.failures, "static peer probe failed");
+                    }
+                    Err(_) => {
+                        s.failures = s.failures.saturating_add(1);
+                        tracing::debug!(peer = %addr, failures = s.failures, "static peer probe timed out");
+                    }
+                }
+                if s.failures >= self.settings.failure_threshold
+                    && let Some(m) = s.member.take()
+                {
+                    tracing::warn!(peer = %addr, name = %m.name, "static peer stopped answering; leaving the ring");
+                }
+            }
+            let mut members: Vec<Member> = state.values().filter_map(|s| s.member.clone()).collect();
+            members.sort();
+            if last_sent.as_ref() != Some(&members) {
+                if ctx.updates.send(members.clone()).await.is_err() {
+                    return;
+                }
+                last_sent = Some(members);
+            }
+        }
+    }
+}

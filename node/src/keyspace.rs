@@ -1,0 +1,293 @@
+//! The keyspaces a node serves: loading and validating the keyspaces file, building each keyspace's runtime, and
+//! applying reloads without a restart.
+//!
+//! The set is an immutable map behind an `ArcSwap`: the request path loads it without a lock, a reload builds a
+//! complete new map and swaps it in. A reload that fails to parse, validate or build a data source changes
+//! nothing: the last good set keeps serving and the failure is logged, counted and shown on `/admin/keyspaces`.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use distcache_crds::{KeyspacesFile, ValidKeyspace, validate_keyspaces};
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::{
+    metrics::{KeyspaceMetrics, Metrics},
+    singleflight::SingleFlight,
+    source::{DataSource, SourceFactory},
+    store::Store,
+};
+
+/// A value as returned to a reader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Value {
+    /// The bytes.
+    pub bytes: bytes::Bytes,
+    /// Time left before expiry; `None` = never expires.
+    pub ttl: Option<Duration>,
+}
+
+/// Everything one keyspace needs on the request path.
+pub struct KeyspaceRuntime {
+    /// Validated settings.
+    pub config: ValidKeyspace,
+    /// Main and hot tiers.
+    pub store: Arc<Store>,
+    /// The data source (read-through) or `None` (cache-aside).
+    pub source: Option<Arc<dyn DataSource>>,
+    /// Pre-resolved metric handles.
+    pub metrics: KeyspaceMetrics,
+    /// In-flight loads from the data source (owner side).
+    pub source_flight: Arc<SingleFlight<Value>>,
+    /// In-flight loads from owners (non-owner side).
+    pub peer_flight: Arc<SingleFlight<Value>>,
+}
+
+impl KeyspaceRuntime {
+    /// Keyspace name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// Why a keyspaces file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("failed to read keyspaces file {path}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema.
+    #[error("failed to parse keyspaces file {path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// serde's message, naming the field and line.
+        message: String,
+    },
+    /// Values out of range, duplicates, ...
+    #[error("invalid keyspaces file {path}: {message}")]
+    Invalid {
+        /// File path.
+        path: PathBuf,
+        /// Every problem, each naming its field.
+        message: String,
+    },
+    /// A data source could not be built.
+    #[error("keyspaces file {path}: {message}")]
+    Source {
+        /// File path.
+        path: PathBuf,
+        /// The factory's message.
+        message: String,
+    },
+}
+
+/// Parses and validates keyspaces YAML.
+pub fn parse_keyspaces(path: &Path, text: &str) -> Result<Vec<ValidKeyspace>, LoadError> {
+    let file: KeyspacesFile = if text.trim().is_empty() {
+        KeyspacesFile::default()
+    } else {
+        serde_yaml::from_str(text)
+            .map_err(|e| LoadError::Parse { path: path.to_owned(), message: e.to_string() })?
+    };
+    validate_keyspaces(&file.keyspaces)
+        .map_err(|e| LoadError::Invalid { path: path.to_owned(), message: e.to_string() })
+}
+
+/// State of the last reload, shown on `/admin/keyspaces`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReloadStatus {
+    /// Keyspaces file path.
+    pub file: Option<PathBuf>,
+    /// When the current set was applied (seconds since the Unix epoch).
+    pub applied_at: Option<u64>,
+    /// The error of the last refused reload, if the file has not been fixed since.
+    pub last_error: Option<String>,
+}
+
+/// The keyspaces of a node.
+pub struct Keyspaces {
+    map: ArcSwap<HashMap<String, Arc<KeyspaceRuntime>>>,
+    factory: Arc<dyn SourceFactory>,
+    metrics: Arc<Metrics>,
+    status: Mutex<ReloadStatus>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Keyspaces {
+    /// An empty set.
+    pub fn new(factory: Arc<dyn SourceFactory>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+            factory,
+            metrics,
+            status: Mutex::new(ReloadStatus::default()),
+        }
+    }
+
+    /// The runtime of a keyspace (lock-free).
+    #[inline]
+    pub fn get(&self, name: &str) -> Option<Arc<KeyspaceRuntime>> {
+        self.map.load().get(name).cloned()
+    }
+
+    /// All runtimes, sorted by name.
+    pub fn all(&self) -> Vec<Arc<KeyspaceRuntime>> {
+        let mut all: Vec<_> = self.map.load().values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// Comma-separated names (for error messages).
+    pub fn names(&self) -> String {
+        let mut names: Vec<String> = self.map.load().keys().cloned().collect();
+        names.sort();
+        names.join(", ")
+    }
+
+    /// Status of the last reload.
+    pub fn status(&self) -> ReloadStatus {
+        self.status.lock().clone()
+    }
+
+    /// Builds the runtimes of a validated set and swaps them in. Keyspaces whose settings did not change keep
+    /// their runtime; a changed keyspace keeps its entries (copied into a resized store when `maxBytes`
+    /// changed) and its data source when the hook did not change. Nothing changes when a source fails to build.
+    pub fn apply(&self, specs: Vec<ValidKeyspace>, base_dir: &Path, file: Option<&Path>) -> Result<(), LoadError> {
+        let current = self.map.load_full();
+        let mut next = HashMap::with_capacity(specs.len());
+        for config in specs {
+            let old = current.get(&config.name);
+            if let Some(old) = old
+                && old.config == config
+            {
+                next.insert(config.name.clone(), Arc::clone(old));
+                continue;
+            }
+            let source = match old {
+                Some(old) if old.config.spec.hook == config.spec.hook => old.source.clone(),
+                _ => self.factory.build(&config, base_dir).map_err(|message| LoadError::Source {
+                    path: file.map(Path::to_owned).unwrap_or_default(),
+                    message,
+                })?,
+            };
+            let metrics = self.metrics.keyspace(&config.name);
+            let store = match old {
+                Some(old) if old.config.max_bytes == config.max_bytes => Arc::clone(&old.store),
+                Some(old) => {
+                    let store = Arc::new(Store::new(config.max_bytes, &metrics.evictions));
+                    store.adopt(&old.store);
+                    store
+                }
+                None => Arc::new(Store::new(config.max_bytes, &metrics.evictions)),
+            };
+            let (source_flight, peer_flight) = match old {
+                Some(old) => (Arc::clone(&old.source_flight), Arc::clone(&old.peer_flight)),
+                None => (Arc::default(), Arc::default()),
+            };
+            let runtime = KeyspaceRuntime { config, store, source, metrics, source_flight, peer_flight };
+            next.insert(runtime.config.name.clone(), Arc::new(runtime));
+        }
+        for name in current.keys() {
+            if !next.contains_key(name) {
+                self.metrics.forget_keyspace(name);
+                tracing::info!(keyspace = %name, "keyspace removed");
+            }
+        }
+        for (name, rt) in &next {
+            match current.get(name) {
+                None => tracing::info!(keyspace = %name, max_bytes = rt.config.max_bytes, "keyspace added"),
+                Some(old) if !Arc::ptr_eq(old, rt) => tracing::info!(keyspace = %name, "keyspace updated"),
+                Some(_) => {}
+            }
+        }
+        self.map.store(Arc::new(next));
+        let mut status = self.status.lock();
+        status.file = file.map(Path::to_owned);
+        status.applied_at = Some(unix_now());
+        status.last_error = None;
+        Ok(())
+    }
+
+    /// Reads, validates and applies a keyspaces file.
+    pub fn load_file(&self, path: &Path) -> Result<(), LoadError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        let specs = parse_keyspaces(path, &text)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        self.apply(specs, base, Some(path))
+    }
+
+    /// Records a refused reload.
+    pub fn refuse(&self, error: &LoadError) {
+        self.metrics.reload("refused");
+        tracing::warn!(error = %error, "keyspaces reload refused; the last good keyspaces keep serving");
+        self.status.lock().last_error = Some(error.to_string());
+    }
+}
+
+/// Polls the keyspaces file and applies changes until `shutdown`.
+///
+/// Polling (by content, every `interval`) rather than inotify: a Kubernetes ConfigMap volume updates by swapping
+/// a symlinked directory, which file-level inotify watches miss; reading a small file once a second is cheap and
+/// sees every kind of update.
+pub async fn watch_file(
+    keyspaces: Arc<Keyspaces>,
+    metrics: Arc<Metrics>,
+    path: PathBuf,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut last = std::fs::read(&path).ok();
+    let mut missing_logged = false;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let current = match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                missing_logged = false;
+                bytes
+            }
+            Err(e) => {
+                if !missing_logged {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read keyspaces file; keeping the current keyspaces");
+                    missing_logged = true;
+                }
+                continue;
+            }
+        };
+        if last.as_deref() == Some(current.as_slice()) {
+            continue;
+        }
+        last = Some(current.clone());
+        let text = String::from_utf8_lossy(&current);
+        let base = path.parent().unwrap_or_else(|| Path::new(".")).to_owned();
+        let outcome = parse_keyspaces(&path, &text).and_then(|specs| keyspaces.apply(specs, &base, Some(&path)));
+        match outcome {
+            Ok(()) => {
+                metrics.reload("applied");
+                tracing::info!(path = %path.display(), "keyspaces reloaded");
+            }
+            Err(e) => keyspaces.refuse(&e),
+        }
+    }
+}

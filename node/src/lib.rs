@@ -1,0 +1,26 @@
+//! The DistCache node: a sharded, read-through cache server.
+//!
+//! Layout: the domain — [`ring`] (who owns a key), [`store`] (the memory of a keyspace), [`engine`] (routing,
+//! single flight, read-through, writes), [`keyspace`] (loading and reloading keyspaces) — holds no transport or
+//! Kubernetes types. Around it: [`peer`] (node-to-node calls, gRPC), [`discovery`] (membership sources),
+//! [`server`] (the gRPC services), [`admin`] (HTTP), [`source`] (the data-source seam for hooks), and [`node`]
+//! which assembles and runs them.
+
+pub mod admin;
+pub mod config;
+pub mod discovery;
+pub mod engine;
+pub mod error;
+pub mod keyspace;
+pub mod membership;
+pub mod metrics;
+pub mod node;
+pub mod peer;
+pub mod ring;
+pub mod server;
+pub mod singleflight;
+pub mod source;
+pub mod store;
+
+pub use config::NodeConfig;
+pub use node::{NodeOptions, RunningNode, start};

@@ -1,0 +1,65 @@
+//! `distcache-node --config FILE`: runs one cache node until SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use distcache_node::{NodeConfig, NodeOptions};
+
+/// DistCache cache node.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, after_help = "Every config field can also be set by an environment \
+variable DISTCACHE_<FIELD> (nested fields joined by __, values in YAML), e.g. DISTCACHE_ADVERTISE=10.0.0.7:7420.\n\
+Logging: RUST_LOG (default info); DISTCACHE_LOG=json for JSON lines.")]
+struct Args {
+    /// Node configuration file (YAML). Without it, defaults and DISTCACHE_* variables apply.
+    #[arg(long, short = 'c', env = "DISTCACHE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("DISTCACHE_LOG").is_ok_and(|v| v == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let args = Args::parse();
+    let env = std::env::vars().filter(|(k, _)| k != "DISTCACHE_CONFIG");
+    let config = NodeConfig::load(args.config.as_deref(), env).context("cannot start: bad configuration")?;
+    let node = distcache_node::start(NodeOptions::new(config)).await.context("cannot start the node")?;
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    node.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}

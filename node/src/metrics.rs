@@ -1,0 +1,231 @@
+//! Prometheus metrics of a node. The names and labels are part of the product's contract (DESIGN.md).
+//!
+//! Counters used on every request are resolved once per keyspace into [`KeyspaceMetrics`] (an `Arc`'d atomic
+//! each), so the hot path increments an atomic instead of looking up a label set.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::error::Code;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    op: &'static str,
+    keyspace: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyspaceLabel {
+    keyspace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    keyspace: String,
+    tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    keyspace: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    keyspace: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    result: &'static str,
+}
+
+fn fetch_histogram() -> Histogram {
+    // 100 µs .. ~26 s, doubling.
+    Histogram::new((0..19).map(|i| 0.0001 * f64::from(1u32 << i)))
+}
+
+/// All metric families of a node, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    hits: Family<TierLabels, Counter>,
+    misses: Family<KeyspaceLabel, Counter>,
+    fetches: Family<ResultLabels, Counter>,
+    fetch_seconds: Family<KeyspaceLabel, Histogram, fn() -> Histogram>,
+    entries: Family<KeyspaceLabel, Gauge>,
+    bytes: Family<KeyspaceLabel, Gauge>,
+    evictions: Family<KeyspaceLabel, Counter>,
+    forwarded: Family<KeyspaceLabel, Counter>,
+    fallbacks: Family<KeyspaceLabel, Counter>,
+    hook_traps: Family<ReasonLabels, Counter>,
+    reloads: Family<OutcomeLabel, Counter>,
+    /// Not exported: all fetches per keyspace, summed for `Stats`; kept here so it survives keyspace rebuilds.
+    fetch_totals: Family<KeyspaceLabel, Counter>,
+    /// Current ring size, this node included.
+    pub members: Gauge,
+    /// Peer calls that failed at the transport level (unreachable, timeout).
+    pub peer_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let hits = Family::<TierLabels, Counter>::default();
+        let misses = Family::<KeyspaceLabel, Counter>::default();
+        let fetches = Family::<ResultLabels, Counter>::default();
+        let fetch_seconds = Family::<KeyspaceLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            fetch_histogram as fn() -> Histogram,
+        );
+        let entries = Family::<KeyspaceLabel, Gauge>::default();
+        let bytes = Family::<KeyspaceLabel, Gauge>::default();
+        let evictions = Family::<KeyspaceLabel, Counter>::default();
+        let forwarded = Family::<KeyspaceLabel, Counter>::default();
+        let fallbacks = Family::<KeyspaceLabel, Counter>::default();
+        let hook_traps = Family::<ReasonLabels, Counter>::default();
+        let reloads = Family::<OutcomeLabel, Counter>::default();
+        let members = Gauge::default();
+        let peer_errors = Counter::default();
+        let r = &mut registry;
+        r.register("distcache_requests", "Cache API requests by operation, keyspace and status code", requests.clone());
+        r.register("distcache_cache_hits", "Cache hits by tier (main = owner, hot = copy of a remote key)", hits.clone());
+        r.register("distcache_cache_misses", "Cache misses", misses.clone());
+        r.register("distcache_source_fetches", "Data-source fetches by result", fetches.clone());
+        r.register("distcache_source_fetch_seconds", "Duration of data-source fetches", fetch_seconds.clone());
+        r.register("distcache_entries", "Entries held by this node (main + hot)", entries.clone());
+        r.register("distcache_bytes", "Bytes held by this node (main + hot), as weighed", bytes.clone());
+        r.register("distcache_evictions", "Entries evicted to stay within maxBytes", evictions.clone());
+        r.register("distcache_members", "Members of the ring as seen by this node", members.clone());
+        r.register("distcache_hook_traps", "Hook calls that trapped, by reason", hook_traps.clone());
+        r.register("distcache_forwarded", "Requests forwarded to the owner of the key", forwarded.clone());
+        r.register(
+            "distcache_owner_fallbacks",
+            "Loads done by a non-owner because the owner could not be reached",
+            fallbacks.clone(),
+        );
+        r.register("distcache_keyspace_reloads", "Keyspaces file reloads by result", reloads.clone());
+        r.register("distcache_peer_errors", "Peer calls that failed at the transport level", peer_errors.clone());
+        Self {
+            registry,
+            requests,
+            hits,
+            misses,
+            fetches,
+            fetch_seconds,
+            entries,
+            bytes,
+            evictions,
+            forwarded,
+            fallbacks,
+            hook_traps,
+            reloads,
+            fetch_totals: Family::default(),
+            members,
+            peer_errors,
+        }
+    }
+
+    /// Resolves the per-keyspace handles used on the request path.
+    pub fn keyspace(&self, name: &str) -> KeyspaceMetrics {
+        let ks = || KeyspaceLabel { keyspace: name.to_owned() };
+        let req = |code: Code| {
+            self.requests.get_or_create(&RequestLabels { op: "get", keyspace: name.to_owned(), code: code.label() }).clone()
+        };
+        KeyspaceMetrics {
+            hits_main: self.hits.get_or_create(&TierLabels { keyspace: name.to_owned(), tier: "main" }).clone(),
+            hits_hot: self.hits.get_or_create(&TierLabels { keyspace: name.to_owned(), tier: "hot" }).clone(),
+            misses: self.misses.get_or_create(&ks()).clone(),
+            evictions: self.evictions.get_or_create(&ks()).clone(),
+            forwarded: self.forwarded.get_or_create(&ks()).clone(),
+            fallbacks: self.fallbacks.get_or_create(&ks()).clone(),
+            fetch_seconds: self.fetch_seconds.get_or_create(&ks()).clone(),
+            entries: self.entries.get_or_create(&ks()).clone(),
+            bytes: self.bytes.get_or_create(&ks()).clone(),
+            get_ok: req(Code::Ok),
+            get_not_found: req(Code::NotFound),
+            fetches_total: self.fetch_totals.get_or_create(&ks()).clone(),
+        }
+    }
+
+    /// Counts one API request (operations other than the pre-resolved Get outcomes).
+    pub fn request(&self, op: &'static str, keyspace: &str, code: Code) {
+        self.requests.get_or_create(&RequestLabels { op, keyspace: keyspace.to_owned(), code: code.label() }).inc();
+    }
+
+    /// Counts one data-source fetch by result.
+    pub fn fetch(&self, keyspace: &str, result: &'static str) {
+        self.fetches.get_or_create(&ResultLabels { keyspace: keyspace.to_owned(), result }).inc();
+    }
+
+    /// Counts a hook trap.
+    pub fn hook_trap(&self, keyspace: &str, reason: &str) {
+        self.hook_traps.get_or_create(&ReasonLabels { keyspace: keyspace.to_owned(), reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts a keyspaces reload (`applied`, `refused`, `unchanged` is not counted).
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&OutcomeLabel { result }).inc();
+    }
+
+    /// Number of reloads with this result so far.
+    pub fn reloads(&self, result: &'static str) -> u64 {
+        self.reloads.get_or_create(&OutcomeLabel { result }).get()
+    }
+
+    /// Drops the per-keyspace gauges of a removed keyspace (counters stay: they are monotonic history).
+    pub fn forget_keyspace(&self, name: &str) {
+        let ks = KeyspaceLabel { keyspace: name.to_owned() };
+        self.entries.remove(&ks);
+        self.bytes.remove(&ks);
+    }
+
+    /// Prometheus text exposition of every family.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Pre-resolved metric handles of one keyspace (cheap atomic increments on the request path).
+#[derive(Clone, Debug)]
+pub struct KeyspaceMetrics {
+    /// Hits in the main tier.
+    pub hits_main: Counter,
+    /// Hits in the hot tier.
+    pub hits_hot: Counter,
+    /// Misses.
+    pub misses: Counter,
+    /// Size evictions.
+    pub evictions: Counter,
+    /// Requests forwarded to the owner.
+    pub forwarded: Counter,
+    /// Loads done because the owner could not be reached.
+    pub fallbacks: Counter,
+    /// Fetch durations.
+    pub fetch_seconds: Histogram,
+    /// Entries gauge (refreshed on scrape).
+    pub entries: Gauge,
+    /// Bytes gauge (refreshed on scrape).
+    pub bytes: Gauge,
+    /// Get requests answered OK.
+    pub get_ok: Counter,
+    /// Get requests answered NOT_FOUND.
+    pub get_not_found: Counter,
+    /// All fetches of this keyspace (any result), for `Stats`.
+    pub fetches_total: Counter,
+}

@@ -1,0 +1,266 @@
+//! Assembles a node: keyspaces, membership, engine, discovery, the gRPC server (Cache, Peer, health,
+//! reflection on one port) and the admin HTTP server, and stops them in order.
+//!
+//! Listeners can be passed in already bound (tests bind port 0 and learn the address before configuring peers);
+//! the node runs until its [`RunningNode::shutdown`] token is cancelled.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use distcache_proto::v1::{cache_server::CacheServer, peer_server::PeerServer};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{self, AdminState},
+    config::{DiscoveryKind, NodeConfig},
+    discovery::{Discovery, DiscoveryContext, Standalone, StaticList, StaticListSettings},
+    engine::Engine,
+    keyspace::{Keyspaces, watch_file},
+    membership::Membership,
+    metrics::Metrics,
+    peer::{PeerTransport, grpc::GrpcPeers},
+    ring::Member,
+    server::{CacheService, PeerService},
+    source::{NoHooks, SourceFactory},
+};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("failed to bind {what} on {addr}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initial keyspaces are invalid (a running node refuses bad reloads instead).
+    #[error(transparent)]
+    Keyspaces(#[from] crate::keyspace::LoadError),
+    /// The reflection service could not be built.
+    #[error("failed to build the gRPC reflection service: {0}")]
+    Reflection(String),
+}
+
+/// How to start a node.
+pub struct NodeOptions {
+    /// Configuration.
+    pub config: NodeConfig,
+    /// Builds keyspaces' data sources.
+    pub sources: Arc<dyn SourceFactory>,
+    /// A bound gRPC listener to use instead of binding `config.listen`.
+    pub grpc_listener: Option<TcpListener>,
+    /// A bound admin listener to use instead of binding `config.admin`.
+    pub admin_listener: Option<TcpListener>,
+    /// A discovery backend to use instead of the configured one.
+    pub discovery: Option<Box<dyn Discovery>>,
+}
+
+impl NodeOptions {
+    /// Options with the configured listeners and discovery, and no hook runtime.
+    pub fn new(config: NodeConfig) -> Self {
+        Self { config, sources: Arc::new(NoHooks), grpc_listener: None, admin_listener: None, discovery: None }
+    }
+}
+
+/// A started node.
+pub struct RunningNode {
+    /// Member name.
+    pub name: String,
+    /// Bound gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Bound admin address.
+    pub admin_addr: SocketAddr,
+    /// Address peers dial.
+    pub advertise: String,
+    engine: Arc<Engine>,
+    admin: Arc<AdminState>,
+    shutdown: CancellationToken,
+    grace: Duration,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(given: Option<TcpListener>, addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    match given {
+        Some(l) => Ok(l),
+        None => TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source }),
+    }
+}
+
+fn discovery_from(config: &NodeConfig) -> Box<dyn Discovery> {
+    match config.discovery.kind().unwrap_or(DiscoveryKind::Standalone) {
+        DiscoveryKind::Static(s) => Box::new(StaticList::new(
+            s.peers.clone(),
+            StaticListSettings {
+                interval: s.probe_interval.get(),
+                timeout: s.probe_interval.get().mul_f64(0.8),
+                failure_threshold: s.failure_threshold.max(1),
+            },
+        )),
+        DiscoveryKind::Standalone => Box::new(Standalone),
+    }
+}
+
+/// Starts a node.
+pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
+    let NodeOptions { config, sources, grpc_listener, admin_listener, discovery } = opts;
+    let grpc = bind(grpc_listener, config.listen, "gRPC").await?;
+    let admin_l = bind(admin_listener, config.admin, "admin HTTP").await?;
+    let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind { what: "gRPC", addr: config.listen, source })?;
+    let admin_addr =
+        admin_l.local_addr().map_err(|source| StartError::Bind { what: "admin HTTP", addr: config.admin, source })?;
+    let name = config.member_name();
+    let advertise = config.advertise_address(grpc_addr);
+    let max_message = usize::try_from(config.max_message_bytes.bytes()).unwrap_or(usize::MAX);
+
+    let metrics = Arc::new(Metrics::new());
+    let keyspaces = Arc::new(Keyspaces::new(sources, Arc::clone(&metrics)));
+    if let Some(file) = &config.keyspaces_file {
+        keyspaces.load_file(file)?;
+        metrics.reload("applied");
+    }
+    let membership = Arc::new(Membership::new(Member::new(name.clone(), advertise.clone())));
+    let transport: Arc<dyn PeerTransport> = Arc::new(GrpcPeers::new(name.clone(), config.peer_timeout.get(), max_message));
+    let engine = Engine::new(Arc::clone(&keyspaces), Arc::clone(&membership), Arc::clone(&transport), Arc::clone(&metrics));
+    metrics.members.set(1);
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let discovery = discovery.unwrap_or_else(|| discovery_from(&config));
+    let admin_state = Arc::new(AdminState {
+        engine: Arc::clone(&engine),
+        discovery: discovery.name(),
+        keyspaces_loaded: true.into(),
+        stopping: false.into(),
+    });
+
+    // Discovery → engine.
+    let (updates_tx, mut updates_rx) = tokio::sync::mpsc::channel::<Vec<Member>>(16);
+    let ctx = DiscoveryContext {
+        local: membership.local().clone(),
+        updates: updates_tx,
+        shutdown: shutdown.clone(),
+        transport: Arc::clone(&transport),
+    };
+    tracing::info!(name = %name, discovery = discovery.name(), "starting discovery");
+    tasks.push(tokio::spawn(discovery.run(ctx)));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    {
+        let engine = Arc::clone(&engine);
+        let health = health.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(members) = updates_rx.recv().await {
+                let first = !engine.membership().is_known();
+                engine.set_members(&members);
+                if first {
+                    health.set_serving::<CacheServer<CacheService>>().await;
+                    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                    tracing::info!(members = engine.membership().ring().len(), "membership known; node is ready");
+                }
+            }
+        }));
+    }
+    if let Some(file) = config.keyspaces_file.clone() {
+        tasks.push(tokio::spawn(watch_file(
+            Arc::clone(&keyspaces),
+            Arc::clone(&metrics),
+            file,
+            config.keyspaces_poll_interval.get(),
+            shutdown.clone(),
+        )));
+    }
+
+    // gRPC: Cache, Peer, health and reflection on one port.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(distcache_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    health.set_not_serving::<CacheServer<CacheService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let cache = CacheServer::new(CacheService::new(Arc::clone(&engine)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let peer = PeerServer::new(PeerService::new(Arc::clone(&engine), advertise.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    let grpc_shutdown = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(cache)
+        .add_service(peer)
+        .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let admin_shutdown = shutdown.clone();
+    let router = admin::router(Arc::clone(&admin_state));
+    tasks.push(tokio::spawn(async move {
+        let serve = axum::serve(admin_l, router).with_graceful_shutdown(async move { admin_shutdown.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    }));
+    tracing::info!(name = %name, grpc = %grpc_addr, advertise = %advertise, admin = %admin_addr, "node started");
+    Ok(RunningNode {
+        name,
+        grpc_addr,
+        admin_addr,
+        advertise,
+        engine,
+        admin: admin_state,
+        shutdown,
+        grace: config.shutdown_grace.get(),
+        tasks,
+    })
+}
+
+impl RunningNode {
+    /// The engine (for in-process tests and embedding).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// True when `/readyz` would answer 200.
+    pub fn is_ready(&self) -> bool {
+        self.admin.not_ready_reason().is_none()
+    }
+
+    /// A token that stops the node when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the node stopped (its token was cancelled and the servers drained).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops the node: reports not ready, stops discovery and the servers, lets in-flight requests finish for at
+    /// most the configured grace period.
+    pub async fn stop(self) {
+        self.admin.stopping.store(true, Ordering::Release);
+        self.shutdown.cancel();
+        let grace = self.grace;
+        let all = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(?grace, "in-flight requests did not finish within the shutdown grace period");
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! How the engine talks to other nodes. The trait keeps the engine free of transport types; `peer/grpc.rs` is
+//! the implementation over the `distcache.v1.Peer` gRPC service.
+
+pub mod grpc;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{error::EngineError, keyspace::Value, ring::Member};
+
+/// One entry of a write.
+#[derive(Clone, Debug)]
+pub struct WriteEntry {
+    /// Key.
+    pub key: Arc<str>,
+    /// Value.
+    pub value: Bytes,
+    /// TTL; `None` = the keyspace default.
+    pub ttl: Option<Duration>,
+}
+
+/// A peer could not be reached or failed at the transport level. Never an application outcome (those are
+/// per-key results).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("peer {name} ({address}) unreachable: {message}")]
+pub struct PeerError {
+    /// Member name (or the address when the name is unknown).
+    pub name: String,
+    /// Address dialled.
+    pub address: String,
+    /// What failed.
+    pub message: String,
+}
+
+/// Per-key outcomes of a batch sent to a peer.
+pub type KeyResults<T> = Vec<Result<T, EngineError>>;
+
+/// Calls on other nodes.
+#[async_trait]
+pub trait PeerTransport: Send + Sync + 'static {
+    /// Owner-side get-or-fetch of keys (never forwarded again by the callee).
+    async fn load(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<Value>, PeerError>;
+    /// Owner-side store, followed by the owner's invalidation of copies elsewhere.
+    async fn store(&self, peer: &Member, keyspace: &str, entries: Vec<WriteEntry>) -> Result<KeyResults<()>, PeerError>;
+    /// Owner-side removal, followed by invalidation elsewhere.
+    async fn remove(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<()>, PeerError>;
+    /// Drops copies of keys on the peer.
+    async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError>;
+    /// Drops every entry of a keyspace on the peer.
+    async fn purge(&self, peer: &Member, keyspace: &str) -> Result<(), PeerError>;
+    /// Liveness and identity of the node at `address`.
+    async fn ping(&self, address: &str) -> Result<Member, PeerError>;
+}

@@ -1,0 +1,165 @@
+//! [`PeerTransport`] over the `distcache.v1.Peer` gRPC service: one lazily connected HTTP/2 channel per peer
+//! address (tonic reconnects it after failures), with connect and request timeouts so a dead peer costs at most
+//! the timeout, never a hang.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use distcache_proto::v1::{
+    self as pb, InvalidateRequest, LoadRequest, PingRequest, PurgeRequest, RemoveRequest, StoreRequest,
+    key_result::Outcome, peer_client::PeerClient,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use super::{KeyResults, PeerError, PeerTransport, WriteEntry};
+use crate::{error::EngineError, keyspace::Value, ring::Member};
+
+/// gRPC peer client pool.
+pub struct GrpcPeers {
+    local: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    max_message_bytes: usize,
+    channels: DashMap<String, PeerClient<Channel>>,
+}
+
+impl GrpcPeers {
+    /// A pool for the node named `local`; `timeout` bounds every peer call.
+    pub fn new(local: impl Into<String>, timeout: Duration, max_message_bytes: usize) -> Self {
+        Self {
+            local: local.into(),
+            timeout,
+            connect_timeout: timeout.min(Duration::from_secs(1)),
+            max_message_bytes,
+            channels: DashMap::new(),
+        }
+    }
+
+    fn client(&self, address: &str) -> Result<PeerClient<Channel>, PeerError> {
+        if let Some(c) = self.channels.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| PeerError { name: address.into(), address: address.into(), message: e.to_string() })?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let client = PeerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes);
+        self.channels.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    fn fail(peer: &Member, status: &tonic::Status) -> PeerError {
+        PeerError { name: peer.name.clone(), address: peer.address.clone(), message: status.message().to_owned() }
+    }
+}
+
+fn unit_results(peer: &Member, n: usize, results: Vec<pb::KeyResult>) -> Result<KeyResults<()>, PeerError> {
+    if results.len() != n {
+        return Err(PeerError {
+            name: peer.name.clone(),
+            address: peer.address.clone(),
+            message: format!("answered {} results for {n} keys", results.len()),
+        });
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| match r.outcome {
+            Some(Outcome::Error(e)) => Err(EngineError::from_code(e.code, e.message)),
+            _ => Ok(()),
+        })
+        .collect())
+}
+
+/// Converts a per-key result of a peer into the engine's form.
+pub fn value_result(r: pb::KeyResult) -> Result<Value, EngineError> {
+    match r.outcome {
+        Some(Outcome::Value(v)) => {
+            Ok(Value { bytes: v.value, ttl: v.ttl.as_ref().and_then(distcache_proto::to_std_duration) })
+        }
+        Some(Outcome::Error(e)) => Err(EngineError::from_code(e.code, e.message)),
+        Some(Outcome::Ok(_)) | None => Err(EngineError::Internal("peer answered without a value".into())),
+    }
+}
+
+#[async_trait]
+impl PeerTransport for GrpcPeers {
+    async fn load(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<Value>, PeerError> {
+        let n = keys.len();
+        let req = LoadRequest {
+            keyspace: keyspace.to_owned(),
+            keys: keys.iter().map(ToString::to_string).collect(),
+            from: self.local.clone(),
+        };
+        let resp = self.client(&peer.address)?.load(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        if resp.results.len() != n {
+            return Err(PeerError {
+                name: peer.name.clone(),
+                address: peer.address.clone(),
+                message: format!("answered {} results for {n} keys", resp.results.len()),
+            });
+        }
+        Ok(resp.results.into_iter().map(value_result).collect())
+    }
+
+    async fn store(&self, peer: &Member, keyspace: &str, entries: Vec<WriteEntry>) -> Result<KeyResults<()>, PeerError> {
+        let n = entries.len();
+        let req = StoreRequest {
+            keyspace: keyspace.to_owned(),
+            entries: entries
+                .into_iter()
+                .map(|e| pb::Entry {
+                    key: e.key.to_string(),
+                    value: e.value,
+                    ttl: e.ttl.map(distcache_proto::from_std_duration),
+                })
+                .collect(),
+            from: self.local.clone(),
+        };
+        let resp = self.client(&peer.address)?.store(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        unit_results(peer, n, resp.results)
+    }
+
+    async fn remove(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<()>, PeerError> {
+        let n = keys.len();
+        let req = RemoveRequest {
+            keyspace: keyspace.to_owned(),
+            keys: keys.iter().map(ToString::to_string).collect(),
+            from: self.local.clone(),
+        };
+        let resp = self.client(&peer.address)?.remove(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        unit_results(peer, n, resp.results)
+    }
+
+    async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError> {
+        let req = InvalidateRequest {
+            keyspace: keyspace.to_owned(),
+            keys: keys.iter().map(ToString::to_string).collect(),
+            from: self.local.clone(),
+        };
+        self.client(&peer.address)?.invalidate(req).await.map_err(|s| Self::fail(peer, &s))?;
+        Ok(())
+    }
+
+    async fn purge(&self, peer: &Member, keyspace: &str) -> Result<(), PeerError> {
+        let req = PurgeRequest { keyspace: keyspace.to_owned(), from: self.local.clone() };
+        self.client(&peer.address)?.purge(req).await.map_err(|s| Self::fail(peer, &s))?;
+        Ok(())
+    }
+
+    async fn ping(&self, address: &str) -> Result<Member, PeerError> {
+        let unknown = Member::new(address, address);
+        let resp = self
+            .client(address)?
+            .ping(PingRequest { from: self.local.clone() })
+            .await
+            .map_err(|s| Self::fail(&unknown, &s))?
+            .into_inner();
+        Ok(Member::new(resp.name, resp.address))
+    }
+}

@@ -1,0 +1,377 @@
+//! The gRPC services: `distcache.v1.Cache` for applications and `distcache.v1.Peer` for other nodes. Thin
+//! adapters: decode, call the engine, encode. The one mapping from engine errors to gRPC statuses lives here.
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use distcache_proto::v1::{
+    self as pb, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse, GetManyRequest,
+    GetManyResponse, GetRequest, GetResponse, InvalidateRequest, InvalidateResponse, KeyResult, KeySpaceInfo,
+    KeySpaceStats, ListKeySpacesRequest, ListKeySpacesResponse, LoadRequest, LoadResponse, MemberEvent,
+    PingRequest, PingResponse, PurgeKeySpaceRequest, PurgeKeySpaceResponse, PurgeRequest, PurgeResponse,
+    PutManyRequest, PutManyResponse, PutRequest, PutResponse, RemoveRequest, RemoveResponse, StatsRequest,
+    StatsResponse, StoreRequest, StoreResponse, WatchMembersRequest,
+    key_result::Outcome, member_event::Type as EventType,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    engine::Engine,
+    error::{Code, EngineError},
+    keyspace::Value,
+    membership::ChangeKind,
+    peer::WriteEntry,
+    ring::Member,
+};
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Self {
+        let code = match e.code() {
+            Code::Ok => tonic::Code::Ok,
+            Code::Cancelled => tonic::Code::Cancelled,
+            Code::InvalidArgument => tonic::Code::InvalidArgument,
+            Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            Code::NotFound => tonic::Code::NotFound,
+            Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+            Code::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Code::Internal => tonic::Code::Internal,
+            Code::Unavailable => tonic::Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+fn ttl_to_pb(ttl: Option<Duration>) -> Option<prost_types::Duration> {
+    ttl.map(distcache_proto::from_std_duration)
+}
+
+fn get_response(v: Value) -> GetResponse {
+    GetResponse { value: v.bytes, ttl: ttl_to_pb(v.ttl) }
+}
+
+fn key_error(e: &EngineError) -> Outcome {
+    Outcome::Error(pb::KeyError { code: e.code() as i32, message: e.to_string() })
+}
+
+fn value_results(keys: Vec<String>, results: Vec<Result<Value, EngineError>>) -> Vec<KeyResult> {
+    keys.into_iter()
+        .zip(results)
+        .map(|(key, r)| KeyResult {
+            key,
+            outcome: Some(match r {
+                Ok(v) => Outcome::Value(get_response(v)),
+                Err(e) => key_error(&e),
+            }),
+        })
+        .collect()
+}
+
+fn unit_results(keys: Vec<String>, results: Vec<Result<(), EngineError>>) -> Vec<KeyResult> {
+    keys.into_iter()
+        .zip(results)
+        .map(|(key, r)| KeyResult {
+            key,
+            outcome: Some(match r {
+                Ok(()) => Outcome::Ok(pb::Ok {}),
+                Err(e) => key_error(&e),
+            }),
+        })
+        .collect()
+}
+
+/// A batch-level failure on the peer service becomes a per-key error for every key, so that a non-OK status
+/// from a peer always means "could not reach or run", which callers answer by falling back.
+fn per_key_failure(keys: &[String], e: &EngineError) -> Vec<KeyResult> {
+    keys.iter().map(|k| KeyResult { key: k.clone(), outcome: Some(key_error(e)) }).collect()
+}
+
+fn parse_ttl(ttl: Option<&prost_types::Duration>) -> Result<Option<Duration>, EngineError> {
+    match ttl {
+        None => Ok(None),
+        Some(d) => distcache_proto::to_std_duration(d)
+            .map(Some)
+            .ok_or_else(|| EngineError::InvalidArgument("ttl must not be negative".into())),
+    }
+}
+
+fn write_entries(entries: Vec<pb::Entry>) -> (Vec<String>, Vec<Result<WriteEntry, EngineError>>) {
+    let keys = entries.iter().map(|e| e.key.clone()).collect();
+    let parsed = entries
+        .into_iter()
+        .map(|e| {
+            let ttl = parse_ttl(e.ttl.as_ref())?;
+            Ok(WriteEntry { key: Arc::from(e.key), value: e.value, ttl })
+        })
+        .collect();
+    (keys, parsed)
+}
+
+/// The `Cache` service.
+#[derive(Clone)]
+pub struct CacheService {
+    engine: Arc<Engine>,
+}
+
+impl CacheService {
+    /// A service over an engine.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+type MemberStream = Pin<Box<dyn Stream<Item = Result<MemberEvent, Status>> + Send + 'static>>;
+
+fn pb_member(m: &Member, local: &str) -> pb::Member {
+    pb::Member { name: m.name.clone(), address: m.address.clone(), local: m.name == local }
+}
+
+#[tonic::async_trait]
+impl pb::cache_server::Cache for CacheService {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        let v = self.engine.get(&req.keyspace, &req.key).await?;
+        Ok(Response::new(get_response(v)))
+    }
+
+    async fn get_many(&self, request: Request<GetManyRequest>) -> Result<Response<GetManyResponse>, Status> {
+        let req = request.into_inner();
+        let results = self.engine.get_many(&req.keyspace, &req.keys).await?;
+        Ok(Response::new(GetManyResponse { results: value_results(req.keys, results) }))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        let ttl = parse_ttl(req.ttl.as_ref())?;
+        self.engine.put(&req.keyspace, &req.key, req.value, ttl).await?;
+        Ok(Response::new(PutResponse {}))
+    }
+
+    async fn put_many(&self, request: Request<PutManyRequest>) -> Result<Response<PutManyResponse>, Status> {
+        let req = request.into_inner();
+        let (keys, parsed) = write_entries(req.entries);
+        let mut results: Vec<Option<Result<(), EngineError>>> = vec![None; keys.len()];
+        let mut entries = Vec::with_capacity(keys.len());
+        let mut positions = Vec::with_capacity(keys.len());
+        for (i, p) in parsed.into_iter().enumerate() {
+            match p {
+                Ok(e) => {
+                    entries.push(e);
+                    positions.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let written = self.engine.put_many(&req.keyspace, entries).await?;
+        for (i, r) in positions.into_iter().zip(written) {
+            results[i] = Some(r);
+        }
+        let results = results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect();
+        Ok(Response::new(PutManyResponse { results: unit_results(keys, results) }))
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let req = request.into_inner();
+        self.engine.delete(&req.keyspace, &req.key).await?;
+        Ok(Response::new(DeleteResponse {}))
+    }
+
+    async fn delete_many(&self, request: Request<DeleteManyRequest>) -> Result<Response<DeleteManyResponse>, Status> {
+        let req = request.into_inner();
+        let results = self.engine.delete_many(&req.keyspace, &req.keys).await?;
+        Ok(Response::new(DeleteManyResponse { results: unit_results(req.keys, results) }))
+    }
+
+    async fn list_key_spaces(
+        &self,
+        _request: Request<ListKeySpacesRequest>,
+    ) -> Result<Response<ListKeySpacesResponse>, Status> {
+        let keyspaces = self
+            .engine
+            .keyspaces()
+            .all()
+            .iter()
+            .map(|ks| KeySpaceInfo {
+                name: ks.config.name.clone(),
+                max_bytes: ks.config.max_bytes,
+                ttl: ttl_to_pb(ks.config.ttl),
+                negative_ttl: ttl_to_pb(ks.config.negative_ttl),
+                fetch_timeout: ttl_to_pb(Some(ks.config.fetch_timeout)),
+                max_value_bytes: ks.config.max_value_bytes,
+                read_through: ks.source.is_some(),
+            })
+            .collect();
+        Ok(Response::new(ListKeySpacesResponse { keyspaces }))
+    }
+
+    async fn purge_key_space(
+        &self,
+        request: Request<PurgeKeySpaceRequest>,
+    ) -> Result<Response<PurgeKeySpaceResponse>, Status> {
+        let nodes = self.engine.purge(&request.into_inner().keyspace).await?;
+        Ok(Response::new(PurgeKeySpaceResponse { nodes }))
+    }
+
+    type WatchMembersStream = MemberStream;
+
+    async fn watch_members(
+        &self,
+        _request: Request<WatchMembersRequest>,
+    ) -> Result<Response<Self::WatchMembersStream>, Status> {
+        let membership = Arc::clone(self.engine.membership());
+        // Subscribe before taking the snapshot so that no change falls between the two.
+        let mut changes = membership.subscribe();
+        let local = membership.local().name.clone();
+        let snapshot: Vec<Result<MemberEvent, Status>> = membership
+            .ring()
+            .members()
+            .iter()
+            .map(|m| Ok(MemberEvent { r#type: EventType::Join as i32, member: Some(pb_member(m, &local)) }))
+            .chain(std::iter::once(Ok(MemberEvent { r#type: EventType::SnapshotEnd as i32, member: None })))
+            .collect();
+        let live = async_stream(move |tx| async move {
+            loop {
+                match changes.recv().await {
+                    Ok(c) => {
+                        let t = match c.kind {
+                            ChangeKind::Join => EventType::Join,
+                            ChangeKind::Leave => EventType::Leave,
+                            ChangeKind::Update => EventType::Update,
+                        };
+                        let ev = MemberEvent { r#type: t as i32, member: Some(pb_member(&c.member, &local)) };
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "missed {n} membership events; watch again for a fresh snapshot"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let stream = futures::StreamExt::chain(futures::stream::iter(snapshot), live);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let req = request.into_inner();
+        let stats = self.engine.stats(Some(&req.keyspace))?;
+        Ok(Response::new(StatsResponse {
+            node: self.engine.membership().local().name.clone(),
+            members: u32::try_from(self.engine.membership().ring().len()).unwrap_or(u32::MAX),
+            keyspaces: stats
+                .into_iter()
+                .map(|s| KeySpaceStats {
+                    name: s.name,
+                    hits: s.hits,
+                    hot_hits: s.hot_hits,
+                    misses: s.misses,
+                    source_fetches: s.source_fetches,
+                    entries: s.entries,
+                    bytes: s.bytes,
+                    evictions: s.evictions,
+                    forwarded: s.forwarded,
+                    owner_fallbacks: s.owner_fallbacks,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// A stream fed by a task through a bounded channel (back-pressure: a slow watcher slows its own task only).
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<MemberEvent, Status>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<MemberEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The `Peer` service.
+#[derive(Clone)]
+pub struct PeerService {
+    engine: Arc<Engine>,
+    advertise: String,
+}
+
+impl PeerService {
+    /// A service over an engine; `advertise` is returned by `Ping`.
+    pub fn new(engine: Arc<Engine>, advertise: String) -> Self {
+        Self { engine, advertise }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let req = request.into_inner();
+        let results = match self.engine.load_for_peer(&req.keyspace, &req.keys).await {
+            Ok(r) => value_results(req.keys, r),
+            Err(e) => per_key_failure(&req.keys, &e),
+        };
+        Ok(Response::new(LoadResponse { results }))
+    }
+
+    async fn store(&self, request: Request<StoreRequest>) -> Result<Response<StoreResponse>, Status> {
+        let req = request.into_inner();
+        let (keys, parsed) = write_entries(req.entries);
+        let mut results: Vec<Option<Result<(), EngineError>>> = vec![None; keys.len()];
+        let mut entries = Vec::new();
+        let mut positions = Vec::new();
+        for (i, p) in parsed.into_iter().enumerate() {
+            match p {
+                Ok(e) => {
+                    entries.push(e);
+                    positions.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        match self.engine.store_for_peer(&req.keyspace, entries).await {
+            Ok(written) => {
+                for (i, r) in positions.into_iter().zip(written) {
+                    results[i] = Some(r);
+                }
+            }
+            Err(e) => return Ok(Response::new(StoreResponse { results: per_key_failure(&keys, &e) })),
+        }
+        let results = results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect();
+        Ok(Response::new(StoreResponse { results: unit_results(keys, results) }))
+    }
+
+    async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
+        let req = request.into_inner();
+        let results = match self.engine.remove_for_peer(&req.keyspace, &req.keys).await {
+            Ok(r) => unit_results(req.keys, r),
+            Err(e) => per_key_failure(&req.keys, &e),
+        };
+        Ok(Response::new(RemoveResponse { results }))
+    }
+
+    async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
+        let req = request.into_inner();
+        // An unknown keyspace holds no copies: nothing to invalidate is success.
+        let _ = self.engine.invalidate(&req.keyspace, &req.keys);
+        Ok(Response::new(InvalidateResponse {}))
+    }
+
+    async fn purge(&self, request: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
+        let req = request.into_inner();
+        let _ = self.engine.purge_local(&req.keyspace);
+        Ok(Response::new(PurgeResponse {}))
+    }
+
+    async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse {
+            name: self.engine.membership().local().name.clone(),
+            address: self.advertise.clone(),
+        }))
+    }
+}

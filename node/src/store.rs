@@ -1,0 +1,270 @@
+//! The memory of one keyspace on one node: a main tier for the keys this node owns and a hot tier for copies of
+//! keys owned by other nodes, both moka caches weighed in bytes.
+//!
+//! Writes and fills race: a load that started before a Put may finish after it. Every change of a key (Put,
+//! Delete, invalidation) bumps the *epoch* of the key's stripe; a fill records the epoch before it starts and
+//! stores its result only if the epoch is unchanged, under the stripe's lock. So a fill never resurrects a value
+//! that a write replaced or removed. Stripes are per key hash (4096 of them), never a keyspace-wide lock.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use moka::{notification::RemovalCause, sync::Cache};
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+
+/// Fixed per-entry overhead added to key and value bytes when weighing an entry: moka's entry, the `Arc<str>`
+/// key header, the `Bytes` handle and the expiry bookkeeping.
+pub const ENTRY_OVERHEAD: u64 = 128;
+
+/// Copies in the hot tier live at most this long, bounding how stale a copy can be when an invalidation cannot
+/// reach this node (partition). Writes invalidate copies eagerly; this is the fallback.
+pub const HOT_MAX_TTL: Duration = Duration::from_secs(30);
+
+const STRIPES: usize = 4096;
+
+/// A cached entry: a value, or a cached NOT_FOUND (negative entry).
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// `None` for a cached NOT_FOUND.
+    pub value: Option<Bytes>,
+    /// When the entry expires; `None` = never.
+    pub expires_at: Option<Instant>,
+}
+
+impl Entry {
+    /// A positive entry with an optional TTL.
+    pub fn value(value: Bytes, ttl: Option<Duration>) -> Self {
+        Self { value: Some(value), expires_at: ttl.map(|t| Instant::now() + t) }
+    }
+
+    /// A negative entry (cached NOT_FOUND).
+    pub fn not_found(ttl: Duration) -> Self {
+        Self { value: None, expires_at: Some(Instant::now() + ttl) }
+    }
+
+    /// Time left before expiry (`None` = never expires).
+    pub fn ttl_left(&self) -> Option<Duration> {
+        self.expires_at.map(|e| e.saturating_duration_since(Instant::now()))
+    }
+
+    fn weight(key: &str, value: &Self) -> u32 {
+        let len = key.len() as u64 + value.value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD;
+        u32::try_from(len).unwrap_or(u32::MAX)
+    }
+}
+
+struct EntryExpiry;
+
+impl moka::Expiry<Arc<str>, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _key: &Arc<str>, value: &Entry, created_at: Instant) -> Option<Duration> {
+        value.expires_at.map(|e| e.saturating_duration_since(created_at))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Arc<str>,
+        value: &Entry,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        // A replaced value brings its own expiry (moka's default would keep the old one).
+        value.expires_at.map(|e| e.saturating_duration_since(updated_at))
+    }
+}
+
+/// Which tier an operation addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Keys this node owns.
+    Main,
+    /// Copies of keys owned by other nodes.
+    Hot,
+}
+
+/// Both tiers of one keyspace plus the epoch stripes.
+pub struct Store {
+    main: Cache<Arc<str>, Entry>,
+    hot: Cache<Arc<str>, Entry>,
+    epochs: Box<[Mutex<u64>]>,
+}
+
+fn build_cache(capacity: u64, evictions: Counter) -> Cache<Arc<str>, Entry> {
+    Cache::builder()
+        .max_capacity(capacity)
+        .weigher(|k: &Arc<str>, v: &Entry| Entry::weight(k, v))
+        .expire_after(EntryExpiry)
+        .support_invalidation_closures()
+        .eviction_listener(move |_k, _v, cause| {
+            if cause == RemovalCause::Size {
+                evictions.inc();
+            }
+        })
+        .build()
+}
+
+impl Store {
+    /// A store whose main tier holds `max_bytes` and hot tier `max_bytes / 8`.
+    pub fn new(max_bytes: u64, evictions: &Counter) -> Self {
+        Self {
+            main: build_cache(max_bytes, evictions.clone()),
+            hot: build_cache((max_bytes / 8).max(1), evictions.clone()),
+            epochs: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
+        }
+    }
+
+    fn cache(&self, tier: Tier) -> &Cache<Arc<str>, Entry> {
+        match tier {
+            Tier::Main => &self.main,
+            Tier::Hot => &self.hot,
+        }
+    }
+
+    fn stripe(&self, hash: u64) -> &Mutex<u64> {
+        // Reason: the modulo keeps the index below STRIPES, which fits usize.
+        #[allow(clippy::cast_possible_truncation)]
+        &self.epochs[(hash % STRIPES as u64) as usize]
+    }
+
+    /// Looks a key up in a tier.
+    #[inline]
+    pub fn get(&self, tier: Tier, key: &str) -> Option<Entry> {
+        self.cache(tier).get(key)
+    }
+
+    /// The current epoch of a key's stripe, recorded before a fill starts.
+    pub fn epoch(&self, hash: u64) -> u64 {
+        *self.stripe(hash).lock()
+    }
+
+    /// Stores a fill result unless the key changed since `epoch` was recorded. Returns whether it was stored.
+    pub fn fill(&self, tier: Tier, key: Arc<str>, hash: u64, entry: Entry, epoch: u64) -> bool {
+        let stripe = self.stripe(hash).lock();
+        if *stripe != epoch {
+            return false;
+        }
+        self.cache(tier).insert(key, entry);
+        true
+    }
+
+    /// A write: stores the entry in `tier`, drops any copy in the other tier, and bumps the epoch so in-flight
+    /// fills of the key are discarded.
+    pub fn write(&self, tier: Tier, key: Arc<str>, hash: u64, entry: Entry) {
+        let mut stripe = self.stripe(hash).lock();
+        *stripe = stripe.wrapping_add(1);
+        let other = if tier == Tier::Main { Tier::Hot } else { Tier::Main };
+        self.cache(other).invalidate(&key);
+        self.cache(tier).insert(key, entry);
+    }
+
+    /// Removes a key from both tiers and bumps its epoch.
+    pub fn remove(&self, key: &str, hash: u64) {
+        let mut stripe = self.stripe(hash).lock();
+        *stripe = stripe.wrapping_add(1);
+        self.main.invalidate(key);
+        self.hot.invalidate(key);
+    }
+
+    /// Drops every entry of both tiers. In-flight fills are discarded too (every epoch is bumped).
+    pub fn purge(&self) {
+        for stripe in &*self.epochs {
+            let mut e = stripe.lock();
+            *e = e.wrapping_add(1);
+        }
+        self.main.invalidate_all();
+        self.hot.invalidate_all();
+    }
+
+    /// After a membership change: drops main-tier entries this node no longer owns and every hot copy (their
+    /// owners may have changed, and a copy of a key this node now owns must not shadow the main tier later).
+    pub fn retain_owned(&self, still_owned: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        self.hot.invalidate_all();
+        // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
+        // enabled in `build_cache`; if it ever failed, dropping everything is the safe fallback.
+        if self.main.invalidate_entries_if(move |k, _| !still_owned(k)).is_err() {
+            self.main.invalidate_all();
+        }
+    }
+
+    /// Applies pending evictions and expirations so that sizes read next are exact.
+    pub fn sync(&self) {
+        self.main.run_pending_tasks();
+        self.hot.run_pending_tasks();
+    }
+
+    /// Entries held (both tiers).
+    pub fn entries(&self) -> u64 {
+        self.main.entry_count() + self.hot.entry_count()
+    }
+
+    /// Weighed bytes held (both tiers).
+    pub fn bytes(&self) -> u64 {
+        self.main.weighted_size() + self.hot.weighted_size()
+    }
+
+    /// Weighed bytes of one tier.
+    pub fn tier_bytes(&self, tier: Tier) -> u64 {
+        self.cache(tier).weighted_size()
+    }
+
+    /// Copies every entry of `old` into this store (used when a keyspace's size changes); entries beyond the
+    /// new capacity are evicted as usual.
+    pub fn adopt(&self, old: &Self) {
+        for (k, v) in &old.main {
+            self.main.insert(k.as_ref().clone(), v);
+        }
+        for (k, v) in &old.hot {
+            self.hot.insert(k.as_ref().clone(), v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(max: u64) -> (Store, Counter) {
+        let evictions = Counter::default();
+        (Store::new(max, &evictions), evictions)
+    }
+
+    #[test]
+    fn a_fill_that_raced_a_write_is_discarded() {
+        let (s, _) = store(1 << 20);
+        let h = crate::ring::key_hash("k");
+        let epoch = s.epoch(h);
+        s.write(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"new"), None));
+        assert!(!s.fill(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"old"), None), epoch));
+        assert_eq!(s.get(Tier::Main, "k").and_then(|e| e.value), Some(Bytes::from_static(b"new")));
+    }
+
+    #[test]
+    fn byte_bound_holds_and_evictions_are_counted() {
+        let (s, evictions) = store(256 << 10);
+        for i in 0..2_000 {
+            let key = format!("key-{i}");
+            let h = crate::ring::key_hash(&key);
+            s.write(Tier::Main, key.into(), h, Entry::value(Bytes::from(vec![0u8; 1000]), None));
+        }
+        s.sync();
+        assert!(s.tier_bytes(Tier::Main) <= 256 << 10, "{} bytes", s.tier_bytes(Tier::Main));
+        assert!(evictions.get() > 1_000, "evictions {}", evictions.get());
+    }
+
+    #[test]
+    fn per_entry_ttl_expires() {
+        let (s, _) = store(1 << 20);
+        let h = crate::ring::key_hash("k");
+        s.write(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"v"), Some(Duration::from_millis(30))));
+        s.write(Tier::Main, "p".into(), 1, Entry::value(Bytes::from_static(b"v"), None));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.get(Tier::Main, "k").is_some() {
+            assert!(Instant::now() < deadline, "entry did not expire");
+            std::thread::yield_now();
+        }
+        assert!(s.get(Tier::Main, "p").is_some(), "entry without TTL stays");
+    }
+}
