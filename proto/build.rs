@@ -11,8 +11,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["."])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("distcache_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure()
-        .bytes(".distcache.v1")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".distcache.v1").compile_fds(fds)?;
     Ok(())
 }

@@ -75,7 +75,8 @@ impl fmt::Display for DurationString {
             return f.write_str("0s");
         }
         let mut ms = total_ms;
-        for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)] {
+        for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)]
+        {
             if ms >= size {
                 write!(f, "{}{unit}", ms / size)?;
                 ms %= size;

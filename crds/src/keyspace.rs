@@ -18,8 +18,8 @@ const MIN_MAX_BYTES: u64 = 64 << 10;
 const MAX_MAX_BYTES: u64 = 1 << 40;
 const MAX_VALUE_BYTES_LIMIT: u64 = 512 << 20;
 const MIN_TTL: Duration = Duration::from_millis(10);
-const MAX_TTL: Duration = Duration::from_secs(366 * 86_400);
-const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(600);
+const MAX_TTL: Duration = Duration::from_hours(366 * 24);
+const MAX_FETCH_TIMEOUT: Duration = Duration::from_mins(10);
 
 /// The keyspaces file a node reads (`keyspacesFile`), and the data key of the operator's keyspace ConfigMap.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -183,7 +183,13 @@ impl Collector {
         self.errors.push(ValidationError { field: field.into(), message: message.into() });
     }
 
-    fn duration_in_range(&mut self, field: String, value: Option<DurationString>, min: Duration, max: Duration) {
+    fn duration_in_range(
+        &mut self,
+        field: String,
+        value: Option<DurationString>,
+        min: Duration,
+        max: Duration,
+    ) {
         if let Some(DurationString(d)) = value
             && (d < min || d > max)
         {
@@ -204,17 +210,19 @@ fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !name.is_empty()
         && name.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
         && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
 fn valid_host_port(entry: &str) -> bool {
-    let Some((host, port)) = entry.rsplit_once(':') else { return false };
+    let Some((host, port)) = entry.rsplit_once(':') else {
+        return false;
+    };
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    !host.is_empty()
-        && !host.contains(['/', ' ', '@'])
-        && port.parse::<u16>().is_ok_and(|p| p > 0)
+    !host.is_empty() && !host.contains(['/', ' ', '@']) && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) {
@@ -364,7 +372,7 @@ keyspaces:
         );
         let valid = validate_keyspaces(&file.keyspaces).expect("valid");
         assert_eq!(valid[0].max_bytes, 64 << 20);
-        assert_eq!(valid[0].ttl, Some(Duration::from_secs(300)));
+        assert_eq!(valid[0].ttl, Some(Duration::from_mins(5)));
         assert_eq!(valid[0].fetch_timeout, Duration::from_secs(2));
         assert_eq!(valid[1].max_value_bytes, 1 << 20, "default capped at maxBytes");
         assert_eq!(valid[1].fetch_timeout, DEFAULT_FETCH_TIMEOUT);
@@ -400,15 +408,18 @@ keyspaces:
             .expect_err("bad size")
             .to_string();
         assert!(err.contains("keyspaces[0].maxBytes") && err.contains("12Qi"), "{err}");
-        let err = serde_yaml::from_str::<KeyspacesFile>("keyspaces:\n  - { name: a, maxBytes: 1Mi, tll: 5m }\n")
-            .expect_err("typo")
-            .to_string();
+        let err =
+            serde_yaml::from_str::<KeyspacesFile>("keyspaces:\n  - { name: a, maxBytes: 1Mi, tll: 5m }\n")
+                .expect_err("typo")
+                .to_string();
         assert!(err.contains("tll"), "{err}");
     }
 
     #[test]
     fn url_module_needs_a_sha256() {
-        let file = parse("keyspaces:\n  - { name: a, maxBytes: 1Mi, hook: { module: { url: \"https://x/y.wasm\" } } }\n");
+        let file = parse(
+            "keyspaces:\n  - { name: a, maxBytes: 1Mi, hook: { module: { url: \"https://x/y.wasm\" } } }\n",
+        );
         let errors = validate_keyspaces(&file.keyspaces).expect_err("invalid").to_string();
         assert!(errors.contains("keyspaces[0].hook.module.sha256: required"), "{errors}");
     }

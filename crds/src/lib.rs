@@ -11,8 +11,8 @@ mod quantity;
 
 pub use duration::{DurationString, ParseDurationError};
 pub use keyspace::{
-    ConfigMapKeyRef, HookLimits, HookSpec, KeyspaceSpec, KeyspacesFile, ModuleSource, ValidKeyspace,
-    ValidationError, ValidationErrors, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_VALUE_BYTES, MAX_KEYSPACES,
+    ConfigMapKeyRef, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_VALUE_BYTES, HookLimits, HookSpec, KeyspaceSpec,
+    KeyspacesFile, MAX_KEYSPACES, ModuleSource, ValidKeyspace, ValidationError, ValidationErrors,
     validate_keyspaces,
 };
 pub use quantity::{ByteSize, ParseSizeError};

@@ -65,8 +65,12 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     s.engine.refresh_gauges();
     match s.engine.metrics().encode() {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to encode metrics: {e}\n")).into_response(),
+        Ok(body) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+        }
+        Err(e) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to encode metrics: {e}\n")).into_response()
+        }
     }
 }
 
@@ -108,11 +112,11 @@ async fn keyspaces(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> 
             })
         })
         .collect();
-    let status = ks.status();
+    let reload = ks.status();
     Json(json!({
-        "file": status.file,
-        "appliedAt": status.applied_at,
-        "lastError": status.last_error,
+        "file": reload.file,
+        "appliedAt": reload.applied_at,
+        "lastError": reload.last_error,
         "reloadsApplied": s.engine.metrics().reloads("applied"),
         "reloadsRefused": s.engine.metrics().reloads("refused"),
         "keyspaces": list,

@@ -195,7 +195,9 @@ fn camel(segment: &str) -> String {
 }
 
 fn set_path(root: &mut Mapping, path: &[String], value: Value) {
-    let Some((last, parents)) = path.split_last() else { return };
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
     let mut node = root;
     for p in parents {
         let key = Value::String(p.clone());
@@ -219,8 +221,8 @@ impl NodeConfig {
     ) -> Result<Self, ConfigError> {
         let mut root = match path {
             Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
                 match serde_yaml::from_str::<Value>(&text) {
                     Ok(Value::Mapping(m)) => m,
                     Ok(Value::Null) => Mapping::new(),
@@ -231,7 +233,10 @@ impl NodeConfig {
                         });
                     }
                     Err(e) => {
-                        return Err(ConfigError::Invalid { origin: p.display().to_string(), message: e.to_string() });
+                        return Err(ConfigError::Invalid {
+                            origin: p.display().to_string(),
+                            message: e.to_string(),
+                        });
                     }
                 }
             }
@@ -239,7 +244,9 @@ impl NodeConfig {
         };
         let mut overridden = Vec::new();
         for (name, raw) in env {
-            let Some(rest) = name.strip_prefix("DISTCACHE_") else { continue };
+            let Some(rest) = name.strip_prefix("DISTCACHE_") else {
+                continue;
+            };
             // DISTCACHE_ENDPOINT and DISTCACHE_LOG belong to the CLI and logging, not to the node config.
             if rest == "ENDPOINT" || rest == "LOG" || rest.is_empty() {
                 continue;
@@ -259,8 +266,8 @@ impl NodeConfig {
         // tagged enums (`discovery: {static: ...}`) from a plain mapping.
         let text = serde_yaml::to_string(&Value::Mapping(root))
             .map_err(|e| ConfigError::Invalid { origin: origin.clone(), message: e.to_string() })?;
-        let mut config: Self =
-            serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid { origin, message: e.to_string() })?;
+        let mut config: Self = serde_yaml::from_str(&text)
+            .map_err(|e| ConfigError::Invalid { origin, message: e.to_string() })?;
         if let (Some(file), Some(dir)) = (config.keyspaces_file.as_mut(), path.and_then(Path::parent))
             && file.is_relative()
         {
@@ -297,7 +304,8 @@ mod tests {
     fn env_overrides_nested_fields_and_paths_resolve_against_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("node.yaml");
-        std::fs::write(&file, "name: a\nkeyspacesFile: ./ks.yaml\ndiscovery:\n  standalone: {}\n").expect("write");
+        std::fs::write(&file, "name: a\nkeyspacesFile: ./ks.yaml\ndiscovery:\n  standalone: {}\n")
+            .expect("write");
         let env = vec![
             ("DISTCACHE_NAME".to_owned(), "b".to_owned()),
             ("DISTCACHE_DISCOVERY".to_owned(), "{static: {peers: [\"127.0.0.1:1\"]}}".to_owned()),
@@ -319,7 +327,9 @@ mod tests {
     fn nested_env_path() {
         let env = vec![("DISTCACHE_DISCOVERY__STATIC__PEERS".to_owned(), "[\"127.0.0.1:9\"]".to_owned())];
         let c = NodeConfig::load(None, env).expect("valid");
-        assert!(matches!(c.discovery.kind(), Ok(DiscoveryKind::Static(ref s)) if s.peers == vec!["127.0.0.1:9"]));
+        assert!(
+            matches!(c.discovery.kind(), Ok(DiscoveryKind::Static(ref s)) if s.peers == vec!["127.0.0.1:9"])
+        );
     }
 
     #[test]

@@ -78,7 +78,9 @@ fn validate_write(ks: &KeyspaceRuntime, e: &WriteEntry) -> Result<(), EngineErro
         )));
     }
     if e.ttl == Some(Duration::ZERO) {
-        return Err(EngineError::InvalidArgument("ttl must be positive (omit it for the keyspace default)".into()));
+        return Err(EngineError::InvalidArgument(
+            "ttl must be positive (omit it for the keyspace default)".into(),
+        ));
     }
     Ok(())
 }
@@ -104,7 +106,8 @@ fn group_by_owner(
     let mut groups: Vec<(Option<Member>, Vec<usize>)> = Vec::new();
     for (i, hash) in keys {
         let owner = ring.owner(hash).filter(|m| m.name != local).cloned();
-        match groups.iter_mut().find(|(o, _)| o.as_ref().map(|m| &m.name) == owner.as_ref().map(|m| &m.name)) {
+        match groups.iter_mut().find(|(o, _)| o.as_ref().map(|m| &m.name) == owner.as_ref().map(|m| &m.name))
+        {
             Some((_, positions)) => positions.push(i),
             None => groups.push((owner, vec![i])),
         }
@@ -139,9 +142,10 @@ impl Engine {
     }
 
     fn keyspace(&self, name: &str) -> Result<Arc<KeyspaceRuntime>, EngineError> {
-        self.keyspaces
-            .get(name)
-            .ok_or_else(|| EngineError::UnknownKeyspace { name: name.to_owned(), known: self.keyspaces.names() })
+        self.keyspaces.get(name).ok_or_else(|| EngineError::UnknownKeyspace {
+            name: name.to_owned(),
+            known: self.keyspaces.names(),
+        })
     }
 
     /// The owner of a key hash, or `None` when it is this node.
@@ -175,14 +179,13 @@ impl Engine {
     /// Get of one key, routed to its owner.
     pub async fn get(self: &Arc<Self>, keyspace: &str, key: &str) -> Result<Value, EngineError> {
         let ks = self.keyspace(keyspace)?;
-        let result = match validate_key(key) {
-            Err(e) => Err(e),
-            Ok(()) => {
-                let hash = key_hash(key);
-                match self.remote_owner(hash) {
-                    None => self.get_owned(&ks, key, hash).await,
-                    Some(owner) => self.get_remote(&ks, key, hash, owner).await,
-                }
+        let result = if let Err(e) = validate_key(key) {
+            Err(e)
+        } else {
+            let hash = key_hash(key);
+            match self.remote_owner(hash) {
+                None => self.get_owned(&ks, key, hash).await,
+                Some(owner) => self.get_remote(&ks, key, hash, owner).await,
             }
         };
         match &result {
@@ -198,15 +201,24 @@ impl Engine {
     }
 
     /// Owner-side get: main tier, then the data source through single flight.
-    async fn get_owned(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, key: &str, hash: u64) -> Result<Value, EngineError> {
+    async fn get_owned(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        key: &str,
+        hash: u64,
+    ) -> Result<Value, EngineError> {
         if let Some(entry) = ks.store.get(Tier::Main, key) {
             ks.metrics.hits_main.inc();
             return entry_to_value(entry);
         }
         ks.metrics.misses.inc();
-        let Some(source) = ks.source.clone() else { return Err(EngineError::NotFound) };
+        let Some(source) = ks.source.clone() else {
+            return Err(EngineError::NotFound);
+        };
         let load = self.source_load(ks, source, vec![(Arc::from(key), hash)], Tier::Main);
-        ks.source_flight.load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed()).await
+        ks.source_flight
+            .load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed())
+            .await
     }
 
     /// Non-owner get: hot tier, then the owner through single flight.
@@ -224,7 +236,9 @@ impl Engine {
         ks.metrics.misses.inc();
         ks.metrics.forwarded.inc();
         let load = self.peer_load(ks, owner, vec![(Arc::from(key), hash)]);
-        ks.peer_flight.load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed()).await
+        ks.peer_flight
+            .load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed())
+            .await
     }
 
     /// Builds the future that fetches `keys` from the data source and fills `tier`. The epochs are recorded now,
@@ -272,7 +286,13 @@ impl Engine {
                         metrics.fetch(&name, "ok");
                         let ttl = f.ttl.or(ks.config.ttl);
                         if ttl != Some(Duration::ZERO) {
-                            ks.store.fill(tier, key, hash, Entry::value(f.value.clone(), tier_ttl(ttl)), epoch);
+                            ks.store.fill(
+                                tier,
+                                key,
+                                hash,
+                                Entry::value(f.value.clone(), tier_ttl(ttl)),
+                                epoch,
+                            );
                         }
                         Ok(Value { bytes: f.value, ttl })
                     }
@@ -286,11 +306,15 @@ impl Engine {
                     }
                     Err(FetchError::InvalidKey(m)) => {
                         metrics.fetch(&name, "invalid_key");
-                        Err(EngineError::InvalidArgument(format!("data source of keyspace {name:?} rejected the key: {m}")))
+                        Err(EngineError::InvalidArgument(format!(
+                            "data source of keyspace {name:?} rejected the key: {m}"
+                        )))
                     }
                     Err(FetchError::Unavailable(m)) => {
                         metrics.fetch(&name, "unavailable");
-                        Err(EngineError::Unavailable(format!("data source of keyspace {name:?} is unavailable: {m}")))
+                        Err(EngineError::Unavailable(format!(
+                            "data source of keyspace {name:?} is unavailable: {m}"
+                        )))
                     }
                     Err(FetchError::Timeout) => {
                         metrics.fetch(&name, "timeout");
@@ -348,7 +372,11 @@ impl Engine {
     }
 
     /// GetMany: per-key results in request order; keys grouped by owner, one peer call per owner.
-    pub async fn get_many(self: &Arc<Self>, keyspace: &str, keys: &[String]) -> Result<KeyResults<Value>, EngineError> {
+    pub async fn get_many(
+        self: &Arc<Self>,
+        keyspace: &str,
+        keys: &[String],
+    ) -> Result<KeyResults<Value>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
         let results = self.get_many_routed(&ks, keys, true).await;
@@ -357,13 +385,22 @@ impl Engine {
     }
 
     /// Owner-side load of keys for a peer: served here whatever the ring says (never forwarded again).
-    pub async fn load_for_peer(self: &Arc<Self>, keyspace: &str, keys: &[String]) -> Result<KeyResults<Value>, EngineError> {
+    pub async fn load_for_peer(
+        self: &Arc<Self>,
+        keyspace: &str,
+        keys: &[String],
+    ) -> Result<KeyResults<Value>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
         Ok(self.get_many_routed(&ks, keys, false).await)
     }
 
-    async fn get_many_routed(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, keys: &[String], route: bool) -> KeyResults<Value> {
+    async fn get_many_routed(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        keys: &[String],
+        route: bool,
+    ) -> KeyResults<Value> {
         let mut results: Vec<Option<Result<Value, EngineError>>> = vec![None; keys.len()];
         let mut valid = Vec::with_capacity(keys.len());
         for (i, key) in keys.iter().enumerate() {
@@ -383,16 +420,14 @@ impl Engine {
             let mut misses: Vec<(usize, Arc<str>, u64)> = Vec::new();
             for i in positions {
                 let key = &keys[i];
-                match ks.store.get(tier, key) {
-                    Some(entry) => {
-                        let counter = if tier == Tier::Main { &ks.metrics.hits_main } else { &ks.metrics.hits_hot };
-                        counter.inc();
-                        results[i] = Some(entry_to_value(entry));
-                    }
-                    None => {
-                        ks.metrics.misses.inc();
-                        misses.push((i, Arc::from(key.as_str()), key_hash(key)));
-                    }
+                if let Some(entry) = ks.store.get(tier, key) {
+                    let counter =
+                        if tier == Tier::Main { &ks.metrics.hits_main } else { &ks.metrics.hits_hot };
+                    counter.inc();
+                    results[i] = Some(entry_to_value(entry));
+                } else {
+                    ks.metrics.misses.inc();
+                    misses.push((i, Arc::from(key.as_str()), key_hash(key)));
                 }
             }
             if misses.is_empty() {
@@ -402,18 +437,24 @@ impl Engine {
             let hashes: std::collections::HashMap<Arc<str>, u64> =
                 misses.iter().map(|(_, k, h)| (Arc::clone(k), *h)).collect();
             let with_hash = move |led: Vec<Arc<str>>| -> Vec<(Arc<str>, u64)> {
-                led.into_iter().map(|k| { let h = hashes.get(&k).copied().unwrap_or_else(|| key_hash(&k)); (k, h) }).collect()
+                led.into_iter()
+                    .map(|k| {
+                        let h = hashes.get(&k).copied().unwrap_or_else(|| key_hash(&k));
+                        (k, h)
+                    })
+                    .collect()
             };
             let futures = match owner {
-                None => match ks.source.clone() {
-                    Some(source) => ks.source_flight.load_many(&names, |led| self.source_load(ks, source, with_hash(led), Tier::Main)),
-                    None => {
+                None => {
+                    let Some(source) = ks.source.clone() else {
                         for (i, _, _) in &misses {
                             results[*i] = Some(Err(EngineError::NotFound));
                         }
                         continue;
-                    }
-                },
+                    };
+                    ks.source_flight
+                        .load_many(&names, |led| self.source_load(ks, source, with_hash(led), Tier::Main))
+                }
                 Some(owner) => {
                     ks.metrics.forwarded.inc_by(misses.len() as u64);
                     ks.peer_flight.load_many(&names, |led| self.peer_load(ks, owner, with_hash(led)))
@@ -426,20 +467,32 @@ impl Engine {
         for (i, r) in futures::future::join_all(pending).await {
             results[i] = Some(r);
         }
-        results.into_iter().map(|r| r.unwrap_or(Err(EngineError::Internal("no result computed for key".into())))).collect()
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(EngineError::Internal("no result computed for key".into()))))
+            .collect()
     }
 
     // --------------------------------------------------------------------------------------------- writes
 
     /// Put of one key.
-    pub async fn put(self: &Arc<Self>, keyspace: &str, key: &str, value: Bytes, ttl: Option<Duration>) -> Result<(), EngineError> {
+    pub async fn put(
+        self: &Arc<Self>,
+        keyspace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), EngineError> {
         let entry = WriteEntry { key: Arc::from(key), value, ttl };
-        let result = self.put_many(keyspace, vec![entry]).await.and_then(|mut r| r.pop().unwrap_or(Ok(())));
-        result
+        self.put_many(keyspace, vec![entry]).await.and_then(|mut r| r.pop().unwrap_or(Ok(())))
     }
 
     /// PutMany: per-key results in request order; one store call per owner.
-    pub async fn put_many(self: &Arc<Self>, keyspace: &str, entries: Vec<WriteEntry>) -> Result<KeyResults<()>, EngineError> {
+    pub async fn put_many(
+        self: &Arc<Self>,
+        keyspace: &str,
+        entries: Vec<WriteEntry>,
+    ) -> Result<KeyResults<()>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(entries.len())?;
         let op = if entries.len() == 1 { "put" } else { "put_many" };
@@ -454,11 +507,16 @@ impl Engine {
     }
 
     /// DeleteMany: per-key results in request order; one remove call per owner.
-    pub async fn delete_many(self: &Arc<Self>, keyspace: &str, keys: &[String]) -> Result<KeyResults<()>, EngineError> {
+    pub async fn delete_many(
+        self: &Arc<Self>,
+        keyspace: &str,
+        keys: &[String],
+    ) -> Result<KeyResults<()>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
         let op = if keys.len() == 1 { "delete" } else { "delete_many" };
-        let results = self.write_routed(&ks, keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect()).await;
+        let results =
+            self.write_routed(&ks, keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect()).await;
         self.count_writes(op, keyspace, &results);
         Ok(results)
     }
@@ -481,7 +539,8 @@ impl Engine {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        let groups = group_by_owner(&self.membership.ring(), &self.membership.local().name, valid.into_iter());
+        let groups =
+            group_by_owner(&self.membership.ring(), &self.membership.local().name, valid.into_iter());
         let mut calls = Vec::new();
         for (owner, positions) in groups {
             let batch: Vec<Write> = positions.iter().map(|&i| writes[i].clone()).collect();
@@ -500,7 +559,10 @@ impl Engine {
                 results[i] = Some(r);
             }
         }
-        results.into_iter().map(|r| r.unwrap_or(Err(EngineError::Internal("no result computed for key".into())))).collect()
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(EngineError::Internal("no result computed for key".into()))))
+            .collect()
     }
 
     async fn write_remote(&self, ks: &KeyspaceRuntime, owner: &Member, batch: Vec<Write>) -> KeyResults<()> {
@@ -508,7 +570,8 @@ impl Engine {
         let (puts, deletes): (Vec<_>, Vec<_>) = batch.into_iter().partition(|w| matches!(w, Write::Put(_)));
         // A batch is all puts or all deletes (they come from one API call).
         let outcome = if deletes.is_empty() {
-            let entries = puts.into_iter().filter_map(|w| if let Write::Put(e) = w { Some(e) } else { None }).collect();
+            let entries =
+                puts.into_iter().filter_map(|w| if let Write::Put(e) = w { Some(e) } else { None }).collect();
             self.transport.store(owner, &ks.config.name, entries).await
         } else {
             let keys = deletes.iter().map(|w| Arc::clone(w.key_arc())).collect();
@@ -516,7 +579,14 @@ impl Engine {
         };
         match outcome {
             Ok(results) if results.len() == n => results,
-            Ok(results) => vec![Err(EngineError::Internal(format!("owner {} returned {} results for {n} keys", owner.name, results.len()))); n],
+            Ok(results) => vec![
+                Err(EngineError::Internal(format!(
+                    "owner {} returned {} results for {n} keys",
+                    owner.name,
+                    results.len()
+                )));
+                n
+            ],
             Err(e) => {
                 self.metrics.peer_errors.inc();
                 vec![Err(peer_unreachable(&e)); n]
@@ -558,8 +628,11 @@ impl Engine {
             .iter()
             .filter(|m| &m.name != local)
             .map(|m| self.transport.invalidate(m, keyspace, keys.clone()));
-        let failures: Vec<String> =
-            futures::future::join_all(calls).await.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+        let failures: Vec<String> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
         if failures.is_empty() {
             Ok(())
         } else {
@@ -572,17 +645,27 @@ impl Engine {
     }
 
     /// Owner-side store for a peer (never forwarded again).
-    pub async fn store_for_peer(&self, keyspace: &str, entries: Vec<WriteEntry>) -> Result<KeyResults<()>, EngineError> {
+    pub async fn store_for_peer(
+        &self,
+        keyspace: &str,
+        entries: Vec<WriteEntry>,
+    ) -> Result<KeyResults<()>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(entries.len())?;
         Ok(self.write_validated_owned(&ks, entries.into_iter().map(Write::Put).collect()).await)
     }
 
     /// Owner-side removal for a peer (never forwarded again).
-    pub async fn remove_for_peer(&self, keyspace: &str, keys: &[String]) -> Result<KeyResults<()>, EngineError> {
+    pub async fn remove_for_peer(
+        &self,
+        keyspace: &str,
+        keys: &[String],
+    ) -> Result<KeyResults<()>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
-        Ok(self.write_validated_owned(&ks, keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect()).await)
+        Ok(self
+            .write_validated_owned(&ks, keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect())
+            .await)
     }
 
     async fn write_validated_owned(&self, ks: &KeyspaceRuntime, writes: Vec<Write>) -> KeyResults<()> {
@@ -605,7 +688,10 @@ impl Engine {
         for (i, r) in positions.into_iter().zip(self.write_owned(ks, ok).await) {
             results[i] = Some(r);
         }
-        results.into_iter().map(|r| r.unwrap_or(Err(EngineError::Internal("no result computed for key".into())))).collect()
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(EngineError::Internal("no result computed for key".into()))))
+            .collect()
     }
 
     /// Drops copies of keys on this node (both tiers), sent by an owner after a write.
@@ -632,9 +718,11 @@ impl Engine {
         self.purge_local(keyspace)?;
         let ring = self.membership.ring();
         let local = &self.membership.local().name;
-        let calls = ring.members().iter().filter(|m| &m.name != local).map(|m| self.transport.purge(m, keyspace));
+        let calls =
+            ring.members().iter().filter(|m| &m.name != local).map(|m| self.transport.purge(m, keyspace));
         let results = futures::future::join_all(calls).await;
-        let failures: Vec<String> = results.iter().filter_map(|r| r.as_ref().err().map(ToString::to_string)).collect();
+        let failures: Vec<String> =
+            results.iter().filter_map(|r| r.as_ref().err().map(ToString::to_string)).collect();
         let purged = u32::try_from(results.len() - failures.len() + 1).unwrap_or(u32::MAX);
         let outcome = if failures.is_empty() {
             Ok(purged)

@@ -168,7 +168,12 @@ impl Keyspaces {
     /// Builds the runtimes of a validated set and swaps them in. Keyspaces whose settings did not change keep
     /// their runtime; a changed keyspace keeps its entries (copied into a resized store when `maxBytes`
     /// changed) and its data source when the hook did not change. Nothing changes when a source fails to build.
-    pub fn apply(&self, specs: Vec<ValidKeyspace>, base_dir: &Path, file: Option<&Path>) -> Result<(), LoadError> {
+    pub fn apply(
+        &self,
+        specs: Vec<ValidKeyspace>,
+        base_dir: &Path,
+        file: Option<&Path>,
+    ) -> Result<(), LoadError> {
         let current = self.map.load_full();
         let mut next = HashMap::with_capacity(specs.len());
         for config in specs {
@@ -281,7 +286,8 @@ pub async fn watch_file(
         last = Some(current.clone());
         let text = String::from_utf8_lossy(&current);
         let base = path.parent().unwrap_or_else(|| Path::new(".")).to_owned();
-        let outcome = parse_keyspaces(&path, &text).and_then(|specs| keyspaces.apply(specs, &base, Some(&path)));
+        let outcome =
+            parse_keyspaces(&path, &text).and_then(|specs| keyspaces.apply(specs, &base, Some(&path)));
         match outcome {
             Ok(()) => {
                 metrics.reload("applied");

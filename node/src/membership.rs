@@ -45,7 +45,12 @@ impl Membership {
     /// A membership with only the local node, not yet known (discovery has not reported).
     pub fn new(local: Member) -> Self {
         let (events, _) = broadcast::channel(1024);
-        Self { ring: ArcSwap::from_pointee(Ring::new(vec![local.clone()])), local, known: AtomicBool::new(false), events }
+        Self {
+            ring: ArcSwap::from_pointee(Ring::new(vec![local.clone()])),
+            local,
+            known: AtomicBool::new(false),
+            events,
+        }
     }
 
     /// This node.

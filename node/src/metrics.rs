@@ -82,6 +82,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Creates and registers every family.
+    #[allow(clippy::too_many_lines, reason = "one line per metric family; splitting the list would hide it")]
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
@@ -101,11 +102,23 @@ impl Metrics {
         let members = Gauge::default();
         let peer_errors = Counter::default();
         let r = &mut registry;
-        r.register("distcache_requests", "Cache API requests by operation, keyspace and status code", requests.clone());
-        r.register("distcache_cache_hits", "Cache hits by tier (main = owner, hot = copy of a remote key)", hits.clone());
+        r.register(
+            "distcache_requests",
+            "Cache API requests by operation, keyspace and status code",
+            requests.clone(),
+        );
+        r.register(
+            "distcache_cache_hits",
+            "Cache hits by tier (main = owner, hot = copy of a remote key)",
+            hits.clone(),
+        );
         r.register("distcache_cache_misses", "Cache misses", misses.clone());
         r.register("distcache_source_fetches", "Data-source fetches by result", fetches.clone());
-        r.register("distcache_source_fetch_seconds", "Duration of data-source fetches", fetch_seconds.clone());
+        r.register(
+            "distcache_source_fetch_seconds",
+            "Duration of data-source fetches",
+            fetch_seconds.clone(),
+        );
         r.register("distcache_entries", "Entries held by this node (main + hot)", entries.clone());
         r.register("distcache_bytes", "Bytes held by this node (main + hot), as weighed", bytes.clone());
         r.register("distcache_evictions", "Entries evicted to stay within maxBytes", evictions.clone());
@@ -118,7 +131,11 @@ impl Metrics {
             fallbacks.clone(),
         );
         r.register("distcache_keyspace_reloads", "Keyspaces file reloads by result", reloads.clone());
-        r.register("distcache_peer_errors", "Peer calls that failed at the transport level", peer_errors.clone());
+        r.register(
+            "distcache_peer_errors",
+            "Peer calls that failed at the transport level",
+            peer_errors.clone(),
+        );
         Self {
             registry,
             requests,
@@ -140,30 +157,47 @@ impl Metrics {
     }
 
     /// Resolves the per-keyspace handles used on the request path.
+    ///
+    /// Each handle is cloned out in its own statement: `get_or_create` returns a read guard, and a second
+    /// `get_or_create` on the same family while the first guard lives (one struct-literal statement) would
+    /// wait for the write lock forever.
     pub fn keyspace(&self, name: &str) -> KeyspaceMetrics {
-        let ks = || KeyspaceLabel { keyspace: name.to_owned() };
-        let req = |code: Code| {
-            self.requests.get_or_create(&RequestLabels { op: "get", keyspace: name.to_owned(), code: code.label() }).clone()
-        };
+        let ks = KeyspaceLabel { keyspace: name.to_owned() };
+        let tier = |tier| TierLabels { keyspace: name.to_owned(), tier };
+        let req = |code: Code| RequestLabels { op: "get", keyspace: name.to_owned(), code: code.label() };
+        let hits_main = self.hits.get_or_create(&tier("main")).clone();
+        let hits_hot = self.hits.get_or_create(&tier("hot")).clone();
+        let get_ok = self.requests.get_or_create(&req(Code::Ok)).clone();
+        let get_not_found = self.requests.get_or_create(&req(Code::NotFound)).clone();
+        let misses = self.misses.get_or_create(&ks).clone();
+        let evictions = self.evictions.get_or_create(&ks).clone();
+        let forwarded = self.forwarded.get_or_create(&ks).clone();
+        let fallbacks = self.fallbacks.get_or_create(&ks).clone();
+        let fetch_seconds = self.fetch_seconds.get_or_create(&ks).clone();
+        let entries = self.entries.get_or_create(&ks).clone();
+        let bytes = self.bytes.get_or_create(&ks).clone();
+        let fetches_total = self.fetch_totals.get_or_create(&ks).clone();
         KeyspaceMetrics {
-            hits_main: self.hits.get_or_create(&TierLabels { keyspace: name.to_owned(), tier: "main" }).clone(),
-            hits_hot: self.hits.get_or_create(&TierLabels { keyspace: name.to_owned(), tier: "hot" }).clone(),
-            misses: self.misses.get_or_create(&ks()).clone(),
-            evictions: self.evictions.get_or_create(&ks()).clone(),
-            forwarded: self.forwarded.get_or_create(&ks()).clone(),
-            fallbacks: self.fallbacks.get_or_create(&ks()).clone(),
-            fetch_seconds: self.fetch_seconds.get_or_create(&ks()).clone(),
-            entries: self.entries.get_or_create(&ks()).clone(),
-            bytes: self.bytes.get_or_create(&ks()).clone(),
-            get_ok: req(Code::Ok),
-            get_not_found: req(Code::NotFound),
-            fetches_total: self.fetch_totals.get_or_create(&ks()).clone(),
+            hits_main,
+            hits_hot,
+            misses,
+            evictions,
+            forwarded,
+            fallbacks,
+            fetch_seconds,
+            entries,
+            bytes,
+            get_ok,
+            get_not_found,
+            fetches_total,
         }
     }
 
     /// Counts one API request (operations other than the pre-resolved Get outcomes).
     pub fn request(&self, op: &'static str, keyspace: &str, code: Code) {
-        self.requests.get_or_create(&RequestLabels { op, keyspace: keyspace.to_owned(), code: code.label() }).inc();
+        self.requests
+            .get_or_create(&RequestLabels { op, keyspace: keyspace.to_owned(), code: code.label() })
+            .inc();
     }
 
     /// Counts one data-source fetch by result.
@@ -173,7 +207,9 @@ impl Metrics {
 
     /// Counts a hook trap.
     pub fn hook_trap(&self, keyspace: &str, reason: &str) {
-        self.hook_traps.get_or_create(&ReasonLabels { keyspace: keyspace.to_owned(), reason: reason.to_owned() }).inc();
+        self.hook_traps
+            .get_or_create(&ReasonLabels { keyspace: keyspace.to_owned(), reason: reason.to_owned() })
+            .inc();
     }
 
     /// Counts a keyspaces reload (`applied`, `refused`, `unchanged` is not counted).

@@ -67,7 +67,13 @@ pub struct NodeOptions {
 impl NodeOptions {
     /// Options with the configured listeners and discovery, and no hook runtime.
     pub fn new(config: NodeConfig) -> Self {
-        Self { config, sources: Arc::new(NoHooks), grpc_listener: None, admin_listener: None, discovery: None }
+        Self {
+            config,
+            sources: Arc::new(NoHooks),
+            grpc_listener: None,
+            admin_listener: None,
+            discovery: None,
+        }
     }
 }
 
@@ -88,7 +94,11 @@ pub struct RunningNode {
     tasks: Vec<JoinHandle<()>>,
 }
 
-async fn bind(given: Option<TcpListener>, addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+async fn bind(
+    given: Option<TcpListener>,
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<TcpListener, StartError> {
     match given {
         Some(l) => Ok(l),
         None => TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source }),
@@ -114,9 +124,13 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let NodeOptions { config, sources, grpc_listener, admin_listener, discovery } = opts;
     let grpc = bind(grpc_listener, config.listen, "gRPC").await?;
     let admin_l = bind(admin_listener, config.admin, "admin HTTP").await?;
-    let grpc_addr = grpc.local_addr().map_err(|source| StartError::Bind { what: "gRPC", addr: config.listen, source })?;
-    let admin_addr =
-        admin_l.local_addr().map_err(|source| StartError::Bind { what: "admin HTTP", addr: config.admin, source })?;
+    let grpc_addr =
+        grpc.local_addr().map_err(|source| StartError::Bind { what: "gRPC", addr: config.listen, source })?;
+    let admin_addr = admin_l.local_addr().map_err(|source| StartError::Bind {
+        what: "admin HTTP",
+        addr: config.admin,
+        source,
+    })?;
     let name = config.member_name();
     let advertise = config.advertise_address(grpc_addr);
     let max_message = usize::try_from(config.max_message_bytes.bytes()).unwrap_or(usize::MAX);
@@ -128,8 +142,14 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         metrics.reload("applied");
     }
     let membership = Arc::new(Membership::new(Member::new(name.clone(), advertise.clone())));
-    let transport: Arc<dyn PeerTransport> = Arc::new(GrpcPeers::new(name.clone(), config.peer_timeout.get(), max_message));
-    let engine = Engine::new(Arc::clone(&keyspaces), Arc::clone(&membership), Arc::clone(&transport), Arc::clone(&metrics));
+    let transport: Arc<dyn PeerTransport> =
+        Arc::new(GrpcPeers::new(name.clone(), config.peer_timeout.get(), max_message));
+    let engine = Engine::new(
+        Arc::clone(&keyspaces),
+        Arc::clone(&membership),
+        Arc::clone(&transport),
+        Arc::clone(&metrics),
+    );
     metrics.members.set(1);
 
     let shutdown = CancellationToken::new();
@@ -143,7 +163,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     });
 
     // Discovery → engine.
-    let (updates_tx, mut updates_rx) = tokio::sync::mpsc::channel::<Vec<Member>>(16);
+    let (updates_tx, updates_rx) = tokio::sync::mpsc::channel::<Vec<Member>>(16);
     let ctx = DiscoveryContext {
         local: membership.local().clone(),
         updates: updates_tx,
@@ -153,21 +173,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     tracing::info!(name = %name, discovery = discovery.name(), "starting discovery");
     tasks.push(tokio::spawn(discovery.run(ctx)));
     let (health, health_service) = tonic_health::server::health_reporter();
-    {
-        let engine = Arc::clone(&engine);
-        let health = health.clone();
-        tasks.push(tokio::spawn(async move {
-            while let Some(members) = updates_rx.recv().await {
-                let first = !engine.membership().is_known();
-                engine.set_members(&members);
-                if first {
-                    health.set_serving::<CacheServer<CacheService>>().await;
-                    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-                    tracing::info!(members = engine.membership().ring().len(), "membership known; node is ready");
-                }
-            }
-        }));
-    }
+    tasks.push(spawn_membership(Arc::clone(&engine), health.clone(), updates_rx));
     if let Some(file) = config.keyspaces_file.clone() {
         tasks.push(tokio::spawn(watch_file(
             Arc::clone(&keyspaces),
@@ -178,39 +184,15 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         )));
     }
 
-    // gRPC: Cache, Peer, health and reflection on one port.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(distcache_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartError::Reflection(e.to_string()))?;
     health.set_not_serving::<CacheServer<CacheService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-    let cache = CacheServer::new(CacheService::new(Arc::clone(&engine)))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let peer = PeerServer::new(PeerService::new(Arc::clone(&engine), advertise.clone()))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-    let grpc_shutdown = shutdown.clone();
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(cache)
-        .add_service(peer)
-        .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
+    tasks.push(spawn_grpc(grpc, health_service, &engine, advertise.clone(), max_message, shutdown.clone())?);
 
     let admin_shutdown = shutdown.clone();
     let router = admin::router(Arc::clone(&admin_state));
     tasks.push(tokio::spawn(async move {
-        let serve = axum::serve(admin_l, router).with_graceful_shutdown(async move { admin_shutdown.cancelled().await });
+        let serve = axum::serve(admin_l, router)
+            .with_graceful_shutdown(async move { admin_shutdown.cancelled().await });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "admin server failed");
         }
@@ -229,6 +211,63 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     })
 }
 
+/// Applies each member set from discovery to the engine; the first one makes the node ready (gRPC health
+/// SERVING, `/readyz` 200).
+fn spawn_membership(
+    engine: Arc<Engine>,
+    health: tonic_health::server::HealthReporter,
+    mut updates: tokio::sync::mpsc::Receiver<Vec<Member>>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(members) = updates.recv().await {
+            let first = !engine.membership().is_known();
+            engine.set_members(&members);
+            if first {
+                health.set_serving::<CacheServer<CacheService>>().await;
+                health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                tracing::info!(members = engine.membership().ring().len(), "membership known; node is ready");
+            }
+        }
+    })
+}
+
+/// Serves Cache, Peer, health and reflection on one port until `shutdown`.
+fn spawn_grpc(
+    grpc: TcpListener,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    engine: &Arc<Engine>,
+    advertise: String,
+    max_message: usize,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, StartError> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(distcache_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let cache = CacheServer::new(CacheService::new(Arc::clone(engine)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let peer = PeerServer::new(PeerService::new(Arc::clone(engine), advertise))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(cache)
+        .add_service(peer)
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await });
+    Ok(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }))
+}
+
 impl RunningNode {
     /// The engine (for in-process tests and embedding).
     pub fn engine(&self) -> &Arc<Engine> {
@@ -243,6 +282,11 @@ impl RunningNode {
     /// A token that stops the node when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// The admin state (readiness flags).
+    pub fn admin(&self) -> &Arc<AdminState> {
+        &self.admin
     }
 
     /// Waits until the node stopped (its token was cancelled and the servers drained).

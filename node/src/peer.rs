@@ -41,11 +41,26 @@ pub type KeyResults<T> = Vec<Result<T, EngineError>>;
 #[async_trait]
 pub trait PeerTransport: Send + Sync + 'static {
     /// Owner-side get-or-fetch of keys (never forwarded again by the callee).
-    async fn load(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<Value>, PeerError>;
+    async fn load(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        keys: Vec<Arc<str>>,
+    ) -> Result<KeyResults<Value>, PeerError>;
     /// Owner-side store, followed by the owner's invalidation of copies elsewhere.
-    async fn store(&self, peer: &Member, keyspace: &str, entries: Vec<WriteEntry>) -> Result<KeyResults<()>, PeerError>;
+    async fn store(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        entries: Vec<WriteEntry>,
+    ) -> Result<KeyResults<()>, PeerError>;
     /// Owner-side removal, followed by invalidation elsewhere.
-    async fn remove(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<()>, PeerError>;
+    async fn remove(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        keys: Vec<Arc<str>>,
+    ) -> Result<KeyResults<()>, PeerError>;
     /// Drops copies of keys on the peer.
     async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError>;
     /// Drops every entry of a keyspace on the peer.

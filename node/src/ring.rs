@@ -108,7 +108,9 @@ mod tests {
     use super::*;
 
     fn ring_of(n: usize) -> Ring {
-        Ring::new((0..n).map(|i| Member::new(format!("node-{i}"), format!("127.0.0.1:{}", 7420 + i))).collect())
+        Ring::new(
+            (0..n).map(|i| Member::new(format!("node-{i}"), format!("127.0.0.1:{}", 7420 + i))).collect(),
+        )
     }
 
     fn keys() -> Vec<u64> {

@@ -9,8 +9,8 @@ use distcache_proto::v1::{
     KeySpaceStats, ListKeySpacesRequest, ListKeySpacesResponse, LoadRequest, LoadResponse, MemberEvent,
     PingRequest, PingResponse, PurgeKeySpaceRequest, PurgeKeySpaceResponse, PurgeRequest, PurgeResponse,
     PutManyRequest, PutManyResponse, PutRequest, PutResponse, RemoveRequest, RemoveResponse, StatsRequest,
-    StatsResponse, StoreRequest, StoreResponse, WatchMembersRequest,
-    key_result::Outcome, member_event::Type as EventType,
+    StatsResponse, StoreRequest, StoreResponse, WatchMembersRequest, key_result::Outcome,
+    member_event::Type as EventType,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -175,7 +175,10 @@ impl pb::cache_server::Cache for CacheService {
         Ok(Response::new(DeleteResponse {}))
     }
 
-    async fn delete_many(&self, request: Request<DeleteManyRequest>) -> Result<Response<DeleteManyResponse>, Status> {
+    async fn delete_many(
+        &self,
+        request: Request<DeleteManyRequest>,
+    ) -> Result<Response<DeleteManyResponse>, Status> {
         let req = request.into_inner();
         let results = self.engine.delete_many(&req.keyspace, &req.keys).await?;
         Ok(Response::new(DeleteManyResponse { results: unit_results(req.keys, results) }))
@@ -340,7 +343,9 @@ impl pb::peer_server::Peer for PeerService {
                     results[i] = Some(r);
                 }
             }
-            Err(e) => return Ok(Response::new(StoreResponse { results: per_key_failure(&keys, &e) })),
+            Err(e) => {
+                return Ok(Response::new(StoreResponse { results: per_key_failure(&keys, &e) }));
+            }
         }
         let results = results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect();
         Ok(Response::new(StoreResponse { results: unit_results(keys, results) }))
@@ -355,7 +360,10 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(RemoveResponse { results }))
     }
 
-    async fn invalidate(&self, request: Request<InvalidateRequest>) -> Result<Response<InvalidateResponse>, Status> {
+    async fn invalidate(
+        &self,
+        request: Request<InvalidateRequest>,
+    ) -> Result<Response<InvalidateResponse>, Status> {
         let req = request.into_inner();
         // An unknown keyspace holds no copies: nothing to invalidate is success.
         let _ = self.engine.invalidate(&req.keyspace, &req.keys);

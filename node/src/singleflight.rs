@@ -59,10 +59,7 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
     {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = futures::channel::oneshot::channel::<Vec<Outcome<T>>>();
-        let batch = rx
-            .map(|r| r.unwrap_or_default())
-            .boxed()
-            .shared();
+        let batch = rx.map(Result::unwrap_or_default).boxed().shared();
         let mut led: Vec<Arc<str>> = Vec::new();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -75,7 +72,9 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
                         .clone()
                         .map(move |results| {
                             results.get(index).cloned().unwrap_or_else(|| {
-                                Err(EngineError::Internal("load was cancelled or returned too few results".into()))
+                                Err(EngineError::Internal(
+                                    "load was cancelled or returned too few results".into(),
+                                ))
                             })
                         })
                         .boxed()
@@ -147,7 +146,7 @@ mod tests {
             }));
         }
         // Every caller is registered once the key is in flight and all tasks have polled.
-        while sf.len() == 0 {
+        while sf.is_empty() {
             tokio::task::yield_now().await;
         }
         for _ in 0..10 {

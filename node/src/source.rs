@@ -62,7 +62,8 @@ pub trait DataSource: Send + Sync + 'static {
 pub trait SourceFactory: Send + Sync + 'static {
     /// `Ok(None)` for a keyspace without a hook (pure cache-aside). `base_dir` is the keyspaces file's directory,
     /// against which relative module paths resolve.
-    fn build(&self, keyspace: &ValidKeyspace, base_dir: &Path) -> Result<Option<Arc<dyn DataSource>>, String>;
+    fn build(&self, keyspace: &ValidKeyspace, base_dir: &Path)
+    -> Result<Option<Arc<dyn DataSource>>, String>;
 }
 
 /// The factory of a node without a hook runtime: keyspaces without a hook are accepted, a hook is refused with
@@ -71,7 +72,11 @@ pub trait SourceFactory: Send + Sync + 'static {
 pub struct NoHooks;
 
 impl SourceFactory for NoHooks {
-    fn build(&self, keyspace: &ValidKeyspace, _base_dir: &Path) -> Result<Option<Arc<dyn DataSource>>, String> {
+    fn build(
+        &self,
+        keyspace: &ValidKeyspace,
+        _base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, String> {
         match keyspace.spec.hook {
             None => Ok(None),
             Some(_) => Err(format!(

@@ -258,7 +258,12 @@ mod tests {
     fn per_entry_ttl_expires() {
         let (s, _) = store(1 << 20);
         let h = crate::ring::key_hash("k");
-        s.write(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"v"), Some(Duration::from_millis(30))));
+        s.write(
+            Tier::Main,
+            "k".into(),
+            h,
+            Entry::value(Bytes::from_static(b"v"), Some(Duration::from_millis(30))),
+        );
         s.write(Tier::Main, "p".into(), 1, Entry::value(Bytes::from_static(b"v"), None));
         let deadline = Instant::now() + Duration::from_secs(5);
         while s.get(Tier::Main, "k").is_some() {

@@ -1,1 +1,323 @@
-//! placeholder
+//! Test harness: real DistCache nodes in-process (each on its own tokio runtime, so a test can kill one
+//! abruptly: every socket of a killed node closes at once, like a `kill -9`), counting data sources, clients,
+//! and helpers to run the built binaries as real processes.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use distcache_crds::ValidKeyspace;
+use distcache_node::{
+    NodeConfig, NodeOptions, RunningNode,
+    config::{DiscoveryConfig, StaticDiscovery},
+    engine::Engine,
+    source::{DataSource, FetchError, Fetched, SourceFactory},
+};
+use distcache_proto::v1::cache_client::CacheClient;
+use tonic::transport::Channel;
+
+/// A data source that answers `value-of-{key}` for every key except those starting with `missing`, after an
+/// optional delay, and counts its fetches per key.
+pub struct CountingSource {
+    /// Node name (for messages).
+    pub node: String,
+    /// Fetch count per key.
+    pub fetches: Mutex<HashMap<String, u64>>,
+    /// `fetch_many` calls and their sizes.
+    pub batches: Mutex<Vec<usize>>,
+    /// Delay of every fetch.
+    pub delay: Duration,
+    /// TTL returned with every value (`None` = keyspace default).
+    pub ttl: Option<Duration>,
+}
+
+impl CountingSource {
+    /// A source for node `node`.
+    pub fn new(node: &str, delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            node: node.to_owned(),
+            fetches: Mutex::default(),
+            batches: Mutex::default(),
+            delay,
+            ttl: None,
+        })
+    }
+
+    /// Total fetches.
+    pub fn total(&self) -> u64 {
+        self.fetches.lock().map_or(0, |m| m.values().sum())
+    }
+
+    /// Fetches of one key.
+    pub fn of(&self, key: &str) -> u64 {
+        self.fetches.lock().map_or(0, |m| m.get(key).copied().unwrap_or(0))
+    }
+
+    fn count(&self, key: &str) {
+        if let Ok(mut m) = self.fetches.lock() {
+            *m.entry(key.to_owned()).or_default() += 1;
+        }
+    }
+}
+
+/// The value a [`CountingSource`] returns for `key`.
+pub fn source_value(key: &str) -> Bytes {
+    Bytes::from(format!("value-of-{key}"))
+}
+
+#[async_trait]
+impl DataSource for CountingSource {
+    async fn fetch(&self, key: &str) -> Result<Fetched, FetchError> {
+        self.count(key);
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        if key.starts_with("missing") {
+            return Err(FetchError::NotFound { negative_ttl: None });
+        }
+        Ok(Fetched { value: source_value(key), ttl: self.ttl })
+    }
+
+    async fn fetch_many(&self, keys: &[String]) -> Vec<Result<Fetched, FetchError>> {
+        if let Ok(mut b) = self.batches.lock() {
+            b.push(keys.len());
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            out.push(self.fetch(k).await);
+        }
+        out
+    }
+}
+
+/// Gives keyspaces whose name starts with `rt` (read-through) this node's counting source; others are
+/// cache-aside.
+pub struct TestSources(pub Arc<CountingSource>);
+
+impl SourceFactory for TestSources {
+    fn build(&self, keyspace: &ValidKeyspace, _base: &Path) -> Result<Option<Arc<dyn DataSource>>, String> {
+        if keyspace.name.starts_with("rt") {
+            Ok(Some(self.0.clone() as Arc<dyn DataSource>))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// The keyspaces most tests use: `rt` (read-through, negative TTL 300 ms), `kv` (cache-aside), `small`
+/// (cache-aside, 256 KiB, values up to 1 KiB).
+pub const KEYSPACES: &str = "keyspaces:
+  - { name: rt, maxBytes: 16Mi, ttl: 5m, negativeTtl: 300ms, fetchTimeout: 2s }
+  - { name: kv, maxBytes: 16Mi }
+  - { name: small, maxBytes: 256Ki, maxValueBytes: 1Ki }
+";
+
+/// One in-process node on its own runtime.
+pub struct TestNode {
+    /// Member name.
+    pub name: String,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Its counting source.
+    pub source: Arc<CountingSource>,
+    runtime: Option<tokio::runtime::Runtime>,
+    node: Option<RunningNode>,
+}
+
+impl TestNode {
+    /// The node's engine.
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.node.as_ref().map(RunningNode::engine)
+    }
+
+    /// Kills the node abruptly: every task and socket of its runtime is dropped at once.
+    pub fn kill(&mut self) {
+        self.node = None;
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// True while the node runs.
+    pub fn is_alive(&self) -> bool {
+        self.runtime.is_some()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Where a node's listeners are, chosen before any node starts so static peer lists can name them.
+pub struct Slot {
+    /// gRPC listener.
+    pub grpc: std::net::TcpListener,
+    /// Admin listener.
+    pub admin: std::net::TcpListener,
+}
+
+impl Slot {
+    /// Binds both listeners on 127.0.0.1, port 0.
+    pub fn bind() -> anyhow::Result<Self> {
+        Ok(Self {
+            grpc: std::net::TcpListener::bind("127.0.0.1:0")?,
+            admin: std::net::TcpListener::bind("127.0.0.1:0")?,
+        })
+    }
+
+    /// Binds both listeners on given addresses (to restart a node where it was).
+    pub fn bind_at(grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
+        Ok(Self { grpc: std::net::TcpListener::bind(grpc)?, admin: std::net::TcpListener::bind(admin)? })
+    }
+
+    /// The gRPC address.
+    pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.grpc.local_addr()?)
+    }
+}
+
+/// Starts one node on its own runtime with the given config (listen/advertise/admin are taken from `slot`).
+pub async fn start_node(
+    name: &str,
+    slot: Slot,
+    mut config: NodeConfig,
+    source: Arc<CountingSource>,
+) -> anyhow::Result<TestNode> {
+    let grpc = slot.grpc.local_addr()?;
+    let admin = slot.admin.local_addr()?;
+    config.name = Some(name.to_owned());
+    config.listen = grpc;
+    config.admin = admin;
+    config.advertise = Some(grpc.to_string());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    slot.grpc.set_nonblocking(true)?;
+    slot.admin.set_nonblocking(true)?;
+    let sources = Arc::new(TestSources(source.clone()));
+    let node = runtime
+        .spawn(async move {
+            let opts = NodeOptions {
+                config,
+                sources,
+                grpc_listener: Some(tokio::net::TcpListener::from_std(slot.grpc)?),
+                admin_listener: Some(tokio::net::TcpListener::from_std(slot.admin)?),
+                discovery: None,
+            };
+            anyhow::Ok(distcache_node::start(opts).await?)
+        })
+        .await??;
+    Ok(TestNode { name: name.to_owned(), grpc, admin, source, runtime: Some(runtime), node: Some(node) })
+}
+
+/// A cluster of in-process nodes with static discovery over each other.
+pub struct Cluster {
+    /// The nodes, `node-1` first.
+    pub nodes: Vec<TestNode>,
+    /// Holds the keyspaces file.
+    pub dir: tempfile::TempDir,
+    /// The keyspaces file all nodes watch.
+    pub keyspaces_file: PathBuf,
+}
+
+/// A node config with static discovery over `peers`, fast probes, and the keyspaces file.
+pub fn static_config(peers: &[SocketAddr], keyspaces_file: &Path) -> NodeConfig {
+    NodeConfig {
+        discovery: DiscoveryConfig {
+            static_list: Some(StaticDiscovery {
+                peers: peers.iter().map(ToString::to_string).collect(),
+                probe_interval: distcache_crds::DurationString(Duration::from_millis(250)),
+                failure_threshold: 3,
+            }),
+            standalone: None,
+        },
+        keyspaces_file: Some(keyspaces_file.to_owned()),
+        keyspaces_poll_interval: distcache_crds::DurationString(Duration::from_millis(100)),
+        peer_timeout: distcache_crds::DurationString(Duration::from_secs(1)),
+        ..NodeConfig::default()
+    }
+}
+
+impl Cluster {
+    /// Starts `n` nodes that list each other, each with a counting source of `delay`, and waits until every
+    /// node sees all `n` members.
+    pub async fn start(n: usize, keyspaces: &str, delay: Duration) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let keyspaces_file = dir.path().join("keyspaces.yaml");
+        std::fs::write(&keyspaces_file, keyspaces)?;
+        let slots: Vec<Slot> = (0..n).map(|_| Slot::bind()).collect::<anyhow::Result<_>>()?;
+        let peers: Vec<SocketAddr> = slots.iter().map(Slot::grpc_addr).collect::<anyhow::Result<_>>()?;
+        let mut nodes = Vec::with_capacity(n);
+        for (i, slot) in slots.into_iter().enumerate() {
+            let name = format!("node-{}", i + 1);
+            let config = static_config(&peers, &keyspaces_file);
+            nodes.push(start_node(&name, slot, config, CountingSource::new(&name, delay)).await?);
+        }
+        let cluster = Self { nodes, dir, keyspaces_file };
+        cluster.wait_members(n, Duration::from_secs(10)).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every live node sees `n` members.
+    pub async fn wait_members(&self, n: usize, within: Duration) -> anyhow::Result<()> {
+        let nodes: Vec<&TestNode> = self.nodes.iter().filter(|t| t.is_alive()).collect();
+        wait_until(within, || {
+            nodes.iter().all(|t| t.engine().is_some_and(|e| e.membership().ring().len() == n))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: not every node sees {n} members"))
+    }
+
+    /// A gRPC client of node `i`.
+    pub async fn client(&self, i: usize) -> anyhow::Result<CacheClient<Channel>> {
+        client(self.nodes[i].grpc).await
+    }
+
+    /// The live node that owns `key` (by node 0's ring).
+    pub fn owner_of(&self, key: &str) -> Option<usize> {
+        let ring = self.nodes.iter().find_map(TestNode::engine)?.membership().ring();
+        let owner = ring.owner(distcache_node::ring::key_hash(key))?;
+        self.nodes.iter().position(|t| t.name == owner.name)
+    }
+}
+
+/// A gRPC client of a node.
+pub async fn client(addr: SocketAddr) -> anyhow::Result<CacheClient<Channel>> {
+    Ok(CacheClient::connect(format!("http://{addr}")).await?)
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` elapses.
+pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("condition not met within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Path of a binary built from this workspace (`cargo build --workspace --bins` in `make test`), next to the
+/// test executable's `deps/` directory.
+pub fn built_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build the binaries first (`cargo build --workspace --bins`, done by `make test`)",
+        path.display()
+    );
+    Ok(path)
+}

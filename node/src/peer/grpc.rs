@@ -55,7 +55,11 @@ impl GrpcPeers {
     }
 
     fn fail(peer: &Member, status: &tonic::Status) -> PeerError {
-        PeerError { name: peer.name.clone(), address: peer.address.clone(), message: status.message().to_owned() }
+        PeerError {
+            name: peer.name.clone(),
+            address: peer.address.clone(),
+            message: status.message().to_owned(),
+        }
     }
 }
 
@@ -89,14 +93,20 @@ pub fn value_result(r: pb::KeyResult) -> Result<Value, EngineError> {
 
 #[async_trait]
 impl PeerTransport for GrpcPeers {
-    async fn load(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<Value>, PeerError> {
+    async fn load(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        keys: Vec<Arc<str>>,
+    ) -> Result<KeyResults<Value>, PeerError> {
         let n = keys.len();
         let req = LoadRequest {
             keyspace: keyspace.to_owned(),
             keys: keys.iter().map(ToString::to_string).collect(),
             from: self.local.clone(),
         };
-        let resp = self.client(&peer.address)?.load(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        let resp =
+            self.client(&peer.address)?.load(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
         if resp.results.len() != n {
             return Err(PeerError {
                 name: peer.name.clone(),
@@ -107,7 +117,12 @@ impl PeerTransport for GrpcPeers {
         Ok(resp.results.into_iter().map(value_result).collect())
     }
 
-    async fn store(&self, peer: &Member, keyspace: &str, entries: Vec<WriteEntry>) -> Result<KeyResults<()>, PeerError> {
+    async fn store(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        entries: Vec<WriteEntry>,
+    ) -> Result<KeyResults<()>, PeerError> {
         let n = entries.len();
         let req = StoreRequest {
             keyspace: keyspace.to_owned(),
@@ -121,18 +136,25 @@ impl PeerTransport for GrpcPeers {
                 .collect(),
             from: self.local.clone(),
         };
-        let resp = self.client(&peer.address)?.store(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        let resp =
+            self.client(&peer.address)?.store(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
         unit_results(peer, n, resp.results)
     }
 
-    async fn remove(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<KeyResults<()>, PeerError> {
+    async fn remove(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        keys: Vec<Arc<str>>,
+    ) -> Result<KeyResults<()>, PeerError> {
         let n = keys.len();
         let req = RemoveRequest {
             keyspace: keyspace.to_owned(),
             keys: keys.iter().map(ToString::to_string).collect(),
             from: self.local.clone(),
         };
-        let resp = self.client(&peer.address)?.remove(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        let resp =
+            self.client(&peer.address)?.remove(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
         unit_results(peer, n, resp.results)
     }
 

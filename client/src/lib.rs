@@ -1,0 +1,18 @@
+//! Rust client for `DistCache`, a distributed read-through cache, and the `distcache` CLI built on it.
+//!
+//! [`Client`] talks to the `distcache.v1.Cache` gRPC service of any node; the node routes each key to its owner,
+//! which answers from memory or loads the value from the keyspace's data source. Results are typed: a key with
+//! no value is `Ok(None)`, other failures are an [`Error`] variant per documented status code, and batch calls
+//! return one result per key. [`bench`] is the load generator behind `distcache bench`.
+
+pub mod bench;
+mod client;
+mod error;
+#[cfg(test)]
+mod testing;
+
+pub use client::{
+    Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ENDPOINT, KeyspaceInfo, KeyspaceStats, Member,
+    MemberEvent, MemberEvents, Stats, Value,
+};
+pub use error::Error;

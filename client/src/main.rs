@@ -1,0 +1,743 @@
+//! `distcache`: the command-line client of `DistCache` — read, write and delete keys, inspect keyspaces, members
+//! and counters, and benchmark a cluster. Human-readable output by default, `--json` for scripts.
+
+use std::{
+    io::{self, Read, Write},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use distcache_client::{
+    Client, DEFAULT_ENDPOINT, Error, KeyspaceInfo, Member, MemberEvent, Stats, Value,
+    bench::{self, BenchConfig, Phase},
+};
+use distcache_crds::{ByteSize, DurationString};
+use futures::StreamExt;
+use serde_json::json;
+
+const EXIT_ERROR: u8 = 1;
+const EXIT_NOT_FOUND: u8 = 3;
+
+/// Per-call deadline when `--timeout` is not given (except for `bench`, which has none unless asked).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  error (connection failure, server error, invalid argument, ...)
+  2  usage error (invalid command line)
+  3  key not found (get, delete)";
+
+/// Command-line client of distcache, the distributed read-through cache.
+#[derive(Debug, Parser)]
+#[command(name = "distcache", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// gRPC endpoint of any distcache node (http://host:port or host:port).
+    #[arg(long, global = true, env = "DISTCACHE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// Print JSON instead of text (one document; one object per line for `members --watch`).
+    #[arg(long, global = true)]
+    json: bool,
+    /// Deadline of each call, e.g. 500ms or 5s [default: 10s; bench: none].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the value of a key (loaded from the data source on a miss in a read-through keyspace).
+    Get {
+        /// Keyspace name (see `distcache keyspaces`).
+        keyspace: String,
+        /// The key.
+        key: String,
+    },
+    /// Store a value.
+    Put {
+        /// Keyspace name.
+        keyspace: String,
+        /// The key.
+        key: String,
+        /// The value; `-` reads it from stdin (bytes as they are).
+        value: String,
+        /// Entry TTL, e.g. 30s or 5m [default: the keyspace's TTL].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Remove keys from the cache cluster-wide (the data source is not touched).
+    Delete {
+        /// Keyspace name.
+        keyspace: String,
+        /// One or more keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// List the keyspaces the node serves, with their effective settings.
+    Keyspaces,
+    /// List the cluster members as the node sees them.
+    Members {
+        /// Keep streaming membership changes until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Show the node's per-keyspace counters (this node only, not cluster-wide).
+    Stats {
+        /// Only this keyspace.
+        keyspace: Option<String>,
+    },
+    /// Drop every entry of a keyspace on every node.
+    Purge {
+        /// Keyspace name.
+        keyspace: String,
+    },
+    /// Closed-loop load generator: fixed concurrency, warm-up, then latency percentiles and throughput.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// What each request does (mixed = 90% get, 10% put).
+    #[arg(long, value_enum, default_value_t = OpArg::Get)]
+    op: OpArg,
+    /// Concurrent requests (closed-loop tasks).
+    #[arg(long, default_value_t = 50, value_parser = parse_positive)]
+    concurrency: usize,
+    /// HTTP/2 connections shared by the tasks [default: min(concurrency, 4)].
+    #[arg(long, value_parser = parse_positive)]
+    connections: Option<usize>,
+    /// Length of the measured phase.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_positive_duration)]
+    duration: Duration,
+    /// Length of the discarded warm-up phase.
+    #[arg(long, default_value = "2s", value_name = "DURATION", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Number of distinct keys (key-00000000 ...), drawn uniformly at random.
+    #[arg(long, default_value_t = 100_000, value_parser = parse_positive)]
+    keys: usize,
+    /// Bytes per value (a count or a quantity such as 1Ki).
+    #[arg(long, default_value = "100", value_name = "BYTES", value_parser = parse_size)]
+    value_size: usize,
+    /// Keys per call; above 1 uses GetMany/PutMany.
+    #[arg(long, default_value_t = 1, value_parser = parse_positive)]
+    batch: usize,
+    /// Keyspace to benchmark; it must exist.
+    #[arg(long, default_value = "bench")]
+    keyspace: String,
+    /// Do not write every key before a get/mixed run.
+    #[arg(long)]
+    no_preload: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OpArg {
+    Get,
+    Put,
+    Mixed,
+}
+
+impl From<OpArg> for bench::Op {
+    fn from(op: OpArg) -> Self {
+        match op {
+            OpArg::Get => Self::Get,
+            OpArg::Put => Self::Put,
+            OpArg::Mixed => Self::Mixed,
+        }
+    }
+}
+
+impl BenchArgs {
+    fn connections(&self) -> usize {
+        self.connections.unwrap_or_else(|| bench::default_connections(self.concurrency))
+    }
+
+    fn config(&self) -> BenchConfig {
+        BenchConfig {
+            op: self.op.into(),
+            concurrency: self.concurrency,
+            duration: self.duration,
+            warmup: self.warmup,
+            keys: self.keys,
+            value_size: self.value_size,
+            batch: self.batch,
+            keyspace: self.keyspace.clone(),
+            preload: !self.no_preload,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<DurationString>().map(DurationString::get).map_err(|e| e.to_string())
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let duration = parse_duration(s)?;
+    if duration.is_zero() { Err("must be greater than zero".to_owned()) } else { Ok(duration) }
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let size = s.parse::<ByteSize>().map_err(|e| e.to_string())?;
+    usize::try_from(size.bytes()).map_err(|_| "too large".to_owned())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: failed to start the async runtime: {err}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        // A closed pipe (`distcache members --watch | head`) is the reader's choice, not an error.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (connections, timeout) = match &cli.command {
+        Command::Bench(args) => (args.connections(), cli.timeout),
+        _ => (1, Some(cli.timeout.unwrap_or(DEFAULT_TIMEOUT))),
+    };
+    let mut builder = Client::builder(&cli.endpoint).connections(connections);
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    let client = builder.connect().await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Get { keyspace, key } => get(&client, json, &keyspace, &key).await,
+        Command::Put { keyspace, key, value, ttl } => put(&client, json, &keyspace, &key, &value, ttl).await,
+        Command::Delete { keyspace, keys } => delete(&client, json, &keyspace, keys).await,
+        Command::Keyspaces => {
+            let keyspaces = client.keyspaces().await?;
+            emit(&if json { keyspaces_json(&keyspaces) } else { keyspaces_table(&keyspaces) })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Members { watch: false } => {
+            let members = client.members().await?;
+            emit(&if json { members_json(&members) } else { members_table(&members) })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Members { watch: true } => watch_members(&client, json).await,
+        Command::Stats { keyspace } => {
+            let stats = client.stats(keyspace.as_deref()).await?;
+            emit(&if json { stats_json(&stats) } else { stats_table(&stats) })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Purge { keyspace } => {
+            let nodes = client.purge(keyspace.as_str()).await?;
+            emit(&if json {
+                json!({ "keyspace": keyspace, "nodes": nodes }).to_string()
+            } else {
+                format!("purged {keyspace} on {nodes} node(s)")
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => run_bench(&client, json, &args).await,
+    }
+}
+
+/// Writes one line (or block) to stdout, surfacing write errors instead of panicking like `println!`.
+fn emit(text: &str) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.write_all(b"\n")?;
+    stdout.flush()
+}
+
+async fn get(client: &Client, json: bool, keyspace: &str, key: &str) -> anyhow::Result<ExitCode> {
+    let Some(value) = client.get(keyspace, key).await? else {
+        eprintln!("not found: {keyspace}/{key}");
+        return Ok(ExitCode::from(EXIT_NOT_FOUND));
+    };
+    if json {
+        emit(&value_json(keyspace, key, &value))?;
+    } else {
+        emit(&String::from_utf8_lossy(&value.value))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn put(
+    client: &Client,
+    json: bool,
+    keyspace: &str,
+    key: &str,
+    value: &str,
+    ttl: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let bytes = if value == "-" {
+        let mut buffer = Vec::new();
+        io::stdin().lock().read_to_end(&mut buffer).context("failed to read the value from stdin")?;
+        buffer
+    } else {
+        value.as_bytes().to_vec()
+    };
+    client.put(keyspace, key, bytes, ttl).await?;
+    emit(&if json {
+        json!({ "keyspace": keyspace, "key": key, "stored": true }).to_string()
+    } else {
+        "stored".into()
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn delete(client: &Client, json: bool, keyspace: &str, keys: Vec<String>) -> anyhow::Result<ExitCode> {
+    let results = if let [key] = keys.as_slice() {
+        vec![client.delete(keyspace, key.as_str()).await]
+    } else {
+        client.delete_many(keyspace, keys.iter().map(String::as_str)).await?
+    };
+    let mut deleted = Vec::new();
+    let mut failed = Vec::new();
+    let mut code = ExitCode::SUCCESS;
+    let mut any_error = false;
+    for (key, result) in keys.iter().zip(results) {
+        match result {
+            Ok(()) => deleted.push(key.as_str()),
+            Err(err) => {
+                if err.is_not_found() {
+                    eprintln!("not found: {keyspace}/{key}");
+                    if !any_error {
+                        code = ExitCode::from(EXIT_NOT_FOUND);
+                    }
+                } else {
+                    eprintln!("error: {keyspace}/{key}: {err}");
+                    any_error = true;
+                    code = ExitCode::from(EXIT_ERROR);
+                }
+                failed.push(json!({ "key": key, "code": err.code() as i32, "message": err.to_string() }));
+            }
+        }
+    }
+    if json {
+        emit(&json!({ "keyspace": keyspace, "deleted": deleted, "failed": failed }).to_string())?;
+    } else if keys.len() == 1 {
+        if failed.is_empty() {
+            emit("deleted")?;
+        }
+    } else {
+        emit(&format!("deleted {} of {} keys", deleted.len(), keys.len()))?;
+    }
+    Ok(code)
+}
+
+async fn watch_members(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let mut events = client.watch_members().await?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let event = tokio::select! {
+            interrupted = &mut ctrl_c => {
+                interrupted.context("failed to listen for Ctrl-C")?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            event = events.next() => event,
+        };
+        match event {
+            Some(event) => {
+                let event = event?;
+                if json {
+                    emit(&member_event_json(&event))?;
+                } else if event == MemberEvent::SnapshotEnd {
+                    eprintln!("(snapshot complete; watching for changes, Ctrl-C to stop)");
+                } else {
+                    emit(&member_event_line(&event))?;
+                }
+            }
+            None => {
+                return Err(Error::Unavailable("the node closed the membership stream".to_owned()).into());
+            }
+        }
+    }
+}
+
+async fn run_bench(client: &Client, json: bool, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let config = args.config();
+    let progress = |phase: Phase| {
+        if !json {
+            match phase {
+                Phase::Preloading { keys } => eprintln!("preloading {keys} keys into {}...", config.keyspace),
+                Phase::WarmingUp(d) if d.is_zero() => {}
+                Phase::WarmingUp(d) => eprintln!("warming up for {}...", DurationString(d)),
+                Phase::Measuring(d) => eprintln!("measuring for {}...", DurationString(d)),
+            }
+        }
+    };
+    let report = bench::run_with_progress(client, &config, progress).await?;
+    emit(&if json { serde_json::to_string(&report)? } else { report.to_string() })?;
+    match (&report.first_error, report.all_failed()) {
+        (Some(first), true) => eprintln!("error: every request failed; first error: {first}"),
+        (None, true) => eprintln!("error: no request completed"),
+        (Some(first), false) => eprintln!("warning: {} key(s) failed; first error: {first}", report.errors),
+        (None, false) => {}
+    }
+    Ok(if report.all_failed() { ExitCode::from(EXIT_ERROR) } else { ExitCode::SUCCESS })
+}
+
+fn millis(duration: Option<Duration>) -> Option<u64> {
+    duration.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn value_json(keyspace: &str, key: &str, value: &Value) -> String {
+    let mut doc = json!({ "keyspace": keyspace, "key": key, "ttl_ms": millis(value.ttl) });
+    match std::str::from_utf8(&value.value) {
+        Ok(text) => doc["value"] = json!(text),
+        Err(_) => doc["value_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&value.value)),
+    }
+    doc.to_string()
+}
+
+fn optional_duration(duration: Option<Duration>) -> String {
+    duration.map_or_else(|| "-".to_owned(), |d| DurationString(d).to_string())
+}
+
+fn keyspaces_table(keyspaces: &[KeyspaceInfo]) -> String {
+    let rows = keyspaces.iter().map(|k| {
+        vec![
+            k.name.clone(),
+            ByteSize(k.max_bytes).to_string(),
+            optional_duration(k.ttl),
+            optional_duration(k.negative_ttl),
+            optional_duration(k.fetch_timeout),
+            k.read_through.to_string(),
+        ]
+    });
+    table(&["NAME", "MAX_BYTES", "TTL", "NEGATIVE_TTL", "FETCH_TIMEOUT", "READ_THROUGH"], rows)
+}
+
+fn keyspaces_json(keyspaces: &[KeyspaceInfo]) -> String {
+    let keyspaces: Vec<_> = keyspaces
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name,
+                "max_bytes": k.max_bytes,
+                "ttl_ms": millis(k.ttl),
+                "negative_ttl_ms": millis(k.negative_ttl),
+                "fetch_timeout_ms": millis(k.fetch_timeout),
+                "max_value_bytes": k.max_value_bytes,
+                "read_through": k.read_through,
+            })
+        })
+        .collect();
+    json!({ "keyspaces": keyspaces }).to_string()
+}
+
+fn members_table(members: &[Member]) -> String {
+    let rows = members.iter().map(|m| vec![m.name.clone(), m.address.clone(), m.local.to_string()]);
+    table(&["NAME", "ADDRESS", "LOCAL"], rows)
+}
+
+fn member_json(member: &Member) -> serde_json::Value {
+    json!({ "name": member.name, "address": member.address, "local": member.local })
+}
+
+fn members_json(members: &[Member]) -> String {
+    json!({ "members": members.iter().map(member_json).collect::<Vec<_>>() }).to_string()
+}
+
+fn member_event_parts(event: &MemberEvent) -> (&'static str, Option<&Member>) {
+    match event {
+        MemberEvent::Join(m) => ("join", Some(m)),
+        MemberEvent::Leave(m) => ("leave", Some(m)),
+        MemberEvent::Update(m) => ("update", Some(m)),
+        MemberEvent::SnapshotEnd => ("snapshot_end", None),
+    }
+}
+
+fn member_event_json(event: &MemberEvent) -> String {
+    let (kind, member) = member_event_parts(event);
+    let mut doc = json!({ "type": kind });
+    if let Some(member) = member {
+        doc["member"] = member_json(member);
+    }
+    doc.to_string()
+}
+
+fn member_event_line(event: &MemberEvent) -> String {
+    let (kind, member) = member_event_parts(event);
+    match member {
+        Some(m) => format!(
+            "{:<7} {} {}{}",
+            kind.to_uppercase(),
+            m.name,
+            m.address,
+            if m.local { " (local)" } else { "" }
+        ),
+        None => kind.to_uppercase(),
+    }
+}
+
+fn stats_table(stats: &Stats) -> String {
+    let rows = stats.keyspaces.iter().map(|k| {
+        [
+            k.hits,
+            k.hot_hits,
+            k.misses,
+            k.source_fetches,
+            k.entries,
+            k.bytes,
+            k.evictions,
+            k.forwarded,
+            k.owner_fallbacks,
+        ]
+        .iter()
+        .map(u64::to_string)
+        .fold(vec![k.name.clone()], |mut row, cell| {
+            row.push(cell);
+            row
+        })
+    });
+    let headers = [
+        "KEYSPACE",
+        "HITS",
+        "HOT_HITS",
+        "MISSES",
+        "SOURCE_FETCHES",
+        "ENTRIES",
+        "BYTES",
+        "EVICTIONS",
+        "FORWARDED",
+        "OWNER_FALLBACKS",
+    ];
+    format!("node {} ({} members)\n{}", stats.node, stats.members, table(&headers, rows))
+}
+
+fn stats_json(stats: &Stats) -> String {
+    let keyspaces: Vec<_> = stats
+        .keyspaces
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name,
+                "hits": k.hits,
+                "hot_hits": k.hot_hits,
+                "misses": k.misses,
+                "source_fetches": k.source_fetches,
+                "entries": k.entries,
+                "bytes": k.bytes,
+                "evictions": k.evictions,
+                "forwarded": k.forwarded,
+                "owner_fallbacks": k.owner_fallbacks,
+            })
+        })
+        .collect();
+    json!({ "node": stats.node, "members": stats.members, "keyspaces": keyspaces }).to_string()
+}
+
+/// Left-aligned columns separated by two spaces, like `kubectl get`.
+fn table(headers: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.into_iter().collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header_row: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    std::iter::once(&header_row)
+        .chain(&rows)
+        .map(|row| {
+            let line: Vec<String> =
+                row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+            line.join("  ").trim_end().to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use clap::error::ErrorKind;
+    use distcache_client::KeyspaceStats;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("distcache").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_use_go_notation() {
+        let cli = parse(&["put", "users", "42", "alice", "--ttl", "1m30s"]).expect("valid");
+        assert!(matches!(cli.command, Command::Put { ttl: Some(ttl), .. } if ttl == Duration::from_secs(90)));
+        let cli = parse(&["--timeout", "250ms", "get", "users", "42"]).expect("valid");
+        assert_eq!(cli.timeout, Some(Duration::from_millis(250)));
+        // Global flags are accepted after the subcommand too.
+        let cli = parse(&["get", "users", "42", "--timeout", "2s", "--json"]).expect("valid");
+        assert_eq!(cli.timeout, Some(Duration::from_secs(2)));
+        assert!(cli.json);
+        for bad in ["5", "5x", "-1s", ""] {
+            let flag = format!("--ttl={bad}");
+            let err = parse(&["put", "ks", "k", "v", &flag]).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn bench_defaults_match_the_documentation() {
+        let cli = parse(&["bench"]).expect("valid");
+        let Command::Bench(args) = cli.command else { panic!("not bench") };
+        assert_eq!(args.connections(), 4);
+        assert_eq!(args.config(), BenchConfig::default());
+    }
+
+    #[test]
+    fn bench_flags_parse() {
+        let cli = parse(&[
+            "bench",
+            "--op",
+            "mixed",
+            "--concurrency",
+            "2",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "0s",
+            "--keys",
+            "10",
+            "--value-size",
+            "1Ki",
+            "--batch",
+            "16",
+            "--keyspace",
+            "k",
+            "--no-preload",
+        ])
+        .expect("valid");
+        let Command::Bench(args) = cli.command else { panic!("not bench") };
+        assert_eq!(args.connections(), 2);
+        let config = args.config();
+        assert_eq!(config.op, bench::Op::Mixed);
+        assert_eq!((config.concurrency, config.keys, config.value_size, config.batch), (2, 10, 1024, 16));
+        assert_eq!((config.duration, config.warmup), (Duration::from_millis(500), Duration::ZERO));
+        assert!(!config.preload);
+        for bad in [["--concurrency", "0"], ["--batch", "0"], ["--duration", "0s"], ["--op", "scan"]] {
+            let err = parse(&["bench", bad[0], bad[1]]).expect_err("invalid");
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn delete_needs_a_key() {
+        assert_eq!(parse(&["delete", "users"]).expect_err("no key").exit_code(), 2);
+        let cli = parse(&["delete", "users", "a", "b"]).expect("valid");
+        assert!(matches!(cli.command, Command::Delete { keys, .. } if keys == ["a", "b"]));
+    }
+
+    #[test]
+    fn help_lists_exit_codes() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("3  key not found"), "{help}");
+    }
+
+    #[test]
+    fn values_are_text_or_base64_in_json() {
+        let text = Value { value: Bytes::from_static(b"alice"), ttl: Some(Duration::from_millis(1500)) };
+        let doc: serde_json::Value = serde_json::from_str(&value_json("users", "42", &text)).expect("json");
+        assert_eq!(doc, json!({ "keyspace": "users", "key": "42", "value": "alice", "ttl_ms": 1500 }));
+        let binary = Value { value: Bytes::from_static(&[0xff, 0x00, 0x01]), ttl: None };
+        let doc: serde_json::Value = serde_json::from_str(&value_json("k", "b", &binary)).expect("json");
+        assert_eq!(doc, json!({ "keyspace": "k", "key": "b", "value_base64": "/wAB", "ttl_ms": null }));
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let out = table(
+            &["NAME", "ADDRESS", "LOCAL"],
+            vec![
+                vec!["node-1".to_owned(), "127.0.0.1:7420".to_owned(), "true".to_owned()],
+                vec!["n2".to_owned(), "10.0.0.2:7420".to_owned(), "false".to_owned()],
+            ],
+        );
+        assert_eq!(
+            out,
+            "NAME    ADDRESS         LOCAL\nnode-1  127.0.0.1:7420  true\nn2      10.0.0.2:7420   false"
+        );
+    }
+
+    #[test]
+    fn keyspaces_show_human_units() {
+        let info = KeyspaceInfo {
+            name: "users".to_owned(),
+            max_bytes: 64 << 20,
+            ttl: Some(Duration::from_mins(5)),
+            negative_ttl: None,
+            fetch_timeout: Some(Duration::from_secs(2)),
+            max_value_bytes: 8 << 20,
+            read_through: true,
+        };
+        let out = keyspaces_table(std::slice::from_ref(&info));
+        assert_eq!(out.lines().nth(1), Some("users  64Mi       5m   -             2s             true"));
+        let doc: serde_json::Value = serde_json::from_str(&keyspaces_json(&[info])).expect("json");
+        assert_eq!(doc["keyspaces"][0]["ttl_ms"], 300_000);
+        assert_eq!(doc["keyspaces"][0]["negative_ttl_ms"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn stats_table_has_every_counter() {
+        let stats = Stats {
+            node: "node-1".to_owned(),
+            members: 3,
+            keyspaces: vec![KeyspaceStats {
+                name: "users".to_owned(),
+                hits: 7,
+                owner_fallbacks: 2,
+                ..Default::default()
+            }],
+        };
+        let out = stats_table(&stats);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "node node-1 (3 members)");
+        assert_eq!(lines[1].split_whitespace().count(), 10);
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["users", "7", "0", "0", "0", "0", "0", "0", "0", "2"]
+        );
+    }
+
+    #[test]
+    fn member_events_render() {
+        let m = Member { name: "node-1".to_owned(), address: "127.0.0.1:7420".to_owned(), local: true };
+        assert_eq!(member_event_line(&MemberEvent::Join(m.clone())), "JOIN    node-1 127.0.0.1:7420 (local)");
+        let doc: serde_json::Value =
+            serde_json::from_str(&member_event_json(&MemberEvent::Leave(m))).expect("json");
+        assert_eq!(doc["type"], "leave");
+        assert_eq!(doc["member"]["name"], "node-1");
+        assert_eq!(member_event_json(&MemberEvent::SnapshotEnd), r#"{"type":"snapshot_end"}"#);
+    }
+}

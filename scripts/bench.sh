@@ -1,0 +1,387 @@
+#!/usr/bin/env bash
+# Side-by-side GET benchmark of a one-node DistCache against Redis, in one run, on this machine's loopback.
+# Called by `make bench` (which builds the release binaries first).
+#
+# Both servers are started here (free ports, PIDs recorded) and stopped on every exit path. Both get the same data:
+# 100,000 keys of 100 B. Then four runs of BENCH_SECONDS each (default 10):
+#   redis GET P1           redis-benchmark -t get -d 100 -c 50 -P 1 -r 100000
+#   distcache Get c50      distcache bench --op get --concurrency 50 --value-size 100 --keys 100000
+#   redis GET P16          redis-benchmark ... -P 16               (ops/s of pipelined GETs = keys/s)
+#   distcache GetMany(16)  distcache bench ... --batch 16          (keys/s)
+# Server CPU per request (per key for batches) comes from utime+stime in /proc/PID/stat of the server process,
+# sampled around the measured window. The table and the ratios (distcache ÷ redis) go to stdout, every raw number
+# to ${CARGO_TARGET_DIR:-target}/bench/results.json.
+#
+# Environment: BENCH_SECONDS (default 10), BENCH_CONNECTIONS (passed to `distcache bench --connections` when set),
+# RUST_LOG for the node (default warn).
+#
+# The load generators run on the same cores as the servers: compare the ratios, never absolute numbers across
+# machines.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+BENCH_SECONDS=${BENCH_SECONDS:-10}
+[[ $BENCH_SECONDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive whole number of seconds, got '$BENCH_SECONDS'"
+BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}
+[[ -z $BENCH_CONNECTIONS || $BENCH_CONNECTIONS =~ ^[1-9][0-9]*$ ]] || die "BENCH_CONNECTIONS must be a positive number"
+KEYS=100000
+VALUE_SIZE=100
+CONCURRENCY=50
+BATCH=16
+WARMUP_SECONDS=2
+KEYSPACE=bench
+
+for tool in redis-server redis-benchmark redis-cli; do
+  command -v "$tool" >/dev/null 2>&1 ||
+    die "$tool not found; install Redis first: apt-get install redis-server redis-tools"
+done
+command -v python3 >/dev/null 2>&1 || die "python3 not found; install it: apt-get install python3"
+require_release_bins
+CLK_TCK=$(getconf CLK_TCK)
+
+OUT_DIR="$(target_dir)/bench"
+mkdir -p "$OUT_DIR"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/distcache-bench.XXXXXX")
+record_owner "$WORK/pids"
+
+cleanup() {
+  local rc=$?
+  trap '' INT TERM
+  stop_started
+  if ((rc == 0)); then
+    rm -rf "$WORK"
+  else
+    say "bench failed (exit $rc); server logs kept in $WORK" >&2
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+phase() { printf '==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# utime+stime of PID in clock ticks (fields 14 and 15 of /proc/PID/stat; all threads of the process).
+cpu_ticks() {
+  local utime stime
+  utime=$(proc_stat_field "$1" 14) || die "cannot read /proc/$1/stat (${PID_NAME[$1]:-pid $1} gone?)"
+  stime=$(proc_stat_field "$1" 15) || die "cannot read /proc/$1/stat (${PID_NAME[$1]:-pid $1} gone?)"
+  printf '%s\n' $((utime + stime))
+}
+
+# Resident memory of PID in KiB (VmRSS), or 0 when unknown.
+rss_kib() {
+  local line
+  while IFS= read -r line; do
+    if [[ $line == VmRSS:* ]]; then
+      line=${line//[!0-9]/}
+      printf '%s\n' "${line:-0}"
+      return 0
+    fi
+  done <"/proc/$1/status"
+  printf '0\n'
+}
+
+# --- servers ---------------------------------------------------------------------------------------------------
+
+read -r REDIS_PORT GRPC_PORT ADMIN_PORT < <(
+  python3 -c '
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+'
+)
+ENDPOINT="http://127.0.0.1:$GRPC_PORT"
+
+cat >"$WORK/node.yaml" <<EOF
+name: bench-node
+listen: 127.0.0.1:$GRPC_PORT
+advertise: 127.0.0.1:$GRPC_PORT
+admin: 127.0.0.1:$ADMIN_PORT
+discovery:
+  standalone: {}
+keyspacesFile: ./keyspaces.yaml
+EOF
+cat >"$WORK/keyspaces.yaml" <<EOF
+keyspaces:
+  - name: $KEYSPACE
+    maxBytes: 512Mi
+EOF
+
+phase "starting redis-server on 127.0.0.1:$REDIS_PORT and distcache-node on $ENDPOINT (admin :$ADMIN_PORT)"
+start_bg redis-server "$WORK/redis.log" \
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no --dir "$WORK"
+REDIS_PID=$LAST_PID
+export RUST_LOG=${RUST_LOG:-warn}
+start_bg distcache-node "$WORK/node.log" "$NODE_BIN" --config "$WORK/node.yaml"
+NODE_PID=$LAST_PID
+
+redis_ping() { [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
+wait_ready "$REDIS_PID" 30 "redis PING" redis_ping
+wait_http_ready "$NODE_PID" 127.0.0.1 "$ADMIN_PORT" /readyz 30
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+# The keys redis-benchmark -r 100000 asks for: key:000000000000 .. key:000000099999, every one present.
+phase "loading $KEYS keys of $VALUE_SIZE B into redis"
+python3 - "$KEYS" "$VALUE_SIZE" <<'EOF' | redis-cli -p "$REDIS_PORT" --pipe >"$WORK/redis-load.log" 2>&1
+import sys
+keys, size = int(sys.argv[1]), int(sys.argv[2])
+value = b"v" * size
+out = sys.stdout.buffer
+for i in range(keys):
+    key = b"key:%012d" % i
+    out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(value), value))
+EOF
+redis_keys=$(redis-cli -p "$REDIS_PORT" dbsize)
+[[ $redis_keys == "$KEYS" ]] || die "redis holds $redis_keys keys after loading, expected $KEYS (see $WORK/redis-load.log)"
+
+DC_COMMON=(--keyspace "$KEYSPACE" --concurrency "$CONCURRENCY" --value-size "$VALUE_SIZE" --keys "$KEYS")
+[[ -z $BENCH_CONNECTIONS ]] || DC_COMMON+=(--connections "$BENCH_CONNECTIONS")
+
+phase "loading $KEYS keys of $VALUE_SIZE B into distcache (distcache bench preload)"
+timeout --foreground 300 "$CLI_BIN" --endpoint "$ENDPOINT" bench --op get "${DC_COMMON[@]}" \
+  --duration 2s --warmup 1s --json >"$WORK/dc-preload.json" 2>"$WORK/dc-preload.err" || {
+  sed 's/^/  | /' "$WORK/dc-preload.err" >&2
+  die "distcache bench preload failed"
+}
+
+# --- runs ------------------------------------------------------------------------------------------------------
+
+REDIS_TIMEOUT=$((BENCH_SECONDS * 3 + 30))
+
+redis_stat() { redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | sed -n "s/^$1://p"; }
+
+# redis_bench PIPELINE REQUESTS CSV_FILE: one redis-benchmark GET run.
+redis_bench() {
+  timeout --foreground "$REDIS_TIMEOUT" redis-benchmark -p "$REDIS_PORT" -t get -d "$VALUE_SIZE" -c "$CONCURRENCY" \
+    -P "$1" -r "$KEYS" -n "$2" --csv >"$3" 2>>"$WORK/redis-benchmark.err" ||
+    die "redis-benchmark failed (see $WORK/redis-benchmark.err)"
+}
+
+# Requests/s of the GET row in a redis-benchmark --csv file.
+csv_rps() {
+  python3 - "$1" <<'EOF'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if r]
+header = rows[0]
+row = next(r for r in rows[1:] if r[0] == "GET")
+print(float(row[header.index("rps")]))
+EOF
+}
+
+# redis_run NAME PIPELINE: calibrates -n so that the run lasts about BENCH_SECONDS (the calibration runs also warm
+# the server up), then runs it with the server's CPU sampled around it.
+redis_run() {
+  local name=$1 pipeline=$2 n rps attempt secs
+  n=$((50000 * pipeline))
+  for attempt in 1 2 3 4; do
+    redis_bench "$pipeline" "$n" "$WORK/$name.calibration.csv"
+    rps=$(csv_rps "$WORK/$name.calibration.csv")
+    secs=$(python3 -c "print($n / max($rps, 1.0))")
+    if python3 -c "import sys; sys.exit(0 if $secs >= 1.0 or $attempt == 4 else 1)"; then break; fi
+    n=$(python3 -c "print(min(int($n * 2.0 / max($secs, 0.05)), $n * 40))")
+  done
+  n=$(python3 -c "print(max(1000, int($rps * $BENCH_SECONDS)))")
+  phase "$name: redis-benchmark -t get -d $VALUE_SIZE -c $CONCURRENCY -P $pipeline -r $KEYS -n $n (calibrated at $(printf '%.0f' "$rps") req/s)"
+  local hits0 misses0 cpu0 cpu1 t0 t1
+  hits0=$(redis_stat keyspace_hits)
+  misses0=$(redis_stat keyspace_misses)
+  cpu0=$(cpu_ticks "$REDIS_PID")
+  t0=$(now_us)
+  redis_bench "$pipeline" "$n" "$WORK/$name.csv"
+  t1=$(now_us)
+  cpu1=$(cpu_ticks "$REDIS_PID")
+  printf '{"kind":"redis","name":"%s","pipeline":%d,"requests":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"hits":%d,"misses":%d,"rss_kib":%d}\n' \
+    "$name" "$pipeline" "$n" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) \
+    $(($(redis_stat keyspace_hits) - hits0)) $(($(redis_stat keyspace_misses) - misses0)) "$(rss_kib "$REDIS_PID")" \
+    >"$WORK/$name.meta.json"
+}
+
+# distcache_run NAME BATCH: one `distcache bench` run; the server's CPU is sampled from the end of the warm-up to
+# the end of the run, so it covers the measured window only.
+distcache_run() {
+  local name=$1 batch=$2
+  local args=(bench --op get "${DC_COMMON[@]}" --batch "$batch" --duration "${BENCH_SECONDS}s"
+    --warmup "${WARMUP_SECONDS}s" --no-preload --json)
+  phase "$name: $(display_cmd distcache "${args[@]}")"
+  local start pid cpu0 cpu1 t0 t1 rc=0
+  start=$(now_us)
+  start_bg_split "distcache bench ($name)" "$WORK/$name.json" "$WORK/$name.err" \
+    "$CLI_BIN" --endpoint "$ENDPOINT" "${args[@]}"
+  pid=$LAST_PID
+  while (($(now_us) < start + WARMUP_SECONDS * 1000000)) && is_ours_running "$pid"; do sleep 0.01; done
+  cpu0=$(cpu_ticks "$NODE_PID")
+  t0=$(now_us)
+  wait_exit "$pid" $((BENCH_SECONDS + WARMUP_SECONDS + 60)) || rc=$?
+  t1=$(now_us)
+  cpu1=$(cpu_ticks "$NODE_PID")
+  if ((rc != 0)); then
+    sed 's/^/  | /' "$WORK/$name.err" >&2
+    die "distcache bench ($name) exited with status $rc"
+  fi
+  printf '{"kind":"distcache","name":"%s","batch":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"rss_kib":%d}\n' \
+    "$name" "$batch" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) "$(rss_kib "$NODE_PID")" >"$WORK/$name.meta.json"
+}
+
+redis_run redis-get-p1 1
+distcache_run distcache-get-c50 1
+redis_run redis-get-p16 "$BATCH"
+distcache_run distcache-getmany-16 "$BATCH"
+
+"$CLI_BIN" --endpoint "$ENDPOINT" stats "$KEYSPACE" >"$WORK/distcache-stats.txt" 2>&1 || true
+redis-server --version >"$WORK/redis-version.txt" 2>&1 || true
+"$CLI_BIN" --version >"$WORK/distcache-version.txt" 2>&1 || true
+
+# --- report ----------------------------------------------------------------------------------------------------
+
+RESULTS="$OUT_DIR/results.json"
+python3 - "$WORK" "$RESULTS" "$BENCH_SECONDS" "$KEYS" "$VALUE_SIZE" "$CONCURRENCY" "$BATCH" "$WARMUP_SECONDS" <<'EOF'
+import csv, json, os, platform, sys, time
+
+work, results_path = sys.argv[1], sys.argv[2]
+seconds, keys, value_size, concurrency, batch, warmup = map(int, sys.argv[3:9])
+
+
+def read(name):
+    path = os.path.join(work, name)
+    return open(path).read().strip() if os.path.exists(path) else ""
+
+
+def last_json_object(text):
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                pass
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise SystemExit(f"no JSON object in distcache bench output:\n{text}")
+
+
+def redis_row(name, label):
+    meta = json.loads(read(f"{name}.meta.json"))
+    rows = [r for r in csv.reader(read(f"{name}.csv").splitlines()) if r]
+    header, get = rows[0], next(r for r in rows[1:] if r[0] == "GET")
+    raw = {h: (get[i] if i == 0 else float(get[i])) for i, h in enumerate(header)}
+    cpu_s = meta["cpu_ticks"] / meta["clk_tck"]
+    return {
+        "label": label,
+        "ops_per_sec": raw["rps"],  # with -P 16 every pipelined GET is one key, so this is keys/s too
+        "p50_us": raw["p50_latency_ms"] * 1000,
+        "p99_us": raw["p99_latency_ms"] * 1000,
+        "server_cpu_us_per_key": cpu_s * 1e6 / meta["requests"],
+        "server_cpu_s": cpu_s,
+        "keys": meta["requests"],
+        "errors": None,
+        "misses": meta["misses"],
+        "server_rss_kib": meta["rss_kib"],
+        "raw": {"csv": raw, "meta": meta},
+    }
+
+
+def distcache_row(name, label):
+    meta = json.loads(read(f"{name}.meta.json"))
+    raw = last_json_object(read(f"{name}.json"))
+    b = int(raw.get("batch") or meta["batch"])
+    requests = float(raw["requests"])
+    keys_done = requests * b
+    kps = raw.get("keys_per_sec")
+    if kps is None:
+        kps = float(raw["ops_per_sec"]) * b
+    cpu_s = meta["cpu_ticks"] / meta["clk_tck"]
+    return {
+        "label": label,
+        "ops_per_sec": float(kps),
+        "p50_us": float(raw["p50_us"]),
+        "p99_us": float(raw["p99_us"]),
+        "server_cpu_us_per_key": cpu_s * 1e6 / keys_done if keys_done else None,
+        "server_cpu_s": cpu_s,
+        "keys": keys_done,
+        "errors": raw.get("errors"),
+        "misses": raw.get("misses"),
+        "server_rss_kib": meta["rss_kib"],
+        "raw": {"bench": raw, "meta": meta},
+    }
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+rows = [
+    redis_row("redis-get-p1", "redis GET P1"),
+    distcache_row("distcache-get-c50", f"distcache Get c{concurrency}"),
+    redis_row("redis-get-p16", f"redis GET P{batch}"),
+    distcache_row("distcache-getmany-16", f"distcache GetMany({batch})"),
+]
+ratios = []
+for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3])):
+    ratios.append({
+        "label": "  ratio distcache ÷ redis",
+        "ops_per_sec": ratio(dc["ops_per_sec"], redis["ops_per_sec"]),
+        "p50_us": ratio(dc["p50_us"], redis["p50_us"]),
+        "p99_us": ratio(dc["p99_us"], redis["p99_us"]),
+        "server_cpu_us_per_key": ratio(dc["server_cpu_us_per_key"], redis["server_cpu_us_per_key"]),
+    })
+
+cols = [("ops/s (keys/s)", "ops_per_sec"), ("p50 µs", "p50_us"), ("p99 µs", "p99_us"),
+        ("server CPU µs/req", "server_cpu_us_per_key")]
+width = max(len(r["label"]) for r in rows + ratios) + 2
+
+
+def fmt(value, key, is_ratio):
+    if value is None:
+        return "n/a"
+    if is_ratio:
+        return f"{value:.2f}×"
+    if key == "ops_per_sec":
+        return f"{value:,.0f}"
+    return f"{value:,.1f}" if key != "server_cpu_us_per_key" else f"{value:.2f}"
+
+
+print()
+print(f"GET, {value_size} B values, {keys:,} keys, {concurrency} concurrent clients, {seconds} s per run, "
+      f"loopback, {os.cpu_count()} cores shared by servers and load generators")
+print()
+print("".ljust(width) + "".join(c.rjust(20) for c, _ in cols))
+for group in ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1])):
+    for r in group:
+        is_ratio = r["label"].strip().startswith("ratio")
+        print(r["label"].ljust(width) + "".join(fmt(r[k], k, is_ratio).rjust(20) for _, k in cols))
+    print()
+print("ops/s with pipelining/batching count keys; CPU is the server process's utime+stime per request (per key).")
+
+warnings = []
+for r in rows:
+    if r["errors"]:
+        warnings.append(f"{r['label']}: {r['errors']} errors")
+    if r["misses"]:
+        warnings.append(f"{r['label']}: {r['misses']} misses (keys not loaded or evicted?)")
+for w in warnings:
+    print(f"warning: {w}")
+
+result = {
+    "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "machine": platform.machine()},
+    "params": {"seconds": seconds, "keys": keys, "value_size": value_size, "concurrency": concurrency,
+               "batch": batch, "distcache_warmup_s": warmup},
+    "versions": {"redis": read("redis-version.txt"), "distcache": read("distcache-version.txt")},
+    "rows": rows,
+    "ratios": ratios,
+    "distcache_preload": last_json_object(read("dc-preload.json")) if read("dc-preload.json") else None,
+    "distcache_stats_after": read("distcache-stats.txt"),
+    "warnings": warnings,
+}
+with open(results_path, "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+print(f"raw numbers: {results_path}")
+EOF

@@ -1,0 +1,262 @@
+//! Real processes: three `distcache-node` binaries on loopback with static discovery, driven by the `distcache`
+//! CLI as a user would, plus gRPC health and reflection on the same port.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use distcache_tests::built_binary;
+
+/// A node process, killed (by its PID) when dropped.
+struct NodeProcess {
+    child: Child,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn write_configs(dir: &Path, n: usize) -> anyhow::Result<Vec<(SocketAddr, SocketAddr)>> {
+    let addrs: Vec<(SocketAddr, SocketAddr)> =
+        (0..n).map(|_| Ok((free_addr()?, free_addr()?))).collect::<anyhow::Result<_>>()?;
+    let peers: Vec<String> = addrs.iter().map(|(g, _)| format!("\"{g}\"")).collect();
+    std::fs::write(
+        dir.join("keyspaces.yaml"),
+        "keyspaces:\n  - { name: users, maxBytes: 16Mi, ttl: 5m }\n  - { name: sessions, maxBytes: 1Mi, maxValueBytes: 1Ki }\n",
+    )?;
+    for (i, (grpc, admin)) in addrs.iter().enumerate() {
+        std::fs::write(
+            dir.join(format!("node-{}.yaml", i + 1)),
+            format!(
+                "name: node-{}\nlisten: {grpc}\nadvertise: {grpc}\nadmin: {admin}\n\
+                 discovery:\n  static: {{ peers: [{}], probeInterval: 250ms }}\n\
+                 keyspacesFile: ./keyspaces.yaml\nkeyspacesPollInterval: 100ms\n",
+                i + 1,
+                peers.join(", ")
+            ),
+        )?;
+    }
+    Ok(addrs)
+}
+
+fn spawn_node(dir: &Path, i: usize, grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<NodeProcess> {
+    let log = std::fs::File::create(dir.join(format!("node-{}.log", i + 1)))?;
+    let child = Command::new(built_binary("distcache-node")?)
+        .arg("--config")
+        .arg(dir.join(format!("node-{}.yaml", i + 1)))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(NodeProcess { child, grpc, admin })
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until every node is ready and sees `n` members, reading the node logs into the error on timeout.
+async fn wait_cluster(dir: &Path, nodes: &[NodeProcess], n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in nodes {
+        loop {
+            let ready = matches!(http_get(node.admin, "/readyz").await, Ok((200, _)));
+            let members = match http_get(node.admin, "/admin/peers").await {
+                Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["members"].as_array().map(Vec::len))
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            if ready && members == n {
+                break;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = (1..=nodes.len())
+                    .map(|i| std::fs::read_to_string(dir.join(format!("node-{i}.log"))).unwrap_or_default())
+                    .collect();
+                anyhow::bail!(
+                    "cluster not ready with {n} members within 20 s; logs:\n{}",
+                    logs.join("\n---\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+fn cli(endpoint: SocketAddr, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(built_binary("distcache")?)
+        .arg("--endpoint")
+        .arg(format!("http://{endpoint}"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_processes_serve_the_cli() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let addrs = write_configs(dir.path(), 3)?;
+    let mut nodes = Vec::new();
+    for (i, (grpc, admin)) in addrs.iter().enumerate() {
+        nodes.push(spawn_node(dir.path(), i, *grpc, *admin)?);
+    }
+    wait_cluster(dir.path(), &nodes, 3).await?;
+    let (n1, n2, n3) = (nodes[0].grpc, nodes[1].grpc, nodes[2].grpc);
+
+    // A write on node 1 is read on nodes 2 and 3.
+    let o = cli(n1, &["put", "users", "alice", "{\"name\":\"Alice\"}"])?;
+    assert!(o.status.success(), "put failed: {}", stderr(&o));
+    for node in [n2, n3] {
+        let o = cli(node, &["get", "users", "alice"])?;
+        assert!(o.status.success(), "get failed: {}", stderr(&o));
+        assert_eq!(stdout(&o).trim_end(), "{\"name\":\"Alice\"}");
+    }
+    let o = cli(n3, &["--json", "get", "users", "alice"])?;
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o))?;
+    assert_eq!(v["value"], "{\"name\":\"Alice\"}");
+    assert!(v["ttl_ms"].as_u64().is_some_and(|t| t > 0 && t <= 300_000), "{v}");
+
+    // A missing key: exit code 3 and "not found" on stderr, distinct from other errors (1).
+    let o = cli(n2, &["get", "users", "nobody"])?;
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
+    assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
+    let o = cli(n2, &["get", "nokeyspace", "x"])?;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("unknown keyspace"), "{}", stderr(&o));
+    let o = cli(n2, &["put", "sessions", "big", &"x".repeat(2000)])?;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("maxValueBytes"), "{}", stderr(&o));
+
+    // Delete through node 3: gone everywhere.
+    let o = cli(n3, &["delete", "users", "alice"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    for node in [n1, n2, n3] {
+        assert_eq!(cli(node, &["get", "users", "alice"])?.status.code(), Some(3));
+    }
+
+    // Introspection commands, human and JSON.
+    let o = cli(n1, &["--json", "members"])?;
+    let members: serde_json::Value = serde_json::from_str(&stdout(&o))?;
+    let list = members.as_array().or_else(|| members["members"].as_array()).cloned().unwrap_or_default();
+    assert_eq!(list.len(), 3, "{members}");
+    let o = cli(n1, &["keyspaces"])?;
+    assert!(stdout(&o).contains("users") && stdout(&o).contains("sessions"), "{}", stdout(&o));
+    let o = cli(n2, &["--json", "stats", "users"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&o))?;
+    assert!(stats.to_string().contains("hot_hits"), "{stats}");
+
+    // /metrics carries the contract names.
+    let (code, metrics) = http_get(nodes[0].admin, "/metrics").await?;
+    assert_eq!(code, 200);
+    for name in [
+        "distcache_requests_total",
+        "distcache_cache_hits_total",
+        "distcache_cache_misses_total",
+        "distcache_entries",
+        "distcache_bytes",
+        "distcache_evictions_total",
+        "distcache_members 3",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+
+    // gRPC health and reflection answer on the gRPC port (so grpcurl works without the .proto files).
+    let channel = tonic::transport::Channel::from_shared(format!("http://{n1}"))?.connect().await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "distcache.v1.Cache".into() })
+        .await?
+        .into_inner();
+    assert_eq!(serving.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let services = reflection_services(channel).await?;
+    for s in ["distcache.v1.Cache", "distcache.v1.Peer", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|x| x == s), "{s} not listed by reflection: {services:?}");
+    }
+
+    // An invalid keyspaces edit is refused; the nodes keep serving the old keyspaces.
+    cli(n1, &["put", "users", "bob", "b"])?;
+    std::fs::write(dir.path().join("keyspaces.yaml"), "keyspaces:\n  - { name: users, maxBytes: -5 }\n")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = http_get(nodes[1].admin, "/admin/keyspaces").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        if v["lastError"].as_str().is_some_and(|e| e.contains("maxBytes")) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "reload was not refused: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stdout(&cli(n2, &["get", "users", "bob"])?).trim_end(), "b");
+
+    // SIGTERM: every node exits cleanly.
+    for node in &mut nodes {
+        let pid = node.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+    }
+    for node in &mut nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = node.child.try_wait()? {
+                assert!(status.success(), "node exited with {status}");
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "node did not stop within 10 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn reflection_services(channel: tonic::transport::Channel) -> anyhow::Result<Vec<String>> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client.server_reflection_info(futures::stream::iter(vec![req])).await?.into_inner();
+    let mut names = Vec::new();
+    if let Some(resp) = futures::StreamExt::next(&mut stream).await
+        && let Some(MessageResponse::ListServicesResponse(list)) = resp?.message_response
+    {
+        names = list.service.into_iter().map(|s| s.name).collect();
+    }
+    Ok(names)
+}
