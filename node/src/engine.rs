@@ -35,6 +35,12 @@ use crate::{
 pub const MAX_KEY_BYTES: usize = 4096;
 /// Most keys in one batch call.
 pub const MAX_BATCH: usize = 10_000;
+/// Longest TTL accepted on a write.
+pub const MAX_TTL: Duration = Duration::from_hours(366 * 24);
+
+/// A key to load: the key, its hash, and the epoch of its stripe recorded *before* the cache lookup that missed,
+/// so that a write landing anywhere after that lookup wins over the load's result.
+type LoadKey = (Arc<str>, u64, u64);
 
 /// The engine of one node.
 pub struct Engine {
@@ -75,6 +81,12 @@ fn validate_write(ks: &KeyspaceRuntime, e: &WriteEntry) -> Result<(), EngineErro
             e.value.len(),
             ks.config.name,
             ks.config.max_value_bytes
+        )));
+    }
+    if e.ttl.is_some_and(|t| t > MAX_TTL) {
+        return Err(EngineError::InvalidArgument(format!(
+            "ttl is longer than the limit of {} days",
+            MAX_TTL.as_secs() / 86_400
         )));
     }
     if e.ttl == Some(Duration::ZERO) {
@@ -207,15 +219,14 @@ impl Engine {
         key: &str,
         hash: u64,
     ) -> Result<Value, EngineError> {
+        let epoch = ks.store.epoch(hash);
         if let Some(entry) = ks.store.get(Tier::Main, key) {
             ks.metrics.hits_main.inc();
             return entry_to_value(entry);
         }
         ks.metrics.misses.inc();
-        let Some(source) = ks.source.clone() else {
-            return Err(EngineError::NotFound);
-        };
-        let load = self.source_load(ks, source, vec![(Arc::from(key), hash)], Tier::Main);
+        let Some(source) = ks.source.clone() else { return Err(EngineError::NotFound) };
+        let load = self.source_load(ks, source, vec![(Arc::from(key), hash, epoch)], Tier::Main);
         ks.source_flight
             .load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed())
             .await
@@ -229,28 +240,28 @@ impl Engine {
         hash: u64,
         owner: Member,
     ) -> Result<Value, EngineError> {
+        let epoch = ks.store.epoch(hash);
         if let Some(entry) = ks.store.get(Tier::Hot, key) {
             ks.metrics.hits_hot.inc();
             return entry_to_value(entry);
         }
         ks.metrics.misses.inc();
         ks.metrics.forwarded.inc();
-        let load = self.peer_load(ks, owner, vec![(Arc::from(key), hash)]);
+        let load = self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)]);
         ks.peer_flight
             .load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed())
             .await
     }
 
-    /// Builds the future that fetches `keys` from the data source and fills `tier`. The epochs are recorded now,
-    /// before the future is spawned, so a write that lands while it runs wins over its result.
+    /// Builds the future that fetches `keys` from the data source and fills `tier` (a fill never overrides a
+    /// write that landed after the epochs in `keys` were recorded).
     fn source_load(
         &self,
         ks: &Arc<KeyspaceRuntime>,
         source: Arc<dyn DataSource>,
-        keys: Vec<(Arc<str>, u64)>,
+        keys: Vec<LoadKey>,
         tier: Tier,
     ) -> BoxFuture<'static, Vec<Result<Value, EngineError>>> {
-        let epochs: Vec<u64> = keys.iter().map(|(_, h)| ks.store.epoch(*h)).collect();
         let ks = Arc::clone(ks);
         let metrics = Arc::clone(&self.metrics);
         async move {
@@ -262,7 +273,7 @@ impl Engine {
                     Err(_) => vec![Err(FetchError::Timeout)],
                 }
             } else {
-                let names: Vec<String> = keys.iter().map(|(k, _)| k.to_string()).collect();
+                let names: Vec<String> = keys.iter().map(|(k, _, _)| k.to_string()).collect();
                 match tokio::time::timeout(timeout, source.fetch_many(&names)).await {
                     Ok(r) if r.len() == keys.len() => r,
                     Ok(r) => {
@@ -279,7 +290,7 @@ impl Engine {
                 Tier::Hot => Some(ttl.map_or(HOT_MAX_TTL, |t| t.min(HOT_MAX_TTL))),
             };
             let mut out = Vec::with_capacity(keys.len());
-            for (((key, hash), epoch), result) in keys.into_iter().zip(epochs).zip(fetched) {
+            for ((key, hash, epoch), result) in keys.into_iter().zip(fetched) {
                 ks.metrics.fetches_total.inc();
                 let outcome = match result {
                     Ok(f) => {
@@ -332,36 +343,56 @@ impl Engine {
         .boxed()
     }
 
-    /// Builds the future that loads `keys` from their owner and fills the hot tier; when the owner cannot be
-    /// reached, it fetches from the data source itself (or reports UNAVAILABLE for a cache-aside keyspace).
+    /// Builds the future that loads `keys` from their owner and fills the hot tier. When the owner cannot be
+    /// reached, it fetches from the data source itself (or reports UNAVAILABLE for a cache-aside keyspace). An
+    /// owner that is reachable but slow is not "down": its deadline covers its own fetch, and missing it is
+    /// DEADLINE_EXCEEDED, never a second fetch from here.
     fn peer_load(
         self: &Arc<Self>,
         ks: &Arc<KeyspaceRuntime>,
         owner: Member,
-        keys: Vec<(Arc<str>, u64)>,
+        keys: Vec<LoadKey>,
     ) -> BoxFuture<'static, Vec<Result<Value, EngineError>>> {
-        let epochs: Vec<u64> = keys.iter().map(|(_, h)| ks.store.epoch(*h)).collect();
         let ks = Arc::clone(ks);
         let this = Arc::clone(self);
         async move {
-            let names: Vec<Arc<str>> = keys.iter().map(|(k, _)| Arc::clone(k)).collect();
-            match this.transport.load(&owner, &ks.config.name, names).await {
+            let names: Vec<Arc<str>> = keys.iter().map(|(k, _, _)| Arc::clone(k)).collect();
+            let deadline = ks.config.fetch_timeout + this.transport.timeout();
+            match this.transport.load(&owner, &ks.config.name, names, deadline).await {
                 Ok(results) => {
                     let mut out = Vec::with_capacity(keys.len());
-                    for (((key, hash), epoch), r) in keys.into_iter().zip(epochs).zip(results) {
-                        if let Ok(v) = &r {
-                            let ttl = Some(v.ttl.map_or(HOT_MAX_TTL, |t| t.min(HOT_MAX_TTL)));
-                            ks.store.fill(Tier::Hot, key, hash, Entry::value(v.bytes.clone(), ttl), epoch);
+                    for ((key, hash, epoch), r) in keys.into_iter().zip(results) {
+                        match &r {
+                            Ok(v) => {
+                                let ttl = Some(v.ttl.map_or(HOT_MAX_TTL, |t| t.min(HOT_MAX_TTL)));
+                                ks.store.fill(Tier::Hot, key, hash, Entry::value(v.bytes.clone(), ttl), epoch);
+                            }
+                            // The owner has not loaded this keyspace yet (its reload lags ours): transient.
+                            Err(e) if e.code() == Code::FailedPrecondition => {
+                                out.push(Err(EngineError::Unavailable(format!(
+                                    "owner {} does not serve keyspace {:?} yet: {e}",
+                                    owner.name, ks.config.name
+                                ))));
+                                continue;
+                            }
+                            Err(_) => {}
                         }
                         out.push(r);
                     }
                     out
+                }
+                Err(e) if e.timed_out => {
+                    this.metrics.peer_errors.inc();
+                    let err = EngineError::Remote { code: Code::DeadlineExceeded, message: e.to_string() };
+                    keys.iter().map(|_| Err(err.clone())).collect()
                 }
                 Err(e) => {
                     this.metrics.peer_errors.inc();
                     ks.metrics.fallbacks.inc_by(keys.len() as u64);
                     tracing::debug!(owner = %owner.name, error = %e, keys = keys.len(), "owner unreachable; loading locally");
                     match ks.source.clone() {
+                        // The epochs recorded before the hot-tier lookup still apply: an invalidation that
+                        // arrived meanwhile must win over this fallback's result too.
                         Some(source) => this.source_load(&ks, source, keys, Tier::Hot).await,
                         None => keys.iter().map(|_| Err(peer_unreachable(&e))).collect(),
                     }
@@ -417,9 +448,11 @@ impl Engine {
         let mut pending = Vec::new();
         for (owner, positions) in groups {
             let tier = if owner.is_some() { Tier::Hot } else { Tier::Main };
-            let mut misses: Vec<(usize, Arc<str>, u64)> = Vec::new();
+            let mut misses: Vec<(usize, Arc<str>, u64, u64)> = Vec::new();
             for i in positions {
                 let key = &keys[i];
+                let hash = key_hash(key);
+                let epoch = ks.store.epoch(hash);
                 if let Some(entry) = ks.store.get(tier, key) {
                     let counter =
                         if tier == Tier::Main { &ks.metrics.hits_main } else { &ks.metrics.hits_hot };
@@ -427,27 +460,27 @@ impl Engine {
                     results[i] = Some(entry_to_value(entry));
                 } else {
                     ks.metrics.misses.inc();
-                    misses.push((i, Arc::from(key.as_str()), key_hash(key)));
+                    misses.push((i, Arc::from(key.as_str()), hash, epoch));
                 }
             }
             if misses.is_empty() {
                 continue;
             }
-            let names: Vec<Arc<str>> = misses.iter().map(|(_, k, _)| Arc::clone(k)).collect();
-            let hashes: std::collections::HashMap<Arc<str>, u64> =
-                misses.iter().map(|(_, k, h)| (Arc::clone(k), *h)).collect();
-            let with_hash = move |led: Vec<Arc<str>>| -> Vec<(Arc<str>, u64)> {
+            let names: Vec<Arc<str>> = misses.iter().map(|(_, k, _, _)| Arc::clone(k)).collect();
+            let recorded: std::collections::HashMap<Arc<str>, (u64, u64)> =
+                misses.iter().map(|(_, k, h, e)| (Arc::clone(k), (*h, *e))).collect();
+            let with_hash = move |led: Vec<Arc<str>>| -> Vec<LoadKey> {
                 led.into_iter()
                     .map(|k| {
-                        let h = hashes.get(&k).copied().unwrap_or_else(|| key_hash(&k));
-                        (k, h)
+                        let (h, e) = recorded.get(&k).copied().unwrap_or((0, u64::MAX));
+                        (k, h, e)
                     })
                     .collect()
             };
             let futures = match owner {
                 None => {
                     let Some(source) = ks.source.clone() else {
-                        for (i, _, _) in &misses {
+                        for (i, _, _, _) in &misses {
                             results[*i] = Some(Err(EngineError::NotFound));
                         }
                         continue;
@@ -460,7 +493,7 @@ impl Engine {
                     ks.peer_flight.load_many(&names, |led| self.peer_load(ks, owner, with_hash(led)))
                 }
             };
-            for ((i, _, _), fut) in misses.into_iter().zip(futures) {
+            for ((i, _, _, _), fut) in misses.into_iter().zip(futures) {
                 pending.push(async move { (i, fut.await) });
             }
         }
@@ -567,6 +600,7 @@ impl Engine {
 
     async fn write_remote(&self, ks: &KeyspaceRuntime, owner: &Member, batch: Vec<Write>) -> KeyResults<()> {
         let n = batch.len();
+        let keys: Vec<Arc<str>> = batch.iter().map(|w| Arc::clone(w.key_arc())).collect();
         let (puts, deletes): (Vec<_>, Vec<_>) = batch.into_iter().partition(|w| matches!(w, Write::Put(_)));
         // A batch is all puts or all deletes (they come from one API call).
         let outcome = if deletes.is_empty() {
@@ -577,6 +611,12 @@ impl Engine {
             let keys = deletes.iter().map(|w| Arc::clone(w.key_arc())).collect();
             self.transport.remove(owner, &ks.config.name, keys).await
         };
+        // Whatever the owner did, drop this node's own copies: the owner invalidates the members it knows, and
+        // during a membership change it may not know this node yet.
+        for key in &keys {
+            ks.store.remove(key, key_hash(key));
+            ks.peer_flight.forget(key);
+        }
         match outcome {
             Ok(results) if results.len() == n => results,
             Ok(results) => vec![
@@ -706,31 +746,44 @@ impl Engine {
     }
 
     /// Drops every entry of a keyspace on this node.
-    pub fn purge_local(&self, keyspace: &str) -> Result<(), EngineError> {
+    pub fn purge_local(&self, keyspace: &str, hot_only: bool) -> Result<(), EngineError> {
         let ks = self.keyspace(keyspace)?;
-        ks.store.purge();
-        tracing::info!(keyspace, "keyspace purged");
+        ks.store.purge(hot_only);
+        ks.peer_flight.clear();
+        if !hot_only {
+            ks.source_flight.clear();
+            tracing::info!(keyspace, "keyspace purged");
+        }
         Ok(())
     }
 
     /// PurgeKeySpace: drops every entry of a keyspace on every member; returns the number of nodes purged.
+    ///
+    /// Two rounds: every node drops everything, then every node drops its hot copies again. A node purged early
+    /// could otherwise copy a pre-purge value from an owner not purged yet; after the second round no such copy
+    /// is left.
     pub async fn purge(&self, keyspace: &str) -> Result<u32, EngineError> {
-        self.purge_local(keyspace)?;
         let ring = self.membership.ring();
-        let local = &self.membership.local().name;
-        let calls =
-            ring.members().iter().filter(|m| &m.name != local).map(|m| self.transport.purge(m, keyspace));
-        let results = futures::future::join_all(calls).await;
-        let failures: Vec<String> =
-            results.iter().filter_map(|r| r.as_ref().err().map(ToString::to_string)).collect();
-        let purged = u32::try_from(results.len() - failures.len() + 1).unwrap_or(u32::MAX);
-        let outcome = if failures.is_empty() {
+        let mut failed: Vec<String> = Vec::new();
+        for hot_only in [false, true] {
+            self.purge_local(keyspace, hot_only)?;
+            let local = &self.membership.local().name;
+            let calls = ring
+                .members()
+                .iter()
+                .filter(|m| &m.name != local && !failed.iter().any(|f| f.contains(&m.name)))
+                .map(|m| self.transport.purge(m, keyspace, hot_only));
+            let results = futures::future::join_all(calls).await;
+            failed.extend(results.iter().filter_map(|r| r.as_ref().err().map(ToString::to_string)));
+        }
+        let purged = u32::try_from(ring.len() - failed.len()).unwrap_or(u32::MAX);
+        let outcome = if failed.is_empty() {
             Ok(purged)
         } else {
             Err(EngineError::Unavailable(format!(
                 "purged {purged} of {} nodes; not purged: {}",
                 ring.len(),
-                failures.join("; ")
+                failed.join("; ")
             )))
         };
         self.metrics.request("purge", keyspace, outcome.as_ref().err().map_or(Code::Ok, EngineError::code));

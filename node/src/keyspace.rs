@@ -167,7 +167,8 @@ impl Keyspaces {
 
     /// Builds the runtimes of a validated set and swaps them in. Keyspaces whose settings did not change keep
     /// their runtime; a changed keyspace keeps its entries (copied into a resized store when `maxBytes`
-    /// changed) and its data source when the hook did not change. Nothing changes when a source fails to build.
+    /// changed in place) and its data source when the hook did not change. Sources are built before anything
+    /// changes, so nothing changes when one fails to build.
     pub fn apply(
         &self,
         specs: Vec<ValidKeyspace>,
@@ -175,33 +176,41 @@ impl Keyspaces {
         file: Option<&Path>,
     ) -> Result<(), LoadError> {
         let current = self.map.load_full();
-        let mut next = HashMap::with_capacity(specs.len());
+        // First everything that can fail (building data sources), then the changes.
+        let mut planned = Vec::with_capacity(specs.len());
         for config in specs {
-            let old = current.get(&config.name);
-            if let Some(old) = old
-                && old.config == config
-            {
-                next.insert(config.name.clone(), Arc::clone(old));
-                continue;
-            }
-            let source = match old {
+            let old = current.get(&config.name).cloned();
+            let source = match &old {
+                Some(old) if old.config == config => None,
                 Some(old) if old.config.spec.hook == config.spec.hook => old.source.clone(),
                 _ => self.factory.build(&config, base_dir).map_err(|message| LoadError::Source {
                     path: file.map(Path::to_owned).unwrap_or_default(),
                     message,
                 })?,
             };
+            planned.push((config, old, source));
+        }
+        let mut next = HashMap::with_capacity(planned.len());
+        for (config, old, source) in planned {
+            if let Some(old) = &old
+                && old.config == config
+            {
+                next.insert(config.name.clone(), Arc::clone(old));
+                continue;
+            }
             let metrics = self.metrics.keyspace(&config.name);
-            let store = match old {
-                Some(old) if old.config.max_bytes == config.max_bytes => Arc::clone(&old.store),
+            // The store is shared with the old runtime (requests still holding it write to the same caches);
+            // a new size is applied in place.
+            let store = match &old {
                 Some(old) => {
-                    let store = Arc::new(Store::new(config.max_bytes, &metrics.evictions));
-                    store.adopt(&old.store);
-                    store
+                    if old.config.max_bytes != config.max_bytes {
+                        old.store.resize(config.max_bytes);
+                    }
+                    Arc::clone(&old.store)
                 }
                 None => Arc::new(Store::new(config.max_bytes, &metrics.evictions)),
             };
-            let (source_flight, peer_flight) = match old {
+            let (source_flight, peer_flight) = match &old {
                 Some(old) => (Arc::clone(&old.source_flight), Arc::clone(&old.peer_flight)),
                 None => (Arc::default(), Arc::default()),
             };

@@ -172,7 +172,10 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     };
     tracing::info!(name = %name, discovery = discovery.name(), "starting discovery");
     tasks.push(tokio::spawn(discovery.run(ctx)));
+    // NOT_SERVING until the first member set arrives; set before the task that flips it starts.
     let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<CacheServer<CacheService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     tasks.push(spawn_membership(Arc::clone(&engine), health.clone(), updates_rx));
     if let Some(file) = config.keyspaces_file.clone() {
         tasks.push(tokio::spawn(watch_file(
@@ -184,8 +187,6 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         )));
     }
 
-    health.set_not_serving::<CacheServer<CacheService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     tasks.push(spawn_grpc(grpc, health_service, &engine, advertise.clone(), max_message, shutdown.clone())?);
 
     let admin_shutdown = shutdown.clone();

@@ -21,10 +21,10 @@ pub struct WriteEntry {
     pub ttl: Option<Duration>,
 }
 
-/// A peer could not be reached or failed at the transport level. Never an application outcome (those are
+/// A peer could not be reached, or failed at the transport level. Never an application outcome (those are
 /// per-key results).
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("peer {name} ({address}) unreachable: {message}")]
+#[error("peer {name} ({address}) {}: {message}", if *.timed_out { "did not answer in time" } else { "unreachable" })]
 pub struct PeerError {
     /// Member name (or the address when the name is unknown).
     pub name: String,
@@ -32,6 +32,9 @@ pub struct PeerError {
     pub address: String,
     /// What failed.
     pub message: String,
+    /// The peer may have been reached but did not answer before the deadline: it may still be working on the
+    /// request, so callers must not treat it as down.
+    pub timed_out: bool,
 }
 
 /// Per-key outcomes of a batch sent to a peer.
@@ -40,12 +43,14 @@ pub type KeyResults<T> = Vec<Result<T, EngineError>>;
 /// Calls on other nodes.
 #[async_trait]
 pub trait PeerTransport: Send + Sync + 'static {
-    /// Owner-side get-or-fetch of keys (never forwarded again by the callee).
+    /// Owner-side get-or-fetch of keys (never forwarded again by the callee), bounded by `timeout`, which must
+    /// leave room for the owner's own fetch from the data source.
     async fn load(
         &self,
         peer: &Member,
         keyspace: &str,
         keys: Vec<Arc<str>>,
+        timeout: Duration,
     ) -> Result<KeyResults<Value>, PeerError>;
     /// Owner-side store, followed by the owner's invalidation of copies elsewhere.
     async fn store(
@@ -63,8 +68,11 @@ pub trait PeerTransport: Send + Sync + 'static {
     ) -> Result<KeyResults<()>, PeerError>;
     /// Drops copies of keys on the peer.
     async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError>;
-    /// Drops every entry of a keyspace on the peer.
-    async fn purge(&self, peer: &Member, keyspace: &str) -> Result<(), PeerError>;
+    /// Drops every entry of a keyspace on the peer (or only its hot copies).
+    async fn purge(&self, peer: &Member, keyspace: &str, hot_only: bool) -> Result<(), PeerError>;
     /// Liveness and identity of the node at `address`.
     async fn ping(&self, address: &str) -> Result<Member, PeerError>;
+    /// Deadline of one peer call. Forwarded writes get twice as long: the owner bounds its own invalidation
+    /// round by this deadline before it answers.
+    fn timeout(&self) -> Duration;
 }

@@ -372,7 +372,7 @@ impl pb::peer_server::Peer for PeerService {
 
     async fn purge(&self, request: Request<PurgeRequest>) -> Result<Response<PurgeResponse>, Status> {
         let req = request.into_inner();
-        let _ = self.engine.purge_local(&req.keyspace);
+        let _ = self.engine.purge_local(&req.keyspace, req.hot_only);
         Ok(Response::new(PurgeResponse {}))
     }
 

@@ -89,15 +89,21 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
             let this = Arc::clone(self);
             let run = load(led.clone());
             tokio::spawn(async move {
+                // Unregisters the keys however the task ends, a panic of the load included (waiters then get
+                // an error instead of joining a dead load forever).
+                let guard = Unregister { flight: this, keys: led, id };
                 let results = run.await;
-                for key in &led {
-                    this.inflight.remove_if(key, |_, (owner, _)| *owner == id);
-                }
+                drop(guard);
                 // Waiters may all be gone; nothing to do then.
                 let _ = tx.send(results);
             });
         }
         out
+    }
+
+    /// Forgets every in-flight load (after a purge).
+    pub fn clear(&self) {
+        self.inflight.clear();
     }
 
     /// Forgets the in-flight load of a key (after a write, so that later readers do not join a load that
@@ -114,6 +120,20 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
     /// True when nothing is in flight.
     pub fn is_empty(&self) -> bool {
         self.inflight.is_empty()
+    }
+}
+
+struct Unregister<T: Clone + Send + Sync + 'static> {
+    flight: Arc<SingleFlight<T>>,
+    keys: Vec<Arc<str>>,
+    id: u64,
+}
+
+impl<T: Clone + Send + Sync + 'static> Drop for Unregister<T> {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.flight.inflight.remove_if(key, |_, (owner, _)| *owner == self.id);
+        }
     }
 }
 

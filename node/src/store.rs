@@ -1,16 +1,21 @@
 //! The memory of one keyspace on one node: a main tier for the keys this node owns and a hot tier for copies of
 //! keys owned by other nodes, both moka caches weighed in bytes.
 //!
-//! Writes and fills race: a load that started before a Put may finish after it. Every change of a key (Put,
-//! Delete, invalidation) bumps the *epoch* of the key's stripe; a fill records the epoch before it starts and
-//! stores its result only if the epoch is unchanged, under the stripe's lock. So a fill never resurrects a value
-//! that a write replaced or removed. Stripes are per key hash (4096 of them), never a keyspace-wide lock.
+//! Writes and fills race: a load that started before a Put may finish after it. Two rules settle every race:
+//! - a *fill* (the result of a load) never replaces an entry that is present: only writes do;
+//! - every change of a key (Put, Delete, invalidation, purge) bumps the *epoch* of the key's stripe; a fill
+//!   records the epoch before its lookup and stores its result only if the epoch is unchanged.
+//!
+//! Both checks and the insert happen under the stripe's lock, so a fill never resurrects a value that a write
+//! replaced or removed. Stripes are per key hash (4096 of them), never a keyspace-wide lock; only a resize takes
+//! them all.
 
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
@@ -37,13 +42,14 @@ pub struct Entry {
 
 impl Entry {
     /// A positive entry with an optional TTL.
+    /// A TTL too large to represent as an instant means "never expires".
     pub fn value(value: Bytes, ttl: Option<Duration>) -> Self {
-        Self { value: Some(value), expires_at: ttl.map(|t| Instant::now() + t) }
+        Self { value: Some(value), expires_at: ttl.and_then(|t| Instant::now().checked_add(t)) }
     }
 
     /// A negative entry (cached NOT_FOUND).
     pub fn not_found(ttl: Duration) -> Self {
-        Self { value: None, expires_at: Some(Instant::now() + ttl) }
+        Self { value: None, expires_at: Instant::now().checked_add(ttl) }
     }
 
     /// Time left before expiry (`None` = never expires).
@@ -85,11 +91,13 @@ pub enum Tier {
     Hot,
 }
 
-/// Both tiers of one keyspace plus the epoch stripes.
+/// Both tiers of one keyspace plus the epoch stripes. The caches sit behind `ArcSwap` so that a resize can
+/// replace them in place while every writer keeps going through this one `Store`.
 pub struct Store {
-    main: Cache<Arc<str>, Entry>,
-    hot: Cache<Arc<str>, Entry>,
+    main: ArcSwap<Cache<Arc<str>, Entry>>,
+    hot: ArcSwap<Cache<Arc<str>, Entry>>,
     epochs: Box<[Mutex<u64>]>,
+    evictions: Counter,
 }
 
 fn build_cache(capacity: u64, evictions: Counter) -> Cache<Arc<str>, Entry> {
@@ -110,17 +118,32 @@ impl Store {
     /// A store whose main tier holds `max_bytes` and hot tier `max_bytes / 8`.
     pub fn new(max_bytes: u64, evictions: &Counter) -> Self {
         Self {
-            main: build_cache(max_bytes, evictions.clone()),
-            hot: build_cache((max_bytes / 8).max(1), evictions.clone()),
+            main: ArcSwap::from_pointee(build_cache(max_bytes, evictions.clone())),
+            hot: ArcSwap::from_pointee(build_cache((max_bytes / 8).max(1), evictions.clone())),
             epochs: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
+            evictions: evictions.clone(),
         }
     }
 
-    fn cache(&self, tier: Tier) -> &Cache<Arc<str>, Entry> {
+    fn cache(&self, tier: Tier) -> arc_swap::Guard<Arc<Cache<Arc<str>, Entry>>> {
         match tier {
-            Tier::Main => &self.main,
-            Tier::Hot => &self.hot,
+            Tier::Main => self.main.load(),
+            Tier::Hot => self.hot.load(),
         }
+    }
+
+    /// Changes the byte budget in place: with every stripe locked (no write or fill can run), the main tier's
+    /// entries move into a cache of the new size and the hot tier starts empty. Entries beyond the new size are
+    /// evicted as usual.
+    pub fn resize(&self, max_bytes: u64) {
+        let guards: Vec<_> = self.epochs.iter().map(|m| m.lock()).collect();
+        let main = build_cache(max_bytes, self.evictions.clone());
+        for (k, v) in self.main.load().iter() {
+            main.insert(k.as_ref().clone(), v);
+        }
+        self.main.store(Arc::new(main));
+        self.hot.store(Arc::new(build_cache((max_bytes / 8).max(1), self.evictions.clone())));
+        drop(guards);
     }
 
     fn stripe(&self, hash: u64) -> &Mutex<u64> {
@@ -140,13 +163,15 @@ impl Store {
         *self.stripe(hash).lock()
     }
 
-    /// Stores a fill result unless the key changed since `epoch` was recorded. Returns whether it was stored.
+    /// Stores a fill result unless the key changed since `epoch` was recorded or an entry is present (only
+    /// writes replace entries). Returns whether it was stored.
     pub fn fill(&self, tier: Tier, key: Arc<str>, hash: u64, entry: Entry, epoch: u64) -> bool {
         let stripe = self.stripe(hash).lock();
-        if *stripe != epoch {
+        let cache = self.cache(tier);
+        if *stripe != epoch || cache.contains_key(&key) {
             return false;
         }
-        self.cache(tier).insert(key, entry);
+        cache.insert(key, entry);
         true
     }
 
@@ -164,61 +189,54 @@ impl Store {
     pub fn remove(&self, key: &str, hash: u64) {
         let mut stripe = self.stripe(hash).lock();
         *stripe = stripe.wrapping_add(1);
-        self.main.invalidate(key);
-        self.hot.invalidate(key);
+        self.main.load().invalidate(key);
+        self.hot.load().invalidate(key);
     }
 
-    /// Drops every entry of both tiers. In-flight fills are discarded too (every epoch is bumped).
-    pub fn purge(&self) {
+    /// Drops every entry of both tiers (or of the hot tier only). In-flight fills are discarded too: every epoch
+    /// is bumped.
+    pub fn purge(&self, hot_only: bool) {
         for stripe in &*self.epochs {
             let mut e = stripe.lock();
             *e = e.wrapping_add(1);
         }
-        self.main.invalidate_all();
-        self.hot.invalidate_all();
+        if !hot_only {
+            self.main.load().invalidate_all();
+        }
+        self.hot.load().invalidate_all();
     }
 
     /// After a membership change: drops main-tier entries this node no longer owns and every hot copy (their
     /// owners may have changed, and a copy of a key this node now owns must not shadow the main tier later).
     pub fn retain_owned(&self, still_owned: impl Fn(&str) -> bool + Send + Sync + 'static) {
-        self.hot.invalidate_all();
+        self.hot.load().invalidate_all();
         // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
         // enabled in `build_cache`; if it ever failed, dropping everything is the safe fallback.
-        if self.main.invalidate_entries_if(move |k, _| !still_owned(k)).is_err() {
-            self.main.invalidate_all();
+        let main = self.main.load();
+        if main.invalidate_entries_if(move |k, _| !still_owned(k)).is_err() {
+            main.invalidate_all();
         }
     }
 
     /// Applies pending evictions and expirations so that sizes read next are exact.
     pub fn sync(&self) {
-        self.main.run_pending_tasks();
-        self.hot.run_pending_tasks();
+        self.main.load().run_pending_tasks();
+        self.hot.load().run_pending_tasks();
     }
 
     /// Entries held (both tiers).
     pub fn entries(&self) -> u64 {
-        self.main.entry_count() + self.hot.entry_count()
+        self.main.load().entry_count() + self.hot.load().entry_count()
     }
 
     /// Weighed bytes held (both tiers).
     pub fn bytes(&self) -> u64 {
-        self.main.weighted_size() + self.hot.weighted_size()
+        self.main.load().weighted_size() + self.hot.load().weighted_size()
     }
 
     /// Weighed bytes of one tier.
     pub fn tier_bytes(&self, tier: Tier) -> u64 {
         self.cache(tier).weighted_size()
-    }
-
-    /// Copies every entry of `old` into this store (used when a keyspace's size changes); entries beyond the
-    /// new capacity are evicted as usual.
-    pub fn adopt(&self, old: &Self) {
-        for (k, v) in &old.main {
-            self.main.insert(k.as_ref().clone(), v);
-        }
-        for (k, v) in &old.hot {
-            self.hot.insert(k.as_ref().clone(), v);
-        }
     }
 }
 
@@ -239,6 +257,35 @@ mod tests {
         s.write(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"new"), None));
         assert!(!s.fill(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"old"), None), epoch));
         assert_eq!(s.get(Tier::Main, "k").and_then(|e| e.value), Some(Bytes::from_static(b"new")));
+    }
+
+    #[test]
+    fn a_fill_never_replaces_a_present_entry() {
+        let (s, _) = store(1 << 20);
+        let h = crate::ring::key_hash("k");
+        s.write(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"written"), None));
+        let epoch = s.epoch(h);
+        assert!(!s.fill(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"loaded"), None), epoch));
+        assert_eq!(s.get(Tier::Main, "k").and_then(|e| e.value), Some(Bytes::from_static(b"written")));
+    }
+
+    #[test]
+    fn resize_keeps_entries_and_applies_the_new_bound() {
+        let (s, _) = store(1 << 20);
+        for i in 0..500 {
+            let key = format!("key-{i}");
+            let h = crate::ring::key_hash(&key);
+            s.write(Tier::Main, key.into(), h, Entry::value(Bytes::from(vec![0u8; 1000]), None));
+        }
+        s.resize(256 << 10);
+        s.sync();
+        assert!(s.tier_bytes(Tier::Main) <= 256 << 10);
+        assert!(s.entries() > 100, "entries kept up to the new bound: {}", s.entries());
+    }
+
+    #[test]
+    fn a_huge_ttl_means_no_expiry_instead_of_a_panic() {
+        assert!(Entry::value(Bytes::new(), Some(Duration::MAX)).expires_at.is_none());
     }
 
     #[test]

@@ -250,6 +250,16 @@ impl Cluster {
     /// Starts `n` nodes that list each other, each with a counting source of `delay`, and waits until every
     /// node sees all `n` members.
     pub async fn start(n: usize, keyspaces: &str, delay: Duration) -> anyhow::Result<Self> {
+        Self::start_with(n, keyspaces, delay, |_| {}).await
+    }
+
+    /// As [`Cluster::start`], with a hook to adjust each node's config.
+    pub async fn start_with(
+        n: usize,
+        keyspaces: &str,
+        delay: Duration,
+        tweak: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let keyspaces_file = dir.path().join("keyspaces.yaml");
         std::fs::write(&keyspaces_file, keyspaces)?;
@@ -258,7 +268,8 @@ impl Cluster {
         let mut nodes = Vec::with_capacity(n);
         for (i, slot) in slots.into_iter().enumerate() {
             let name = format!("node-{}", i + 1);
-            let config = static_config(&peers, &keyspaces_file);
+            let mut config = static_config(&peers, &keyspaces_file);
+            tweak(&mut config);
             nodes.push(start_node(&name, slot, config, CountingSource::new(&name, delay)).await?);
         }
         let cluster = Self { nodes, dir, keyspaces_file };

@@ -367,3 +367,98 @@ async fn an_invalid_keyspaces_reload_is_refused_and_the_old_keyspaces_keep_servi
     assert_eq!(c.get(get("rt", "x")).await.expect_err("removed").code(), Code::FailedPrecondition);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_cannot_reach_a_member_fails_naming_it() -> anyhow::Result<()> {
+    // Probes that never give up, so the dead node stays in the ring while we write.
+    let mut cluster = Cluster::start_with(3, KEYSPACES, Duration::ZERO, |c| {
+        if let Some(s) = c.discovery.static_list.as_mut() {
+            s.failure_threshold = 1_000_000;
+        }
+    })
+    .await?;
+    let mut c = cluster.client(0).await?;
+    let key = (0..10_000)
+        .map(|i| format!("k{i}"))
+        .find(|k| cluster.owner_of(k) == Some(0))
+        .expect("a key node-1 owns");
+    c.put(put("kv", &key, "v")).await?;
+    cluster.nodes[2].kill();
+    for err in [
+        c.delete(DeleteRequest { keyspace: "kv".into(), key: key.clone() })
+            .await
+            .expect_err("node-3 is down"),
+        c.put(put("kv", &key, "v2")).await.expect_err("node-3 is down"),
+    ] {
+        assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+        assert!(
+            err.message().contains("node-3"),
+            "the error names the unreachable member: {}",
+            err.message()
+        );
+    }
+    let err = c
+        .purge_key_space(distcache_proto::v1::PurgeKeySpaceRequest { keyspace: "kv".into() })
+        .await
+        .expect_err("node-3 is down");
+    assert!(err.message().contains("node-3"), "{}", err.message());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_empties_a_keyspace_on_every_node() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3, KEYSPACES, Duration::ZERO).await?;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(cluster.client(i).await?);
+    }
+    for k in 0..60 {
+        clients[0].put(put("kv", &format!("p{k}"), "v")).await?;
+    }
+    for c in &mut clients {
+        for k in 0..60 {
+            c.get(get("kv", &format!("p{k}"))).await?;
+        }
+    }
+    let r = clients[1]
+        .purge_key_space(distcache_proto::v1::PurgeKeySpaceRequest { keyspace: "kv".into() })
+        .await?
+        .into_inner();
+    assert_eq!(r.nodes, 3);
+    for c in &mut clients {
+        for k in 0..60 {
+            assert_eq!(c.get(get("kv", &format!("p{k}"))).await.expect_err("purged").code(), Code::NotFound);
+        }
+        let stats = c.stats(StatsRequest { keyspace: "kv".into() }).await?.into_inner();
+        assert_eq!(stats.keyspaces[0].entries, 0);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_members_streams_the_snapshot_then_changes() -> anyhow::Result<()> {
+    use distcache_proto::v1::{WatchMembersRequest, member_event::Type};
+    let mut cluster = Cluster::start(3, KEYSPACES, Duration::ZERO).await?;
+    let mut c = cluster.client(0).await?;
+    let mut stream = c.watch_members(WatchMembersRequest {}).await?.into_inner();
+    let mut snapshot = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??.expect("event");
+        if ev.r#type == Type::SnapshotEnd as i32 {
+            break;
+        }
+        assert_eq!(ev.r#type, Type::Join as i32);
+        let m = ev.member.expect("member");
+        snapshot.push((m.name, m.local));
+    }
+    snapshot.sort();
+    assert_eq!(
+        snapshot,
+        vec![("node-1".to_owned(), true), ("node-2".to_owned(), false), ("node-3".to_owned(), false)]
+    );
+    cluster.nodes[2].kill();
+    let ev = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??.expect("event");
+    assert_eq!(ev.r#type, Type::Leave as i32);
+    assert_eq!(ev.member.map(|m| m.name).as_deref(), Some("node-3"));
+    Ok(())
+}

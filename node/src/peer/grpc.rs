@@ -1,6 +1,6 @@
 //! [`PeerTransport`] over the `distcache.v1.Peer` gRPC service: one lazily connected HTTP/2 channel per peer
-//! address (tonic reconnects it after failures), with connect and request timeouts so a dead peer costs at most
-//! the timeout, never a hang.
+//! address (tonic reconnects it after failures). Every call carries its own deadline (a connect timeout bounds
+//! dialling a dead peer), so a dead peer costs at most the deadline, never a hang.
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,7 +25,7 @@ pub struct GrpcPeers {
 }
 
 impl GrpcPeers {
-    /// A pool for the node named `local`; `timeout` bounds every peer call.
+    /// A pool for the node named `local`; `timeout` bounds every peer call (forwarded writes get twice as long).
     pub fn new(local: impl Into<String>, timeout: Duration, max_message_bytes: usize) -> Self {
         Self {
             local: local.into(),
@@ -41,9 +41,13 @@ impl GrpcPeers {
             return Ok(c.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| PeerError { name: address.into(), address: address.into(), message: e.to_string() })?
+            .map_err(|e| PeerError {
+                name: address.into(),
+                address: address.into(),
+                message: e.to_string(),
+                timed_out: false,
+            })?
             .connect_timeout(self.connect_timeout)
-            .timeout(self.timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
@@ -55,21 +59,35 @@ impl GrpcPeers {
     }
 
     fn fail(peer: &Member, status: &tonic::Status) -> PeerError {
+        // A client-side deadline surfaces as CANCELLED ("Timeout expired") or DEADLINE_EXCEEDED.
+        let timed_out = matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled);
         PeerError {
             name: peer.name.clone(),
             address: peer.address.clone(),
             message: status.message().to_owned(),
+            timed_out,
+        }
+    }
+
+    fn mismatch(peer: &Member, got: usize, want: usize) -> PeerError {
+        PeerError {
+            name: peer.name.clone(),
+            address: peer.address.clone(),
+            message: format!("answered {got} results for {want} keys"),
+            timed_out: false,
         }
     }
 }
 
+fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.set_timeout(timeout);
+    r
+}
+
 fn unit_results(peer: &Member, n: usize, results: Vec<pb::KeyResult>) -> Result<KeyResults<()>, PeerError> {
     if results.len() != n {
-        return Err(PeerError {
-            name: peer.name.clone(),
-            address: peer.address.clone(),
-            message: format!("answered {} results for {n} keys", results.len()),
-        });
+        return Err(GrpcPeers::mismatch(peer, results.len(), n));
     }
     Ok(results
         .into_iter()
@@ -91,6 +109,10 @@ pub fn value_result(r: pb::KeyResult) -> Result<Value, EngineError> {
     }
 }
 
+fn names(keys: &[Arc<str>]) -> Vec<String> {
+    keys.iter().map(ToString::to_string).collect()
+}
+
 #[async_trait]
 impl PeerTransport for GrpcPeers {
     async fn load(
@@ -98,21 +120,18 @@ impl PeerTransport for GrpcPeers {
         peer: &Member,
         keyspace: &str,
         keys: Vec<Arc<str>>,
+        timeout: Duration,
     ) -> Result<KeyResults<Value>, PeerError> {
         let n = keys.len();
-        let req = LoadRequest {
-            keyspace: keyspace.to_owned(),
-            keys: keys.iter().map(ToString::to_string).collect(),
-            from: self.local.clone(),
-        };
-        let resp =
-            self.client(&peer.address)?.load(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        let req = LoadRequest { keyspace: keyspace.to_owned(), keys: names(&keys), from: self.local.clone() };
+        let resp = self
+            .client(&peer.address)?
+            .load(request(req, timeout))
+            .await
+            .map_err(|s| Self::fail(peer, &s))?
+            .into_inner();
         if resp.results.len() != n {
-            return Err(PeerError {
-                name: peer.name.clone(),
-                address: peer.address.clone(),
-                message: format!("answered {} results for {n} keys", resp.results.len()),
-            });
+            return Err(Self::mismatch(peer, resp.results.len(), n));
         }
         Ok(resp.results.into_iter().map(value_result).collect())
     }
@@ -136,8 +155,12 @@ impl PeerTransport for GrpcPeers {
                 .collect(),
             from: self.local.clone(),
         };
-        let resp =
-            self.client(&peer.address)?.store(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        let resp = self
+            .client(&peer.address)?
+            .store(request(req, self.timeout * 2))
+            .await
+            .map_err(|s| Self::fail(peer, &s))?
+            .into_inner();
         unit_results(peer, n, resp.results)
     }
 
@@ -148,29 +171,33 @@ impl PeerTransport for GrpcPeers {
         keys: Vec<Arc<str>>,
     ) -> Result<KeyResults<()>, PeerError> {
         let n = keys.len();
-        let req = RemoveRequest {
-            keyspace: keyspace.to_owned(),
-            keys: keys.iter().map(ToString::to_string).collect(),
-            from: self.local.clone(),
-        };
-        let resp =
-            self.client(&peer.address)?.remove(req).await.map_err(|s| Self::fail(peer, &s))?.into_inner();
+        let req =
+            RemoveRequest { keyspace: keyspace.to_owned(), keys: names(&keys), from: self.local.clone() };
+        let resp = self
+            .client(&peer.address)?
+            .remove(request(req, self.timeout * 2))
+            .await
+            .map_err(|s| Self::fail(peer, &s))?
+            .into_inner();
         unit_results(peer, n, resp.results)
     }
 
     async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError> {
-        let req = InvalidateRequest {
-            keyspace: keyspace.to_owned(),
-            keys: keys.iter().map(ToString::to_string).collect(),
-            from: self.local.clone(),
-        };
-        self.client(&peer.address)?.invalidate(req).await.map_err(|s| Self::fail(peer, &s))?;
+        let req =
+            InvalidateRequest { keyspace: keyspace.to_owned(), keys: names(&keys), from: self.local.clone() };
+        self.client(&peer.address)?
+            .invalidate(request(req, self.timeout))
+            .await
+            .map_err(|s| Self::fail(peer, &s))?;
         Ok(())
     }
 
-    async fn purge(&self, peer: &Member, keyspace: &str) -> Result<(), PeerError> {
-        let req = PurgeRequest { keyspace: keyspace.to_owned(), from: self.local.clone() };
-        self.client(&peer.address)?.purge(req).await.map_err(|s| Self::fail(peer, &s))?;
+    async fn purge(&self, peer: &Member, keyspace: &str, hot_only: bool) -> Result<(), PeerError> {
+        let req = PurgeRequest { keyspace: keyspace.to_owned(), from: self.local.clone(), hot_only };
+        self.client(&peer.address)?
+            .purge(request(req, self.timeout))
+            .await
+            .map_err(|s| Self::fail(peer, &s))?;
         Ok(())
     }
 
@@ -178,10 +205,14 @@ impl PeerTransport for GrpcPeers {
         let unknown = Member::new(address, address);
         let resp = self
             .client(address)?
-            .ping(PingRequest { from: self.local.clone() })
+            .ping(request(PingRequest { from: self.local.clone() }, self.timeout))
             .await
             .map_err(|s| Self::fail(&unknown, &s))?
             .into_inner();
         Ok(Member::new(resp.name, resp.address))
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 }
