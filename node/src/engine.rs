@@ -48,6 +48,10 @@ pub struct Engine {
     membership: Arc<Membership>,
     transport: Arc<dyn PeerTransport>,
     metrics: Arc<Metrics>,
+    /// Nodes that loaded keys from this node recently (they may hold hot copies), by name: address and when.
+    /// Writes invalidate them too, so copies are dropped even on a node that this node's member list does not
+    /// include yet (membership views differ while they converge).
+    copy_holders: dashmap::DashMap<String, (String, std::time::Instant)>,
 }
 
 /// Checks a key against the API limits.
@@ -135,7 +139,7 @@ impl Engine {
         transport: Arc<dyn PeerTransport>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Arc::new(Self { keyspaces, membership, transport, metrics })
+        Arc::new(Self { keyspaces, membership, transport, metrics, copy_holders: dashmap::DashMap::new() })
     }
 
     /// The keyspaces.
@@ -416,11 +420,22 @@ impl Engine {
     }
 
     /// Owner-side load of keys for a peer: served here whatever the ring says (never forwarded again).
+    /// `from` is the calling node; it is remembered as a holder of copies (see [`Engine::set_members`]).
     pub async fn load_for_peer(
         self: &Arc<Self>,
         keyspace: &str,
         keys: &[String],
+        from: Option<Member>,
     ) -> Result<KeyResults<Value>, EngineError> {
+        if let Some(m) = from {
+            let now = std::time::Instant::now();
+            match self.copy_holders.get_mut(&m.name) {
+                Some(mut e) if e.0 == m.address => e.1 = now,
+                _ => {
+                    self.copy_holders.insert(m.name, (m.address, now));
+                }
+            }
+        }
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
         Ok(self.get_many_routed(&ks, keys, false).await)
@@ -660,19 +675,31 @@ impl Engine {
         }
     }
 
+    /// Invalidates copies on every other member (each must acknowledge) and on recent copy holders outside the
+    /// member list (best effort: such a node is joining, or gone; its copies expire within `HOT_MAX_TTL`).
     async fn invalidate_everywhere(&self, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), EngineError> {
         let ring = self.membership.ring();
         let local = &self.membership.local().name;
-        let calls = ring
-            .members()
+        let members: Vec<&Member> = ring.members().iter().filter(|m| &m.name != local).collect();
+        self.copy_holders.retain(|_, (_, seen)| seen.elapsed() < HOT_MAX_TTL);
+        let outsiders: Vec<Member> = self
+            .copy_holders
             .iter()
-            .filter(|m| &m.name != local)
-            .map(|m| self.transport.invalidate(m, keyspace, keys.clone()));
-        let failures: Vec<String> = futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .filter(|e| e.key() != local && !members.iter().any(|m| &m.name == e.key()))
+            .map(|e| Member::new(e.key().clone(), e.value().0.clone()))
             .collect();
+        let required = members.iter().map(|m| self.transport.invalidate(m, keyspace, keys.clone()));
+        let best_effort = outsiders.iter().map(|m| self.transport.invalidate(m, keyspace, keys.clone()));
+        let (required, best_effort) = futures::future::join(
+            futures::future::join_all(required),
+            futures::future::join_all(best_effort),
+        )
+        .await;
+        for e in best_effort.into_iter().filter_map(Result::err) {
+            tracing::debug!(error = %e, "could not invalidate copies on a node outside the member list");
+        }
+        let failures: Vec<String> =
+            required.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
         if failures.is_empty() {
             Ok(())
         } else {

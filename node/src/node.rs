@@ -143,7 +143,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     }
     let membership = Arc::new(Membership::new(Member::new(name.clone(), advertise.clone())));
     let transport: Arc<dyn PeerTransport> =
-        Arc::new(GrpcPeers::new(name.clone(), config.peer_timeout.get(), max_message));
+        Arc::new(GrpcPeers::new(membership.local(), config.peer_timeout.get(), max_message));
     let engine = Engine::new(
         Arc::clone(&keyspaces),
         Arc::clone(&membership),

@@ -315,7 +315,9 @@ impl PeerService {
 impl pb::peer_server::Peer for PeerService {
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
         let req = request.into_inner();
-        let results = match self.engine.load_for_peer(&req.keyspace, &req.keys).await {
+        let from = (!req.from.is_empty() && !req.from_address.is_empty())
+            .then(|| Member::new(req.from.clone(), req.from_address.clone()));
+        let results = match self.engine.load_for_peer(&req.keyspace, &req.keys, from).await {
             Ok(r) => value_results(req.keys, r),
             Err(e) => per_key_failure(&req.keys, &e),
         };

@@ -462,3 +462,45 @@ async fn watch_members_streams_the_snapshot_then_changes() -> anyhow::Result<()>
     assert_eq!(ev.member.map(|m| m.name).as_deref(), Some("node-3"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_invalidates_copies_on_a_node_the_owner_does_not_list() -> anyhow::Result<()> {
+    use distcache_tests::{CountingSource, Slot, start_node, static_config};
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("keyspaces.yaml");
+    std::fs::write(&file, KEYSPACES)?;
+    let (a, b, c) = (Slot::bind()?, Slot::bind()?, Slot::bind()?);
+    let (a_addr, b_addr, c_addr) = (a.grpc_addr()?, b.grpc_addr()?, c.grpc_addr()?);
+    // A and B list only each other; C lists all three. A never learns about C.
+    let node_a =
+        start_node("a", a, static_config(&[b_addr], &file), CountingSource::new("a", Duration::ZERO)).await?;
+    let node_b =
+        start_node("b", b, static_config(&[a_addr], &file), CountingSource::new("b", Duration::ZERO)).await?;
+    let node_c = start_node(
+        "c",
+        c,
+        static_config(&[a_addr, b_addr, c_addr], &file),
+        CountingSource::new("c", Duration::ZERO),
+    )
+    .await?;
+    distcache_tests::wait_until(Duration::from_secs(5), || {
+        node_c.engine().is_some_and(|e| e.membership().ring().len() == 3)
+            && node_a.engine().is_some_and(|e| e.membership().ring().len() == 2)
+            && node_b.engine().is_some_and(|e| e.membership().ring().len() == 2)
+    })
+    .await?;
+    let ring_c = node_c.engine().expect("running").membership().ring();
+    let key = (0..10_000)
+        .map(|i| format!("k{i}"))
+        .find(|k| ring_c.owner(distcache_node::ring::key_hash(k)).is_some_and(|m| m.name == "a"))
+        .expect("a key that C routes to A");
+    let mut ca = distcache_tests::client(node_a.grpc).await?;
+    let mut cc = distcache_tests::client(node_c.grpc).await?;
+    ca.put(put("kv", &key, "v1")).await?;
+    assert_eq!(cc.get(get("kv", &key)).await?.into_inner().value, "v1", "C now holds a hot copy");
+    ca.put(put("kv", &key, "v2")).await?;
+    assert_eq!(cc.get(get("kv", &key)).await?.into_inner().value, "v2", "C's copy was invalidated");
+    ca.delete(DeleteRequest { keyspace: "kv".into(), key: key.clone() }).await?;
+    assert_eq!(cc.get(get("kv", &key)).await.expect_err("deleted").code(), Code::NotFound);
+    Ok(())
+}

@@ -2,6 +2,10 @@
 //! ring after `failure_threshold` consecutive failed probes, and rejoins when it answers again. Probing also
 //! learns each peer's member name, which is the ring identity.
 //!
+//! Settling: the first member set is reported (which makes the node ready) once every listed peer has answered,
+//! or after `failure_threshold` rounds, whichever comes first, so nodes started together become ready with the
+//! same ring instead of each with whatever answered in the first second.
+//!
 //! Timing: a probe round starts every `interval` and each probe is bounded by `timeout` (< interval), so a dead
 //! peer leaves after at most `failure_threshold × interval + timeout` (1 s × 3 + 0.8 s by default, under 5 s).
 
@@ -58,6 +62,7 @@ impl Discovery for StaticList {
         let mut state: HashMap<String, PeerState> =
             peers.iter().map(|p| (p.clone(), PeerState { member: None, failures: 0 })).collect();
         let mut last_sent: Option<Vec<Member>> = None;
+        let mut rounds: u32 = 0;
         let mut ticker = tokio::time::interval(self.settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -103,8 +108,13 @@ impl Discovery for StaticList {
                     tracing::warn!(peer = %addr, name = %m.name, "static peer stopped answering; leaving the ring");
                 }
             }
+            rounds = rounds.saturating_add(1);
             let mut members: Vec<Member> = state.values().filter_map(|s| s.member.clone()).collect();
             members.sort();
+            let settled = members.len() == peers.len() || rounds >= self.settings.failure_threshold;
+            if last_sent.is_none() && !settled {
+                continue;
+            }
             if last_sent.as_ref() != Some(&members) {
                 if ctx.updates.send(members.clone()).await.is_err() {
                     return;

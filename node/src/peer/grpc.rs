@@ -18,6 +18,7 @@ use crate::{error::EngineError, keyspace::Value, ring::Member};
 /// gRPC peer client pool.
 pub struct GrpcPeers {
     local: String,
+    local_address: String,
     timeout: Duration,
     connect_timeout: Duration,
     max_message_bytes: usize,
@@ -26,9 +27,10 @@ pub struct GrpcPeers {
 
 impl GrpcPeers {
     /// A pool for the node named `local`; `timeout` bounds every peer call (forwarded writes get twice as long).
-    pub fn new(local: impl Into<String>, timeout: Duration, max_message_bytes: usize) -> Self {
+    pub fn new(local: &Member, timeout: Duration, max_message_bytes: usize) -> Self {
         Self {
-            local: local.into(),
+            local: local.name.clone(),
+            local_address: local.address.clone(),
             timeout,
             connect_timeout: timeout.min(Duration::from_secs(1)),
             max_message_bytes,
@@ -123,7 +125,12 @@ impl PeerTransport for GrpcPeers {
         timeout: Duration,
     ) -> Result<KeyResults<Value>, PeerError> {
         let n = keys.len();
-        let req = LoadRequest { keyspace: keyspace.to_owned(), keys: names(&keys), from: self.local.clone() };
+        let req = LoadRequest {
+            keyspace: keyspace.to_owned(),
+            keys: names(&keys),
+            from: self.local.clone(),
+            from_address: self.local_address.clone(),
+        };
         let resp = self
             .client(&peer.address)?
             .load(request(req, timeout))
