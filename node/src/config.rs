@@ -49,6 +49,10 @@ pub struct NodeConfig {
     /// Largest gRPC message accepted or sent (bounds batch sizes; values are bounded per keyspace).
     #[serde(default = "default_max_message")]
     pub max_message_bytes: ByteSize,
+    /// Tokio worker threads; default: one per CPU. On a machine shared with busy neighbours (or a load
+    /// generator), fewer workers avoid contending with them for cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<usize>,
     /// How long a stopping node keeps answering in-flight requests.
     #[serde(default = "default_drain")]
     pub shutdown_grace: DurationString,
@@ -143,6 +147,7 @@ impl Default for NodeConfig {
             peer_timeout: default_peer_timeout(),
             max_message_bytes: default_max_message(),
             shutdown_grace: default_drain(),
+            worker_threads: None,
         }
     }
 }

@@ -449,9 +449,13 @@ impl Engine {
     ) -> KeyResults<Value> {
         let mut results: Vec<Option<Result<Value, EngineError>>> = vec![None; keys.len()];
         let mut valid = Vec::with_capacity(keys.len());
+        let mut hashes = vec![0u64; keys.len()];
         for (i, key) in keys.iter().enumerate() {
             match validate_key(key) {
-                Ok(()) => valid.push((i, key_hash(key))),
+                Ok(()) => {
+                    hashes[i] = key_hash(key);
+                    valid.push((i, hashes[i]));
+                }
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
@@ -466,7 +470,7 @@ impl Engine {
             let mut misses: Vec<(usize, Arc<str>, u64, u64)> = Vec::new();
             for i in positions {
                 let key = &keys[i];
-                let hash = key_hash(key);
+                let hash = hashes[i];
                 let epoch = ks.store.epoch(hash);
                 if let Some(entry) = ks.store.get(tier, key) {
                     let counter =

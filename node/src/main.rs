@@ -6,6 +6,11 @@ use anyhow::Context as _;
 use clap::Parser;
 use distcache_node::{NodeConfig, NodeOptions};
 
+// glibc malloc was a fifth of the node's instructions on the GetMany path (callgrind): every request allocates
+// and frees protobuf messages, header maps and futures. mimalloc's thread-local free lists are far cheaper.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// DistCache cache node.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None, after_help = "Every config field can also be set by an environment \
@@ -50,12 +55,21 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     init_logging();
     let args = Args::parse();
     let env = std::env::vars().filter(|(k, _)| k != "DISTCACHE_CONFIG");
     let config = NodeConfig::load(args.config.as_deref(), env).context("cannot start: bad configuration")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("distcache-worker");
+    if let Some(n) = config.worker_threads {
+        anyhow::ensure!(n > 0, "cannot start: workerThreads must be at least 1");
+        runtime.worker_threads(n);
+    }
+    runtime.build().context("cannot start the async runtime")?.block_on(run(config))
+}
+
+async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let node = distcache_node::start(NodeOptions::new(config)).await.context("cannot start the node")?;
     shutdown_signal().await;
     tracing::info!("stopping");

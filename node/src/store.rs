@@ -11,7 +11,10 @@
 //! them all.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -91,16 +94,34 @@ pub enum Tier {
     Hot,
 }
 
+/// One stripe: the lock that serializes changes of its keys, and their epoch (read without the lock).
+#[derive(Default)]
+struct Stripe {
+    lock: Mutex<()>,
+    epoch: AtomicU64,
+}
+
+impl Stripe {
+    /// Must be called with `lock` held.
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
 /// Both tiers of one keyspace plus the epoch stripes. The caches sit behind `ArcSwap` so that a resize can
 /// replace them in place while every writer keeps going through this one `Store`.
 pub struct Store {
-    main: ArcSwap<Cache<Arc<str>, Entry>>,
-    hot: ArcSwap<Cache<Arc<str>, Entry>>,
-    epochs: Box<[Mutex<u64>]>,
+    main: ArcSwap<Cache<Arc<str>, Entry, Hasher>>,
+    hot: ArcSwap<Cache<Arc<str>, Entry, Hasher>>,
+    stripes: Box<[Stripe]>,
     evictions: Counter,
 }
 
-fn build_cache(capacity: u64, evictions: Counter) -> Cache<Arc<str>, Entry> {
+/// The hasher of the cache tiers: foldhash, randomly seeded per process (keys are client-chosen, so the hash
+/// must resist flooding), several times cheaper than the default SipHash on short keys.
+type Hasher = foldhash::fast::RandomState;
+
+fn build_cache(capacity: u64, evictions: Counter) -> Cache<Arc<str>, Entry, Hasher> {
     Cache::builder()
         .max_capacity(capacity)
         .weigher(|k: &Arc<str>, v: &Entry| Entry::weight(k, v))
@@ -111,7 +132,7 @@ fn build_cache(capacity: u64, evictions: Counter) -> Cache<Arc<str>, Entry> {
                 evictions.inc();
             }
         })
-        .build()
+        .build_with_hasher(Hasher::default())
 }
 
 impl Store {
@@ -120,12 +141,12 @@ impl Store {
         Self {
             main: ArcSwap::from_pointee(build_cache(max_bytes, evictions.clone())),
             hot: ArcSwap::from_pointee(build_cache((max_bytes / 8).max(1), evictions.clone())),
-            epochs: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             evictions: evictions.clone(),
         }
     }
 
-    fn cache(&self, tier: Tier) -> arc_swap::Guard<Arc<Cache<Arc<str>, Entry>>> {
+    fn cache(&self, tier: Tier) -> arc_swap::Guard<Arc<Cache<Arc<str>, Entry, Hasher>>> {
         match tier {
             Tier::Main => self.main.load(),
             Tier::Hot => self.hot.load(),
@@ -136,7 +157,7 @@ impl Store {
     /// entries move into a cache of the new size and the hot tier starts empty. Entries beyond the new size are
     /// evicted as usual.
     pub fn resize(&self, max_bytes: u64) {
-        let guards: Vec<_> = self.epochs.iter().map(|m| m.lock()).collect();
+        let guards: Vec<_> = self.stripes.iter().map(|s| s.lock.lock()).collect();
         let main = build_cache(max_bytes, self.evictions.clone());
         for (k, v) in self.main.load().iter() {
             main.insert(k.as_ref().clone(), v);
@@ -146,10 +167,10 @@ impl Store {
         drop(guards);
     }
 
-    fn stripe(&self, hash: u64) -> &Mutex<u64> {
+    fn stripe(&self, hash: u64) -> &Stripe {
         // Reason: the modulo keeps the index below STRIPES, which fits usize.
         #[allow(clippy::cast_possible_truncation)]
-        &self.epochs[(hash % STRIPES as u64) as usize]
+        &self.stripes[(hash % STRIPES as u64) as usize]
     }
 
     /// Looks a key up in a tier.
@@ -160,15 +181,17 @@ impl Store {
 
     /// The current epoch of a key's stripe, recorded before a fill starts.
     pub fn epoch(&self, hash: u64) -> u64 {
-        *self.stripe(hash).lock()
+        // Lock-free read on the request path: the epoch only changes under the stripe's lock.
+        self.stripe(hash).epoch.load(Ordering::Acquire)
     }
 
     /// Stores a fill result unless the key changed since `epoch` was recorded or an entry is present (only
     /// writes replace entries). Returns whether it was stored.
     pub fn fill(&self, tier: Tier, key: Arc<str>, hash: u64, entry: Entry, epoch: u64) -> bool {
-        let stripe = self.stripe(hash).lock();
+        let stripe = self.stripe(hash);
+        let _guard = stripe.lock.lock();
         let cache = self.cache(tier);
-        if *stripe != epoch || cache.contains_key(&key) {
+        if stripe.epoch.load(Ordering::Acquire) != epoch || cache.contains_key(&key) {
             return false;
         }
         cache.insert(key, entry);
@@ -178,8 +201,9 @@ impl Store {
     /// A write: stores the entry in `tier`, drops any copy in the other tier, and bumps the epoch so in-flight
     /// fills of the key are discarded.
     pub fn write(&self, tier: Tier, key: Arc<str>, hash: u64, entry: Entry) {
-        let mut stripe = self.stripe(hash).lock();
-        *stripe = stripe.wrapping_add(1);
+        let stripe = self.stripe(hash);
+        let _guard = stripe.lock.lock();
+        stripe.bump();
         let other = if tier == Tier::Main { Tier::Hot } else { Tier::Main };
         self.cache(other).invalidate(&key);
         self.cache(tier).insert(key, entry);
@@ -187,8 +211,9 @@ impl Store {
 
     /// Removes a key from both tiers and bumps its epoch.
     pub fn remove(&self, key: &str, hash: u64) {
-        let mut stripe = self.stripe(hash).lock();
-        *stripe = stripe.wrapping_add(1);
+        let stripe = self.stripe(hash);
+        let _guard = stripe.lock.lock();
+        stripe.bump();
         self.main.load().invalidate(key);
         self.hot.load().invalidate(key);
     }
@@ -196,9 +221,9 @@ impl Store {
     /// Drops every entry of both tiers (or of the hot tier only). In-flight fills are discarded too: every epoch
     /// is bumped.
     pub fn purge(&self, hot_only: bool) {
-        for stripe in &*self.epochs {
-            let mut e = stripe.lock();
-            *e = e.wrapping_add(1);
+        for stripe in &*self.stripes {
+            let _guard = stripe.lock.lock();
+            stripe.bump();
         }
         if !hot_only {
             self.main.load().invalidate_all();
