@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use distcache_tests::built_binary;
+use distcache_tests::{built_binary, http_get};
 
 /// A node process, killed (by its PID) when dropped.
 struct NodeProcess {
@@ -62,19 +62,6 @@ fn spawn_node(dir: &Path, i: usize, grpc: SocketAddr, admin: SocketAddr) -> anyh
         .stderr(log)
         .spawn()?;
     Ok(NodeProcess { child, grpc, admin })
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Waits until every node is ready and sees `n` members, reading the node logs into the error on timeout.
