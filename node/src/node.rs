@@ -89,6 +89,7 @@ pub struct RunningNode {
     pub advertise: String,
     engine: Arc<Engine>,
     admin: Arc<AdminState>,
+    health: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
     grace: Duration,
     tasks: Vec<JoinHandle<()>>,
@@ -206,6 +207,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         advertise,
         engine,
         admin: admin_state,
+        health,
         shutdown,
         grace: config.shutdown_grace.get(),
         tasks,
@@ -301,6 +303,9 @@ impl RunningNode {
     /// most the configured grace period.
     pub async fn stop(self) {
         self.admin.stopping.store(true, Ordering::Release);
+        // Clients and load balancers that watch gRPC health stop sending before the listener closes.
+        self.health.set_not_serving::<CacheServer<CacheService>>().await;
+        self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         self.shutdown.cancel();
         let grace = self.grace;
         let all = futures::future::join_all(self.tasks);
