@@ -5,6 +5,20 @@
 //! Kubernetes types. Around it: [`peer`] (node-to-node calls, gRPC), [`discovery`] (membership sources),
 //! [`server`] (the gRPC services), [`admin`] (HTTP), [`source`] (the data-source seam for hooks), and [`node`]
 //! which assembles and runs them.
+//!
+//! Running a node in-process (what `distcache-node --config FILE` does, minus signal handling):
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! use distcache_node::{NodeConfig, NodeOptions};
+//!
+//! let config = NodeConfig::load(Some("examples/local-cluster/node-1.yaml".as_ref()), std::env::vars())?;
+//! let node = distcache_node::start(NodeOptions::new(config)).await?;
+//! println!("serving gRPC on {} as {}", node.grpc_addr, node.name);
+//! node.stop().await;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod admin;
 pub mod config;
