@@ -26,7 +26,7 @@ use crate::{
     membership::Membership,
     metrics::Metrics,
     peer::{KeyResults, PeerError, PeerTransport, WriteEntry},
-    ring::{Member, key_hash},
+    ring::{Member, Ring, key_hash},
     source::{DataSource, FetchError},
     store::{Entry, HOT_MAX_TTL, Tier},
 };
@@ -165,9 +165,13 @@ impl Engine {
     }
 
     /// The owner of a key hash, or `None` when it is this node.
-    fn remote_owner(&self, hash: u64) -> Option<Member> {
+    ///
+    /// Returns the ring and the owner's index rather than a `Member`: a hot-tier hit must not pay for cloning
+    /// the owner's name and address.
+    fn remote_owner(&self, hash: u64) -> Option<(Arc<Ring>, usize)> {
         let ring = self.membership.ring();
-        ring.owner(hash).filter(|m| m.name != self.membership.local().name).cloned()
+        let i = ring.owner_index(hash)?;
+        (ring.members()[i].name != self.membership.local().name).then_some((ring, i))
     }
 
     /// Applies a new set of other members: swaps the ring, publishes events, drops entries this node no longer
@@ -230,9 +234,13 @@ impl Engine {
         }
         ks.metrics.misses.inc();
         let Some(source) = ks.source.clone() else { return Err(EngineError::NotFound) };
-        let load = self.source_load(ks, source, vec![(Arc::from(key), hash, epoch)], Tier::Main);
+        // The load is built only by the leader; callers that join an in-flight load build nothing.
         ks.source_flight
-            .load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed())
+            .load(key, || {
+                self.source_load(ks, source, vec![(Arc::from(key), hash, epoch)], Tier::Main)
+                    .map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound)))
+                    .boxed()
+            })
             .await
     }
 
@@ -242,7 +250,7 @@ impl Engine {
         ks: &Arc<KeyspaceRuntime>,
         key: &str,
         hash: u64,
-        owner: Member,
+        (ring, owner): (Arc<Ring>, usize),
     ) -> Result<Value, EngineError> {
         let epoch = ks.store.epoch(hash);
         if let Some(entry) = ks.store.get(Tier::Hot, key) {
@@ -251,9 +259,13 @@ impl Engine {
         }
         ks.metrics.misses.inc();
         ks.metrics.forwarded.inc();
-        let load = self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)]);
         ks.peer_flight
-            .load(key, move || load.map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound))).boxed())
+            .load(key, || {
+                let owner = ring.members()[owner].clone();
+                self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)])
+                    .map(|mut v| v.pop().unwrap_or(Err(EngineError::NotFound)))
+                    .boxed()
+            })
             .await
     }
 
