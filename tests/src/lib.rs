@@ -307,15 +307,25 @@ pub async fn client(addr: SocketAddr) -> anyhow::Result<CacheClient<Channel>> {
 
 /// Polls `cond` every 20 ms until it holds or `within` elapses.
 pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    wait_for(within, "condition", || std::future::ready(Ok(cond()))).await
+}
+
+/// Polls an async condition every 20 ms until it returns `Ok(true)` or `within` elapses; an `Err` from the
+/// condition ends the wait at once. The one place where tests pause between polls: every wait has a deadline
+/// and an error that says what did not happen.
+pub async fn wait_for<F, Fut>(within: Duration, what: &str, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
     let deadline = Instant::now() + within;
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
     loop {
-        if cond() {
+        ticker.tick().await;
+        if cond().await? {
             return Ok(());
         }
-        if Instant::now() > deadline {
-            anyhow::bail!("condition not met within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        anyhow::ensure!(Instant::now() < deadline, "{what}: not within {within:?}");
     }
 }
 

@@ -116,14 +116,17 @@ async fn ttl_and_negative_ttl_expire() -> anyhow::Result<()> {
     let got = c.get(get("kv", "short")).await?.into_inner();
     let ttl = got.ttl.expect("a TTL is reported");
     assert!(ttl.seconds == 0 && ttl.nanos <= 200_000_000, "{ttl:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        match c.get(get("kv", "short")).await {
-            Err(e) if e.code() == Code::NotFound => break,
-            Ok(_) if std::time::Instant::now() < deadline => tokio::task::yield_now().await,
-            other => anyhow::bail!("entry did not expire: {other:?}"),
+    distcache_tests::wait_for(Duration::from_secs(3), "the entry expires", || {
+        let mut c = c.clone();
+        async move {
+            match c.get(get("kv", "short")).await {
+                Err(e) if e.code() == Code::NotFound => Ok(true),
+                Ok(_) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
         }
-    }
+    })
+    .await?;
 
     // Negative caching: a missing key is fetched once per negativeTtl (300 ms), not on every Get.
     let owner = cluster.owner_of("missing-1").expect("owner");
@@ -132,12 +135,15 @@ async fn ttl_and_negative_ttl_expire() -> anyhow::Result<()> {
     }
     assert_eq!(cluster.nodes[owner].source.of("missing-1"), 1, "NOT_FOUND is cached");
     // Once the negative entry expires, the next Get reaches the source again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while cluster.nodes[owner].source.of("missing-1") < 2 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "negative entry never expired");
-        let _ = c.get(get("rt", "missing-1")).await;
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let source = &cluster.nodes[owner].source;
+    distcache_tests::wait_for(Duration::from_secs(3), "the negative entry expires", || {
+        let mut c = c.clone();
+        async move {
+            let _ = c.get(get("rt", "missing-1")).await;
+            Ok(source.of("missing-1") >= 2)
+        }
+    })
+    .await?;
     Ok(())
 }
 

@@ -5,10 +5,10 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use distcache_tests::{built_binary, http_get};
+use distcache_tests::{built_binary, http_get, wait_for};
 
 /// A node process, killed (by its PID) when dropped.
 struct NodeProcess {
@@ -66,9 +66,8 @@ fn spawn_node(dir: &Path, i: usize, grpc: SocketAddr, admin: SocketAddr) -> anyh
 
 /// Waits until every node is ready and sees `n` members, reading the node logs into the error on timeout.
 async fn wait_cluster(dir: &Path, nodes: &[NodeProcess], n: usize) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for node in nodes {
-        loop {
+    let all_ready = wait_for(Duration::from_secs(20), "every node ready with all members", || async {
+        for node in nodes {
             let ready = matches!(http_get(node.admin, "/readyz").await, Ok((200, _)));
             let members = match http_get(node.admin, "/admin/peers").await {
                 Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
@@ -77,22 +76,19 @@ async fn wait_cluster(dir: &Path, nodes: &[NodeProcess], n: usize) -> anyhow::Re
                     .unwrap_or(0),
                 _ => 0,
             };
-            if ready && members == n {
-                break;
+            if !(ready && members == n) {
+                return Ok(false);
             }
-            if Instant::now() > deadline {
-                let logs: Vec<String> = (1..=nodes.len())
-                    .map(|i| std::fs::read_to_string(dir.join(format!("node-{i}.log"))).unwrap_or_default())
-                    .collect();
-                anyhow::bail!(
-                    "cluster not ready with {n} members within 20 s; logs:\n{}",
-                    logs.join("\n---\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-    Ok(())
+        Ok(true)
+    })
+    .await;
+    all_ready.map_err(|e| {
+        let logs: Vec<String> = (1..=nodes.len())
+            .map(|i| std::fs::read_to_string(dir.join(format!("node-{i}.log"))).unwrap_or_default())
+            .collect();
+        e.context(format!("node logs:\n{}", logs.join("\n---\n")))
+    })
 }
 
 fn cli(endpoint: SocketAddr, args: &[&str]) -> anyhow::Result<Output> {
@@ -197,16 +193,12 @@ async fn three_node_processes_serve_the_cli() -> anyhow::Result<()> {
     // An invalid keyspaces edit is refused; the nodes keep serving the old keyspaces.
     cli(n1, &["put", "users", "bob", "b"])?;
     std::fs::write(dir.path().join("keyspaces.yaml"), "keyspaces:\n  - { name: users, maxBytes: -5 }\n")?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    wait_for(Duration::from_secs(5), "the invalid reload is refused and reported", || async {
         let (_, body) = http_get(nodes[1].admin, "/admin/keyspaces").await?;
         let v: serde_json::Value = serde_json::from_str(&body)?;
-        if v["lastError"].as_str().is_some_and(|e| e.contains("maxBytes")) {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "reload was not refused: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok(v["lastError"].as_str().is_some_and(|e| e.contains("maxBytes")))
+    })
+    .await?;
     assert_eq!(stdout(&cli(n2, &["get", "users", "bob"])?).trim_end(), "b");
 
     // SIGTERM: every node exits cleanly.
@@ -215,15 +207,16 @@ async fn three_node_processes_serve_the_cli() -> anyhow::Result<()> {
         Command::new("kill").args(["-TERM", &pid]).status()?;
     }
     for node in &mut nodes {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = node.child.try_wait()? {
-                assert!(status.success(), "node exited with {status}");
-                break;
+        let mut exit = None;
+        wait_for(Duration::from_secs(10), "node stops after SIGTERM", || {
+            let polled = node.child.try_wait().map_err(anyhow::Error::from);
+            if let Ok(Some(code)) = &polled {
+                exit = Some(*code);
             }
-            anyhow::ensure!(Instant::now() < deadline, "node did not stop within 10 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            std::future::ready(polled.map(|code| code.is_some()))
+        })
+        .await?;
+        assert!(exit.is_some_and(|s| s.success()), "node exited with {exit:?}");
     }
     Ok(())
 }
