@@ -1,7 +1,10 @@
 # DistCache developer entry points.
 #
 #   make test        everything CI checks: fmt check, clippy (-D warnings), debug build of the binaries (the
-#                    integration tests spawn them from the same target dir), nextest (profile `ci`), doc tests
+#                    integration tests spawn them from the same target dir), the WebAssembly hooks (hooks/, for
+#                    wasm32-wasip2) and their unit tests, nextest (profile `ci`), doc tests
+#   make hooks       build the hooks workspace (SDK, example and test hooks) into
+#                    ${CARGO_TARGET_DIR:-target}/hooks/wasm32-wasip2/release/*.wasm
 #   make build       release binaries distcache-node and distcache in ${CARGO_TARGET_DIR:-target}/release
 #   make demo        build, then start a 3-node local cluster (examples/local-cluster), run a scripted CLI session,
 #                    keep it up until Ctrl-C (DEMO_ARGS=--no-wait: stop right after the session)
@@ -27,9 +30,13 @@ NEXTEST_PROFILE ?= ci
 NEXTEST_ARGS ?=
 # Arguments for scripts/demo.sh, e.g. DEMO_ARGS=--no-wait.
 DEMO_ARGS ?=
-RELEASE_PACKAGES := -p distcache-node -p distcache-client
+RELEASE_PACKAGES := -p distcache-node -p distcache-client -p distcache-tests
+# The hooks workspace (hooks/Cargo.toml) builds into its own target dir; the tests find the .wasm files there.
+HOOKS_TARGET := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/hooks
+HOOKS_CARGO := $(CARGO) --config 'build.target-dir="$(HOOKS_TARGET)"'
+HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
-.PHONY: help test fmt fmt-check clippy build-debug nextest doctest build demo bench clean-demo
+.PHONY: help test fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench clean-demo
 
 help:
 	@sed -n '/^# DistCache/,/^# CI runs/{s/^# \{0,1\}//;p}' $(firstword $(MAKEFILE_LIST))
@@ -39,17 +46,30 @@ test:
 	$(MAKE) fmt-check
 	$(MAKE) clippy
 	$(MAKE) build-debug
+	$(MAKE) hooks
+	$(MAKE) hooks-test
 	$(MAKE) nextest
 	$(MAKE) doctest
 
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --all $(HOOKS_MANIFEST)
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --all $(HOOKS_MANIFEST) -- --check
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(HOOKS_CARGO) clippy --release --target wasm32-wasip2 $(HOOKS_MANIFEST) -- -D warnings
+
+# Guest code, compiled to WebAssembly components from source (the tests never use checked-in binaries).
+hooks:
+	$(HOOKS_CARGO) build --release --target wasm32-wasip2 $(HOOKS_MANIFEST)
+
+# Unit tests of the SDK and the example hook's pure logic, on the host.
+hooks-test:
+	$(HOOKS_CARGO) test $(HOOKS_MANIFEST)
 
 # The integration tests run the real binaries, so build them (debug, same target dir) before the tests.
 build-debug:

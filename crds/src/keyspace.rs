@@ -110,18 +110,27 @@ pub struct ConfigMapKeyRef {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HookLimits {
-    /// WebAssembly fuel (roughly instructions) per call.
+    /// WebAssembly fuel (roughly instructions) per call. Default 100000000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel: Option<u64>,
-    /// Linear memory of one instance.
+    /// Linear memory of one instance, between 1Mi and 4Gi. Default 64Mi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ByteSize>,
-    /// Wall-clock deadline of one call.
+    /// Wall-clock deadline of one call. Default: the keyspace's fetchTimeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<DurationString>,
-    /// Ready instances kept per keyspace.
+    /// Most hook instances of the keyspace on one node, which is also the number of hook calls that run at
+    /// once; further misses wait for a free instance. Idle instances are kept ready for the next call.
+    /// Default 16, at most 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<u32>,
+    /// Largest HTTP response body the hook may receive through the host's http interface. Default: the
+    /// keyspace's maxValueBytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<ByteSize>,
+    /// Most outbound HTTP requests of the keyspace's hook in flight at once on one node. Default 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
 }
 
 /// A keyspace whose settings passed validation, with defaults applied.
@@ -268,6 +277,19 @@ fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) {
             && !(1..=1024).contains(&pool)
         {
             c.push(format!("{at}.hook.limits.poolSize"), "must be between 1 and 1024");
+        }
+        if let Some(ByteSize(bytes)) = limits.max_response_bytes
+            && !(1..=MAX_VALUE_BYTES_LIMIT).contains(&bytes)
+        {
+            c.push(
+                format!("{at}.hook.limits.maxResponseBytes"),
+                format!("must be positive and at most {}", ByteSize(MAX_VALUE_BYTES_LIMIT)),
+            );
+        }
+        if let Some(n) = limits.max_concurrent_requests
+            && !(1..=4096).contains(&n)
+        {
+            c.push(format!("{at}.hook.limits.maxConcurrentRequests"), "must be between 1 and 4096");
         }
     }
 }

@@ -56,6 +56,52 @@ pub struct NodeConfig {
     /// How long a stopping node keeps answering in-flight requests.
     #[serde(default = "default_drain")]
     pub shutdown_grace: DurationString,
+    /// The WebAssembly hook runtime.
+    #[serde(default)]
+    pub hooks: HooksConfig,
+}
+
+/// Settings of the hook runtime (per node; per-keyspace limits live in the keyspaces file).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Where compiled hook modules and downloaded `url` modules are kept, so a restart deserializes instead of
+    /// compiling and downloads nothing. Relative to the config file's directory. Default: `distcache-hooks` in
+    /// the system's temporary directory. A cache that cannot be written only costs a compile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// The directory under which ConfigMaps holding hook modules are mounted, one sub-directory per ConfigMap:
+    /// a `module: { configMap: { name, key } }` is read from `<configMapDir>/<name>/<key>`. Relative to the
+    /// config file's directory.
+    #[serde(default = "default_config_map_dir")]
+    pub config_map_dir: PathBuf,
+    /// Most hook instances alive at once on this node, over all keyspaces (sizes the instance pool).
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            config_map_dir: default_config_map_dir(),
+            max_instances: default_max_instances(),
+        }
+    }
+}
+
+impl HooksConfig {
+    /// The cache directory in effect.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("distcache-hooks"))
+    }
+}
+
+fn default_config_map_dir() -> PathBuf {
+    PathBuf::from("/etc/distcache/modules")
+}
+fn default_max_instances() -> u32 {
+    1000
 }
 
 /// The discovery backend: exactly one field is set (none = standalone).
@@ -148,6 +194,7 @@ impl Default for NodeConfig {
             max_message_bytes: default_max_message(),
             shutdown_grace: default_drain(),
             worker_threads: None,
+            hooks: HooksConfig::default(),
         }
     }
 }
@@ -273,10 +320,23 @@ impl NodeConfig {
             .map_err(|e| ConfigError::Invalid { origin: origin.clone(), message: e.to_string() })?;
         let mut config: Self = serde_yaml::from_str(&text)
             .map_err(|e| ConfigError::Invalid { origin, message: e.to_string() })?;
-        if let (Some(file), Some(dir)) = (config.keyspaces_file.as_mut(), path.and_then(Path::parent))
-            && file.is_relative()
-        {
-            *file = dir.join(&*file);
+        if let Some(dir) = path.and_then(Path::parent) {
+            let hooks = &mut config.hooks;
+            for file in
+                [config.keyspaces_file.as_mut(), hooks.cache_dir.as_mut(), Some(&mut hooks.config_map_dir)]
+                    .into_iter()
+                    .flatten()
+            {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
+        if !(1..=100_000).contains(&config.hooks.max_instances) {
+            return Err(ConfigError::Invalid {
+                origin: "config".into(),
+                message: "hooks.maxInstances must be between 1 and 100000".into(),
+            });
         }
         if let Err(message) = config.discovery.kind() {
             return Err(ConfigError::Invalid { origin: "config".into(), message });

@@ -283,10 +283,14 @@ impl Engine {
         async move {
             let started = std::time::Instant::now();
             let timeout = ks.config.fetch_timeout;
+            // Whether the keyspace's fetchTimeout cut the fetch (rather than the source reporting a timeout).
+            let mut cut = false;
             let fetched: Vec<Result<crate::source::Fetched, FetchError>> = if keys.len() == 1 {
-                match tokio::time::timeout(timeout, source.fetch(&keys[0].0)).await {
-                    Ok(r) => vec![r],
-                    Err(_) => vec![Err(FetchError::Timeout)],
+                if let Ok(r) = tokio::time::timeout(timeout, source.fetch(&keys[0].0)).await {
+                    vec![r]
+                } else {
+                    cut = true;
+                    vec![Err(FetchError::Timeout)]
                 }
             } else {
                 let names: Vec<String> = keys.iter().map(|(k, _, _)| k.to_string()).collect();
@@ -296,7 +300,10 @@ impl Engine {
                         let msg = format!("data source returned {} results for {} keys", r.len(), keys.len());
                         keys.iter().map(|_| Err(FetchError::Internal(msg.clone()))).collect()
                     }
-                    Err(_) => keys.iter().map(|_| Err(FetchError::Timeout)).collect(),
+                    Err(_) => {
+                        cut = true;
+                        keys.iter().map(|_| Err(FetchError::Timeout)).collect()
+                    }
                 }
             };
             ks.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
@@ -345,7 +352,13 @@ impl Engine {
                     }
                     Err(FetchError::Timeout) => {
                         metrics.fetch(&name, "timeout");
-                        Err(EngineError::DeadlineExceeded { keyspace: name.clone(), timeout })
+                        if cut {
+                            Err(EngineError::DeadlineExceeded { keyspace: name.clone(), timeout })
+                        } else {
+                            Err(EngineError::SourceTimedOut(format!(
+                                "data source of keyspace {name:?} timed out (its own time limit)"
+                            )))
+                        }
                     }
                     Err(FetchError::Internal(m)) => {
                         metrics.fetch(&name, "internal");

@@ -79,6 +79,9 @@ pub enum EngineError {
     /// The data source or a peer that must take part is down.
     #[error("{0}")]
     Unavailable(String),
+    /// The data source gave up on its own limit (a hook's timeout, a backend that timed out).
+    #[error("{0}")]
+    SourceTimedOut(String),
     /// The data source did not answer in time.
     #[error("data source of keyspace {keyspace:?} did not answer within {timeout:?}")]
     DeadlineExceeded {
@@ -111,7 +114,7 @@ impl EngineError {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::UnknownKeyspace { .. } => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
-            Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            Self::DeadlineExceeded { .. } | Self::SourceTimedOut(_) => Code::DeadlineExceeded,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Internal(_) => Code::Internal,
             Self::Remote { code, .. } => *code,

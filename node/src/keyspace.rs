@@ -169,21 +169,28 @@ impl Keyspaces {
     /// their runtime; a changed keyspace keeps its entries (copied into a resized store when `maxBytes`
     /// changed in place) and its data source when the hook did not change. Sources are built before anything
     /// changes, so nothing changes when one fails to build.
-    pub fn apply(
+    ///
+    /// `modules_changed` says that files the sources are built from changed (a hook module replaced in place):
+    /// then every keyspace with such files asks the factory again, which swaps in the new module. Calls in
+    /// flight finish on the source they started with.
+    pub async fn apply(
         &self,
         specs: Vec<ValidKeyspace>,
         base_dir: &Path,
         file: Option<&Path>,
+        modules_changed: bool,
     ) -> Result<(), LoadError> {
         let current = self.map.load_full();
         // First everything that can fail (building data sources), then the changes.
         let mut planned = Vec::with_capacity(specs.len());
         for config in specs {
             let old = current.get(&config.name).cloned();
+            let rebuild =
+                (modules_changed && !self.factory.watch_paths(&config, base_dir).is_empty()) || old.is_none();
             let source = match &old {
-                Some(old) if old.config == config => None,
-                Some(old) if old.config.spec.hook == config.spec.hook => old.source.clone(),
-                _ => self.factory.build(&config, base_dir).map_err(|message| LoadError::Source {
+                Some(old) if !rebuild && old.config == config => old.source.clone(),
+                Some(old) if !rebuild && same_source_inputs(&old.config, &config) => old.source.clone(),
+                _ => self.factory.build(&config, base_dir).await.map_err(|message| LoadError::Source {
                     path: file.map(Path::to_owned).unwrap_or_default(),
                     message,
                 })?,
@@ -194,6 +201,7 @@ impl Keyspaces {
         for (config, old, source) in planned {
             if let Some(old) = &old
                 && old.config == config
+                && same_source(old.source.as_ref(), source.as_ref())
             {
                 next.insert(config.name.clone(), Arc::clone(old));
                 continue;
@@ -239,12 +247,18 @@ impl Keyspaces {
     }
 
     /// Reads, validates and applies a keyspaces file.
-    pub fn load_file(&self, path: &Path) -> Result<(), LoadError> {
-        let text = std::fs::read_to_string(path)
+    pub async fn load_file(&self, path: &Path) -> Result<(), LoadError> {
+        let text = tokio::fs::read_to_string(path)
+            .await
             .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
         let specs = parse_keyspaces(path, &text)?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        self.apply(specs, base, Some(path))
+        self.apply(specs, base, Some(path), false).await
+    }
+
+    /// The files the sources of `specs` are built from (hook modules), to watch for changes.
+    pub fn watch_paths(&self, specs: &[ValidKeyspace], base_dir: &Path) -> Vec<PathBuf> {
+        specs.iter().flat_map(|ks| self.factory.watch_paths(ks, base_dir)).collect()
     }
 
     /// Records a refused reload.
@@ -255,11 +269,37 @@ impl Keyspaces {
     }
 }
 
-/// Polls the keyspaces file and applies changes until `shutdown`.
+/// Whether a keyspace's data source depends on nothing that differs between two configs.
+fn same_source_inputs(a: &ValidKeyspace, b: &ValidKeyspace) -> bool {
+    a.spec.hook == b.spec.hook && a.max_value_bytes == b.max_value_bytes && a.fetch_timeout == b.fetch_timeout
+}
+
+fn same_source(a: Option<&Arc<dyn DataSource>>, b: Option<&Arc<dyn DataSource>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// What identifies a version of a watched file: size, modification time and inode (a ConfigMap update swaps
+/// the file behind a symlink, which changes the inode even when size and time do not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint(Option<(u64, Option<SystemTime>, u64)>);
+
+fn fingerprints(paths: &[PathBuf]) -> Vec<Fingerprint> {
+    use std::os::unix::fs::MetadataExt;
+    paths
+        .iter()
+        .map(|p| Fingerprint(std::fs::metadata(p).ok().map(|m| (m.len(), m.modified().ok(), m.ino()))))
+        .collect()
+}
+
+/// Polls the keyspaces file, and the hook modules it names, and applies changes until `shutdown`.
 ///
 /// Polling (by content, every `interval`) rather than inotify: a Kubernetes ConfigMap volume updates by swapping
 /// a symlinked directory, which file-level inotify watches miss; reading a small file once a second is cheap and
-/// sees every kind of update.
+/// sees every kind of update. Module files are compared by size, time and inode, not read, every tick.
 pub async fn watch_file(
     keyspaces: Arc<Keyspaces>,
     metrics: Arc<Metrics>,
@@ -268,6 +308,13 @@ pub async fn watch_file(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut last = std::fs::read(&path).ok();
+    let base = path.parent().unwrap_or_else(|| Path::new(".")).to_owned();
+    let mut watched = last
+        .as_deref()
+        .and_then(|b| parse_keyspaces(&path, &String::from_utf8_lossy(b)).ok())
+        .map(|specs| keyspaces.watch_paths(&specs, &base))
+        .unwrap_or_default();
+    let mut prints = fingerprints(&watched);
     let mut missing_logged = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -289,14 +336,21 @@ pub async fn watch_file(
                 continue;
             }
         };
-        if last.as_deref() == Some(current.as_slice()) {
+        let modules_changed = fingerprints(&watched) != prints;
+        if last.as_deref() == Some(current.as_slice()) && !modules_changed {
             continue;
         }
         last = Some(current.clone());
         let text = String::from_utf8_lossy(&current);
-        let base = path.parent().unwrap_or_else(|| Path::new(".")).to_owned();
-        let outcome =
-            parse_keyspaces(&path, &text).and_then(|specs| keyspaces.apply(specs, &base, Some(&path)));
+        let outcome = match parse_keyspaces(&path, &text) {
+            Ok(specs) => {
+                // Fingerprinted before the build reads them: a change during the build is seen next tick.
+                watched = keyspaces.watch_paths(&specs, &base);
+                prints = fingerprints(&watched);
+                keyspaces.apply(specs, &base, Some(&path), modules_changed).await
+            }
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(()) => {
                 metrics.reload("applied");

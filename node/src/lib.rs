@@ -3,8 +3,8 @@
 //! Layout: the domain — [`ring`] (who owns a key), [`store`] (the memory of a keyspace), [`engine`] (routing,
 //! single flight, read-through, writes), [`keyspace`] (loading and reloading keyspaces) — holds no transport or
 //! Kubernetes types. Around it: [`peer`] (node-to-node calls, gRPC), [`discovery`] (membership sources),
-//! [`server`] (the gRPC services), [`admin`] (HTTP), [`source`] (the data-source seam for hooks), and [`node`]
-//! which assembles and runs them.
+//! [`server`] (the gRPC services), [`admin`] (HTTP), [`source`] (the data-source seam), [`hooks`] (the
+//! WebAssembly runtime behind it), and [`node`] which assembles and runs them.
 //!
 //! Running a node in-process (what `distcache-node --config FILE` does, minus signal handling):
 //!
@@ -25,6 +25,7 @@ pub mod config;
 pub mod discovery;
 pub mod engine;
 pub mod error;
+pub mod hooks;
 pub mod keyspace;
 pub mod membership;
 pub mod metrics;

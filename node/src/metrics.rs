@@ -42,6 +42,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExportLabels {
+    keyspace: String,
+    export: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     result: &'static str,
 }
@@ -65,6 +71,7 @@ pub struct Metrics {
     forwarded: Family<KeyspaceLabel, Counter>,
     fallbacks: Family<KeyspaceLabel, Counter>,
     hook_traps: Family<ReasonLabels, Counter>,
+    hook_calls: Family<ExportLabels, Counter>,
     reloads: Family<OutcomeLabel, Counter>,
     /// Not exported: all fetches per keyspace, summed for `Stats`; kept here so it survives keyspace rebuilds.
     fetch_totals: Family<KeyspaceLabel, Counter>,
@@ -98,6 +105,7 @@ impl Metrics {
         let forwarded = Family::<KeyspaceLabel, Counter>::default();
         let fallbacks = Family::<KeyspaceLabel, Counter>::default();
         let hook_traps = Family::<ReasonLabels, Counter>::default();
+        let hook_calls = Family::<ExportLabels, Counter>::default();
         let reloads = Family::<OutcomeLabel, Counter>::default();
         let members = Gauge::default();
         let peer_errors = Counter::default();
@@ -124,6 +132,11 @@ impl Metrics {
         r.register("distcache_evictions", "Entries evicted to stay within maxBytes", evictions.clone());
         r.register("distcache_members", "Members of the ring as seen by this node", members.clone());
         r.register("distcache_hook_traps", "Hook calls that trapped, by reason", hook_traps.clone());
+        r.register(
+            "distcache_hook_calls",
+            "Calls into hooks by export (fetch, fetch-many, init)",
+            hook_calls.clone(),
+        );
         r.register("distcache_forwarded", "Requests forwarded to the owner of the key", forwarded.clone());
         r.register(
             "distcache_owner_fallbacks",
@@ -149,6 +162,7 @@ impl Metrics {
             forwarded,
             fallbacks,
             hook_traps,
+            hook_calls,
             reloads,
             fetch_totals: Family::default(),
             members,
@@ -210,6 +224,11 @@ impl Metrics {
         self.hook_traps
             .get_or_create(&ReasonLabels { keyspace: keyspace.to_owned(), reason: reason.to_owned() })
             .inc();
+    }
+
+    /// The counter of calls into one export of a keyspace's hook (resolved once per hook, not per call).
+    pub fn hook_calls(&self, keyspace: &str, export: &'static str) -> Counter {
+        self.hook_calls.get_or_create(&ExportLabels { keyspace: keyspace.to_owned(), export }).clone()
     }
 
     /// Counts a keyspaces reload (`applied`, `refused`, `unchanged` is not counted).

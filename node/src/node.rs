@@ -19,13 +19,14 @@ use crate::{
     config::{DiscoveryKind, NodeConfig},
     discovery::{Discovery, DiscoveryContext, Standalone, StaticList, StaticListSettings},
     engine::Engine,
+    hooks::{HookRuntime, HookSettings},
     keyspace::{Keyspaces, watch_file},
     membership::Membership,
     metrics::Metrics,
     peer::{PeerTransport, grpc::GrpcPeers},
     ring::Member,
     server::{CacheService, PeerService},
-    source::{NoHooks, SourceFactory},
+    source::{Layered, SourceFactory},
 };
 
 /// Why a node could not start.
@@ -45,6 +46,9 @@ pub enum StartError {
     /// The initial keyspaces are invalid (a running node refuses bad reloads instead).
     #[error(transparent)]
     Keyspaces(#[from] crate::keyspace::LoadError),
+    /// The hook runtime could not be created.
+    #[error(transparent)]
+    Hooks(#[from] crate::hooks::runtime::BuildError),
     /// The reflection service could not be built.
     #[error("failed to build the gRPC reflection service: {0}")]
     Reflection(String),
@@ -54,8 +58,9 @@ pub enum StartError {
 pub struct NodeOptions {
     /// Configuration.
     pub config: NodeConfig,
-    /// Builds keyspaces' data sources.
-    pub sources: Arc<dyn SourceFactory>,
+    /// Data sources consulted before the hook runtime: a keyspace it builds a source for uses that source,
+    /// every other keyspace gets its hook (or none). For tests and embedders.
+    pub sources: Option<Arc<dyn SourceFactory>>,
     /// A bound gRPC listener to use instead of binding `config.listen`.
     pub grpc_listener: Option<TcpListener>,
     /// A bound admin listener to use instead of binding `config.admin`.
@@ -67,13 +72,7 @@ pub struct NodeOptions {
 impl NodeOptions {
     /// Options with the configured listeners and discovery, and no hook runtime.
     pub fn new(config: NodeConfig) -> Self {
-        Self {
-            config,
-            sources: Arc::new(NoHooks),
-            grpc_listener: None,
-            admin_listener: None,
-            discovery: None,
-        }
+        Self { config, sources: None, grpc_listener: None, admin_listener: None, discovery: None }
     }
 }
 
@@ -137,9 +136,15 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let max_message = usize::try_from(config.max_message_bytes.bytes()).unwrap_or(usize::MAX);
 
     let metrics = Arc::new(Metrics::new());
+    let hooks: Arc<dyn SourceFactory> =
+        HookRuntime::new(HookSettings::from_config(&config.hooks), Arc::clone(&metrics))?;
+    let sources = match sources {
+        Some(first) => Arc::new(Layered { first, then: hooks }),
+        None => hooks,
+    };
     let keyspaces = Arc::new(Keyspaces::new(sources, Arc::clone(&metrics)));
     if let Some(file) = &config.keyspaces_file {
-        keyspaces.load_file(file)?;
+        keyspaces.load_file(file).await?;
         metrics.reload("applied");
     }
     let membership = Arc::new(Membership::new(Member::new(name.clone(), advertise.clone())));

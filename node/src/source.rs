@@ -57,22 +57,63 @@ pub trait DataSource: Send + Sync + 'static {
     }
 }
 
-/// Builds the data source of a keyspace from its validated spec (the `hook` field). Called on every keyspaces
-/// (re)load for keyspaces whose hook changed; an error refuses the whole reload.
+/// Builds the data source of a keyspace from its validated spec (the `hook` field). Called on keyspaces
+/// (re)loads for keyspaces that changed, or whose module files changed; an error refuses the whole reload.
+#[async_trait]
 pub trait SourceFactory: Send + Sync + 'static {
     /// `Ok(None)` for a keyspace without a hook (pure cache-aside). `base_dir` is the keyspaces file's directory,
-    /// against which relative module paths resolve.
-    fn build(&self, keyspace: &ValidKeyspace, base_dir: &Path)
-    -> Result<Option<Arc<dyn DataSource>>, String>;
+    /// against which relative module paths resolve. A factory may return the source it built before when
+    /// nothing it depends on changed (so warm state survives an unrelated change).
+    async fn build(
+        &self,
+        keyspace: &ValidKeyspace,
+        base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, String>;
+
+    /// Files the source of `keyspace` is built from (a hook's module file): when one of them changes, the
+    /// keyspace is rebuilt although the keyspaces file did not change.
+    fn watch_paths(&self, _keyspace: &ValidKeyspace, _base_dir: &Path) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }
 
-/// The factory of a node without a hook runtime: keyspaces without a hook are accepted, a hook is refused with
-/// a clear message (the hook runtime arrives with the `hooks` module).
+/// A factory consulted before another: `first` decides for the keyspaces it builds a source for, `then` for
+/// the rest. Lets tests and embedders add sources next to the hook runtime.
+pub struct Layered {
+    /// Consulted first; `Ok(None)` passes the keyspace on.
+    pub first: Arc<dyn SourceFactory>,
+    /// The fallback.
+    pub then: Arc<dyn SourceFactory>,
+}
+
+#[async_trait]
+impl SourceFactory for Layered {
+    async fn build(
+        &self,
+        keyspace: &ValidKeyspace,
+        base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, String> {
+        match self.first.build(keyspace, base_dir).await? {
+            Some(source) => Ok(Some(source)),
+            None => self.then.build(keyspace, base_dir).await,
+        }
+    }
+
+    fn watch_paths(&self, keyspace: &ValidKeyspace, base_dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut paths = self.first.watch_paths(keyspace, base_dir);
+        paths.extend(self.then.watch_paths(keyspace, base_dir));
+        paths
+    }
+}
+
+/// A factory without a hook runtime: keyspaces without a hook are accepted, a hook is refused with a clear
+/// message. For embedders and tests that must not run WebAssembly.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoHooks;
 
+#[async_trait]
 impl SourceFactory for NoHooks {
-    fn build(
+    async fn build(
         &self,
         keyspace: &ValidKeyspace,
         _base_dir: &Path,

@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod origin;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use distcache_crds::ValidKeyspace;
@@ -96,12 +98,17 @@ impl DataSource for CountingSource {
     }
 }
 
-/// Gives keyspaces whose name starts with `rt` (read-through) this node's counting source; others are
-/// cache-aside.
+/// Gives keyspaces whose name starts with `rt` (read-through) this node's counting source; the others get
+/// their hook from the node's hook runtime, or are cache-aside.
 pub struct TestSources(pub Arc<CountingSource>);
 
+#[async_trait::async_trait]
 impl SourceFactory for TestSources {
-    fn build(&self, keyspace: &ValidKeyspace, _base: &Path) -> Result<Option<Arc<dyn DataSource>>, String> {
+    async fn build(
+        &self,
+        keyspace: &ValidKeyspace,
+        _base: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, String> {
         if keyspace.name.starts_with("rt") {
             Ok(Some(self.0.clone() as Arc<dyn DataSource>))
         } else {
@@ -207,14 +214,24 @@ pub async fn start_node(
         .spawn(async move {
             let opts = NodeOptions {
                 config,
-                sources,
+                sources: Some(sources),
                 grpc_listener: Some(tokio::net::TcpListener::from_std(slot.grpc)?),
                 admin_listener: Some(tokio::net::TcpListener::from_std(slot.admin)?),
                 discovery: None,
             };
             anyhow::Ok(distcache_node::start(opts).await?)
         })
-        .await??;
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|started| started);
+    let node = match node {
+        Ok(node) => node,
+        Err(e) => {
+            // Dropping a runtime inside the test's async context would panic.
+            runtime.shutdown_background();
+            return Err(e);
+        }
+    };
     Ok(TestNode { name: name.to_owned(), grpc, admin, source, runtime: Some(runtime), node: Some(node) })
 }
 
@@ -355,4 +372,56 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((status, body))
+}
+
+/// The repository root (the tests crate's parent directory).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from(".."), Path::to_owned)
+}
+
+/// Where the hooks workspace is built: `$CARGO_TARGET_DIR/hooks` (or `target/hooks`), the same place as
+/// `make hooks`.
+pub fn hooks_target_dir() -> PathBuf {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+    target.join("hooks")
+}
+
+static HOOKS_BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+
+/// Builds the WebAssembly hooks of `hooks/` from source (once per test process; a no-op when they are up to
+/// date, as after `make hooks`) and returns the path of `<name>.wasm` (`http_json`, `distcache_test_hook`).
+pub fn hook_module(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = HOOKS_BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let target = hooks_target_dir();
+            let output = std::process::Command::new(cargo)
+                .current_dir(repo_root())
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "wasm32-wasip2",
+                    "--manifest-path",
+                    "hooks/Cargo.toml",
+                ])
+                .arg("--target-dir")
+                .arg(&target)
+                .output()
+                .map_err(|e| format!("cannot run cargo to build the hooks: {e}"))?;
+            if !output.status.success() {
+                return Err(format!(
+                    "building the hooks failed (is the wasm32-wasip2 target installed? `rustup target add \
+                     wasm32-wasip2`):\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                ));
+            }
+            Ok(target.join("wasm32-wasip2").join("release"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let path = dir.join(format!("{name}.wasm"));
+    anyhow::ensure!(path.exists(), "{} was not built", path.display());
+    Ok(path)
 }
