@@ -107,6 +107,7 @@ async fn keyspaces(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> 
                 "fetchTimeoutMs": c.fetch_timeout.as_millis(),
                 "maxValueBytes": c.max_value_bytes,
                 "readThrough": rt.source.is_some(),
+                "hook": rt.source.as_ref().map(|s| s.describe()),
                 "spec": c.spec,
                 "stats": stats.iter().find(|st| st.name == c.name),
             })

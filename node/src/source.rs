@@ -55,6 +55,11 @@ pub trait DataSource: Send + Sync + 'static {
     async fn fetch_many(&self, keys: &[String]) -> Vec<Result<Fetched, FetchError>> {
         futures::future::join_all(keys.iter().map(|k| self.fetch(k))).await
     }
+
+    /// What the source is, for `/admin/keyspaces` (a hook reports its module and pool); `Null` = nothing to say.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// Builds the data source of a keyspace from its validated spec (the `hook` field). Called on keyspaces

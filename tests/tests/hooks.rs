@@ -400,6 +400,8 @@ async fn corrupted_wrong_sha_or_failing_modules_are_refused_and_the_old_one_keep
     let file = cluster.keyspaces_file.clone();
     let mut c = cluster.client(0).await?;
     assert_eq!(c.get(get("users", "a")).await?.into_inner().value, &b"v1:a"[..]);
+    let (_, status) = http_get(cluster.nodes[0].admin, "/admin/keyspaces").await?;
+    assert!(status.contains(&format!("\"moduleSha256\":\"{sha}\"")), "hook state shown: {status}");
 
     let refused_with = |needle: &'static str| {
         let cluster = &cluster;

@@ -383,6 +383,19 @@ impl DataSource for HookSource {
         }
     }
 
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "moduleSha256": self.sha256,
+            "idleInstances": self.idle_instances(),
+            "poolSize": self.limits.pool_size,
+            "fuel": self.limits.fuel,
+            "memoryBytes": self.limits.memory,
+            "timeoutMs": self.limits.timeout.as_millis(),
+            "maxResponseBytes": self.limits.http.max_response_bytes,
+            "maxConcurrentRequests": self.limits.http.max_concurrent,
+        })
+    }
+
     async fn fetch_many(&self, keys: &[String]) -> Vec<Result<Fetched, FetchError>> {
         let all = |e: FetchError| keys.iter().map(|_| Err(e.clone())).collect();
         let (_permit, mut instance) = match self.acquire().await {

@@ -183,7 +183,8 @@ impl HookRuntime {
         unsafe { Component::deserialize(&self.engine, bytes) }
     }
 
-    async fn build_hook(
+    /// Builds (or returns the unchanged, already built) hook source of a keyspace with a hook.
+    pub async fn build_hook(
         &self,
         keyspace: &ValidKeyspace,
         hook: &HookSpec,
