@@ -511,3 +511,58 @@ async fn url_modules_are_downloaded_once_verified_and_compiled_once() -> anyhow:
     assert!(err.contains(&sha) && err.contains(&wrong) && err.contains("refused"), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_module_is_read_from_its_mount_and_swapped_when_kubernetes_updates_it()
+-> anyhow::Result<()> {
+    let data = origin_data()?;
+    let origin = Origin::start("127.0.0.1:0".parse()?, data.path()).await?;
+    let cache = tempfile::tempdir()?;
+    // A ConfigMap volume as the kubelet writes it: the key is a symlink into `..data`, itself a symlink to a
+    // timestamped directory; an update writes a new directory and swaps `..data` atomically.
+    let mounts = tempfile::tempdir()?;
+    let volume = mounts.path().join("users-hook");
+    std::fs::create_dir_all(volume.join("..2026_11_29_a"))?;
+    std::fs::copy(test_hook()?, volume.join("..2026_11_29_a").join("hook.wasm"))?;
+    std::os::unix::fs::symlink("..2026_11_29_a", volume.join("..data"))?;
+    std::os::unix::fs::symlink("..data/hook.wasm", volume.join("hook.wasm"))?;
+    let keyspaces = format!(
+        "keyspaces:\n  - name: users\n    maxBytes: 16Mi\n    hook:\n      module: {{ configMap: {{ name: users-hook, \
+         key: hook.wasm }} }}\n      config: {{ mode: echo, prefix: \"cm:\", baseUrl: \"{}/users\" }}\n      \
+         allowedHosts: [\"{}\"]\n",
+        origin.url(),
+        origin.addr
+    );
+    let (cache_dir, mount_dir) = (cache.path().to_owned(), mounts.path().to_owned());
+    let cluster = Cluster::start_with(1, &keyspaces, Duration::ZERO, move |c| {
+        c.hooks.cache_dir = Some(cache_dir.clone());
+        c.hooks.config_map_dir.clone_from(&mount_dir);
+    })
+    .await?;
+    let mut c = cluster.client(0).await?;
+    assert_eq!(c.get(get("users", "7")).await?.into_inner().value, &b"cm:7"[..]);
+
+    // The ConfigMap now holds the http-json hook.
+    std::fs::create_dir_all(volume.join("..2026_11_29_b"))?;
+    std::fs::copy(http_json()?, volume.join("..2026_11_29_b").join("hook.wasm"))?;
+    std::os::unix::fs::symlink("..2026_11_29_b", volume.join("..data_tmp"))?;
+    std::fs::rename(volume.join("..data_tmp"), volume.join("..data"))?;
+    wait_for(Duration::from_secs(10), "the updated ConfigMap module serving", || {
+        let mut c = c.clone();
+        async move {
+            // Fresh keys: a cached value of the old hook proves nothing.
+            let id = 1 + origin_hits_hint();
+            let expected = user_json(id);
+            Ok(c.get(get("users", &id.to_string())).await.is_ok_and(|v| v.get_ref().value == expected))
+        }
+    })
+    .await?;
+    assert!(origin.total_hits() >= 1, "the new module reads the origin");
+    Ok(())
+}
+
+/// Cycles through user ids 1..=19 so each poll reads a key that is probably not cached yet.
+fn origin_hits_hint() -> u32 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    u32::try_from(NEXT.fetch_add(1, Ordering::Relaxed) % 19).unwrap_or(0)
+}
