@@ -6,10 +6,13 @@
 #   make hooks       build the hooks workspace (SDK, example and test hooks) into
 #                    ${CARGO_TARGET_DIR:-target}/hooks/wasm32-wasip2/release/*.wasm
 #   make build       release binaries distcache-node and distcache in ${CARGO_TARGET_DIR:-target}/release
-#   make demo        build, then start a 3-node local cluster (examples/local-cluster), run a scripted CLI session,
-#                    keep it up until Ctrl-C (DEMO_ARGS=--no-wait: stop right after the session)
-#   make bench       build, then benchmark a 1-node DistCache against Redis side by side (needs redis-server and
-#                    redis-tools; BENCH_SECONDS=10); raw numbers in ${CARGO_TARGET_DIR:-target}/bench/results.json
+#   make demo        build (binaries and hooks), then start an origin (examples/data) and a 3-node local cluster
+#                    (examples/local-cluster), run a scripted CLI session (read-through, then cache-aside), keep it up
+#                    until Ctrl-C (DEMO_ARGS=--no-wait: stop right after the session)
+#   make bench       build (binaries and hooks), then benchmark a 1-node DistCache against Redis side by side: hits
+#                    (Get/GetMany vs GET) and the miss path (hook loads vs SET) (needs redis-server and redis-tools;
+#                    BENCH_SECONDS=10); raw numbers in ${CARGO_TARGET_DIR:-target}/bench/results.json; then the cost a
+#                    hook adds to one fetch, pooled vs fresh instance (cargo bench -p distcache-node --bench hooks)
 #   make fmt         format the workspace
 #   make fmt-check   check formatting only
 #   make clippy      lint the workspace, warnings are errors
@@ -84,11 +87,12 @@ doctest:
 build:
 	$(CARGO) build --release $(RELEASE_PACKAGES)
 
-demo: build
+demo: build hooks
 	bash scripts/demo.sh $(DEMO_ARGS)
 
-bench: build
+bench: build hooks
 	bash scripts/bench.sh
+	$(CARGO) bench -p distcache-node --bench hooks
 
 clean-demo:
 	bash scripts/clean-demo.sh

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Side-by-side GET benchmark of a one-node DistCache against Redis, in one run, on this machine's loopback.
-# Called by `make bench` (which builds the release binaries first).
+# Side-by-side benchmark of a one-node DistCache against Redis, in one run, on this machine's loopback: the hit path
+# (GET) and the miss path (a DistCache Get that loads the value through a hook, beside a Redis SET).
+# Called by `make bench` (which builds the release binaries and the hooks first).
 #
 # Both servers are started here (free ports, PIDs recorded) and stopped on every exit path. Both get the same data:
-# 100,000 keys of 100 B. Then four runs of BENCH_SECONDS each (default 10):
+# 100,000 keys of 100 B. Then six runs of BENCH_SECONDS each (default 10):
 #   redis GET P1           redis-benchmark -t get -d 100 -c 50 -P 1 -r 100000
 #   distcache Get c50      distcache bench --op get --concurrency 50 --value-size 100 --keys 100000
 #   redis GET P16          redis-benchmark ... -P 16               (ops/s of pipelined GETs = keys/s)
 #   distcache GetMany(16)  distcache bench ... --batch 16          (keys/s)
+#   redis SET P1           redis-benchmark -t set -d 100 -c 50 -P 1 -r 1000000000   (nearly every SET a new key)
+#   distcache Get miss     distcache bench --op get --concurrency 50 --keyspace misses --unique-keys
+# The miss run reads keyspace `misses`, whose hook is the test hook (hooks/testing/test-hook) in `echo` mode with a
+# 100 B prefix: every Get uses a key never used before, so each one is a miss that runs the WebAssembly hook (which
+# answers prefix + key without I/O: the cost measured is the node's miss path, not an origin's) and stores the value.
+# The node's counters are checked around that run: no hit, one hook fetch per Get.
 # Server CPU per request (per key for batches) comes from utime+stime in /proc/PID/stat of the server process,
 # sampled around the measured window. The table and the ratios (distcache ÷ redis) go to stdout, every raw number
 # to ${CARGO_TARGET_DIR:-target}/bench/results.json.
@@ -32,6 +39,9 @@ CONCURRENCY=50
 BATCH=16
 WARMUP_SECONDS=2
 KEYSPACE=bench
+MISS_KEYSPACE=misses
+# redis-benchmark -r for the SET run: random keys from a range this large are nearly all new, like the miss path's.
+SET_KEY_RANGE=1000000000
 
 for tool in redis-server redis-benchmark redis-cli; do
   command -v "$tool" >/dev/null 2>&1 ||
@@ -39,6 +49,9 @@ for tool in redis-server redis-benchmark redis-cli; do
 done
 command -v python3 >/dev/null 2>&1 || die "python3 not found; install it: apt-get install python3"
 require_release_bins
+# The miss path's data source, built from hooks/testing/test-hook by `make hooks`.
+TEST_HOOK="$(target_dir)/hooks/wasm32-wasip2/release/distcache_test_hook.wasm"
+[[ -f $TEST_HOOK ]] || die "$TEST_HOOK not found; build it first: make hooks"
 CLK_TCK=$(getconf CLK_TCK)
 
 OUT_DIR="$(target_dir)/bench"
@@ -110,10 +123,21 @@ keyspacesFile: ./keyspaces.yaml
 # worker on either side takes the core the other process needs.
 workerThreads: ${BENCH_SERVER_THREADS:-1}
 EOF
+# The miss keyspace: value = prefix + key from the echo hook, so values are VALUE_SIZE bytes plus the key (about
+# 27 B of `distcache bench --unique-keys`). maxBytes is large enough that a run never evicts, and the pool has an
+# instance for every request in flight, so no miss waits for a free instance.
+cp "$TEST_HOOK" "$WORK/test-hook.wasm"
+MISS_PREFIX=$(printf "%${VALUE_SIZE}s" '' | tr ' ' x)
 cat >"$WORK/keyspaces.yaml" <<EOF
 keyspaces:
   - name: $KEYSPACE
     maxBytes: 512Mi
+  - name: $MISS_KEYSPACE
+    maxBytes: 1Gi
+    hook:
+      module: { path: ./test-hook.wasm }
+      config: { mode: echo, prefix: "$MISS_PREFIX" }
+      limits: { poolSize: $CONCURRENCY }
 EOF
 
 phase "starting redis-server on 127.0.0.1:$REDIS_PORT and distcache-node on $ENDPOINT (admin :$ADMIN_PORT)"
@@ -144,11 +168,11 @@ EOF
 redis_keys=$(redis-cli -p "$REDIS_PORT" dbsize)
 [[ $redis_keys == "$KEYS" ]] || die "redis holds $redis_keys keys after loading, expected $KEYS (see $WORK/redis-load.log)"
 
-DC_COMMON=(--keyspace "$KEYSPACE" --concurrency "$CONCURRENCY" --value-size "$VALUE_SIZE" --keys "$KEYS")
+DC_COMMON=(--concurrency "$CONCURRENCY" --value-size "$VALUE_SIZE" --keys "$KEYS")
 [[ -z $BENCH_CONNECTIONS ]] || DC_COMMON+=(--connections "$BENCH_CONNECTIONS")
 
 phase "loading $KEYS keys of $VALUE_SIZE B into distcache (distcache bench preload)"
-timeout --foreground 300 "$CLI_BIN" --endpoint "$ENDPOINT" bench --op get "${DC_COMMON[@]}" \
+timeout --foreground 300 "$CLI_BIN" --endpoint "$ENDPOINT" bench --op get --keyspace "$KEYSPACE" "${DC_COMMON[@]}" \
   --duration 2s --warmup 1s --json >"$WORK/dc-preload.json" 2>"$WORK/dc-preload.err" || {
   sed 's/^/  | /' "$WORK/dc-preload.err" >&2
   die "distcache bench preload failed"
@@ -160,61 +184,79 @@ REDIS_TIMEOUT=$((BENCH_SECONDS * 3 + 30))
 
 redis_stat() { redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | sed -n "s/^$1://p"; }
 
-# redis_bench PIPELINE REQUESTS CSV_FILE: one redis-benchmark GET run.
+# redis_bench TEST PIPELINE REQUESTS CSV_FILE KEY_RANGE: one redis-benchmark run of TEST (get or set).
 redis_bench() {
-  timeout --foreground "$REDIS_TIMEOUT" redis-benchmark -p "$REDIS_PORT" -t get -d "$VALUE_SIZE" -c "$CONCURRENCY" \
-    -P "$1" -r "$KEYS" -n "$2" --csv >"$3" 2>>"$WORK/redis-benchmark.err" ||
+  timeout --foreground "$REDIS_TIMEOUT" redis-benchmark -p "$REDIS_PORT" -t "$1" -d "$VALUE_SIZE" -c "$CONCURRENCY" \
+    -P "$2" -r "$5" -n "$3" --csv >"$4" 2>>"$WORK/redis-benchmark.err" ||
     die "redis-benchmark failed (see $WORK/redis-benchmark.err)"
 }
 
-# Requests/s of the GET row in a redis-benchmark --csv file.
+# Requests/s of the row of TEST (GET or SET) in a redis-benchmark --csv file.
 csv_rps() {
-  python3 - "$1" <<'EOF'
+  python3 - "$1" "$2" <<'EOF'
 import csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if r]
 header = rows[0]
-row = next(r for r in rows[1:] if r[0] == "GET")
+row = next(r for r in rows[1:] if r[0] == sys.argv[2])
 print(float(row[header.index("rps")]))
 EOF
 }
 
-# redis_run NAME PIPELINE: calibrates -n so that the run lasts about BENCH_SECONDS (the calibration runs also warm
-# the server up), then runs it with the server's CPU sampled around it.
+# redis_run NAME PIPELINE [TEST [KEY_RANGE]]: calibrates -n so that the run lasts about BENCH_SECONDS (the
+# calibration runs also warm the server up), then runs it with the server's CPU sampled around it. TEST is get
+# (default, keys from the loaded KEYS) or set.
 redis_run() {
-  local name=$1 pipeline=$2 n rps attempt secs
+  local name=$1 pipeline=$2 test=${3:-get} range=${4:-$KEYS} n rps attempt secs
+  local row=${test^^}
   n=$((50000 * pipeline))
   for attempt in 1 2 3 4; do
-    redis_bench "$pipeline" "$n" "$WORK/$name.calibration.csv"
-    rps=$(csv_rps "$WORK/$name.calibration.csv")
+    redis_bench "$test" "$pipeline" "$n" "$WORK/$name.calibration.csv" "$range"
+    rps=$(csv_rps "$WORK/$name.calibration.csv" "$row")
     secs=$(python3 -c "print($n / max($rps, 1.0))")
     if python3 -c "import sys; sys.exit(0 if $secs >= 1.0 or $attempt == 4 else 1)"; then break; fi
     n=$(python3 -c "print(min(int($n * 2.0 / max($secs, 0.05)), $n * 40))")
   done
   n=$(python3 -c "print(max(1000, int($rps * $BENCH_SECONDS)))")
-  phase "$name: redis-benchmark -t get -d $VALUE_SIZE -c $CONCURRENCY -P $pipeline -r $KEYS -n $n (calibrated at $(printf '%.0f' "$rps") req/s)"
+  phase "$name: redis-benchmark -t $test -d $VALUE_SIZE -c $CONCURRENCY -P $pipeline -r $range -n $n (calibrated at $(printf '%.0f' "$rps") req/s)"
   local hits0 misses0 cpu0 cpu1 t0 t1
   hits0=$(redis_stat keyspace_hits)
   misses0=$(redis_stat keyspace_misses)
   cpu0=$(cpu_ticks "$REDIS_PID")
   t0=$(now_us)
-  redis_bench "$pipeline" "$n" "$WORK/$name.csv"
+  redis_bench "$test" "$pipeline" "$n" "$WORK/$name.csv" "$range"
   t1=$(now_us)
   cpu1=$(cpu_ticks "$REDIS_PID")
-  printf '{"kind":"redis","name":"%s","pipeline":%d,"requests":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"hits":%d,"misses":%d,"rss_kib":%d}\n' \
-    "$name" "$pipeline" "$n" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) \
+  printf '{"kind":"redis","name":"%s","test":"%s","pipeline":%d,"key_range":%d,"requests":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"hits":%d,"misses":%d,"rss_kib":%d}\n' \
+    "$name" "$row" "$pipeline" "$range" "$n" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) \
     $(($(redis_stat keyspace_hits) - hits0)) $(($(redis_stat keyspace_misses) - misses0)) "$(rss_kib "$REDIS_PID")" \
     >"$WORK/$name.meta.json"
 }
 
-# distcache_run NAME BATCH: one `distcache bench` run; the server's CPU is sampled from the end of the warm-up to
-# the end of the run, so it covers the measured window only.
+# node_counters KEYSPACE: the node's hits (main + hot tier), misses and data-source fetches (ok, and any other
+# result) of KEYSPACE, as one line of four numbers, from its /metrics.
+node_counters() {
+  local text
+  text=$(http_get 127.0.0.1 "$ADMIN_PORT" /metrics) || die "the node does not answer GET /metrics on :$ADMIN_PORT"
+  awk -v ks="keyspace=\"$1\"" '
+    index($1, "{" ks ",") || index($1, "{" ks "}") {
+      if ($1 ~ /^distcache_cache_hits_total\{/) hits += $2
+      else if ($1 ~ /^distcache_cache_misses_total\{/) misses += $2
+      else if ($1 ~ /^distcache_source_fetches_total\{.*result="ok"/) ok += $2
+      else if ($1 ~ /^distcache_source_fetches_total\{/) other += $2
+    }
+    END { printf "%d %d %d %d\n", hits, misses, ok, other }' <<<"$text"
+}
+
+# distcache_run NAME BATCH KEYSPACE [EXTRA_BENCH_ARGS...]: one `distcache bench` run; the server's CPU (and the
+# node's counters of KEYSPACE) are sampled from the end of the warm-up to the end of the run, so they cover the
+# measured window only.
 distcache_run() {
-  local name=$1 batch=$2
-  local args=(bench --op get "${DC_COMMON[@]}" --batch "$batch" --duration "${BENCH_SECONDS}s"
-    --warmup "${WARMUP_SECONDS}s" --no-preload --json)
+  local name=$1 batch=$2 keyspace=$3
+  shift 3
+  local args=(bench --op get --keyspace "$keyspace" "${DC_COMMON[@]}" --batch "$batch"
+    --duration "${BENCH_SECONDS}s" --warmup "${WARMUP_SECONDS}s" --no-preload "$@" --json)
   phase "$name: $(display_cmd distcache "${args[@]}")"
-  local start pid cpu0 cpu1 t0 t1 rc=0
-  start=$(now_us)
+  local pid cpu0 cpu1 t0 t1 rc=0 c0 c1
   # The load generator bounds itself (--warmup + --duration); `timeout` is the backstop. While it runs, this script
   # only sleeps and waits, so no polling takes CPU from the two processes under test.
   start_bg_split "distcache bench ($name)" "$WORK/$name.json" "$WORK/$name.err" \
@@ -224,24 +266,33 @@ distcache_run() {
   sleep "$WARMUP_SECONDS"
   cpu0=$(cpu_ticks "$NODE_PID")
   t0=$(now_us)
+  c0=$(node_counters "$keyspace")
   wait "$pid" || rc=$?
   forget_pid "$pid"
   t1=$(now_us)
   cpu1=$(cpu_ticks "$NODE_PID")
+  c1=$(node_counters "$keyspace")
   if ((rc != 0)); then
     sed 's/^/  | /' "$WORK/$name.err" >&2
     die "distcache bench ($name) exited with status $rc"
   fi
-  printf '{"kind":"distcache","name":"%s","batch":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"rss_kib":%d}\n' \
-    "$name" "$batch" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) "$(rss_kib "$NODE_PID")" >"$WORK/$name.meta.json"
+  local h0 m0 ok0 other0 h1 m1 ok1 other1
+  read -r h0 m0 ok0 other0 <<<"$c0"
+  read -r h1 m1 ok1 other1 <<<"$c1"
+  printf '{"kind":"distcache","name":"%s","batch":%d,"keyspace":"%s","cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"rss_kib":%d,"node_hits":%d,"node_misses":%d,"node_fetches_ok":%d,"node_fetches_failed":%d}\n' \
+    "$name" "$batch" "$keyspace" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) "$(rss_kib "$NODE_PID")" \
+    $((h1 - h0)) $((m1 - m0)) $((ok1 - ok0)) $((other1 - other0)) >"$WORK/$name.meta.json"
 }
 
 redis_run redis-get-p1 1
-distcache_run distcache-get-c50 1
+distcache_run distcache-get-c50 1 "$KEYSPACE"
 redis_run redis-get-p16 "$BATCH"
-distcache_run distcache-getmany-16 "$BATCH"
+distcache_run distcache-getmany-16 "$BATCH" "$KEYSPACE"
+redis_run redis-set-p1 1 set "$SET_KEY_RANGE"
+distcache_run distcache-get-miss 1 "$MISS_KEYSPACE" --unique-keys
 
 "$CLI_BIN" --endpoint "$ENDPOINT" stats "$KEYSPACE" >"$WORK/distcache-stats.txt" 2>&1 || true
+"$CLI_BIN" --endpoint "$ENDPOINT" stats "$MISS_KEYSPACE" >"$WORK/distcache-miss-stats.txt" 2>&1 || true
 redis-server --version >"$WORK/redis-version.txt" 2>&1 || true
 "$CLI_BIN" --version >"$WORK/distcache-version.txt" 2>&1 || true
 
@@ -277,12 +328,13 @@ def last_json_object(text):
 def redis_row(name, label):
     meta = json.loads(read(f"{name}.meta.json"))
     rows = [r for r in csv.reader(read(f"{name}.csv").splitlines()) if r]
-    header, get = rows[0], next(r for r in rows[1:] if r[0] == "GET")
-    raw = {h: (get[i] if i == 0 else float(get[i])) for i, h in enumerate(header)}
+    test = meta.get("test", "GET")
+    header, row = rows[0], next(r for r in rows[1:] if r[0] == test)
+    raw = {h: (row[i] if i == 0 else float(row[i])) for i, h in enumerate(header)}
     cpu_s = meta["cpu_ticks"] / meta["clk_tck"]
     return {
         "label": label,
-        "ops_per_sec": raw["rps"],  # with -P 16 every pipelined GET is one key, so this is keys/s too
+        "ops_per_sec": raw["rps"],  # with -P 16 every pipelined command is one key, so this is keys/s too
         "p50_us": raw["p50_latency_ms"] * 1000,
         "p99_us": raw["p99_latency_ms"] * 1000,
         "server_cpu_us_per_key": cpu_s * 1e6 / meta["requests"],
@@ -329,9 +381,11 @@ rows = [
     distcache_row("distcache-get-c50", f"distcache Get c{concurrency}"),
     redis_row("redis-get-p16", f"redis GET P{batch}"),
     distcache_row("distcache-getmany-16", f"distcache GetMany({batch})"),
+    redis_row("redis-set-p1", "redis SET P1"),
+    distcache_row("distcache-get-miss", f"distcache Get miss c{concurrency}"),
 ]
 ratios = []
-for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3])):
+for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5])):
     ratios.append({
         "label": "  ratio distcache ÷ redis",
         "ops_per_sec": ratio(dc["ops_per_sec"], redis["ops_per_sec"]),
@@ -355,13 +409,17 @@ def fmt(value, key, is_ratio):
     return f"{value:,.1f}" if key != "server_cpu_us_per_key" else f"{value:.2f}"
 
 
+miss = rows[5]["raw"]["bench"]
 print()
 print(f"GET, {value_size} B values, {keys:,} keys, {concurrency} concurrent clients, {seconds} s per run, "
       f"loopback, {os.cpu_count()} cores shared by servers and load generators;\n"
-      f"one server thread and one load-generator thread on each side")
+      f"one server thread and one load-generator thread on each side.\n"
+      f"Miss path: every distcache Get uses a new key, so it misses, runs the WebAssembly test hook (echo: "
+      f"{value_size} B prefix + key,\nno I/O) and stores the value; beside redis SET of {value_size} B values "
+      f"to random keys of a 10^9 range (nearly all new).")
 print()
 print("".ljust(width) + "".join(c.rjust(20) for c, _ in cols))
-for group in ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1])):
+for group in ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1]), (rows[4], rows[5], ratios[2])):
     for r in group:
         is_ratio = r["label"].strip().startswith("ratio")
         print(r["label"].ljust(width) + "".join(fmt(r[k], k, is_ratio).rjust(20) for _, k in cols))
@@ -374,6 +432,25 @@ for r in rows:
         warnings.append(f"{r['label']}: {r['errors']} errors")
     if r["misses"]:
         warnings.append(f"{r['label']}: {r['misses']} misses (keys not loaded or evicted?)")
+# The miss run is only what it claims if the node served no hit and loaded (once) every key it was asked for.
+miss_meta = rows[5]["raw"]["meta"]
+miss_check = {
+    "requests_measured": miss["requests"],
+    "node_hits": miss_meta["node_hits"],
+    "node_fetches_ok": miss_meta["node_fetches_ok"],
+    "node_fetches_failed": miss_meta["node_fetches_failed"],
+}
+print(f"miss path, node counters over the measured window: {miss_meta['node_fetches_ok']:,} hook loads, "
+      f"{miss_meta['node_hits']} hits, {miss_meta['node_fetches_failed']} failed loads "
+      f"(bench: {miss['requests']:,} Gets)")
+if miss_meta["node_hits"]:
+    warnings.append(f"{rows[5]['label']}: the node served {miss_meta['node_hits']} hits; not a pure miss path")
+if miss_meta["node_fetches_failed"]:
+    warnings.append(f"{rows[5]['label']}: {miss_meta['node_fetches_failed']} hook loads failed")
+# The counters are sampled around the measured window, the bench counts from its end of warm-up: allow the
+# requests in flight at either edge.
+if abs(miss_meta["node_fetches_ok"] - miss["requests"]) > max(2 * concurrency, miss["requests"] // 100):
+    warnings.append(f"{rows[5]['label']}: {miss_meta['node_fetches_ok']} hook loads for {miss['requests']} Gets")
 for w in warnings:
     print(f"warning: {w}")
 
@@ -387,6 +464,8 @@ result = {
     "ratios": ratios,
     "distcache_preload": last_json_object(read("dc-preload.json")) if read("dc-preload.json") else None,
     "distcache_stats_after": read("distcache-stats.txt"),
+    "distcache_miss_stats_after": read("distcache-miss-stats.txt"),
+    "miss_path_check": miss_check,
     "warnings": warnings,
 }
 with open(results_path, "w") as f:

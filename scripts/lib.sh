@@ -201,6 +201,37 @@ http_ok() {
   ) 2>/dev/null
 }
 
+# http_get HOST PORT PATH: prints the body of GET http://HOST:PORT/PATH; fails unless it answers 200 within about
+# two seconds. Uses curl when present, else bash's /dev/tcp (reading exactly content-length bytes, since the server
+# may keep the connection open).
+http_get() {
+  local host=$1 port=$2 path=$3
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsS --max-time 2 "http://$host:$port$path"
+    return
+  fi
+  (
+    exec 3<>"/dev/tcp/$host/$port" || exit 1
+    printf 'GET %s HTTP/1.1\r\nHost: %s:%s\r\nConnection: close\r\n\r\n' "$path" "$host" "$port" >&3
+    IFS= read -r -t 2 status <&3 || exit 1
+    [[ $status =~ ^HTTP/[0-9.]+\ 200 ]] || exit 1
+    local line length=
+    while IFS= read -r -t 2 line <&3; do
+      line=${line%$'\r'}
+      [[ -n $line ]] || break
+      if [[ ${line,,} =~ ^content-length:\ *([0-9]+) ]]; then length=${BASH_REMATCH[1]}; fi
+    done
+    if [[ -n $length ]]; then
+      local body='' LC_ALL=C # read -N counts bytes only in the C locale
+      ((length == 0)) || IFS= read -r -N "$length" -t 2 body <&3 || true
+      ((${#body} == length)) || exit 1
+      printf '%s' "$body"
+    else
+      timeout 2 cat <&3
+    fi
+  ) 2>/dev/null
+}
+
 # wait_ready PID TIMEOUT_SECONDS WHAT CMD [ARGS...]: polls every 100 ms until CMD succeeds. Fails (with the
 # process's log tail) when the process exits first or the deadline passes.
 wait_ready() {

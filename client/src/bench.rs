@@ -8,15 +8,19 @@
 //! The hot loop allocates nothing but the request itself: keys are formatted once into a shared slice, the value
 //! is one [`Bytes`] shared by reference count, random numbers come from a per-task xorshift generator, and each
 //! task records into its own histogram (merged at the end), so tasks never contend on shared state.
+//!
+//! With [`BenchConfig::unique_keys`] every key of every request is one never used before (a per-run prefix and a
+//! shared counter), so against a read-through keyspace every `Get` is a miss that runs the data source: the
+//! miss-path benchmark. Those keys are formatted per request and the tasks share one atomic counter.
 
 use std::{
     fmt,
     str::FromStr,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -93,8 +97,11 @@ pub struct BenchConfig {
     pub batch: usize,
     /// Keyspace to run against; it must exist on the node.
     pub keyspace: String,
-    /// Write every key once before a `get`/`mixed` run, so reads hit.
+    /// Write every key once before a `get`/`mixed` run, so reads hit. Ignored with `unique_keys`.
     pub preload: bool,
+    /// Use a key never used before for every key of every request instead of drawing from `keys`: every read is
+    /// then a miss (on a read-through keyspace, a data-source load) and every write inserts a new entry.
+    pub unique_keys: bool,
 }
 
 impl Default for BenchConfig {
@@ -110,6 +117,7 @@ impl Default for BenchConfig {
             batch: 1,
             keyspace: "bench".to_owned(),
             preload: true,
+            unique_keys: false,
         }
     }
 }
@@ -144,6 +152,29 @@ pub fn key_name(i: usize) -> String {
     format!("key-{i:08}")
 }
 
+/// Source of the keys of a `unique_keys` run: `u<run>-<n>`, where `<run>` differs between runs (the clock and a
+/// process-wide run counter) and `<n>` counts up from 0 across all tasks, so no key repeats within a run nor,
+/// in practice, across runs against the same node.
+#[derive(Debug)]
+struct UniqueKeys {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl UniqueKeys {
+    fn new() -> Self {
+        static RUNS: AtomicU64 = AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        Self { prefix: format!("u{nanos:x}{run:x}-"), next: AtomicU64::new(0) }
+    }
+
+    fn next_key(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}{n:08}", self.prefix)
+    }
+}
+
 /// Phases of a run, reported to the progress callback of [`run_with_progress`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -174,8 +205,10 @@ pub struct BenchReport {
     pub batch: usize,
     /// Bytes per value written.
     pub value_size: usize,
-    /// Size of the key space.
+    /// Size of the key space (not used with `unique_keys`).
     pub keys: usize,
+    /// Every key was used once (a miss-path run), see [`BenchConfig::unique_keys`].
+    pub unique_keys: bool,
     /// Measured wall-clock time in seconds (the configured duration plus the tail of the last calls).
     pub duration_s: f64,
     /// Calls completed in the measured phase.
@@ -216,6 +249,9 @@ impl fmt::Display for BenchReport {
         writeln!(f, "concurrency  {}", self.concurrency)?;
         writeln!(f, "connections  {}", self.connections)?;
         writeln!(f, "batch        {}", self.batch)?;
+        if self.unique_keys {
+            writeln!(f, "keys         unique (each used once)")?;
+        }
         writeln!(f, "duration     {:.2} s", self.duration_s)?;
         writeln!(f, "requests     {}", self.requests)?;
         writeln!(f, "ops/s        {:.1}", self.ops_per_sec)?;
@@ -267,9 +303,13 @@ pub async fn run_with_progress(
     progress: impl Fn(Phase),
 ) -> Result<BenchReport, BenchError> {
     config.validate()?;
-    let keys: Arc<[String]> = (0..config.keys).map(key_name).collect();
+    let (keys, unique): (Arc<[String]>, _) = if config.unique_keys {
+        (Arc::new([]), Some(UniqueKeys::new()))
+    } else {
+        ((0..config.keys).map(key_name).collect(), None)
+    };
     let value = Bytes::from(vec![b'x'; config.value_size]);
-    if config.preload && config.op != Op::Put {
+    if config.preload && config.op != Op::Put && unique.is_none() {
         progress(Phase::Preloading { keys: keys.len() });
         preload(client, config, &keys, &value).await?;
     }
@@ -282,6 +322,7 @@ pub async fn run_with_progress(
         batch: config.batch,
         keyspace: config.keyspace.clone(),
         keys,
+        unique,
         value,
         warmup_end,
         end: warmup_end + config.duration,
@@ -348,6 +389,8 @@ struct Plan {
     batch: usize,
     keyspace: String,
     keys: Arc<[String]>,
+    /// Set for a `unique_keys` run; `keys` is empty then.
+    unique: Option<UniqueKeys>,
     value: Bytes,
     warmup_end: Instant,
     end: Instant,
@@ -373,21 +416,25 @@ impl CallOutcome {
 }
 
 impl Plan {
-    fn random_key(&self, rng: &mut XorShift64) -> String {
-        self.keys[rng.below(self.keys.len())].clone()
+    /// The key of the next request: a fresh one in a `unique_keys` run, else one drawn at random from `keys`.
+    fn next_key(&self, rng: &mut XorShift64) -> String {
+        match &self.unique {
+            Some(unique) => unique.next_key(),
+            None => self.keys[rng.below(self.keys.len())].clone(),
+        }
     }
 
     async fn get(&self, client: &Client, rng: &mut XorShift64) -> CallOutcome {
         let mut outcome = CallOutcome::default();
         if self.batch == 1 {
-            match client.get(self.keyspace.as_str(), self.random_key(rng)).await {
+            match client.get(self.keyspace.as_str(), self.next_key(rng)).await {
                 Ok(Some(_)) => {}
                 Ok(None) => outcome.misses = 1,
                 Err(error) => return CallOutcome::failed(error, 1),
             }
             return outcome;
         }
-        let keys: Vec<String> = (0..self.batch).map(|_| self.random_key(rng)).collect();
+        let keys: Vec<String> = (0..self.batch).map(|_| self.next_key(rng)).collect();
         match client.get_many(self.keyspace.as_str(), keys).await {
             Ok(results) => {
                 for result in results {
@@ -406,7 +453,7 @@ impl Plan {
     async fn put(&self, client: &Client, rng: &mut XorShift64) -> CallOutcome {
         if self.batch == 1 {
             return match client
-                .put(self.keyspace.as_str(), self.random_key(rng), self.value.clone(), None)
+                .put(self.keyspace.as_str(), self.next_key(rng), self.value.clone(), None)
                 .await
             {
                 Ok(()) => CallOutcome::default(),
@@ -414,7 +461,7 @@ impl Plan {
             };
         }
         let entries: Vec<_> =
-            (0..self.batch).map(|_| (self.random_key(rng), self.value.clone(), None)).collect();
+            (0..self.batch).map(|_| (self.next_key(rng), self.value.clone(), None)).collect();
         match client.put_many(self.keyspace.as_str(), entries).await {
             Ok(results) => {
                 let mut outcome = CallOutcome::default();
@@ -510,6 +557,7 @@ fn summarize(
         batch: config.batch,
         value_size: config.value_size,
         keys: config.keys,
+        unique_keys: config.unique_keys,
         duration_s: round_to(seconds, 3),
         requests: merged.requests,
         ops_per_sec: round_to(ops_per_sec, 1),

@@ -131,6 +131,11 @@ struct BenchArgs {
     /// Do not write every key before a get/mixed run.
     #[arg(long)]
     no_preload: bool,
+    /// Give every request a key never used before (a per-run prefix and a counter) instead of drawing from
+    /// --keys: against a read-through keyspace every get is a miss that runs the data source (the miss path).
+    /// Nothing is preloaded.
+    #[arg(long)]
+    unique_keys: bool,
     /// Worker threads of the load generator. One by default, like redis-benchmark: on a machine shared with
     /// the server, more client threads take cores from the server under test.
     #[arg(long, default_value_t = 1, value_parser = parse_positive)]
@@ -170,6 +175,7 @@ impl BenchArgs {
             batch: self.batch,
             keyspace: self.keyspace.clone(),
             preload: !self.no_preload,
+            unique_keys: self.unique_keys,
         }
     }
 }
@@ -661,6 +667,10 @@ mod tests {
         assert_eq!((config.concurrency, config.keys, config.value_size, config.batch), (2, 10, 1024, 16));
         assert_eq!((config.duration, config.warmup), (Duration::from_millis(500), Duration::ZERO));
         assert!(!config.preload);
+        assert!(!config.unique_keys);
+        let cli = parse(&["bench", "--unique-keys"]).expect("valid");
+        let Command::Bench(args) = cli.command else { panic!("not bench") };
+        assert!(args.config().unique_keys);
         for bad in [["--concurrency", "0"], ["--batch", "0"], ["--duration", "0s"], ["--op", "scan"]] {
             let err = parse(&["bench", bad[0], bad[1]]).expect_err("invalid");
             assert_eq!(err.exit_code(), 2, "{bad:?}");

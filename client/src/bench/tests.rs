@@ -45,6 +45,17 @@ fn workers_draw_different_sequences() {
 }
 
 #[test]
+fn unique_keys_never_repeat() {
+    let unique = UniqueKeys::new();
+    let keys: Vec<String> = (0..10_000).map(|_| unique.next_key()).collect();
+    let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len());
+    assert!(keys.iter().all(|k| k.starts_with(&unique.prefix)), "{:?}", &keys[..3]);
+    // Another run (in this process or a later one) starts from another prefix, so its keys are fresh too.
+    assert_ne!(UniqueKeys::new().prefix, unique.prefix);
+}
+
+#[test]
 fn ops_parse_and_print() {
     for op in [Op::Get, Op::Put, Op::Mixed] {
         assert_eq!(op.to_string().parse::<Op>(), Ok(op));
@@ -119,6 +130,7 @@ fn report_renders_as_text_and_json() {
         "batch",
         "value_size",
         "keys",
+        "unique_keys",
         "duration_s",
         "requests",
         "ops_per_sec",
@@ -195,6 +207,31 @@ async fn reads_without_preload_are_misses_not_errors() {
     assert_eq!(report.errors, 0);
     assert_eq!(report.misses, report.requests * 8, "every key of every batch missed");
     assert!((report.keys_per_sec - report.ops_per_sec * 8.0).abs() < 1.0);
+}
+
+#[tokio::test]
+async fn unique_keys_make_every_read_a_miss_and_skip_preload() {
+    let (addr, _fake) = crate::testing::serve().await;
+    let client = Client::connect(addr.to_string()).await.expect("connect");
+    // Ten keys, preload on: with drawn keys every read would hit; with unique keys none does.
+    let config = BenchConfig { keys: 10, unique_keys: true, ..quick(Op::Get, crate::testing::KEYSPACE) };
+    let phases = std::sync::Mutex::new(Vec::new());
+    let report = run_with_progress(&client, &config, |phase| phases.lock().expect("test lock").push(phase))
+        .await
+        .expect("bench runs");
+    assert!(report.requests > 10, "{report:?}");
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert_eq!(report.misses, report.requests, "every read used a key never written: {report:?}");
+    assert!(report.unique_keys);
+    assert!(report.to_string().contains("keys         unique"), "{report}");
+    let phases = phases.into_inner().expect("test lock");
+    assert!(matches!(phases[..], [Phase::WarmingUp(_), Phase::Measuring(_)]), "no preload: {phases:?}");
+
+    // Mixed: the writes go to fresh keys too, so they never turn a later read into a hit.
+    let config = BenchConfig { unique_keys: true, ..quick(Op::Mixed, crate::testing::KEYSPACE) };
+    let report = run(&client, &config).await.expect("bench runs");
+    assert_eq!(report.errors, 0, "{report:?}");
+    assert!(report.misses > 0 && report.misses < report.requests, "{report:?}");
 }
 
 #[tokio::test]
