@@ -75,7 +75,8 @@ pub struct HooksConfig {
     /// config file's directory.
     #[serde(default = "default_config_map_dir")]
     pub config_map_dir: PathBuf,
-    /// Most hook instances alive at once on this node, over all keyspaces (sizes the instance pool).
+    /// Most hook instances alive at once on this node, over all keyspaces (sizes the pooling allocator, which
+    /// reserves — but does not commit — 4 GiB of address space per instance memory). Default 256.
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
 }
@@ -101,7 +102,7 @@ fn default_config_map_dir() -> PathBuf {
     PathBuf::from("/etc/distcache/modules")
 }
 fn default_max_instances() -> u32 {
-    1000
+    256
 }
 
 /// The discovery backend: exactly one field is set (none = standalone).

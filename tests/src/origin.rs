@@ -3,15 +3,13 @@
 //! Routes (every request is counted per path; `GET /_stats` returns the counts as JSON):
 //! - `GET /<prefix>/<key>`: the file `<dir>/<prefix>/<key>.json` (or without `.json`), 404 when absent;
 //! - `GET /status/<code>/<anything>`: an empty answer with that status (a backend failing with 503);
-//! - `GET /redirect/<anything>?to=<url>`: `302 Found` to `<url>`;
-//! - `GET /slow/<ms>/<anything>`: `200` after `<ms>` milliseconds.
+//! - `GET /redirect/<anything>?to=<url>`: `302 Found` to `<url>`.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use tokio::{
@@ -175,10 +173,6 @@ async fn respond(
         ["redirect", ..] => {
             let to = request.query.split('&').find_map(|kv| kv.strip_prefix("to=")).unwrap_or("/");
             ("302 Found".into(), vec![("location", percent_decode(to))], Vec::new())
-        }
-        ["slow", ms, ..] => {
-            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-            ("200 OK".into(), json, b"{\"slow\":true}".to_vec())
         }
         _ => {
             let rel: PathBuf = parts.iter().filter(|p| !p.is_empty() && **p != ".." && **p != ".").collect();
