@@ -13,7 +13,8 @@
 //!   panic) discards its instance and becomes a typed [`FetchError`](crate::source::FetchError); the node and
 //!   the other keyspaces are untouched.
 //! - **Egress** ([`http`]) is the host's `http` interface: only to the keyspace's `allowedHosts`, with a cap on
-//!   concurrent requests and on response size. WASI is linked with no files, no sockets and no environment.
+//!   concurrent requests and on response size. WASI is linked with no files, no sockets and no environment;
+//!   the guest's stdout and stderr go to the node's log ([`output`]), rate-limited per keyspace.
 //! - Calls are async: a guest waiting on its backend waits on a future, and a guest burning CPU yields to the
 //!   scheduler at every epoch tick, so no hook holds a runtime worker.
 
@@ -21,6 +22,7 @@ mod bindings;
 pub mod http;
 pub mod instance;
 pub mod module;
+pub mod output;
 pub mod runtime;
 
 use std::time::Duration;

@@ -262,12 +262,24 @@ impl Keyspaces {
     }
 
     /// Records a refused reload.
-    pub fn refuse(&self, error: &LoadError) {
+    ///
+    /// A retry of the same change that fails with the same error is neither logged nor counted again.
+    pub fn refuse(&self, error: &LoadError, retry: bool) {
+        let message = error.to_string();
+        let mut status = self.status.lock();
+        if retry && status.last_error.as_deref() == Some(message.as_str()) {
+            tracing::debug!(error = %message, "keyspaces reload retried, still refused");
+            return;
+        }
         self.metrics.reload("refused");
-        tracing::warn!(error = %error, "keyspaces reload refused; the last good keyspaces keep serving");
-        self.status.lock().last_error = Some(error.to_string());
+        tracing::warn!(error = %message, "keyspaces reload refused; the last good keyspaces keep serving");
+        status.last_error = Some(message);
     }
 }
+
+/// A change refused because a data source could not be built is tried again after this many poll intervals
+/// (30 s with the default 1 s interval).
+pub const RETRY_REFUSED_TICKS: u32 = 30;
 
 /// Whether a keyspace's data source depends on nothing that differs between two configs.
 fn same_source_inputs(a: &ValidKeyspace, b: &ValidKeyspace) -> bool {
@@ -316,6 +328,10 @@ pub async fn watch_file(
         .unwrap_or_default();
     let mut prints = fingerprints(&watched);
     let mut missing_logged = false;
+    // A change refused because a data source could not be built (a download failed, a module file is not there
+    // yet) may succeed later: it is retried every RETRY_REFUSED_TICKS intervals until it applies or the file
+    // changes.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -337,7 +353,9 @@ pub async fn watch_file(
             }
         };
         let modules_changed = fingerprints(&watched) != prints;
-        if last.as_deref() == Some(current.as_slice()) && !modules_changed {
+        let unchanged = last.as_deref() == Some(current.as_slice()) && !modules_changed;
+        let retry = unchanged && retry_at.is_some_and(|t| tokio::time::Instant::now() >= t);
+        if unchanged && !retry {
             continue;
         }
         last = Some(current.clone());
@@ -353,10 +371,15 @@ pub async fn watch_file(
         };
         match outcome {
             Ok(()) => {
+                retry_at = None;
                 metrics.reload("applied");
                 tracing::info!(path = %path.display(), "keyspaces reloaded");
             }
-            Err(e) => keyspaces.refuse(&e),
+            Err(e) => {
+                retry_at = matches!(e, LoadError::Source { .. })
+                    .then(|| tokio::time::Instant::now() + interval * RETRY_REFUSED_TICKS);
+                keyspaces.refuse(&e, retry);
+            }
         }
     }
 }

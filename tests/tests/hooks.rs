@@ -491,6 +491,9 @@ async fn url_modules_are_downloaded_once_verified_and_compiled_once() -> anyhow:
     assert_eq!(origin.hits("/hook.wasm"), 1);
     let artifacts = compiled(cache.path())?;
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    // An artifact of another wasmtime version or engine settings is useless: pruned on the next compile.
+    let stale = cache.path().join("compiled").join(format!("{sha}-0000000000000000.cwasm"));
+    std::fs::write(&stale, b"stale")?;
     let modified = std::fs::metadata(&artifacts[0])?.modified()?;
 
     // A restart with the same cache: no download, no compile (the artifact is deserialized).
@@ -501,6 +504,18 @@ async fn url_modules_are_downloaded_once_verified_and_compiled_once() -> anyhow:
     }
     assert_eq!(origin.hits("/hook.wasm"), 1, "downloaded once");
     assert_eq!(std::fs::metadata(&artifacts[0])?.modified()?, modified, "compiled once");
+    assert!(stale.exists(), "nothing is pruned when nothing is compiled");
+
+    // Another module compiled into the same cache: the stale artifact goes, the current ones stay.
+    let other = format!(
+        "keyspaces:\n  - name: users\n    maxBytes: 1Mi\n    hook:\n      module: {{ path: \"{}\" }}\n      \
+         config: {{ baseUrl: \"{}/users\" }}\n",
+        http_json()?,
+        origin.url()
+    );
+    drop(cluster(1, &other, cache.path()).await?);
+    assert!(!stale.exists(), "the artifact of another engine is pruned");
+    assert_eq!(compiled(cache.path())?.len(), 2, "both current artifacts are kept");
 
     // A wrong sha256 refuses to start (the initial keyspaces must be valid), naming both digests.
     let wrong = "ab".repeat(32);
@@ -557,5 +572,39 @@ async fn a_configmap_module_is_read_from_its_mount_and_swapped_when_kubernetes_u
     // A key not read before: served by the new module, from the origin.
     assert_eq!(c.get(get("users", "8")).await?.into_inner().value, user_json(8));
     assert!(origin.total_hits() >= 1, "the new module reads the origin");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_because_a_module_download_failed_is_retried() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let origin = Origin::start("127.0.0.1:0".parse()?, data.path()).await?;
+    let wasm = std::fs::read(test_hook()?)?;
+    let sha = distcache_node::hooks::module::sha256_hex(&wasm);
+    let cache = tempfile::tempdir()?;
+    let cluster = cluster(1, "keyspaces: []\n", cache.path()).await?;
+    // The artifact server does not have the module yet: the change is refused (404).
+    let keyspaces = format!(
+        "keyspaces:\n  - name: remote\n    maxBytes: 1Mi\n    hook:\n      module: {{ url: \"{}/hook.wasm\", \
+         sha256: \"{sha}\" }}\n      config: {{ mode: echo, prefix: \"late:\" }}\n",
+        origin.url()
+    );
+    std::fs::write(&cluster.keyspaces_file, keyspaces)?;
+    wait_for(Duration::from_secs(10), "the refused download", || async {
+        Ok(last_reload_error(&cluster).await?.contains("404"))
+    })
+    .await?;
+    // Once it is published, the unchanged keyspaces file applies without anyone touching it (retried after 30
+    // poll intervals of 100 ms here).
+    std::fs::write(data.path().join("hook.wasm"), &wasm)?;
+    let mut c = cluster.client(0).await?;
+    wait_for(Duration::from_secs(15), "the retried reload applied", || {
+        let mut c = c.clone();
+        async move { Ok(c.get(get("remote", "k")).await.is_ok()) }
+    })
+    .await?;
+    assert_eq!(c.get(get("remote", "x")).await?.into_inner().value, &b"late:x"[..]);
+    assert!(origin.hits("/hook.wasm") >= 2, "downloaded on the retry");
+    assert!(last_reload_error(&cluster).await?.is_empty());
     Ok(())
 }

@@ -12,20 +12,18 @@ use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline, component::ResourceTable};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView, p2::pipe::MemoryOutputPipe};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::{
     DEFAULT_FUEL, DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MEMORY, DEFAULT_POOL_SIZE, EPOCH_TICK,
     bindings::{self, DataSource as Bindings, DataSourcePre},
     http::{HttpGate, HttpLimits},
+    output::{GuestOutput, LogBudget},
 };
 use crate::{
     metrics::Metrics,
     source::{DataSource, FetchError, Fetched},
 };
-
-/// Bytes of a guest's stderr kept per instance (to quote a panic message).
-const STDERR_CAPACITY: usize = 16 << 10;
 
 /// The limits of one call of a keyspace's hook, with defaults applied.
 #[derive(Clone, Debug)]
@@ -154,7 +152,7 @@ impl ResourceLimiter for HostState {
 struct Instance {
     store: Store<HostState>,
     bindings: Bindings,
-    stderr: MemoryOutputPipe,
+    stderr: GuestOutput,
 }
 
 impl Instance {
@@ -185,6 +183,7 @@ pub struct HookSource {
     http: Arc<HttpGate>,
     idle: Mutex<Vec<Instance>>,
     slots: Semaphore,
+    log_budget: Arc<LogBudget>,
     metrics: Arc<Metrics>,
     calls: CallCounters,
 }
@@ -214,9 +213,11 @@ impl HookSource {
             fetch: metrics.hook_calls(&keyspace, "fetch"),
             fetch_many: metrics.hook_calls(&keyspace, "fetch-many"),
         };
+        let keyspace: Arc<str> = Arc::from(keyspace);
         Ok(Arc::new(Self {
             engine: pre.engine().clone(),
-            keyspace: Arc::from(keyspace),
+            log_budget: LogBudget::new(Arc::clone(&keyspace)),
+            keyspace,
             pre,
             config: hook.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             slots: Semaphore::new(limits.pool_size as usize),
@@ -258,8 +259,15 @@ impl HookSource {
 
     /// A fresh instance: new store, instantiated from the pre-linked component, `init` called with the config.
     async fn instantiate(&self) -> Result<Instance, FetchError> {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        let wasi = WasiCtxBuilder::new().stderr(stderr.clone()).allow_tcp(false).allow_udp(false).build();
+        let stderr = GuestOutput::new("stderr", Arc::clone(&self.log_budget));
+        let stdout = GuestOutput::new("stdout", Arc::clone(&self.log_budget));
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout)
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
         let state = HostState {
             keyspace: Arc::clone(&self.keyspace),
             http: Arc::clone(&self.http),
@@ -326,7 +334,7 @@ impl HookSource {
     }
 
     /// Classifies a failed call (the instance is discarded by the caller), counts and logs it.
-    fn trapped(&self, error: &wasmtime::Error, stderr: &MemoryOutputPipe) -> FetchError {
+    fn trapped(&self, error: &wasmtime::Error, stderr: &GuestOutput) -> FetchError {
         let (reason, message) = classify(error, stderr, &self.limits);
         self.metrics.hook_trap(&self.keyspace, reason.label());
         tracing::warn!(keyspace = %self.keyspace, reason = reason.label(), error = %message, "hook call trapped; instance discarded");
@@ -428,7 +436,7 @@ impl DataSource for HookSource {
 }
 
 /// What stopped a call, and the message for the reader.
-fn classify(error: &wasmtime::Error, stderr: &MemoryOutputPipe, limits: &HookLimits) -> (TrapReason, String) {
+fn classify(error: &wasmtime::Error, stderr: &GuestOutput, limits: &HookLimits) -> (TrapReason, String) {
     if error.downcast_ref::<DeadlineExceeded>().is_some() {
         return (TrapReason::Timeout, format!("the hook exceeded its timeout of {:?}", limits.timeout));
     }
@@ -444,8 +452,7 @@ fn classify(error: &wasmtime::Error, stderr: &MemoryOutputPipe, limits: &HookLim
         }
         Some(Trap::StackOverflow) => (TrapReason::StackOverflow, "the hook overflowed its call stack".into()),
         Some(Trap::UnreachableCodeReached) => {
-            let output = stderr.contents();
-            let text = String::from_utf8_lossy(&output);
+            let text = stderr.tail();
             (
                 TrapReason::Panic,
                 match panic_message(&text) {

@@ -151,11 +151,40 @@ impl HookRuntime {
             write_atomically(&artifact, &compiled).await?;
             write_atomically(&checksum, sum.as_bytes()).await
         };
-        if let Err(e) = stored.await {
-            tracing::warn!(dir = %self.settings.cache_dir.display(), error = %e, "cannot write the compiled hook to the cache; a restart will compile it again");
+        match stored.await {
+            Ok(()) => self.prune_artifacts().await,
+            Err(e) => {
+                tracing::warn!(dir = %self.settings.cache_dir.display(), error = %e, "cannot write the compiled hook to the cache; a restart will compile it again");
+            }
         }
         self.deserialize(&compiled)
             .map_err(|e| format!("loading the compiled module {} failed: {e:#}", module.origin))
+    }
+
+    /// Removes artifacts this engine can never load (another wasmtime version or settings), and all but the
+    /// [`KEPT_ARTIFACTS`] most recently written of its own.
+    async fn prune_artifacts(&self) {
+        let dir = self.settings.cache_dir.join("compiled");
+        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else { return };
+        let own_suffix = format!("-{}.cwasm", self.compat);
+        let mut own = Vec::new();
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "cwasm") {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(&own_suffix) {
+                let written = entry.metadata().await.and_then(|m| m.modified()).ok();
+                own.push((written, path));
+            } else {
+                remove_artifact(&path).await;
+            }
+        }
+        own.sort_by_key(|(written, _)| std::cmp::Reverse(*written));
+        for (_, path) in own.into_iter().skip(KEPT_ARTIFACTS) {
+            remove_artifact(&path).await;
+        }
     }
 
     async fn load_artifact(&self, artifact: &Path, checksum: &Path) -> Option<Component> {
@@ -238,6 +267,20 @@ impl HookRuntime {
             },
         );
         Ok(source)
+    }
+}
+
+/// Compiled modules of this engine kept in the cache directory (older ones are removed).
+pub const KEPT_ARTIFACTS: usize = 64;
+
+async fn remove_artifact(path: &Path) {
+    let checksum = path.with_extension("cwasm.sha256");
+    for file in [path, checksum.as_path()] {
+        if let Err(e) = tokio::fs::remove_file(file).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::debug!(file = %file.display(), error = %e, "cannot remove an old hook artifact");
+        }
     }
 }
 
