@@ -3,6 +3,9 @@
 #   make test        everything CI checks: fmt check, clippy (-D warnings), debug build of the binaries (the
 #                    integration tests spawn them from the same target dir), the WebAssembly hooks (hooks/, for
 #                    wasm32-wasip2) and their unit tests, nextest (profile `ci`), doc tests
+#   make testbed-up  start the Kubernetes test bed (etcd, kube-apiserver and kube-controller-manager v1.20.2, the test
+#                    kubelet; binaries built once and cached in /var/cache/distcache/testbed), write
+#                    target/testbed/kubeconfig; make testbed-down stops it (tests/testbed/README.md)
 #   make hooks       build the hooks workspace (SDK, example and test hooks) into
 #                    ${CARGO_TARGET_DIR:-target}/hooks/wasm32-wasip2/release/*.wasm
 #   make build       release binaries distcache-node and distcache in ${CARGO_TARGET_DIR:-target}/release
@@ -39,7 +42,8 @@ HOOKS_TARGET := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/hooks
 HOOKS_CARGO := $(CARGO) --config 'build.target-dir="$(HOOKS_TARGET)"'
 HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
-.PHONY: help test fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench clean-demo
+.PHONY: help test fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench clean-demo \
+	testbed-up testbed-down
 
 help:
 	@sed -n '/^# DistCache/,/^# CI runs/{s/^# \{0,1\}//;p}' $(firstword $(MAKEFILE_LIST))
@@ -78,8 +82,18 @@ hooks-test:
 build-debug:
 	$(CARGO) build --workspace --bins
 
+# The tests run with the Kubernetes test bed up; it is stopped afterwards whatever the outcome.
 nextest:
-	$(CARGO) nextest run --workspace --no-fail-fast --profile $(NEXTEST_PROFILE) $(NEXTEST_ARGS)
+	bash tests/testbed/testbed.sh up
+	status=0; $(CARGO) nextest run --workspace --no-fail-fast --profile $(NEXTEST_PROFILE) $(NEXTEST_ARGS) || status=$$?; \
+	bash tests/testbed/testbed.sh down; exit $$status
+
+testbed-up:
+	$(CARGO) build -p distcache-node -p distcache-tests --bins
+	bash tests/testbed/testbed.sh up
+
+testbed-down:
+	bash tests/testbed/testbed.sh down
 
 doctest:
 	$(CARGO) test --workspace --doc

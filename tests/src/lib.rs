@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod kubelet;
 pub mod origin;
+pub mod testbed;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -1,0 +1,87 @@
+//! Test-side access to the Kubernetes test bed (`make testbed-up`, `tests/testbed/testbed.sh`): a client for
+//! the bed's API server, and a namespace per test that is deleted afterwards.
+//!
+//! The bed is started once per `make test` run, before the tests, and always stopped after them: under nextest
+//! each test is its own process, so the bed cannot belong to any one of them.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, PostParams},
+};
+
+/// The bed's directory: `$TESTBED_DIR`, else `target/testbed` of the checkout.
+pub fn testbed_dir() -> PathBuf {
+    std::env::var_os("TESTBED_DIR")
+        .map_or_else(|| crate::repo_root().join("target").join("testbed"), PathBuf::from)
+}
+
+/// A connection to the running test bed.
+pub struct Testbed {
+    /// Admin client (system:masters).
+    pub client: Client,
+    /// The admin kubeconfig file.
+    pub kubeconfig: PathBuf,
+}
+
+impl Testbed {
+    /// Connects to the running bed, or explains how to start it.
+    pub async fn connect() -> anyhow::Result<Self> {
+        let kubeconfig = testbed_dir().join("kubeconfig");
+        anyhow::ensure!(
+            kubeconfig.exists() && testbed_dir().join("pids").exists(),
+            "the Kubernetes test bed is not running ({} missing): `make testbed-up` starts it (`make test` does)",
+            kubeconfig.display()
+        );
+        let file = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?;
+        let client = Client::try_from(config)?;
+        Ok(Self { client, kubeconfig })
+    }
+
+    /// Creates a fresh namespace `<prefix>-<suffix>` for one test.
+    pub async fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
+        let suffix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+            % 1_000_000_007;
+        let name = format!("{prefix}-{suffix:x}-{}", std::process::id());
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns = Namespace {
+            metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+            ..Namespace::default()
+        };
+        api.create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        // The service-account controller creates `default` shortly after; pods need it for their token.
+        crate::wait_for(Duration::from_secs(20), "the default ServiceAccount of the test namespace", || {
+            let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                Api::namespaced(self.client.clone(), &name);
+            async move { Ok(sa.get_opt("default").await?.is_some()) }
+        })
+        .await?;
+        Ok(TestNamespace { name, client: self.client.clone() })
+    }
+}
+
+/// A namespace owned by one test; [`TestNamespace::delete`] removes it (and so every object in it).
+pub struct TestNamespace {
+    /// Namespace name.
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Deletes the namespace (the garbage collector and the kubelet remove what is in it).
+    pub async fn delete(self) -> anyhow::Result<()> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        api.delete(&self.name, &DeleteParams::background()).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,140 @@
+//! Self-test of the Kubernetes test bed: a StatefulSet of three `distcache-node` pods, created through the real
+//! API server, run by the test kubelet, recreated by the real StatefulSet controller, and garbage-collected by
+//! the real controller-manager.
+
+use std::{net::SocketAddr, time::Duration};
+
+use distcache_proto::v1::{GetRequest, PutRequest};
+use distcache_tests::{testbed::Testbed, wait_for};
+use k8s_openapi::api::{apps::v1::StatefulSet, core::v1::ConfigMap, core::v1::Pod};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, PostParams},
+};
+
+const NODE_YAML: &str =
+    "discovery: { standalone: {} }\nkeyspacesFile: keyspaces.yaml\nkeyspacesPollInterval: 200ms\n";
+const KEYSPACES_YAML: &str = "keyspaces:\n  - { name: kv, maxBytes: 1Mi }\n";
+
+fn statefulset(name: &str, replicas: i32) -> anyhow::Result<StatefulSet> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": replicas,
+            "serviceName": format!("{name}-peers"),
+            "podManagementPolicy": "Parallel",
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "node",
+                        "image": "example.invalid/distcache-node:test",
+                        "args": ["--config", "/etc/distcache/node.yaml"],
+                        "env": [
+                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+                            { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                            { "name": "DISTCACHE_NAME", "value": "$(POD_NAME)" },
+                            { "name": "DISTCACHE_LISTEN", "value": "$(POD_IP):7420" },
+                            { "name": "DISTCACHE_ADVERTISE", "value": "$(POD_IP):7420" },
+                            { "name": "DISTCACHE_ADMIN", "value": "$(POD_IP):7421" }
+                        ],
+                        "ports": [
+                            { "name": "grpc", "containerPort": 7420 },
+                            { "name": "admin", "containerPort": 7421 }
+                        ],
+                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 1 },
+                        "volumeMounts": [{ "name": "config", "mountPath": "/etc/distcache" }]
+                    }],
+                    "volumes": [{ "name": "config", "configMap": { "name": format!("{name}-config") } }]
+                }
+            }
+        }
+    }))?)
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+async fn ready_pods(pods: &Api<Pod>, app: &str) -> anyhow::Result<Vec<Pod>> {
+    let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await?;
+    Ok(list.items.into_iter().filter(is_ready).collect())
+}
+
+fn grpc_addr(pod: &Pod) -> anyhow::Result<SocketAddr> {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).ok_or_else(|| anyhow::anyhow!("no podIP"))?;
+    Ok(format!("{ip}:7420").parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statefulset_of_nodes_runs_recovers_and_is_garbage_collected() -> anyhow::Result<()> {
+    let bed = Testbed::connect().await?;
+    let ns = bed.namespace("sts").await?;
+    let cms: Api<ConfigMap> = Api::namespaced(bed.client.clone(), &ns.name);
+    let config: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "dc-config" },
+        "data": { "node.yaml": NODE_YAML, "keyspaces.yaml": KEYSPACES_YAML }
+    }))?;
+    cms.create(&PostParams::default(), &config).await?;
+    let sets: Api<StatefulSet> = Api::namespaced(bed.client.clone(), &ns.name);
+    sets.create(&PostParams::default(), &statefulset("dc", 3)?).await?;
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &ns.name);
+
+    wait_for(Duration::from_mins(1), "3 Ready pods", || async {
+        Ok(ready_pods(&pods, "dc").await?.len() == 3)
+    })
+    .await?;
+    let ready = ready_pods(&pods, "dc").await?;
+    let mut ips = Vec::new();
+    for pod in &ready {
+        let addr = grpc_addr(pod)?;
+        ips.push(addr);
+        let mut c = distcache_tests::client(addr).await?;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        c.put(PutRequest { keyspace: "kv".into(), key: "who".into(), value: name.clone().into(), ttl: None })
+            .await?;
+        let v = c.get(GetRequest { keyspace: "kv".into(), key: "who".into() }).await?.into_inner();
+        assert_eq!(v.value, name.as_bytes(), "standalone node at {addr} answers for itself");
+    }
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 3, "every pod has its own address: {ips:?}");
+
+    // A deleted pod is recreated by the StatefulSet controller and run again.
+    let victim = ready.iter().find(|p| p.metadata.name.as_deref() == Some("dc-1")).cloned().expect("dc-1");
+    let old_uid = victim.metadata.uid.clone();
+    pods.delete("dc-1", &DeleteParams::default()).await?;
+    wait_for(Duration::from_mins(1), "dc-1 recreated and Ready", || async {
+        Ok(ready_pods(&pods, "dc")
+            .await?
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some("dc-1") && p.metadata.uid != old_uid))
+    })
+    .await?;
+    let fresh = ready_pods(&pods, "dc").await?;
+    let dc1 = fresh.iter().find(|p| p.metadata.name.as_deref() == Some("dc-1")).expect("dc-1");
+    let mut c = distcache_tests::client(grpc_addr(dc1)?).await?;
+    let err =
+        c.get(GetRequest { keyspace: "kv".into(), key: "who".into() }).await.expect_err("a new process");
+    assert_eq!(err.code(), tonic::Code::NotFound, "the recreated pod runs a fresh node: {err:?}");
+
+    // Deleting the StatefulSet: the garbage collector deletes the pods, the kubelet stops every process.
+    let addrs: Vec<SocketAddr> = fresh.iter().map(grpc_addr).collect::<anyhow::Result<_>>()?;
+    sets.delete("dc", &DeleteParams::background()).await?;
+    wait_for(Duration::from_mins(1), "every pod gone", || async {
+        Ok(pods.list(&ListParams::default().labels("app=dc")).await?.items.is_empty())
+    })
+    .await?;
+    for addr in addrs {
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "a process still listens on {addr}");
+    }
+    ns.delete().await?;
+    Ok(())
+}
