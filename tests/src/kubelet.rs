@@ -23,6 +23,9 @@
 //! `<mountPath>/x` becomes `<pod dir>/root<mountPath>/x`. The kubelet rewrites every argument and env value that
 //! starts with a mount path this way (paths inside mounted files are not rewritten: use paths relative to the file).
 //!
+//! Each pod's directory is `<dir>/pods/<namespace>_<name>_<uid>/`: `root/` (mount points), `volumes/`,
+//! `kubeconfig`, `container.log` and `pid` (of the running process).
+//!
 //! Not emulated: scheduling constraints, resource limits, container isolation, init containers, liveness and
 //! startup probes, Service VIPs, cluster DNS. All pods share the host network: a process must listen on its podIP.
 
@@ -586,6 +589,10 @@ impl Kubelet {
             .stderr(log)
             .kill_on_drop(true);
         let child = cmd.spawn().with_context(|| format!("spawning {}", path.display()))?;
+        // For tests that kill the process behind the kubelet's back (a crash).
+        if let Some(pid) = child.id() {
+            std::fs::write(running.dir.join("pid"), pid.to_string())?;
+        }
         tracing::info!(pod = %format!("{}/{}", running.namespace, running.name), ip = %running.ip, binary, "container started");
         Ok(child)
     }

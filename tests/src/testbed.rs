@@ -22,6 +22,31 @@ pub fn testbed_dir() -> PathBuf {
         .map_or_else(|| crate::repo_root().join("target").join("testbed"), PathBuf::from)
 }
 
+/// Starts the bed (`tests/testbed/testbed.sh up`; what `make testbed-up` does after building the binaries).
+pub fn up() -> anyhow::Result<()> {
+    run_script("up")
+}
+
+/// Stops the bed (`tests/testbed/testbed.sh down`).
+pub fn down() -> anyhow::Result<()> {
+    run_script("down")
+}
+
+fn run_script(command: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("bash")
+        .arg(crate::repo_root().join("tests/testbed/testbed.sh"))
+        .arg(command)
+        .status()
+        .with_context(|| format!("running testbed.sh {command}"))?;
+    anyhow::ensure!(status.success(), "testbed.sh {command} failed ({status})");
+    Ok(())
+}
+
+/// The directory of a pod run by the test kubelet (`volumes/`, `kubeconfig`, `container.log`, `pid`).
+pub fn pod_dir(namespace: &str, name: &str, uid: &str) -> PathBuf {
+    testbed_dir().join("kubelet").join("pods").join(format!("{namespace}_{name}_{uid}"))
+}
+
 /// A connection to the running test bed.
 pub struct Testbed {
     /// Admin client (system:masters).

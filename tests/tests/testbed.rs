@@ -4,9 +4,16 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use distcache_proto::v1::{GetRequest, PutRequest};
-use distcache_tests::{testbed::Testbed, wait_for};
-use k8s_openapi::api::{apps::v1::StatefulSet, core::v1::ConfigMap, core::v1::Pod};
+use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PutRequest};
+use distcache_tests::{
+    testbed::{Testbed, pod_dir},
+    wait_for,
+};
+use k8s_openapi::api::{
+    apps::v1::StatefulSet,
+    core::v1::{ConfigMap, Pod},
+    rbac::v1::{Role, RoleBinding},
+};
 use kube::{
     Api,
     api::{DeleteParams, ListParams, PostParams},
@@ -135,6 +142,102 @@ async fn a_statefulset_of_nodes_runs_recovers_and_is_garbage_collected() -> anyh
     for addr in addrs {
         assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "a process still listens on {addr}");
     }
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_see_configmap_updates_get_real_rbac_and_are_restarted_after_a_crash() -> anyhow::Result<()> {
+    let bed = Testbed::connect().await?;
+    let ns = bed.namespace("pod").await?;
+    let cms: Api<ConfigMap> = Api::namespaced(bed.client.clone(), &ns.name);
+    let config = |keyspaces: &str| -> anyhow::Result<ConfigMap> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "one-config" },
+            "data": { "node.yaml": NODE_YAML, "keyspaces.yaml": keyspaces }
+        }))?)
+    };
+    cms.create(&PostParams::default(), &config(KEYSPACES_YAML)?).await?;
+    let sets: Api<StatefulSet> = Api::namespaced(bed.client.clone(), &ns.name);
+    sets.create(&PostParams::default(), &statefulset("one", 1)?).await?;
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &ns.name);
+    wait_for(Duration::from_mins(1), "the pod Ready", || async {
+        Ok(ready_pods(&pods, "one").await?.len() == 1)
+    })
+    .await?;
+    let pod = ready_pods(&pods, "one").await?.remove(0);
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let addr = grpc_addr(&pod)?;
+    let c = distcache_tests::client(addr).await?;
+
+    // 1. A ConfigMap change reaches the mounted file, and the node applies it without a restart.
+    let more = format!("{KEYSPACES_YAML}  - {{ name: extra, maxBytes: 1Mi }}\n");
+    cms.replace("one-config", &PostParams::default(), &config(&more)?).await?;
+    wait_for(Duration::from_secs(30), "keyspace extra served", || {
+        let mut c = c.clone();
+        async move {
+            let list = c.list_key_spaces(ListKeySpacesRequest {}).await?.into_inner();
+            Ok(list.keyspaces.iter().any(|k| k.name == "extra"))
+        }
+    })
+    .await?;
+    let restarts = |p: &Pod| {
+        p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).map_or(0, |c| c[0].restart_count)
+    };
+    assert_eq!(restarts(&pods.get("one-0").await?), 0, "no restart for a ConfigMap change");
+
+    // 2. The process's API credentials are its ServiceAccount's: RBAC decides.
+    let dir = pod_dir(&ns.name, "one-0", &uid);
+    let file = kube::config::Kubeconfig::read_from(dir.join("kubeconfig"))?;
+    let as_pod = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?,
+    )?;
+    let pods_as_pod: Api<Pod> = Api::namespaced(as_pod, &ns.name);
+    match pods_as_pod.list(&ListParams::default()).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => anyhow::bail!("the default ServiceAccount listed pods: {:?}", other.map(|l| l.items.len())),
+    }
+    let roles: Api<Role> = Api::namespaced(bed.client.clone(), &ns.name);
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "pod-reader" },
+                "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }]
+            }))?,
+        )
+        .await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(bed.client.clone(), &ns.name);
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "pod-reader" },
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader" },
+                "subjects": [{ "kind": "ServiceAccount", "name": "default", "namespace": ns.name }]
+            }))?,
+        )
+        .await?;
+    wait_for(Duration::from_secs(10), "the Role granted", || {
+        let api = pods_as_pod.clone();
+        async move { Ok(api.list(&ListParams::default()).await.is_ok()) }
+    })
+    .await?;
+
+    // 3. A crash (kill -9 behind the kubelet's back) is restarted per restartPolicy Always.
+    let pid: i32 = std::fs::read_to_string(dir.join("pid"))?.trim().parse()?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    wait_for(Duration::from_mins(1), "the container restarted and Ready", || async {
+        let p = pods.get("one-0").await?;
+        Ok(restarts(&p) >= 1 && is_ready(&p))
+    })
+    .await?;
+    let new_pid: i32 = std::fs::read_to_string(dir.join("pid"))?.trim().parse()?;
+    assert_ne!(pid, new_pid, "a new process runs");
+    // The restarted node starts empty but serves its keyspaces from the (updated) ConfigMap again.
+    let mut c = distcache_tests::client(addr).await?;
+    let list = c.list_key_spaces(ListKeySpacesRequest {}).await?.into_inner();
+    assert!(list.keyspaces.iter().any(|k| k.name == "extra"));
     ns.delete().await?;
     Ok(())
 }
