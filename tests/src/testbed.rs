@@ -47,6 +47,22 @@ pub fn pod_dir(namespace: &str, name: &str, uid: &str) -> PathBuf {
     testbed_dir().join("kubelet").join("pods").join(format!("{namespace}_{name}_{uid}"))
 }
 
+/// Where the bed's binaries are cached (`$TESTBED_CACHE`, default `/var/cache/distcache/testbed`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("TESTBED_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/distcache/testbed"), PathBuf::from)
+}
+
+/// kubectl v1.20.2, built with the bed.
+pub fn kubectl() -> PathBuf {
+    cache_dir().join("kubernetes-v1.20.2/bin/kubectl")
+}
+
+/// helm 3.17.2, installed with the bed (`tests/testbed/install-helm.sh`).
+pub fn helm() -> PathBuf {
+    cache_dir().join("helm-v3.17.2/helm")
+}
+
 /// A connection to the running test bed.
 pub struct Testbed {
     /// Admin client (system:masters).

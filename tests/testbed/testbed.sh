@@ -4,7 +4,7 @@
 #
 #   tests/testbed/testbed.sh up      build or reuse the binaries, start everything, write $TESTBED_DIR/kubeconfig
 #   tests/testbed/testbed.sh down    stop every process `up` started (by recorded PID) and remove the data
-#   tests/testbed/testbed.sh status  whether it runs, and how to use it
+#   tests/testbed/testbed.sh status  whether it runs, and how to use it (kubectl v1.20.2 and helm 3.17.2 from the cache)
 #
 # TESTBED_DIR (default: target/testbed of the checkout) holds the PKI, logs, PIDs, etcd's throw-away data and the
 # admin kubeconfig. The binaries are cached by version under TESTBED_CACHE (/var/cache/distcache/testbed) by
@@ -19,6 +19,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 TESTBED_DIR=${TESTBED_DIR:-$ROOT/target/testbed}
 TESTBED_CACHE=${TESTBED_CACHE:-/var/cache/distcache/testbed}
 KUBE_BIN=$TESTBED_CACHE/kubernetes-v1.20.2/bin
+HELM_BIN=$TESTBED_CACHE/helm-v3.17.2
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 KUBELET_BIN=${TESTBED_KUBELET:-$TARGET/debug/distcache-test-kubelet}
 
@@ -131,6 +132,7 @@ up() {
     stop_all
   fi
   bash "$HERE/build-kube.sh"
+  bash "$HERE/install-helm.sh"
   command -v etcd >/dev/null || die "etcd not found (apt-get install etcd-server; build-kube.sh does it as root)"
   rm -rf "$TESTBED_DIR"
   mkdir -p "$TESTBED_DIR"
@@ -182,7 +184,7 @@ status() {
     return 1
   fi
   echo "test bed running: $(awk '{printf "%s(%s) ", $2, $1}' "$TESTBED_DIR/pids")"
-  echo "use it:  export KUBECONFIG=$TESTBED_DIR/kubeconfig PATH=$KUBE_BIN:\$PATH; kubectl get ns"
+  echo "use it:  export KUBECONFIG=$TESTBED_DIR/kubeconfig PATH=$KUBE_BIN:$HELM_BIN:\$PATH; kubectl get ns; helm list -A"
   echo "stop it: tests/testbed/testbed.sh down"
 }
 

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PutRequest};
 use distcache_tests::{
-    testbed::{Testbed, pod_dir},
+    testbed::{self, Testbed, pod_dir},
     wait_for,
 };
 use k8s_openapi::api::{
@@ -238,6 +238,41 @@ async fn pods_see_configmap_updates_get_real_rbac_and_are_restarted_after_a_cras
     let mut c = distcache_tests::client(addr).await?;
     let list = c.list_key_spaces(ListKeySpacesRequest {}).await?.into_inner();
     assert!(list.keyspaces.iter().any(|k| k.name == "extra"));
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_and_helm_of_the_bed_talk_to_its_api_server() -> anyhow::Result<()> {
+    let bed = Testbed::connect().await?;
+    let ns = bed.namespace("cli").await?;
+    let run = |program: std::path::PathBuf, args: Vec<String>| {
+        let kubeconfig = bed.kubeconfig.clone();
+        async move {
+            let out = tokio::process::Command::new(&program)
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .args(&args)
+                .output()
+                .await?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{} {args:?}: {}",
+                program.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            anyhow::Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let namespaces =
+        run(testbed::kubectl(), vec!["get".into(), "ns".into(), "-o".into(), "name".into()]).await?;
+    assert!(namespaces.contains(&format!("namespace/{}", ns.name)), "{namespaces}");
+    let version = run(testbed::helm(), vec!["version".into(), "--short".into()]).await?;
+    assert!(version.starts_with("v3.17.2"), "{version}");
+    let releases =
+        run(testbed::helm(), vec!["list".into(), "-n".into(), ns.name.clone(), "-o".into(), "json".into()])
+            .await?;
+    assert_eq!(releases.trim(), "[]", "helm reached the API server: {releases}");
     ns.delete().await?;
     Ok(())
 }
