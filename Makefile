@@ -6,6 +6,7 @@
 #   make testbed-up  start the Kubernetes test bed (etcd, kube-apiserver and kube-controller-manager v1.20.2, the test
 #                    kubelet; binaries built once and cached in /var/cache/distcache/testbed), write
 #                    target/testbed/kubeconfig; make testbed-down stops it (tests/testbed/README.md)
+#   make testbed-crd-up  also an apiextensions-apiserver 1.36.4 (CEL validation) beside the bed; kubeconfig-crd
 #   make hooks       build the hooks workspace (SDK, example and test hooks) into
 #                    ${CARGO_TARGET_DIR:-target}/hooks/wasm32-wasip2/release/*.wasm
 #   make build       release binaries distcache-node and distcache in ${CARGO_TARGET_DIR:-target}/release
@@ -43,7 +44,7 @@ HOOKS_CARGO := $(CARGO) --config 'build.target-dir="$(HOOKS_TARGET)"'
 HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
 .PHONY: help test fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench clean-demo \
-	testbed-up testbed-down
+	testbed-up testbed-down testbed-crd-up testbed-crd-down
 
 help:
 	@sed -n '/^# DistCache/,/^# CI runs/{s/^# \{0,1\}//;p}' $(firstword $(MAKEFILE_LIST))
@@ -94,6 +95,14 @@ testbed-up:
 
 testbed-down:
 	bash tests/testbed/testbed.sh down
+
+# The apiextensions-apiserver 1.36.4 (CEL rules) beside a running bed; `testbed-up` starts it too.
+testbed-crd-up:
+	bash tests/testbed/build-apiextensions.sh
+	bash tests/testbed/testbed.sh crd-up
+
+testbed-crd-down:
+	bash tests/testbed/testbed.sh crd-down
 
 doctest:
 	$(CARGO) test --workspace --doc

@@ -161,10 +161,10 @@ impl Kubelet {
             }
         }
         lease.abort();
+        // All at once: the kubelet itself gets a bounded time to stop (testbed.sh waits 10 s, then SIGKILL).
         let mut pods = self.pods.lock().await;
-        for pod in pods.values_mut() {
-            stop_process(pod, Duration::from_secs(5)).await;
-        }
+        futures::future::join_all(pods.values_mut().map(|pod| stop_process(pod, Duration::from_secs(5))))
+            .await;
         Ok(())
     }
 

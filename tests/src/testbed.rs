@@ -87,6 +87,20 @@ impl Testbed {
         Ok(Self { client, kubeconfig })
     }
 
+    /// A client of the bed's apiextensions-apiserver 1.36.4 (CRDs with CEL rules; `testbed.sh crd-up`).
+    pub async fn crd_server(&self) -> anyhow::Result<Client> {
+        let kubeconfig = testbed_dir().join("kubeconfig-crd");
+        anyhow::ensure!(
+            kubeconfig.exists(),
+            "the bed's apiextensions-apiserver is not running ({} missing): `make testbed-crd-up`",
+            kubeconfig.display()
+        );
+        let file = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
     /// Creates a fresh namespace `<prefix>-<suffix>` for one test.
     pub async fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
         let suffix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos())

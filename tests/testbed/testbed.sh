@@ -4,6 +4,10 @@
 #
 #   tests/testbed/testbed.sh up      build or reuse the binaries, start everything, write $TESTBED_DIR/kubeconfig
 #   tests/testbed/testbed.sh down    stop every process `up` started (by recorded PID) and remove the data
+#   tests/testbed/testbed.sh crd-up  also start an apiextensions-apiserver 1.36.4 (CRDs only, CEL rules validated) on
+#                                    the bed's etcd, authenticating and authorizing through the bed; writes
+#                                    $TESTBED_DIR/kubeconfig-crd (`up` does this too)
+#   tests/testbed/testbed.sh crd-down stop only that server
 #   tests/testbed/testbed.sh status  whether it runs, and how to use it (kubectl v1.20.2 and helm 3.17.2 from the cache)
 #
 # TESTBED_DIR (default: target/testbed of the checkout) holds the PKI, logs, PIDs, etcd's throw-away data and the
@@ -20,6 +24,7 @@ TESTBED_DIR=${TESTBED_DIR:-$ROOT/target/testbed}
 TESTBED_CACHE=${TESTBED_CACHE:-/var/cache/distcache/testbed}
 KUBE_BIN=$TESTBED_CACHE/kubernetes-v1.20.2/bin
 HELM_BIN=$TESTBED_CACHE/helm-v3.17.2
+APIEXT_BIN=$TESTBED_CACHE/apiextensions-1.36.4/bin/apiextensions-apiserver
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 KUBELET_BIN=${TESTBED_KUBELET:-$TARGET/debug/distcache-test-kubelet}
 
@@ -132,12 +137,14 @@ up() {
     stop_all
   fi
   bash "$HERE/build-kube.sh"
+  bash "$HERE/build-apiextensions.sh"
   bash "$HERE/install-helm.sh"
   command -v etcd >/dev/null || die "etcd not found (apt-get install etcd-server; build-kube.sh does it as root)"
   rm -rf "$TESTBED_DIR"
   mkdir -p "$TESTBED_DIR"
   pki
   read -r ETCD_CLIENT ETCD_PEER API_PORT <<<"$(free_ports 3)"
+  printf 'ETCD_CLIENT=%s\nAPI_PORT=%s\n' "$ETCD_CLIENT" "$API_PORT" >"$TESTBED_DIR/ports"
   local server=https://127.0.0.1:$API_PORT
   start etcd etcd --name testbed --data-dir "$TESTBED_DIR/etcd-data" \
     --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT" --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT" \
@@ -175,7 +182,41 @@ up() {
   else
     log "no test kubelet at $KUBELET_BIN (build it: cargo build -p distcache-tests --bins); pods will not run"
   fi
+  crd_up
   status
+}
+
+crd_up() {
+  [[ -f $TESTBED_DIR/ports ]] || die "the test bed is not running: testbed.sh up first"
+  [[ -x $APIEXT_BIN ]] || bash "$HERE/build-apiextensions.sh"
+  # shellcheck source=/dev/null
+  source "$TESTBED_DIR/ports"
+  local port p=$TESTBED_DIR/pki
+  port=$(free_ports 1)
+  # The admission policies of a 1.36 server watch their objects on the core API, which 1.20 does not serve (they
+  # would keep it un-ready); priority and fairness likewise. Both are off: this server only checks CRD schemas.
+  start apiextensions-apiserver "$APIEXT_BIN" --etcd-servers "http://127.0.0.1:$ETCD_CLIENT" \
+    --etcd-prefix /apiextensions-1.36 --bind-address 127.0.0.1 --secure-port "$port" \
+    --tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" --client-ca-file "$p/ca.crt" \
+    --kubeconfig "$TESTBED_DIR/kubeconfig" --authentication-kubeconfig "$TESTBED_DIR/kubeconfig" \
+    --authorization-kubeconfig "$TESTBED_DIR/kubeconfig" --enable-priority-and-fairness=false \
+    --disable-admission-plugins MutatingAdmissionPolicy,ValidatingAdmissionPolicy
+  kubeconfig "https://127.0.0.1:$port" "$TESTBED_DIR/kubeconfig-crd"
+  wait_for 60 "apiextensions-apiserver 1.36.4 ready on https://127.0.0.1:$port" curl -fsS --cacert "$p/ca.crt" \
+    --cert "$p/admin.crt" --key "$p/admin.key" "https://127.0.0.1:$port/readyz" ||
+    die "apiextensions-apiserver did not start; see $TESTBED_DIR/apiextensions-apiserver.log"
+}
+
+crd_down() {
+  [[ -f $TESTBED_DIR/pids ]] || return 0
+  local pid
+  pid=$(awk '$2 == "apiextensions-apiserver" {print $1}' "$TESTBED_DIR/pids")
+  if [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q apiextensions-apiserver; then
+    kill -TERM "$pid" 2>/dev/null || true
+    log "stopped apiextensions-apiserver (pid $pid)"
+  fi
+  sed -i '/ apiextensions-apiserver$/d' "$TESTBED_DIR/pids"
+  rm -f "$TESTBED_DIR/kubeconfig-crd"
 }
 
 status() {
@@ -196,5 +237,7 @@ case ${1:-} in
     log "test bed down"
     ;;
   status) status ;;
-  *) die "usage: $0 up|down|status" ;;
+  crd-up) crd_up ;;
+  crd-down) crd_down ;;
+  *) die "usage: $0 up|down|status|crd-up|crd-down" ;;
 esac

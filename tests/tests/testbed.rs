@@ -11,7 +11,7 @@ use distcache_tests::{
 };
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
-    core::v1::{ConfigMap, Pod},
+    core::v1::{ConfigMap, Pod, Secret},
     rbac::v1::{Role, RoleBinding},
 };
 use kube::{
@@ -146,6 +146,32 @@ async fn a_statefulset_of_nodes_runs_recovers_and_is_garbage_collected() -> anyh
     Ok(())
 }
 
+/// Lets the namespace's default ServiceAccount read pods (a Role and its RoleBinding).
+async fn grant_pod_reader(client: &kube::Client, namespace: &str) -> anyhow::Result<()> {
+    let roles: Api<Role> = Api::namespaced(client.clone(), namespace);
+    roles
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "pod-reader" },
+                "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }]
+            }))?,
+        )
+        .await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), namespace);
+    bindings
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "pod-reader" },
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader" },
+                "subjects": [{ "kind": "ServiceAccount", "name": "default", "namespace": namespace }]
+            }))?,
+        )
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_see_configmap_updates_get_real_rbac_and_are_restarted_after_a_crash() -> anyhow::Result<()> {
     let bed = Testbed::connect().await?;
@@ -158,8 +184,26 @@ async fn pods_see_configmap_updates_get_real_rbac_and_are_restarted_after_a_cras
         }))?)
     };
     cms.create(&PostParams::default(), &config(KEYSPACES_YAML)?).await?;
+    let secrets: Api<Secret> = Api::namespaced(bed.client.clone(), &ns.name);
+    let secret = |token: &str| -> anyhow::Result<Secret> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "one-secret" }, "stringData": { "token": token }
+        }))?)
+    };
+    secrets.create(&PostParams::default(), &secret("s3cr3t")?).await?;
+    // The StatefulSet of the other test, plus a Secret volume.
+    let mut set = serde_json::to_value(statefulset("one", 1)?)?;
+    let template = set.pointer_mut("/spec/template/spec").ok_or_else(|| anyhow::anyhow!("no pod spec"))?;
+    template["volumes"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow::anyhow!("no volumes"))?
+        .push(serde_json::json!({ "name": "secret", "secret": { "secretName": "one-secret" } }));
+    template["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow::anyhow!("no mounts"))?
+        .push(serde_json::json!({ "name": "secret", "mountPath": "/etc/secret" }));
     let sets: Api<StatefulSet> = Api::namespaced(bed.client.clone(), &ns.name);
-    sets.create(&PostParams::default(), &statefulset("one", 1)?).await?;
+    sets.create(&PostParams::default(), &serde_json::from_value(set)?).await?;
     let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &ns.name);
     wait_for(Duration::from_mins(1), "the pod Ready", || async {
         Ok(ready_pods(&pods, "one").await?.len() == 1)
@@ -186,8 +230,18 @@ async fn pods_see_configmap_updates_get_real_rbac_and_are_restarted_after_a_cras
     };
     assert_eq!(restarts(&pods.get("one-0").await?), 0, "no restart for a ConfigMap change");
 
-    // 2. The process's API credentials are its ServiceAccount's: RBAC decides.
+    // A Secret volume is a file at the remapped mount path, and follows the Secret.
     let dir = pod_dir(&ns.name, "one-0", &uid);
+    let token = dir.join("root/etc/secret/token");
+    assert_eq!(std::fs::read_to_string(&token)?, "s3cr3t");
+    secrets.replace("one-secret", &PostParams::default(), &secret("rotated")?).await?;
+    wait_for(Duration::from_secs(10), "the rotated Secret in the pod's file", || {
+        let token = token.clone();
+        async move { Ok(std::fs::read_to_string(&token)? == "rotated") }
+    })
+    .await?;
+
+    // 2. The process's API credentials are its ServiceAccount's: RBAC decides.
     let file = kube::config::Kubeconfig::read_from(dir.join("kubeconfig"))?;
     let as_pod = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?,
@@ -197,27 +251,7 @@ async fn pods_see_configmap_updates_get_real_rbac_and_are_restarted_after_a_cras
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
         other => anyhow::bail!("the default ServiceAccount listed pods: {:?}", other.map(|l| l.items.len())),
     }
-    let roles: Api<Role> = Api::namespaced(bed.client.clone(), &ns.name);
-    roles
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({
-                "metadata": { "name": "pod-reader" },
-                "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }]
-            }))?,
-        )
-        .await?;
-    let bindings: Api<RoleBinding> = Api::namespaced(bed.client.clone(), &ns.name);
-    bindings
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(serde_json::json!({
-                "metadata": { "name": "pod-reader" },
-                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader" },
-                "subjects": [{ "kind": "ServiceAccount", "name": "default", "namespace": ns.name }]
-            }))?,
-        )
-        .await?;
+    grant_pod_reader(&bed.client, &ns.name).await?;
     wait_for(Duration::from_secs(10), "the Role granted", || {
         let api = pods_as_pod.clone();
         async move { Ok(api.list(&ListParams::default()).await.is_ok()) }
@@ -274,5 +308,111 @@ async fn kubectl_and_helm_of_the_bed_talk_to_its_api_server() -> anyhow::Result<
             .await?;
     assert_eq!(releases.trim(), "[]", "helm reached the API server: {releases}");
     ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_current_apiextensions_server_enforces_cel_rules() -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let bed = Testbed::connect().await?;
+    let ns = bed.namespace("cel").await?;
+    let server = bed.crd_server().await?;
+    let group = format!("{}.test.distcache.io", ns.name);
+    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": format!("widgets.{group}") },
+        "spec": {
+            "group": group,
+            "names": { "kind": "Widget", "plural": "widgets", "singular": "widget" },
+            "scope": "Namespaced",
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": { "openAPIV3Schema": {
+                    "type": "object",
+                    "properties": { "spec": {
+                        "type": "object",
+                        "properties": { "min": { "type": "integer" }, "max": { "type": "integer" } },
+                        "x-kubernetes-validations": [{ "rule": "self.min <= self.max", "message": "min must not exceed max" }]
+                    } }
+                } }
+            }]
+        }
+    }))?;
+    let crds: Api<CustomResourceDefinition> = Api::all(server.clone());
+    crds.create(&PostParams::default(), &crd).await?;
+    let name = format!("widgets.{group}");
+    wait_for(Duration::from_secs(30), "the CRD established", || {
+        let (crds, name) = (crds.clone(), name.clone());
+        async move {
+            let crd = crds.get(&name).await?;
+            Ok(crd
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True")))
+        }
+    })
+    .await?;
+    let resource =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(&group, "v1", "Widget"), "widgets");
+    let widgets: Api<DynamicObject> = Api::namespaced_with(server.clone(), &ns.name, &resource);
+    let widget = |name: &str, min: i64, max: i64| -> anyhow::Result<DynamicObject> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "apiVersion": format!("{group}/v1"), "kind": "Widget",
+            "metadata": { "name": name },
+            "spec": { "min": min, "max": max }
+        }))?)
+    };
+    // Right after Established, the server may still be wiring the new resource up (404): retry until it serves.
+    let good = widget("good", 1, 2)?;
+    wait_for(Duration::from_secs(10), "the good object created", || {
+        let (widgets, good) = (widgets.clone(), good.clone());
+        async move {
+            match widgets.create(&PostParams::default(), &good).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        }
+    })
+    .await?;
+    // The bad object is refused by the CEL rule, with the rule's message.
+    let message = match widgets.create(&PostParams::default(), &widget("bad", 3, 2)?).await {
+        Err(kube::Error::Api(e)) if e.code == 422 => e.message.clone(),
+        other => anyhow::bail!("the bad object was not refused: {:?}", other.map(|o| o.metadata.name)),
+    };
+    assert!(message.contains("min must not exceed max"), "{message}");
+    crds.delete(&name, &DeleteParams::default()).await?;
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_kubelet_keeps_its_node_ready_beyond_the_lease_grace_period() -> anyhow::Result<()> {
+    use k8s_openapi::api::{coordination::v1::Lease, core::v1::Node};
+    let bed = Testbed::connect().await?;
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), "kube-node-lease");
+    let renewed = || async {
+        let lease = leases.get("testbed-node").await?;
+        lease
+            .spec
+            .and_then(|s| s.renew_time)
+            .map(|t| t.0)
+            .ok_or_else(|| anyhow::anyhow!("lease never renewed"))
+    };
+    let first = renewed().await?;
+    // The node-lifecycle controller marks a node NotReady 40 s after its last renewal: watch the lease move on
+    // for longer than that.
+    wait_for(Duration::from_secs(75), "the lease renewed for 45 s", || async {
+        Ok(renewed().await?.duration_since(first) >= k8s_openapi::jiff::SignedDuration::from_secs(45))
+    })
+    .await?;
+    let nodes: Api<Node> = Api::all(bed.client.clone());
+    let node = nodes.get("testbed-node").await?;
+    let ready = node
+        .status
+        .and_then(|s| s.conditions)
+        .and_then(|c| c.into_iter().find(|c| c.type_ == "Ready"))
+        .ok_or_else(|| anyhow::anyhow!("no Ready condition"))?;
+    assert_eq!(ready.status, "True", "{ready:?}");
     Ok(())
 }
