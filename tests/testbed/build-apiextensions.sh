@@ -69,6 +69,6 @@ mkdir -p "$(dirname "$BIN")"
     go build -o "$BIN.tmp" k8s.io/apiextensions-apiserver >"$OUT/build.log" 2>&1
 ) || die "the build failed; see $OUT/build.log"
 mv "$BIN.tmp" "$BIN"
-# The unpacked tree is only needed to build: 350 MB.
-rm -rf "$ROOT" "$APT/debs"
+# The unpacked tree and Go's build cache are only needed to build: about 2 GB.
+rm -rf "$ROOT" "$APT/debs" "$OUT/gocache"
 log "apiextensions-apiserver $VERSION cached in $(dirname "$BIN")"

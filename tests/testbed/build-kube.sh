@@ -94,4 +94,6 @@ for b in "${WANT[@]}"; do
   mv "$BIN/$b.tmp" "$BIN/$b"
 done
 have_all || die "binaries missing after the build"
+# The source tree and Go's build cache are only needed to build: about 3 GB.
+rm -rf "$WORK" "$OUT/gocache"
 log "kubernetes $VERSION binaries cached in $BIN"
