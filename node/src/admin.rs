@@ -23,6 +23,8 @@ pub struct AdminState {
     pub engine: Arc<Engine>,
     /// Discovery backend name.
     pub discovery: &'static str,
+    /// Problems of the discovery backend with its source.
+    pub discovery_status: Arc<crate::discovery::DiscoveryStatus>,
     /// Set when the initial keyspaces were loaded.
     pub keyspaces_loaded: AtomicBool,
     /// Set when the node starts stopping (it then reports not ready so traffic drains).
@@ -31,13 +33,16 @@ pub struct AdminState {
 
 impl AdminState {
     /// Why the node is not ready, or `None` when it is.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
+    pub fn not_ready_reason(&self) -> Option<String> {
         if self.stopping.load(Ordering::Acquire) {
-            Some("node is shutting down")
+            Some("node is shutting down".into())
         } else if !self.keyspaces_loaded.load(Ordering::Acquire) {
-            Some("keyspaces not loaded yet")
+            Some("keyspaces not loaded yet".into())
         } else if !self.engine.membership().is_known() {
-            Some("membership not known yet (discovery has not reported)")
+            Some(match self.discovery_status.current() {
+                Some(problem) => format!("membership not known yet: discovery {}: {problem}", self.discovery),
+                None => format!("membership not known yet (discovery {} has not reported)", self.discovery),
+            })
         } else {
             None
         }
@@ -57,7 +62,19 @@ pub fn router(state: Arc<AdminState>) -> Router {
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
     match s.not_ready_reason() {
-        None => (StatusCode::OK, "ready\n").into_response(),
+        // Ready with the last known members even when discovery has lost its source: taking every node out of
+        // service because the API server or NATS blinked would be worse than a membership that lags.
+        None => match s.discovery_status.current() {
+            None => (StatusCode::OK, "ready\n").into_response(),
+            Some(problem) => (
+                StatusCode::OK,
+                format!(
+                    "ready (warning: discovery {}: {problem}; serving the last known members)\n",
+                    s.discovery
+                ),
+            )
+                .into_response(),
+        },
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response(),
     }
 }
@@ -86,6 +103,7 @@ async fn peers(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
     Json(json!({
         "local": { "name": local.name, "address": local.address },
         "discovery": s.discovery,
+        "discoveryProblem": s.discovery_status.current(),
         "known": membership.is_known(),
         "members": members,
     }))

@@ -115,6 +115,49 @@ pub struct DiscoveryConfig {
     /// One node alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standalone: Option<Empty>,
+    /// The Ready pods of a label selector, watched through the Kubernetes API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesDiscovery>,
+    /// Announcements and heartbeats on a NATS subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsDiscovery>,
+}
+
+/// Kubernetes discovery settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesDiscovery {
+    /// Namespace of the pods; default: the namespace of the node's own credentials (the pod's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Label selector of the node pods, e.g. `app.kubernetes.io/instance=demo`.
+    pub label_selector: String,
+    /// Name of the container port peers dial.
+    #[serde(default = "default_port_name")]
+    pub port_name: String,
+}
+
+/// NATS discovery settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsDiscovery {
+    /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Subject prefix the cluster's nodes share, e.g. `distcache.demo`.
+    pub subject: String,
+    /// Interval of a node's heartbeat.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: DurationString,
+    /// Heartbeats a member may miss before it leaves the ring.
+    #[serde(default = "default_failure_threshold")]
+    pub missed_heartbeats: u32,
+}
+
+fn default_port_name() -> String {
+    "grpc".into()
+}
+fn default_heartbeat() -> DurationString {
+    DurationString(Duration::from_secs(2))
 }
 
 /// An empty settings object (`standalone: {}`).
@@ -129,16 +172,50 @@ pub enum DiscoveryKind {
     Static(StaticDiscovery),
     /// Single node.
     Standalone,
+    /// Kubernetes pods.
+    Kubernetes(KubernetesDiscovery),
+    /// NATS announcements.
+    Nats(NatsDiscovery),
 }
 
 impl DiscoveryConfig {
     /// The one configured backend.
     pub fn kind(&self) -> Result<DiscoveryKind, String> {
-        match (&self.static_list, &self.standalone) {
-            (Some(s), None) => Ok(DiscoveryKind::Static(s.clone())),
-            (None, _) => Ok(DiscoveryKind::Standalone),
-            (Some(_), Some(_)) => Err("discovery: set exactly one of static, standalone".into()),
+        let set = [
+            self.static_list.is_some(),
+            self.standalone.is_some(),
+            self.kubernetes.is_some(),
+            self.nats.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count();
+        if set > 1 {
+            return Err("discovery: set exactly one of static, standalone, kubernetes, nats".into());
         }
+        if let Some(n) = &self.nats
+            && (n.url.trim().is_empty() || n.subject.trim().is_empty() || n.subject.contains([' ', '*', '>']))
+        {
+            return Err(
+                "discovery.nats: url and subject are required; the subject has no spaces or wildcards".into(),
+            );
+        }
+        if let Some(k) = &self.kubernetes
+            && k.label_selector.trim().is_empty()
+        {
+            return Err(
+                "discovery.kubernetes.labelSelector is required (it selects this cluster's pods)".into()
+            );
+        }
+        Ok(if let Some(s) = &self.static_list {
+            DiscoveryKind::Static(s.clone())
+        } else if let Some(k) = &self.kubernetes {
+            DiscoveryKind::Kubernetes(k.clone())
+        } else if let Some(n) = &self.nats {
+            DiscoveryKind::Nats(n.clone())
+        } else {
+            DiscoveryKind::Standalone
+        })
     }
 }
 

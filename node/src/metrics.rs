@@ -79,6 +79,8 @@ pub struct Metrics {
     pub members: Gauge,
     /// Peer calls that failed at the transport level (unreachable, timeout).
     pub peer_errors: Counter,
+    /// Failures of the discovery backend to reach its source (API server, NATS, DNS).
+    pub discovery_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -109,6 +111,7 @@ impl Metrics {
         let reloads = Family::<OutcomeLabel, Counter>::default();
         let members = Gauge::default();
         let peer_errors = Counter::default();
+        let discovery_errors = Counter::default();
         let r = &mut registry;
         r.register(
             "distcache_requests",
@@ -131,6 +134,11 @@ impl Metrics {
         r.register("distcache_bytes", "Bytes held by this node (main + hot), as weighed", bytes.clone());
         r.register("distcache_evictions", "Entries evicted to stay within maxBytes", evictions.clone());
         r.register("distcache_members", "Members of the ring as seen by this node", members.clone());
+        r.register(
+            "distcache_discovery_errors",
+            "Failures of discovery to reach its source (API server, NATS, DNS)",
+            discovery_errors.clone(),
+        );
         r.register("distcache_hook_traps", "Hook calls that trapped, by reason", hook_traps.clone());
         r.register(
             "distcache_hook_calls",
@@ -167,6 +175,7 @@ impl Metrics {
             fetch_totals: Family::default(),
             members,
             peer_errors,
+            discovery_errors,
         }
     }
 

@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{self, AdminState},
     config::{DiscoveryKind, NodeConfig},
-    discovery::{Discovery, DiscoveryContext, Standalone, StaticList, StaticListSettings},
+    discovery::{
+        Discovery, DiscoveryContext, DiscoveryStatus, Kubernetes, KubernetesSettings, Nats, NatsSettings,
+        Standalone, StaticList, StaticListSettings,
+    },
     engine::Engine,
     hooks::{HookRuntime, HookSettings},
     keyspace::{Keyspaces, watch_file},
@@ -116,6 +119,17 @@ fn discovery_from(config: &NodeConfig) -> Box<dyn Discovery> {
             },
         )),
         DiscoveryKind::Standalone => Box::new(Standalone),
+        DiscoveryKind::Kubernetes(k) => Box::new(Kubernetes::new(KubernetesSettings {
+            namespace: k.namespace,
+            label_selector: k.label_selector,
+            port_name: k.port_name,
+        })),
+        DiscoveryKind::Nats(n) => Box::new(Nats::new(NatsSettings {
+            url: n.url,
+            subject: n.subject,
+            heartbeat: n.heartbeat.get(),
+            missed_heartbeats: n.missed_heartbeats.max(1),
+        })),
     }
 }
 
@@ -161,9 +175,11 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
     let discovery = discovery.unwrap_or_else(|| discovery_from(&config));
+    let discovery_status = Arc::new(DiscoveryStatus::new(metrics.discovery_errors.clone()));
     let admin_state = Arc::new(AdminState {
         engine: Arc::clone(&engine),
         discovery: discovery.name(),
+        discovery_status: Arc::clone(&discovery_status),
         keyspaces_loaded: true.into(),
         stopping: false.into(),
     });
@@ -175,6 +191,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         updates: updates_tx,
         shutdown: shutdown.clone(),
         transport: Arc::clone(&transport),
+        status: discovery_status,
     };
     tracing::info!(name = %name, discovery = discovery.name(), "starting discovery");
     tasks.push(tokio::spawn(discovery.run(ctx)));

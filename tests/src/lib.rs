@@ -256,7 +256,7 @@ pub fn static_config(peers: &[SocketAddr], keyspaces_file: &Path) -> NodeConfig 
                 probe_interval: distcache_crds::DurationString(Duration::from_millis(250)),
                 failure_threshold: 3,
             }),
-            standalone: None,
+            ..DiscoveryConfig::default()
         },
         keyspaces_file: Some(keyspaces_file.to_owned()),
         keyspaces_poll_interval: distcache_crds::DurationString(Duration::from_millis(100)),

@@ -1,0 +1,244 @@
+//! Kubernetes discovery on the test bed: a StatefulSet of `distcache-node` pods whose nodes find each other by
+//! watching their pods with a Role that only allows get/list/watch on pods, scaled 3 → 5 → 2. After each step
+//! every node's members are the Ready pods, every key is readable through every node, and a write through one
+//! node is read back through all (no node keeps serving a key it no longer owns). A pod that loses readiness
+//! leaves the ring.
+
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+
+use distcache_proto::v1::{GetRequest, PutRequest};
+use distcache_tests::{hook_module, http_get, testbed::Testbed, wait_for};
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{ConfigMap, Pod, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
+    },
+};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+
+const NODE_YAML: &str = "discovery:\n  kubernetes: { labelSelector: \"app=kd\", portName: grpc }\n\
+keyspacesFile: keyspaces.yaml\nkeyspacesPollInterval: 200ms\npeerTimeout: 1s\n";
+const KEYSPACES_YAML: &str = "keyspaces:\n  - name: rt\n    maxBytes: 4Mi\n    hook:\n      module: { path: hook.wasm }\n      \
+config: { mode: echo, prefix: \"v:\" }\n";
+
+async fn create<K>(api: &Api<K>, value: serde_json::Value) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + k8s_openapi::serde::Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value)?;
+    api.create(&PostParams::default(), &object).await?;
+    Ok(())
+}
+
+fn statefulset() -> serde_json::Value {
+    serde_json::json!({
+        "metadata": { "name": "kd" },
+        "spec": {
+            "replicas": 3,
+            "serviceName": "kd-peers",
+            "podManagementPolicy": "Parallel",
+            "selector": { "matchLabels": { "app": "kd" } },
+            "template": {
+                "metadata": { "labels": { "app": "kd" } },
+                "spec": {
+                    "serviceAccountName": "kd-node",
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "node",
+                        "image": "example.invalid/distcache-node:test",
+                        "args": ["--config", "/etc/distcache/node.yaml"],
+                        "env": [
+                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+                            { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                            { "name": "DISTCACHE_NAME", "value": "$(POD_NAME)" },
+                            { "name": "DISTCACHE_LISTEN", "value": "$(POD_IP):7420" },
+                            { "name": "DISTCACHE_ADVERTISE", "value": "$(POD_IP):7420" },
+                            { "name": "DISTCACHE_ADMIN", "value": "$(POD_IP):7421" }
+                        ],
+                        "ports": [
+                            { "name": "grpc", "containerPort": 7420 },
+                            { "name": "admin", "containerPort": 7421 }
+                        ],
+                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 1 },
+                        "volumeMounts": [{ "name": "config", "mountPath": "/etc/distcache" }]
+                    }],
+                    "volumes": [{ "name": "config", "configMap": { "name": "kd-config" } }]
+                }
+            }
+        }
+    })
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn ip(pod: &Pod) -> Option<String> {
+    pod.status.as_ref().and_then(|s| s.pod_ip.clone())
+}
+
+/// Ready pods by name, with their podIP.
+async fn ready(pods: &Api<Pod>) -> anyhow::Result<Vec<(String, String)>> {
+    let list = pods.list(&ListParams::default().labels("app=kd")).await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| is_ready(p))
+        .filter_map(|p| Some((p.metadata.name.clone()?, ip(p)?)))
+        .collect())
+}
+
+/// The member names a node sees (`/admin/peers`), itself included.
+async fn members_seen(ip: &str) -> anyhow::Result<BTreeSet<String>> {
+    let (status, body) = http_get(format!("{ip}:7421").parse()?, "/admin/peers").await?;
+    anyhow::ensure!(status == 200, "/admin/peers answered {status}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Waits until `n` pods are Ready and every one of them sees exactly the Ready pods as members.
+async fn converged(pods: &Api<Pod>, n: usize) -> anyhow::Result<Vec<(String, String)>> {
+    wait_for(Duration::from_mins(1), &format!("{n} Ready pods that all see each other"), || async {
+        let ready = ready(pods).await?;
+        if ready.len() != n {
+            return Ok(false);
+        }
+        let names: BTreeSet<String> = ready.iter().map(|(n, _)| n.clone()).collect();
+        for (_, ip) in &ready {
+            if members_seen(ip).await.ok().as_ref() != Some(&names) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    ready(pods).await
+}
+
+/// Every key readable through every node, and a write through one node read back through all.
+async fn consistent(nodes: &[(String, String)], step: &str) -> anyhow::Result<()> {
+    let addrs: Vec<SocketAddr> =
+        nodes.iter().map(|(_, ip)| format!("{ip}:7420").parse()).collect::<Result<_, _>>()?;
+    let mut clients = Vec::new();
+    for a in &addrs {
+        clients.push(distcache_tests::client(*a).await?);
+    }
+    for k in 0..60 {
+        let key = format!("k{k}");
+        // Half of the keys are overwritten at each step through a different node.
+        let expected = if k % 2 == 0 {
+            let value = format!("{step}-{k}");
+            let writer = &mut clients[k % addrs.len()];
+            writer
+                .put(PutRequest {
+                    keyspace: "rt".into(),
+                    key: key.clone(),
+                    value: value.clone().into(),
+                    ttl: None,
+                })
+                .await?;
+            value
+        } else {
+            format!("v:{key}")
+        };
+        for (c, addr) in clients.iter_mut().zip(&addrs) {
+            let got = c.get(GetRequest { keyspace: "rt".into(), key: key.clone() }).await?.into_inner().value;
+            assert_eq!(got, expected.as_bytes(), "{step}: {key} through {addr}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_find_each_other_through_the_api_as_the_statefulset_scales() -> anyhow::Result<()> {
+    let bed = Testbed::connect().await?;
+    let ns = bed.namespace("kd").await?;
+    let api = |c: &kube::Client| c.clone();
+    let hook = std::fs::read(hook_module("distcache_test_hook")?)?;
+    let cms: Api<ConfigMap> = Api::namespaced(api(&bed.client), &ns.name);
+    let mut config: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "kd-config" },
+        "data": { "node.yaml": NODE_YAML, "keyspaces.yaml": KEYSPACES_YAML }
+    }))?;
+    config.binary_data = Some([("hook.wasm".to_owned(), ByteString(hook))].into());
+    cms.create(&PostParams::default(), &config).await?;
+    // The nodes' least privilege: get/list/watch pods in their namespace.
+    create(
+        &Api::<ServiceAccount>::namespaced(api(&bed.client), &ns.name),
+        serde_json::json!({ "metadata": { "name": "kd-node" } }),
+    )
+    .await?;
+    create(
+        &Api::<Role>::namespaced(api(&bed.client), &ns.name),
+        serde_json::json!({
+            "metadata": { "name": "kd-node" },
+            "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }]
+        }),
+    )
+    .await?;
+    create(
+        &Api::<RoleBinding>::namespaced(api(&bed.client), &ns.name),
+        serde_json::json!({
+            "metadata": { "name": "kd-node" },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kd-node" },
+            "subjects": [{ "kind": "ServiceAccount", "name": "kd-node", "namespace": ns.name }]
+        }),
+    )
+    .await?;
+    let sets: Api<StatefulSet> = Api::namespaced(api(&bed.client), &ns.name);
+    create(&sets, statefulset()).await?;
+    let pods: Api<Pod> = Api::namespaced(api(&bed.client), &ns.name);
+
+    let nodes = converged(&pods, 3).await?;
+    consistent(&nodes, "three").await?;
+
+    for (replicas, step) in [(5, "five"), (2, "two")] {
+        sets.patch(
+            "kd",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": replicas } })),
+        )
+        .await?;
+        let nodes = converged(&pods, replicas).await?;
+        consistent(&nodes, step).await?;
+    }
+
+    // A pod that loses readiness leaves the ring (its Ready condition as a kubelet reports a failed probe).
+    let nodes = ready(&pods).await?;
+    let (victim, _) =
+        nodes.iter().find(|(n, _)| n == "kd-1").cloned().ok_or_else(|| anyhow::anyhow!("kd-1"))?;
+    let (_, watcher_ip) =
+        nodes.iter().find(|(n, _)| n == "kd-0").cloned().ok_or_else(|| anyhow::anyhow!("kd-0"))?;
+    pods.patch_status(
+        &victim,
+        &PatchParams::default(),
+        &Patch::Strategic(
+            serde_json::json!({ "status": { "conditions": [{ "type": "Ready", "status": "False" }] } }),
+        ),
+    )
+    .await?;
+    wait_for(Duration::from_secs(20), "kd-1 out of kd-0's ring", || {
+        let ip = watcher_ip.clone();
+        async move { Ok(members_seen(&ip).await? == BTreeSet::from(["kd-0".to_owned()])) }
+    })
+    .await?;
+
+    sets.delete("kd", &DeleteParams::background()).await?;
+    ns.delete().await?;
+    Ok(())
+}
