@@ -121,6 +121,39 @@ pub struct DiscoveryConfig {
     /// Announcements and heartbeats on a NATS subject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nats: Option<NatsDiscovery>,
+    /// The SRV (else A/AAAA) records of a name, e.g. a headless Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsDiscovery>,
+}
+
+/// DNS discovery settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsDiscovery {
+    /// The name: SRV records first, A/AAAA otherwise.
+    pub name: String,
+    /// Port for A/AAAA answers.
+    #[serde(default = "default_grpc_port")]
+    pub port: u16,
+    /// Longest time between two resolutions (sooner when the records' TTL ends).
+    #[serde(default = "default_dns_interval")]
+    pub interval: DurationString,
+    /// Name servers (`ip:port`); default: the system's resolver configuration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<SocketAddr>,
+    /// Time between health probes of the resolved addresses.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval: DurationString,
+    /// Consecutive failed probes before an address leaves the ring.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+fn default_grpc_port() -> u16 {
+    GRPC_PORT
+}
+fn default_dns_interval() -> DurationString {
+    DurationString(Duration::from_secs(5))
 }
 
 /// Kubernetes discovery settings.
@@ -176,6 +209,8 @@ pub enum DiscoveryKind {
     Kubernetes(KubernetesDiscovery),
     /// NATS announcements.
     Nats(NatsDiscovery),
+    /// DNS records.
+    Dns(DnsDiscovery),
 }
 
 impl DiscoveryConfig {
@@ -186,12 +221,13 @@ impl DiscoveryConfig {
             self.standalone.is_some(),
             self.kubernetes.is_some(),
             self.nats.is_some(),
+            self.dns.is_some(),
         ]
         .iter()
         .filter(|s| **s)
         .count();
         if set > 1 {
-            return Err("discovery: set exactly one of static, standalone, kubernetes, nats".into());
+            return Err("discovery: set exactly one of static, standalone, kubernetes, nats, dns".into());
         }
         if let Some(n) = &self.nats
             && (n.url.trim().is_empty() || n.subject.trim().is_empty() || n.subject.contains([' ', '*', '>']))
@@ -199,6 +235,11 @@ impl DiscoveryConfig {
             return Err(
                 "discovery.nats: url and subject are required; the subject has no spaces or wildcards".into(),
             );
+        }
+        if let Some(d) = &self.dns
+            && d.name.trim().is_empty()
+        {
+            return Err("discovery.dns.name is required".into());
         }
         if let Some(k) = &self.kubernetes
             && k.label_selector.trim().is_empty()
@@ -213,6 +254,8 @@ impl DiscoveryConfig {
             DiscoveryKind::Kubernetes(k.clone())
         } else if let Some(n) = &self.nats {
             DiscoveryKind::Nats(n.clone())
+        } else if let Some(d) = &self.dns {
+            DiscoveryKind::Dns(d.clone())
         } else {
             DiscoveryKind::Standalone
         })

@@ -1,6 +1,7 @@
 //! Peer discovery: one trait, one file per backend. A backend reports the complete set of *other* live members
 //! each time it changes; the engine never knows which backend runs.
 
+mod dns;
 mod kubernetes;
 mod nats;
 mod standalone;
@@ -12,6 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use dns::{Dns, DnsSettings};
 pub use kubernetes::{Kubernetes, KubernetesSettings};
 pub use nats::{Nats, NatsSettings};
 pub use standalone::Standalone;

@@ -18,8 +18,8 @@ use crate::{
     admin::{self, AdminState},
     config::{DiscoveryKind, NodeConfig},
     discovery::{
-        Discovery, DiscoveryContext, DiscoveryStatus, Kubernetes, KubernetesSettings, Nats, NatsSettings,
-        Standalone, StaticList, StaticListSettings,
+        Discovery, DiscoveryContext, DiscoveryStatus, Dns, DnsSettings, Kubernetes, KubernetesSettings, Nats,
+        NatsSettings, Standalone, StaticList, StaticListSettings,
     },
     engine::Engine,
     hooks::{HookRuntime, HookSettings},
@@ -123,6 +123,17 @@ fn discovery_from(config: &NodeConfig) -> Box<dyn Discovery> {
             namespace: k.namespace,
             label_selector: k.label_selector,
             port_name: k.port_name,
+        })),
+        DiscoveryKind::Dns(d) => Box::new(Dns::new(DnsSettings {
+            name: d.name,
+            port: d.port,
+            interval: d.interval.get(),
+            nameservers: d.nameservers,
+            probes: StaticListSettings {
+                interval: d.probe_interval.get(),
+                timeout: d.probe_interval.get().mul_f64(0.8),
+                failure_threshold: d.failure_threshold.max(1),
+            },
         })),
         DiscoveryKind::Nats(n) => Box::new(Nats::new(NatsSettings {
             url: n.url,

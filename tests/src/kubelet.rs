@@ -74,6 +74,9 @@ pub struct KubeletConfig {
     pub ca_pem: String,
     /// Poll interval of pods and volumes.
     pub interval: Duration,
+    /// The first three octets of pod addresses: pods get `<subnet>.2` ..= `<subnet>.254` (default `127.0.0`;
+    /// two beds on one machine use different ones).
+    pub pod_subnet: [u8; 3],
 }
 
 /// The binary an image maps to.
@@ -121,8 +124,9 @@ fn now_time() -> Time {
 impl Kubelet {
     /// A kubelet talking to `client`.
     pub fn new(client: Client, config: KubeletConfig) -> Arc<Self> {
-        // 127.0.0.1 is the host's; pods get 127.0.0.2 ..= 127.0.0.254 (reused after a pod is gone).
-        let free_ips = (2..=254u8).rev().map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+        // <subnet>.1 is the host's; pods get <subnet>.2 ..= <subnet>.254 (reused after a pod is gone).
+        let [a, b, c] = config.pod_subnet;
+        let free_ips = (2..=254u8).rev().map(|i| Ipv4Addr::new(a, b, c, i)).collect();
         Arc::new(Self {
             client,
             config,

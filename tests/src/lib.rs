@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod dns;
 pub mod kubelet;
+pub mod nats;
 pub mod origin;
 pub mod testbed;
 
@@ -25,6 +27,8 @@ use distcache_node::{
 };
 use distcache_proto::v1::cache_client::CacheClient;
 use tonic::transport::Channel;
+
+pub use nats::{NatsServer, nats_config};
 
 /// A data source that answers `value-of-{key}` for every key except those starting with `missing`, after an
 /// optional delay, and counts its fetches per key.
@@ -153,6 +157,16 @@ impl TestNode {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+
+    /// Stops the node gracefully (as on SIGTERM: discovery says goodbye, servers drain), then drops its runtime.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let stopped = match (self.node.take(), self.runtime.as_ref()) {
+            (Some(node), Some(rt)) => rt.spawn(node.stop()).await.map_err(anyhow::Error::from),
+            _ => Ok(()),
+        };
+        self.kill();
+        stopped
     }
 
     /// True while the node runs.

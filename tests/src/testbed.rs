@@ -63,6 +63,65 @@ pub fn helm() -> PathBuf {
     cache_dir().join("helm-v3.17.2/helm")
 }
 
+/// A bed of one test's own (its own directory, ports and pod subnet), for tests that break the bed on purpose,
+/// such as restarting its API server. Stopped when dropped.
+pub struct PrivateBed {
+    dir: tempfile::TempDir,
+    subnet: String,
+    /// A connection to it.
+    pub bed: Testbed,
+}
+
+impl PrivateBed {
+    /// Starts a bed whose pods get `127.0.<octet>.x` (the shared bed's pods use 127.0.0.x).
+    pub async fn start(octet: u8) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let subnet = format!("127.0.{octet}");
+        let script = crate::repo_root().join("tests/testbed/testbed.sh");
+        let status = tokio::process::Command::new("bash")
+            .arg(&script)
+            .arg("up")
+            .env("TESTBED_DIR", dir.path())
+            .env("TESTBED_POD_SUBNET", &subnet)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "starting a private test bed failed ({status})");
+        let kubeconfig = dir.path().join("kubeconfig");
+        let file = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?;
+        let bed = Testbed { client: Client::try_from(config)?, kubeconfig };
+        Ok(Self { dir, subnet, bed })
+    }
+
+    /// Stops one component and starts it again (`testbed.sh restart NAME`).
+    pub async fn restart(&self, component: &str) -> anyhow::Result<()> {
+        let status = tokio::process::Command::new("bash")
+            .arg(crate::repo_root().join("tests/testbed/testbed.sh"))
+            .arg("restart")
+            .arg(component)
+            .env("TESTBED_DIR", self.dir.path())
+            .env("TESTBED_POD_SUBNET", &self.subnet)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "restarting {component} failed ({status})");
+        Ok(())
+    }
+}
+
+impl Drop for PrivateBed {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(crate::repo_root().join("tests/testbed/testbed.sh"))
+            .arg("down")
+            .env("TESTBED_DIR", self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// A connection to the running test bed.
 pub struct Testbed {
     /// Admin client (system:masters).

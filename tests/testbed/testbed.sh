@@ -8,8 +8,10 @@
 #                                    the bed's etcd, authenticating and authorizing through the bed; writes
 #                                    $TESTBED_DIR/kubeconfig-crd (`up` does this too)
 #   tests/testbed/testbed.sh crd-down stop only that server
+#   tests/testbed/testbed.sh restart NAME  stop one component (kube-apiserver, etcd, ...) and start it again
 #   tests/testbed/testbed.sh status  whether it runs, and how to use it (kubectl v1.20.2 and helm 3.17.2 from the cache)
 #
+# TESTBED_POD_SUBNET (default 127.0.0) gives pods <subnet>.2-254; a second bed on the machine needs another one.
 # TESTBED_DIR (default: target/testbed of the checkout) holds the PKI, logs, PIDs, etcd's throw-away data and the
 # admin kubeconfig. The binaries are cached by version under TESTBED_CACHE (/var/cache/distcache/testbed) by
 # build-kube.sh, so a warm `up` takes seconds. Ports are free ones chosen at `up`.
@@ -59,8 +61,40 @@ wait_for() {
 start() {
   local name=$1
   shift
-  setsid "$@" >"$TESTBED_DIR/$name.log" 2>&1 </dev/null &
+  # The command is kept so that `restart NAME` can run it again (same ports, same data).
+  printf '%q ' "$@" >"$TESTBED_DIR/cmd.$name"
+  setsid "$@" >>"$TESTBED_DIR/$name.log" 2>&1 </dev/null &
   echo "$! $name" >>"$TESTBED_DIR/pids"
+}
+
+# restart NAME: stops one component (SIGTERM, then SIGKILL) and starts it again with the same command line, as
+# an outage of that component; used by tests of what survives an API-server restart.
+restart() {
+  local name=$1 pid
+  [[ -f $TESTBED_DIR/cmd.$name ]] || die "no component $name in $TESTBED_DIR"
+  pid=$(awk -v n="$name" '$2 == n {print $1}' "$TESTBED_DIR/pids" | tail -n1)
+  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.2
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  sed -i "/ $name\$/d" "$TESTBED_DIR/pids"
+  log "stopped $name for a restart"
+  local cmd
+  cmd=$(cat "$TESTBED_DIR/cmd.$name")
+  eval "start $name $cmd"
+  if [[ $name == kube-apiserver ]]; then
+    # shellcheck source=/dev/null
+    source "$TESTBED_DIR/ports"
+    local p=$TESTBED_DIR/pki
+    wait_for 60 "kube-apiserver ready again" curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" \
+      --key "$p/admin.key" "https://127.0.0.1:$API_PORT/readyz" || die "kube-apiserver did not come back"
+  else
+    log "started $name again"
+  fi
 }
 
 stop_all() {
@@ -166,7 +200,7 @@ up() {
   mkdir -p "$TESTBED_DIR/flex"
   start kube-controller-manager "$KUBE_BIN/kube-controller-manager" --kubeconfig "$TESTBED_DIR/kubeconfig" \
     --service-account-private-key-file "$p/sa.key" --root-ca-file "$p/ca.crt" \
-    --use-service-account-credentials=true --controllers='*' --leader-elect=false --secure-port 0 \
+    --use-service-account-credentials=true --controllers='*' --leader-elect=false --secure-port 0 --port 0 \
     --flex-volume-plugin-dir "$TESTBED_DIR/flex"
   # The controller-manager works once the service-account controller has made `default` in `default`.
   wait_for 60 "kube-controller-manager running (ServiceAccount default/default exists)" curl -fsS \
@@ -175,7 +209,7 @@ up() {
     { stop_all; die "kube-controller-manager did not start; see $TESTBED_DIR/kube-controller-manager.log"; }
   if [[ -x $KUBELET_BIN ]]; then
     start test-kubelet "$KUBELET_BIN" --kubeconfig "$TESTBED_DIR/kubeconfig" --dir "$TESTBED_DIR/kubelet" \
-      --binaries "$TARGET/debug"
+      --binaries "$TARGET/debug" --pod-subnet "${TESTBED_POD_SUBNET:-127.0.0}"
     wait_for 30 "test kubelet registered its Node" curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" \
       --key "$p/admin.key" "$server/api/v1/nodes/testbed-node" ||
       { stop_all; die "the test kubelet did not register; see $TESTBED_DIR/test-kubelet.log"; }
@@ -238,6 +272,7 @@ case ${1:-} in
     ;;
   status) status ;;
   crd-up) crd_up ;;
+  restart) restart "${2:?usage: $0 restart NAME}" ;;
   crd-down) crd_down ;;
-  *) die "usage: $0 up|down|status|crd-up|crd-down" ;;
+  *) die "usage: $0 up|down|status|crd-up|crd-down|restart NAME" ;;
 esac

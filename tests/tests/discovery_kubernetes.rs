@@ -7,7 +7,11 @@
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use distcache_proto::v1::{GetRequest, PutRequest};
-use distcache_tests::{hook_module, http_get, testbed::Testbed, wait_for};
+use distcache_tests::{
+    hook_module, http_get,
+    testbed::{PrivateBed, Testbed},
+    wait_for,
+};
 use k8s_openapi::{
     ByteString,
     api::{
@@ -28,7 +32,11 @@ config: { mode: echo, prefix: \"v:\" }\n";
 
 async fn create<K>(api: &Api<K>, value: serde_json::Value) -> anyhow::Result<()>
 where
-    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + k8s_openapi::serde::Serialize + std::fmt::Debug,
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + k8s_openapi::serde::Serialize
+        + std::fmt::Debug,
 {
     let object: K = serde_json::from_value(value)?;
     api.create(&PostParams::default(), &object).await?;
@@ -164,13 +172,10 @@ async fn consistent(nodes: &[(String, String)], step: &str) -> anyhow::Result<()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_find_each_other_through_the_api_as_the_statefulset_scales() -> anyhow::Result<()> {
-    let bed = Testbed::connect().await?;
-    let ns = bed.namespace("kd").await?;
-    let api = |c: &kube::Client| c.clone();
+/// Creates the nodes' config (with the echo hook), least-privilege RBAC and the StatefulSet `kd` of 3 pods.
+async fn deploy(client: &kube::Client, namespace: &str) -> anyhow::Result<(Api<StatefulSet>, Api<Pod>)> {
     let hook = std::fs::read(hook_module("distcache_test_hook")?)?;
-    let cms: Api<ConfigMap> = Api::namespaced(api(&bed.client), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let mut config: ConfigMap = serde_json::from_value(serde_json::json!({
         "metadata": { "name": "kd-config" },
         "data": { "node.yaml": NODE_YAML, "keyspaces.yaml": KEYSPACES_YAML }
@@ -179,12 +184,12 @@ async fn pods_find_each_other_through_the_api_as_the_statefulset_scales() -> any
     cms.create(&PostParams::default(), &config).await?;
     // The nodes' least privilege: get/list/watch pods in their namespace.
     create(
-        &Api::<ServiceAccount>::namespaced(api(&bed.client), &ns.name),
+        &Api::<ServiceAccount>::namespaced(client.clone(), namespace),
         serde_json::json!({ "metadata": { "name": "kd-node" } }),
     )
     .await?;
     create(
-        &Api::<Role>::namespaced(api(&bed.client), &ns.name),
+        &Api::<Role>::namespaced(client.clone(), namespace),
         serde_json::json!({
             "metadata": { "name": "kd-node" },
             "rules": [{ "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"] }]
@@ -192,18 +197,26 @@ async fn pods_find_each_other_through_the_api_as_the_statefulset_scales() -> any
     )
     .await?;
     create(
-        &Api::<RoleBinding>::namespaced(api(&bed.client), &ns.name),
+        &Api::<RoleBinding>::namespaced(client.clone(), namespace),
         serde_json::json!({
             "metadata": { "name": "kd-node" },
             "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kd-node" },
-            "subjects": [{ "kind": "ServiceAccount", "name": "kd-node", "namespace": ns.name }]
+            "subjects": [{ "kind": "ServiceAccount", "name": "kd-node", "namespace": namespace }]
         }),
     )
     .await?;
-    let sets: Api<StatefulSet> = Api::namespaced(api(&bed.client), &ns.name);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
     create(&sets, statefulset()).await?;
-    let pods: Api<Pod> = Api::namespaced(api(&bed.client), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
 
+    Ok((sets, pods))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_find_each_other_through_the_api_as_the_statefulset_scales() -> anyhow::Result<()> {
+    let bed = Testbed::connect().await?;
+    let ns = bed.namespace("kd").await?;
+    let (sets, pods) = deploy(&bed.client, &ns.name).await?;
     let nodes = converged(&pods, 3).await?;
     consistent(&nodes, "three").await?;
 
@@ -239,6 +252,56 @@ async fn pods_find_each_other_through_the_api_as_the_statefulset_scales() -> any
     .await?;
 
     sets.delete("kd", &DeleteParams::background()).await?;
+    ns.delete().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_survives_an_api_server_restart_without_flapping() -> anyhow::Result<()> {
+    // A bed of this test's own: restarting the shared bed's API server would disturb the other tests.
+    let private = PrivateBed::start(1).await?;
+    let bed = &private.bed;
+    let ns = bed.namespace("kr").await?;
+    let (sets, pods) = deploy(&bed.client, &ns.name).await?;
+    let nodes = converged(&pods, 3).await?;
+    let ips: Vec<String> = nodes.iter().map(|(_, ip)| ip.clone()).collect();
+
+    // Sample every node's membership throughout the outage: it must never shrink.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampling = {
+        let (ips, stop) = (ips.clone(), std::sync::Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut samples = 0u32;
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                every.tick().await;
+                for ip in &ips {
+                    let seen = members_seen(ip).await?;
+                    anyhow::ensure!(seen.len() == 3, "{ip} saw {seen:?} during the API-server restart");
+                    samples += 1;
+                }
+            }
+            anyhow::Ok(samples)
+        })
+    };
+    private.restart("kube-apiserver").await?;
+    // The watch recovers: a new pod is seen by everybody.
+    sets.patch(
+        "kd",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": { "replicas": 4 } })),
+    )
+    .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = sampling.await??;
+    assert!(samples > 3, "membership sampled {samples} times");
+    let nodes = converged(&pods, 4).await?;
+    consistent(&nodes, "after-restart").await?;
+    for (_, ip) in &nodes {
+        let (_, body) = http_get(format!("{ip}:7421").parse()?, "/admin/peers").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        assert!(v["discoveryProblem"].is_null(), "{ip}: {body}");
+    }
     ns.delete().await?;
     Ok(())
 }

@@ -59,10 +59,7 @@ impl Discovery for StaticList {
 
     async fn run(self: Box<Self>, ctx: DiscoveryContext) {
         let peers: Vec<String> = self.peers.into_iter().filter(|p| *p != ctx.local.address).collect();
-        let mut state: HashMap<String, PeerState> =
-            peers.iter().map(|p| (p.clone(), PeerState { member: None, failures: 0 })).collect();
-        let mut last_sent: Option<Vec<Member>> = None;
-        let mut rounds: u32 = 0;
+        let mut prober = Prober::new(self.settings.clone(), "static");
         let mut ticker = tokio::time::interval(self.settings.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -70,57 +67,88 @@ impl Discovery for StaticList {
                 () = ctx.shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            let probes = peers.iter().map(|addr| {
-                let transport = ctx.transport.clone();
-                let timeout = self.settings.timeout;
-                async move {
-                    let r = tokio::time::timeout(timeout, transport.ping(addr)).await;
-                    (addr.clone(), r)
-                }
-            });
-            for (addr, result) in futures::future::join_all(probes).await {
-                let Some(s) = state.get_mut(&addr) else { continue };
-                match result {
-                    Ok(Ok(m)) if m.name == ctx.local.name => {
-                        // The list names this node under another address: not a peer.
-                        s.member = None;
-                    }
-                    Ok(Ok(m)) => {
-                        if s.member.is_none() {
-                            tracing::info!(peer = %addr, name = %m.name, "static peer answers; joining the ring");
-                        }
-                        // Dial the address from the list: it is the one known to be reachable from here.
-                        s.member = Some(Member::new(m.name, addr.clone()));
-                        s.failures = 0;
-                    }
-                    Ok(Err(e)) => {
-                        s.failures = s.failures.saturating_add(1);
-                        tracing::debug!(peer = %addr, error = %e, failures = s.failures, "static peer probe failed");
-                    }
-                    Err(_) => {
-                        s.failures = s.failures.saturating_add(1);
-                        tracing::debug!(peer = %addr, failures = s.failures, "static peer probe timed out");
-                    }
-                }
-                if s.failures >= self.settings.failure_threshold
-                    && let Some(m) = s.member.take()
-                {
-                    tracing::warn!(peer = %addr, name = %m.name, "static peer stopped answering; leaving the ring");
-                }
-            }
-            rounds = rounds.saturating_add(1);
-            let mut members: Vec<Member> = state.values().filter_map(|s| s.member.clone()).collect();
-            members.sort();
-            let settled = members.len() == peers.len() || rounds >= self.settings.failure_threshold;
-            if last_sent.is_none() && !settled {
-                continue;
-            }
-            if last_sent.as_ref() != Some(&members) {
-                if ctx.updates.send(members.clone()).await.is_err() {
-                    return;
-                }
-                last_sent = Some(members);
+            if !prober.round(&peers, &ctx).await {
+                return;
             }
         }
+    }
+}
+
+/// Health-checks a set of peer addresses (which may change between rounds) and reports the members they
+/// answer as: shared by static discovery (a fixed list) and DNS discovery (the resolved addresses).
+pub(crate) struct Prober {
+    settings: StaticListSettings,
+    backend: &'static str,
+    state: HashMap<String, PeerState>,
+    rounds: u32,
+    last_sent: Option<Vec<Member>>,
+}
+
+impl Prober {
+    pub(crate) fn new(settings: StaticListSettings, backend: &'static str) -> Self {
+        Self { settings, backend, state: HashMap::new(), rounds: 0, last_sent: None }
+    }
+
+    /// Probes every address of `peers` once and sends the member set when it has settled and changed.
+    /// Addresses no longer listed are forgotten. Returns false when nobody listens for updates any more.
+    pub(crate) async fn round(&mut self, peers: &[String], ctx: &DiscoveryContext) -> bool {
+        let backend = self.backend;
+        self.state.retain(|addr, _| peers.contains(addr));
+        for p in peers {
+            self.state.entry(p.clone()).or_insert(PeerState { member: None, failures: 0 });
+        }
+        let probes = peers.iter().map(|addr| {
+            let transport = ctx.transport.clone();
+            let timeout = self.settings.timeout;
+            async move {
+                let r = tokio::time::timeout(timeout, transport.ping(addr)).await;
+                (addr.clone(), r)
+            }
+        });
+        for (addr, result) in futures::future::join_all(probes).await {
+            let Some(s) = self.state.get_mut(&addr) else { continue };
+            match result {
+                Ok(Ok(m)) if m.name == ctx.local.name => {
+                    // The list names this node under another address: not a peer.
+                    s.member = None;
+                }
+                Ok(Ok(m)) => {
+                    if s.member.is_none() {
+                        tracing::info!(backend, peer = %addr, name = %m.name, "peer answers; joining the ring");
+                    }
+                    // Dial the address from the list: it is the one known to be reachable from here.
+                    s.member = Some(Member::new(m.name, addr.clone()));
+                    s.failures = 0;
+                }
+                Ok(Err(e)) => {
+                    s.failures = s.failures.saturating_add(1);
+                    tracing::debug!(backend, peer = %addr, error = %e, failures = s.failures, "peer probe failed");
+                }
+                Err(_) => {
+                    s.failures = s.failures.saturating_add(1);
+                    tracing::debug!(backend, peer = %addr, failures = s.failures, "peer probe timed out");
+                }
+            }
+            if s.failures >= self.settings.failure_threshold
+                && let Some(m) = s.member.take()
+            {
+                tracing::warn!(backend, peer = %addr, name = %m.name, "peer stopped answering; leaving the ring");
+            }
+        }
+        self.rounds = self.rounds.saturating_add(1);
+        let mut members: Vec<Member> = self.state.values().filter_map(|s| s.member.clone()).collect();
+        members.sort();
+        members.dedup_by(|a, b| a.name == b.name);
+        let settled = members.len() == peers.len() || self.rounds >= self.settings.failure_threshold;
+        if self.last_sent.is_none() && !settled {
+            return true;
+        }
+        if self.last_sent.as_ref() != Some(&members) {
+            if ctx.updates.send(members.clone()).await.is_err() {
+                return false;
+            }
+            self.last_sent = Some(members);
+        }
+        true
     }
 }

@@ -8,6 +8,7 @@ use distcache_tests::kubelet::{Kubelet, KubeletConfig};
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
         )
@@ -17,6 +18,7 @@ fn main() -> anyhow::Result<()> {
     let mut binaries = None;
     let mut node_name = "testbed-node".to_owned();
     let mut selector = BTreeMap::new();
+    let mut pod_subnet = [127, 0, 0];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
@@ -25,6 +27,12 @@ fn main() -> anyhow::Result<()> {
             "--dir" => dir = Some(PathBuf::from(value()?)),
             "--binaries" => binaries = Some(PathBuf::from(value()?)),
             "--node-name" => node_name = value()?,
+            "--pod-subnet" => {
+                let text = value()?;
+                let octets: Vec<u8> = text.split('.').map(str::parse).collect::<Result<_, _>>()?;
+                pod_subnet = <[u8; 3]>::try_from(octets)
+                    .map_err(|_| anyhow::anyhow!("--pod-subnet {text:?} is not three octets like 127.0.1"))?;
+            }
             "--selector" => {
                 for pair in value()?.split(',').filter(|p| !p.is_empty()) {
                     let (k, v) = pair
@@ -35,7 +43,7 @@ fn main() -> anyhow::Result<()> {
             }
             other => anyhow::bail!(
                 "unknown argument {other:?}; usage: distcache-test-kubelet --kubeconfig FILE --dir DIR --binaries DIR \
-                 [--node-name NAME] [--selector k=v,...]"
+                 [--node-name NAME] [--selector k=v,...] [--pod-subnet 127.0.0]"
             ),
         }
     }
@@ -61,6 +69,7 @@ fn main() -> anyhow::Result<()> {
                 server,
                 ca_pem,
                 interval: Duration::from_millis(300),
+                pod_subnet,
             },
         );
         let stop = tokio_util::sync::CancellationToken::new();
