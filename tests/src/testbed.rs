@@ -199,3 +199,58 @@ impl TestNamespace {
         Ok(())
     }
 }
+
+/// A StatefulSet of `distcache-node` pods as the test bed runs them: config from ConfigMap `<name>-config` mounted
+/// at `/etc/distcache` (`node.yaml` and what it names), member name = pod name, listening on the podIP (pods
+/// share the host network), readiness from `/readyz`, label `app=<name>`.
+pub fn node_statefulset(name: &str, replicas: i32, service_account: Option<&str>) -> serde_json::Value {
+    let mut set = serde_json::json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": replicas,
+            "serviceName": format!("{name}-peers"),
+            "podManagementPolicy": "Parallel",
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "node",
+                        "image": "example.invalid/distcache-node:test",
+                        "args": ["--config", "/etc/distcache/node.yaml"],
+                        "env": [
+                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+                            { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
+                            { "name": "DISTCACHE_NAME", "value": "$(POD_NAME)" },
+                            { "name": "DISTCACHE_LISTEN", "value": "$(POD_IP):7420" },
+                            { "name": "DISTCACHE_ADVERTISE", "value": "$(POD_IP):7420" },
+                            { "name": "DISTCACHE_ADMIN", "value": "$(POD_IP):7421" }
+                        ],
+                        "ports": [
+                            { "name": "grpc", "containerPort": 7420 },
+                            { "name": "admin", "containerPort": 7421 }
+                        ],
+                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 1 },
+                        "volumeMounts": [{ "name": "config", "mountPath": "/etc/distcache" }]
+                    }],
+                    "volumes": [{ "name": "config", "configMap": { "name": format!("{name}-config") } }]
+                }
+            }
+        }
+    });
+    if let Some(sa) = service_account {
+        set["spec"]["template"]["spec"]["serviceAccountName"] = sa.into();
+    }
+    set
+}
+
+/// Whether a pod is Ready and not being deleted.
+pub fn is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}

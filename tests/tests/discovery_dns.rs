@@ -8,26 +8,25 @@ use distcache_node::{
     config::{DiscoveryConfig, DnsDiscovery},
 };
 use distcache_proto::v1::{GetRequest, PutRequest};
-use distcache_tests::{CountingSource, KEYSPACES, Slot, TestNode, dns::DnsServer, start_node, wait_until};
+use distcache_tests::{
+    CountingSource, KEYSPACES, Slot, TestNode, dns::DnsServer, start_node, static_config, wait_until,
+};
 
+/// The harness's node config (fast keyspace polling, short peer timeout) with DNS discovery of `name`.
 fn dns_config(server: SocketAddr, name: &str, keyspaces_file: &Path) -> NodeConfig {
-    NodeConfig {
-        discovery: DiscoveryConfig {
-            dns: Some(DnsDiscovery {
-                name: name.to_owned(),
-                port: 7420,
-                interval: distcache_crds::DurationString(Duration::from_millis(200)),
-                nameservers: vec![server],
-                probe_interval: distcache_crds::DurationString(Duration::from_millis(250)),
-                failure_threshold: 3,
-            }),
-            ..DiscoveryConfig::default()
-        },
-        keyspaces_file: Some(keyspaces_file.to_owned()),
-        keyspaces_poll_interval: distcache_crds::DurationString(Duration::from_millis(100)),
-        peer_timeout: distcache_crds::DurationString(Duration::from_secs(1)),
-        ..NodeConfig::default()
-    }
+    let mut config = static_config(&[], keyspaces_file);
+    config.discovery = DiscoveryConfig {
+        dns: Some(DnsDiscovery {
+            name: name.to_owned(),
+            port: 7420,
+            interval: distcache_crds::DurationString(Duration::from_millis(200)),
+            nameservers: vec![server],
+            probe_interval: distcache_crds::DurationString(Duration::from_millis(250)),
+            failure_threshold: 3,
+        }),
+        ..DiscoveryConfig::default()
+    };
+    config
 }
 
 fn names(node: &TestNode) -> BTreeSet<String> {

@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 use distcache_proto::v1::{GetRequest, PutRequest};
 use distcache_tests::{
     hook_module, http_get,
-    testbed::{PrivateBed, Testbed},
+    testbed::{PrivateBed, Testbed, is_ready, node_statefulset},
     wait_for,
 };
 use k8s_openapi::{
@@ -44,51 +44,7 @@ where
 }
 
 fn statefulset() -> serde_json::Value {
-    serde_json::json!({
-        "metadata": { "name": "kd" },
-        "spec": {
-            "replicas": 3,
-            "serviceName": "kd-peers",
-            "podManagementPolicy": "Parallel",
-            "selector": { "matchLabels": { "app": "kd" } },
-            "template": {
-                "metadata": { "labels": { "app": "kd" } },
-                "spec": {
-                    "serviceAccountName": "kd-node",
-                    "terminationGracePeriodSeconds": 5,
-                    "containers": [{
-                        "name": "node",
-                        "image": "example.invalid/distcache-node:test",
-                        "args": ["--config", "/etc/distcache/node.yaml"],
-                        "env": [
-                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
-                            { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
-                            { "name": "DISTCACHE_NAME", "value": "$(POD_NAME)" },
-                            { "name": "DISTCACHE_LISTEN", "value": "$(POD_IP):7420" },
-                            { "name": "DISTCACHE_ADVERTISE", "value": "$(POD_IP):7420" },
-                            { "name": "DISTCACHE_ADMIN", "value": "$(POD_IP):7421" }
-                        ],
-                        "ports": [
-                            { "name": "grpc", "containerPort": 7420 },
-                            { "name": "admin", "containerPort": 7421 }
-                        ],
-                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 1 },
-                        "volumeMounts": [{ "name": "config", "mountPath": "/etc/distcache" }]
-                    }],
-                    "volumes": [{ "name": "config", "configMap": { "name": "kd-config" } }]
-                }
-            }
-        }
-    })
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    node_statefulset("kd", 3, Some("kd-node"))
 }
 
 fn ip(pod: &Pod) -> Option<String> {

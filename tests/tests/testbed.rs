@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PutRequest};
 use distcache_tests::{
-    testbed::{self, Testbed, pod_dir},
+    testbed::{self, Testbed, is_ready, node_statefulset, pod_dir},
     wait_for,
 };
 use k8s_openapi::api::{
@@ -24,50 +24,7 @@ const NODE_YAML: &str =
 const KEYSPACES_YAML: &str = "keyspaces:\n  - { name: kv, maxBytes: 1Mi }\n";
 
 fn statefulset(name: &str, replicas: i32) -> anyhow::Result<StatefulSet> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "metadata": { "name": name },
-        "spec": {
-            "replicas": replicas,
-            "serviceName": format!("{name}-peers"),
-            "podManagementPolicy": "Parallel",
-            "selector": { "matchLabels": { "app": name } },
-            "template": {
-                "metadata": { "labels": { "app": name } },
-                "spec": {
-                    "terminationGracePeriodSeconds": 5,
-                    "containers": [{
-                        "name": "node",
-                        "image": "example.invalid/distcache-node:test",
-                        "args": ["--config", "/etc/distcache/node.yaml"],
-                        "env": [
-                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
-                            { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
-                            { "name": "DISTCACHE_NAME", "value": "$(POD_NAME)" },
-                            { "name": "DISTCACHE_LISTEN", "value": "$(POD_IP):7420" },
-                            { "name": "DISTCACHE_ADVERTISE", "value": "$(POD_IP):7420" },
-                            { "name": "DISTCACHE_ADMIN", "value": "$(POD_IP):7421" }
-                        ],
-                        "ports": [
-                            { "name": "grpc", "containerPort": 7420 },
-                            { "name": "admin", "containerPort": 7421 }
-                        ],
-                        "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 1 },
-                        "volumeMounts": [{ "name": "config", "mountPath": "/etc/distcache" }]
-                    }],
-                    "volumes": [{ "name": "config", "configMap": { "name": format!("{name}-config") } }]
-                }
-            }
-        }
-    }))?)
-}
-
-fn is_ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    Ok(serde_json::from_value(node_statefulset(name, replicas, None))?)
 }
 
 async fn ready_pods(pods: &Api<Pod>, app: &str) -> anyhow::Result<Vec<Pod>> {
