@@ -67,20 +67,29 @@ start() {
   echo "$! $name" >>"$TESTBED_DIR/pids"
 }
 
+# stop_component PID NAME: SIGTERM, up to 10 s to exit, then SIGKILL; only while PID is still the process that was
+# started as NAME (a recycled PID runs something else, which is left alone).
+stop_component() {
+  local pid=$1 name=$2 binary=$2
+  [[ $name == test-kubelet ]] && binary=distcache-test-kubelet
+  kill -0 "$pid" 2>/dev/null || return 0
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$binary" || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  log "stopped $name (pid $pid)"
+}
+
 # restart NAME: stops one component (SIGTERM, then SIGKILL) and starts it again with the same command line, as
 # an outage of that component; used by tests of what survives an API-server restart.
 restart() {
   local name=$1 pid
   [[ -f $TESTBED_DIR/cmd.$name ]] || die "no component $name in $TESTBED_DIR"
   pid=$(awk -v n="$name" '$2 == n {print $1}' "$TESTBED_DIR/pids" | tail -n1)
-  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.2
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
+  [[ -n $pid ]] && stop_component "$pid" "$name"
   sed -i "/ $name\$/d" "$TESTBED_DIR/pids"
   log "stopped $name for a restart"
   local cmd
@@ -102,18 +111,7 @@ stop_all() {
   local pid name
   # Reverse order: the kubelet first (it stops its pods), etcd last.
   tac "$TESTBED_DIR/pids" | while read -r pid name; do
-    # Only a process that is still the one started (a recycled PID runs something else).
-    local binary=$name
-    [[ $name == test-kubelet ]] && binary=distcache-test-kubelet
-    if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$binary"; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.2
-      done
-      kill -KILL "$pid" 2>/dev/null || true
-      log "stopped $name (pid $pid)"
-    fi
+    stop_component "$pid" "$name"
   done
   rm -f "$TESTBED_DIR/pids"
 }
@@ -245,10 +243,7 @@ crd_down() {
   [[ -f $TESTBED_DIR/pids ]] || return 0
   local pid
   pid=$(awk '$2 == "apiextensions-apiserver" {print $1}' "$TESTBED_DIR/pids")
-  if [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q apiextensions-apiserver; then
-    kill -TERM "$pid" 2>/dev/null || true
-    log "stopped apiextensions-apiserver (pid $pid)"
-  fi
+  [[ -n $pid ]] && stop_component "$pid" apiextensions-apiserver
   sed -i '/ apiextensions-apiserver$/d' "$TESTBED_DIR/pids"
   rm -f "$TESTBED_DIR/kubeconfig-crd"
 }
