@@ -56,6 +56,12 @@ pub struct NodeConfig {
     /// How long a stopping node keeps answering in-flight requests.
     #[serde(default = "default_drain")]
     pub shutdown_grace: DurationString,
+    /// How long a stopping node keeps accepting new requests after it reported itself not ready (gRPC health
+    /// NOT_SERVING, `/readyz` 503), before it closes its listeners. Peers and load balancers learn of the
+    /// stop with some delay (a pod watch, endpoint propagation); during this time their requests still succeed.
+    /// Default 0s; the operator sets a few seconds for pods.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay: DurationString,
     /// The WebAssembly hook runtime.
     #[serde(default)]
     pub hooks: HooksConfig,
@@ -291,6 +297,9 @@ fn default_peer_timeout() -> DurationString {
 fn default_max_message() -> ByteSize {
     ByteSize(64 << 20)
 }
+fn default_shutdown_delay() -> DurationString {
+    DurationString(Duration::ZERO)
+}
 fn default_drain() -> DurationString {
     DurationString(Duration::from_secs(5))
 }
@@ -314,6 +323,7 @@ impl Default for NodeConfig {
             peer_timeout: default_peer_timeout(),
             max_message_bytes: default_max_message(),
             shutdown_grace: default_drain(),
+            shutdown_delay: default_shutdown_delay(),
             worker_threads: None,
             hooks: HooksConfig::default(),
         }

@@ -94,6 +94,7 @@ pub struct RunningNode {
     health: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
     grace: Duration,
+    delay: Duration,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -243,6 +244,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         health,
         shutdown,
         grace: config.shutdown_grace.get(),
+        delay: config.shutdown_delay.get(),
         tasks,
     })
 }
@@ -332,13 +334,18 @@ impl RunningNode {
         }
     }
 
-    /// Stops the node: reports not ready, stops discovery and the servers, lets in-flight requests finish for at
-    /// most the configured grace period.
+    /// Stops the node: reports not ready, keeps serving for the configured shutdown delay, stops discovery and
+    /// the servers, lets in-flight requests finish for at most the configured grace period.
     pub async fn stop(self) {
         self.admin.stopping.store(true, Ordering::Release);
         // Clients and load balancers that watch gRPC health stop sending before the listener closes.
         self.health.set_not_serving::<CacheServer<CacheService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        // Lame duck: keep serving while peers and load balancers notice (a pod watch, endpoint updates).
+        if !self.delay.is_zero() {
+            tracing::info!(delay = ?self.delay, "not ready; still serving during the shutdown delay");
+            tokio::time::sleep(self.delay).await;
+        }
         self.shutdown.cancel();
         let grace = self.grace;
         let all = futures::future::join_all(self.tasks);
