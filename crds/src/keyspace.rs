@@ -2,6 +2,7 @@
 
 use std::{collections::BTreeMap, collections::HashSet, fmt, time::Duration};
 
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +15,8 @@ pub const DEFAULT_MAX_VALUE_BYTES: u64 = 8 << 20;
 /// Most keyspaces one node or one DistCache serves.
 pub const MAX_KEYSPACES: usize = 256;
 
+/// Most `allowedHosts` entries of one hook (also a bound of the CRD's CEL rule cost).
+const MAX_ALLOWED_HOSTS: usize = 16;
 const MIN_MAX_BYTES: u64 = 64 << 10;
 const MAX_MAX_BYTES: u64 = 1 << 40;
 const MAX_VALUE_BYTES_LIMIT: u64 = 512 << 20;
@@ -32,11 +35,12 @@ pub struct KeyspacesFile {
 
 /// One keyspace: a named, independently sized and configured set of keys. Each node holds the keys of every
 /// keyspace that it owns, up to `maxBytes` per keyspace.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeyspaceSpec {
     /// Name used by clients (`Get(keyspace, key)`): lowercase letters, digits, '-', '_' and '.', at most 63
     /// characters, starting and ending with a letter or digit.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"))]
     pub name: String,
     /// Memory budget of the keyspace on each node, counting key + value + a fixed per-entry overhead; least
     /// recently and least frequently used entries are evicted beyond it. Between 64Ki and 1Ti. One eighth of it
@@ -62,7 +66,7 @@ pub struct KeyspaceSpec {
 }
 
 /// A WebAssembly data-source hook and its sandbox.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HookSpec {
     /// Where the hook's WebAssembly component comes from: exactly one of path, configMap, or url with sha256.
@@ -70,8 +74,13 @@ pub struct HookSpec {
     /// String settings passed to the hook's `init` (for example the backend's base URL).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
-    /// The only `host:port` pairs the hook may reach through the host's HTTP interface.
+    /// The only `host:port` pairs the hook may reach through the host's HTTP interface, for example
+    /// `users-api.default.svc:8080` or `[fd00::1]:443`, at most 16. Empty: no egress at all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 3, max = 261)))]
+    #[x_kube(validation = kube::core::Rule::new(
+        r"self.all(h, h.matches('^([A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\\[[0-9A-Fa-f:.]+\\]):[0-9]{1,5}$'))"
+    ).message("every allowedHosts entry must be host:port, for example users-api:8080 or [fd00::1]:443"))]
     pub allowed_hosts: Vec<String>,
     /// Resource limits of one hook call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,8 +88,15 @@ pub struct HookSpec {
 }
 
 /// The source of a hook's WebAssembly component. Exactly one of `path`, `configMap` or `url` (with `sha256`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    validation = kube::core::Rule::new(
+        "(has(self.path) ? 1 : 0) + (has(self.configMap) ? 1 : 0) + (has(self.url) ? 1 : 0) == 1"
+    ).message("hook.module: set exactly one of path, configMap or url"),
+    validation = kube::core::Rule::new("!has(self.url) || has(self.sha256)")
+        .message("hook.module: url requires sha256"),
+)]
 pub struct ModuleSource {
     /// A file on the node, relative to the keyspaces file's directory unless absolute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,6 +273,12 @@ fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) {
         && path.is_empty()
     {
         c.push(format!("{at}.hook.module.path"), "must not be empty");
+    }
+    if hook.allowed_hosts.len() > MAX_ALLOWED_HOSTS {
+        c.push(
+            format!("{at}.hook.allowedHosts"),
+            format!("{} entries given, at most {MAX_ALLOWED_HOSTS} allowed", hook.allowed_hosts.len()),
+        );
     }
     for (i, host) in hook.allowed_hosts.iter().enumerate() {
         if !valid_host_port(host) {

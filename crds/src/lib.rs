@@ -1,14 +1,21 @@
-//! API types shared by the DistCache node and operator.
+//! API types shared by the DistCache node and operator: the `DistCache` custom resource ([`DistCache`]) and the
+//! keyspace specification.
 //!
 //! [`KeyspaceSpec`] is both an entry of the node's keyspaces file and an element of `DistCache.spec.keyspaces`,
 //! so the CRD field and the file the operator writes into the keyspace ConfigMap are one type: what validates
 //! here validates everywhere. Sizes are Kubernetes quantities ([`ByteSize`]) and durations are Go-style strings
 //! ([`DurationString`]), as Kubernetes users write them.
 
+mod distcache;
 mod duration;
 mod keyspace;
 mod quantity;
 
+pub use distcache::{
+    DEFAULT_REPLICAS, DiscoverySpec, DistCache, DistCacheSpec, DistCacheStatus, DnsDiscoverySpec, GROUP,
+    HookState, ImageSpec, KeyspaceStatus, KubernetesDiscoverySpec, MAX_REPLICAS, NatsDiscoverySpec,
+    PodDisruptionBudgetSpec, SchedulingSpec, ServiceSpec, VERSION,
+};
 pub use duration::{DurationString, ParseDurationError};
 pub use keyspace::{
     ConfigMapKeyRef, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_VALUE_BYTES, HookLimits, HookSpec, KeyspaceSpec,

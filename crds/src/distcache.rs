@@ -1,0 +1,318 @@
+//! The `DistCache` custom resource (`distcache.io/v1alpha1`): one distributed cache, its nodes and keyspaces.
+//!
+//! The doc comments of every field are the text `kubectl explain distcache.spec.<field>` shows. Cross-field rules
+//! are CEL (`x-kubernetes-validations`), checked by API servers that know CEL (1.25+); the operator validates the
+//! same rules itself so an older server never gets an invalid object further than a `Degraded` condition.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint},
+    apimachinery::pkg::{apis::meta::v1::Condition, util::intstr::IntOrString},
+};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::KeyspaceSpec;
+
+/// API group of the DistCache resource.
+pub const GROUP: &str = "distcache.io";
+/// API version of the DistCache resource.
+pub const VERSION: &str = "v1alpha1";
+/// Default number of cache nodes.
+pub const DEFAULT_REPLICAS: i32 = 3;
+/// Most cache nodes one DistCache may ask for.
+pub const MAX_REPLICAS: i32 = 1000;
+
+/// The desired state of one distributed cache: how many nodes, which image, which keyspaces, how the nodes find
+/// each other and how they are scheduled and exposed.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[expect(
+    clippy::duplicated_attributes,
+    reason = "clippy reads the repeated `type_ = ...` of two printcolumn(...) arguments as duplicated attributes"
+)]
+#[kube(
+    group = "distcache.io",
+    version = "v1alpha1",
+    kind = "DistCache",
+    plural = "distcaches",
+    shortname = "dc",
+    category = "all",
+    namespaced,
+    status = "DistCacheStatus",
+    doc = "A distributed read-through cache: the operator runs `replicas` cache nodes as a StatefulSet, shards \
+           every keyspace over them by consistent hashing and keeps the keyspaces ConfigMap in step with \
+           `spec.keyspaces` (no restart needed for keyspace changes).",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready nodes / desired nodes"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired number of cache nodes"
+    ),
+    printcolumn(
+        name = "Keyspaces",
+        type_ = "integer",
+        json_path = ".status.keyspaceCount",
+        description = "Number of keyspaces served"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DistCacheSpec {
+    /// Number of cache nodes (pods). Keys are sharded over the Ready nodes; scaling in removes the
+    /// highest-numbered pods first. Also settable through the scale subresource (`kubectl scale dc`). Default 3.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// The node container image. Fields left out come from the operator's default node image (the Helm chart's
+    /// `node.image` value). Changing it replaces the pods one at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSpec>,
+
+    /// CPU and memory requests and limits of each node container. Size memory above the sum of the keyspaces'
+    /// maxBytes plus about 64Mi per 16 hook instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// The keyspaces every node serves, unique by name. Changes are written to the keyspaces ConfigMap and
+    /// picked up by the running nodes without a restart; a change the nodes refuse keeps the previous keyspaces
+    /// serving and shows in `status.keyspaces`.
+    #[serde(default)]
+    #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub keyspaces: Vec<KeyspaceSpec>,
+
+    /// How the nodes find each other. Default: the Kubernetes API (Ready pods of this DistCache).
+    #[serde(default)]
+    pub discovery: DiscoverySpec,
+
+    /// Where the node pods may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingSpec>,
+
+    /// The PodDisruptionBudget that keeps voluntary disruptions (node drains) from taking down more than one
+    /// cache node at a time. Default: enabled with maxUnavailable 1.
+    #[serde(default)]
+    pub pod_disruption_budget: PodDisruptionBudgetSpec,
+
+    /// The client Service `<name>` that applications connect to (gRPC port 7420).
+    #[serde(default)]
+    pub service: ServiceSpec,
+}
+
+fn default_replicas() -> i32 {
+    DEFAULT_REPLICAS
+}
+
+/// A container image: repository, tag and pull policy.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// Image repository, for example `ghcr.io/distcache/distcache-node`. Default: the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub repository: Option<String>,
+    /// Image tag. Default: the operator's (its own version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub tag: Option<String>,
+    /// Pull policy: Always, IfNotPresent or Never. Default: the Kubernetes default for the tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["Always", "IfNotPresent", "Never"]))]
+    pub pull_policy: Option<String>,
+}
+
+/// How the nodes find each other: exactly one backend. Default: `kubernetes: {}`.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.kubernetes) ? 1 : 0) + (has(self.dns) ? 1 : 0) + (has(self.nats) ? 1 : 0) == 1"
+).message("discovery: set exactly one of kubernetes, dns or nats"))]
+pub struct DiscoverySpec {
+    /// Watch the Ready pods of this DistCache through the Kubernetes API (the operator grants the nodes a Role
+    /// to list and watch pods). Members change as soon as a pod turns Ready or starts terminating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesDiscoverySpec>,
+    /// Resolve the headless Service `<name>-peers` (SRV records) through cluster DNS, every few seconds. For
+    /// clusters where the nodes must not read the Kubernetes API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsDiscoverySpec>,
+    /// Announcements and heartbeats on a NATS subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsDiscoverySpec>,
+}
+
+impl Default for DiscoverySpec {
+    fn default() -> Self {
+        Self { kubernetes: Some(KubernetesDiscoverySpec {}), dns: None, nats: None }
+    }
+}
+
+/// Kubernetes API discovery (no settings: the operator fills in namespace and label selector).
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesDiscoverySpec {}
+
+/// DNS discovery through the headless Service.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsDiscoverySpec {
+    /// Longest time between two resolutions, for example `5s`. Default 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<crate::DurationString>,
+}
+
+/// NATS discovery.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsDiscoverySpec {
+    /// NATS server URL, for example `nats://nats.messaging:4222`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('nats://') || self.startsWith('tls://')")
+        .message("discovery.nats.url must start with nats:// or tls://"))]
+    pub url: String,
+    /// Subject the nodes announce themselves on. Default `distcache.<namespace>.<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub subject: Option<String>,
+}
+
+/// Scheduling constraints of the node pods (copied into the pod template).
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// Node labels a node pod requires.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the node pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity of the node pods. Default: none; spreading the nodes over machines with
+    /// topologySpreadConstraints or pod anti-affinity is recommended in production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How the node pods spread over zones or machines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+}
+
+/// The PodDisruptionBudget of the node pods.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!(has(self.minAvailable) && has(self.maxUnavailable))")
+    .message("podDisruptionBudget: set minAvailable or maxUnavailable, not both"))]
+pub struct PodDisruptionBudgetSpec {
+    /// Whether the operator creates the PodDisruptionBudget `<name>`. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Most node pods that a voluntary disruption may take down at once (a number or a percentage). Default 1
+    /// when minAvailable is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+    /// Fewest node pods that must stay up during a voluntary disruption (a number or a percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<IntOrString>,
+}
+
+impl Default for PodDisruptionBudgetSpec {
+    fn default() -> Self {
+        Self { enabled: true, max_unavailable: None, min_available: None }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The client Service.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type: ClusterIP, NodePort or LoadBalancer. Default ClusterIP.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["ClusterIP", "NodePort", "LoadBalancer"]))]
+    pub type_: Option<String>,
+    /// Annotations of the client Service (for example for a cloud load balancer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The observed state of a DistCache, as the operator last applied and saw it.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DistCacheStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Node pods that exist (the scale subresource's status replicas).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Node pods that are Ready and members of the cache.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Node pods that run the current pod template.
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// `readyReplicas/replicas` as `kubectl get dc` shows it, for example `3/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// The label selector of the node pods, for the scale subresource (and HorizontalPodAutoscalers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Number of keyspaces in the spec.
+    #[serde(default)]
+    pub keyspace_count: i32,
+    /// Available (every node Ready on the current spec), Progressing (a roll or scale is under way) and Degraded
+    /// (the spec is invalid, an object could not be applied, or a feature is missing on this cluster), each
+    /// with a reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The state of each keyspace's data-source hook on the nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyspaces: Vec<KeyspaceStatus>,
+}
+
+/// The state of one keyspace on the nodes.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyspaceStatus {
+    /// Keyspace name.
+    pub name: String,
+    /// Hook state: None (cache-aside keyspace), Loaded (every Ready node serves the current spec), Loading (some
+    /// nodes do not serve it yet) or Failed (a node refused it; see message).
+    pub hook: HookState,
+    /// Ready nodes that serve the keyspace as specified.
+    #[serde(default)]
+    pub nodes_loaded: i32,
+    /// SHA-256 of the hook module the nodes run, when they agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_sha256: Option<String>,
+    /// Why the keyspace is not loaded everywhere (a node's refusal message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Hook state of a keyspace.
+#[derive(JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HookState {
+    /// A cache-aside keyspace without hook, served by every Ready node.
+    None,
+    /// Every Ready node serves the keyspace with its hook as specified.
+    Loaded,
+    /// Not every Ready node serves the keyspace as specified yet.
+    #[default]
+    Loading,
+    /// A node refused the keyspace (its hook failed to load); the previous keyspaces keep serving.
+    Failed,
+}
