@@ -1,0 +1,344 @@
+//! The DistCache controller: watches DistCaches and the objects they own, and reconciles each as
+//! validate → build → apply → status (one module each). `validate` and `build` are pure; `apply` and `status`
+//! talk to the API server (and `status` to the nodes' admin endpoints).
+//!
+//! Requeue policy: settled → after 5 minutes; rolling, scaling or keyspaces still loading → after 5 seconds;
+//! invalid spec → no requeue (a spec change triggers the next run) + Event + Degraded condition; transient error
+//! → per-object exponential backoff from 1 s, capped at 5 minutes, reset by the next success. A DistCache that
+//! cannot even be deserialized is reported by an Event and skipped; it never stops the others.
+
+pub mod apply;
+pub mod build;
+pub mod status;
+pub mod validate;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use distcache_crds::{DistCache, HookState};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::StatefulSet,
+    core::v1::{ConfigMap, Service},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    core::DeserializeGuard,
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use parking_lot::Mutex;
+
+use crate::{capabilities::Capabilities, metrics::Metrics};
+use build::BuildConfig;
+
+/// A failed reconcile step; the message names the step and object, the cause is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Server-side apply of an owned object failed.
+    #[error("failed to apply {kind} {name}")]
+    Apply {
+        /// Object kind.
+        kind: String,
+        /// Object name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting an owned object failed.
+    #[error("failed to delete {kind} {name}")]
+    Delete {
+        /// Object kind.
+        kind: String,
+        /// Object name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Discovering the server's APIs failed.
+    #[error("failed to discover the API server's PodDisruptionBudget API")]
+    Discovery(#[source] kube::Error),
+    /// Listing the node pods failed.
+    #[error("failed to list the node pods of DistCache {name}")]
+    Pods {
+        /// DistCache name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the status failed.
+    #[error("failed to update the status of DistCache {name}")]
+    Status {
+        /// DistCache name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The object could not be read as a DistCache (it passed the server's schema but not the operator's).
+    #[error("invalid DistCache: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// A short reason for Events and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Apply { .. } => "ApplyFailed",
+            Self::Delete { .. } => "DeleteFailed",
+            Self::Discovery(_) => "DiscoveryFailed",
+            Self::Pods { .. } => "ListPodsFailed",
+            Self::Status { .. } => "StatusFailed",
+            Self::Invalid(_) => "InvalidObject",
+        }
+    }
+}
+
+/// The message with its causes: "failed to apply StatefulSet demo: ApiError: ... (422)".
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// API client (the operator's service account).
+    pub client: Client,
+    /// Publishes Events on DistCaches.
+    pub recorder: Recorder,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+    /// Object-shaping settings.
+    pub build: BuildConfig,
+    /// What the API server serves.
+    pub capabilities: Capabilities,
+    /// Client for the nodes' admin endpoints.
+    pub http: reqwest::Client,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<ObjectRef<DeserializeGuard<DistCache>>, u32>>,
+}
+
+impl Context {
+    /// A context for the operator.
+    pub fn new(client: Client, build: BuildConfig, metrics: Arc<Metrics>, reporter: Reporter) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            capabilities: Capabilities::new(client.clone()),
+            client,
+            metrics,
+            build,
+            http: reqwest::Client::builder().no_proxy().build().unwrap_or_default(),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn event(&self, dc: &DistCache, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(truncate(note, 1000)),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &dc.object_ref(&())).await {
+            tracing::warn!(error = %chain(&e), "failed to publish an Event");
+        }
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+const SETTLED_REQUEUE: Duration = Duration::from_mins(5);
+const BUSY_REQUEUE: Duration = Duration::from_secs(5);
+
+/// One reconcile of one DistCache.
+async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let dc = match &guard.0 {
+        Ok(dc) => dc,
+        Err(invalid) => return Err(Error::Invalid(invalid.error.clone())),
+    };
+    let _timer = ctx.metrics.reconcile_timer();
+    let valid = match validate::validate(&dc.spec) {
+        Ok(valid) => valid,
+        Err(problems) => {
+            ctx.event(dc, EventType::Warning, "InvalidSpec", problems.to_string()).await;
+            let observed = status::Observed {
+                invalid: Some(problems.to_string()),
+                apply_error: None,
+                stateful_set: None,
+                pdb: None,
+                keyspaces: Vec::new(),
+            };
+            let mut new = status::compute(dc, &observed);
+            if let Some(old) = &dc.status {
+                // Keep the last observed counts: nothing new was applied.
+                (new.replicas, new.ready_replicas, new.updated_replicas, new.ready) =
+                    (old.replicas, old.ready_replicas, old.updated_replicas, old.ready.clone());
+            }
+            status::patch(&ctx.client, dc, &new).await?;
+            ctx.metrics.reconciled("invalid");
+            return Ok(Action::await_change());
+        }
+    };
+    let pdb_api = ctx.capabilities.pdb_api().await.map_err(Error::Discovery)?;
+    let objects = build::build(dc, &valid, &ctx.build);
+    let namespace = dc.namespace().unwrap_or_default();
+    let applied = apply::apply_all(&ctx.client, &namespace, &objects, pdb_api).await?;
+    let nodes = status::observe_nodes(&ctx.client, &ctx.http, dc).await?;
+    let observed = status::Observed {
+        invalid: None,
+        apply_error: None,
+        stateful_set: Some(&applied.stateful_set),
+        pdb: Some(applied.pod_disruption_budget),
+        keyspaces: status::keyspace_statuses(dc, &nodes),
+    };
+    let new = status::compute(dc, &observed);
+    report_transitions(&ctx, dc, &new).await;
+    status::patch(&ctx.client, dc, &new).await?;
+    ctx.failures.lock().remove(&ObjectRef::from(guard.as_ref()));
+    ctx.metrics.reconciled("ok");
+    let busy = new.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "True")
+        || new.keyspaces.iter().any(|k| k.hook == HookState::Loading);
+    Ok(Action::requeue(if busy { BUSY_REQUEUE } else { SETTLED_REQUEUE }))
+}
+
+/// Events for what users want to hear about without watching the status: a keyspace a node refused.
+async fn report_transitions(ctx: &Context, dc: &DistCache, new: &distcache_crds::DistCacheStatus) {
+    let old = dc.status.clone().unwrap_or_default();
+    for ks in new.keyspaces.iter().filter(|k| k.hook == HookState::Failed) {
+        let was_failed = old.keyspaces.iter().any(|o| o.name == ks.name && o.hook == HookState::Failed);
+        if !was_failed {
+            let note = format!("keyspace {}: {}", ks.name, ks.message.clone().unwrap_or_default());
+            ctx.event(dc, EventType::Warning, "KeyspaceRefused", note).await;
+        }
+    }
+}
+
+/// Backoff per object after a failed reconcile: 1 s, 2 s, 4 s … capped at 5 minutes. Publishes an Event and
+/// records the failure in the Degraded condition (best effort).
+fn error_policy(guard: Arc<DeserializeGuard<DistCache>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let message = chain(error);
+    ctx.metrics.reconciled("error");
+    ctx.metrics.error(error.reason());
+    let key = ObjectRef::from(guard.as_ref());
+    let failures = {
+        let mut map = ctx.failures.lock();
+        let n = map.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(SETTLED_REQUEUE);
+    tracing::warn!(object = %key, error = %message, retry_in = ?delay, "reconcile failed");
+    let reason = error.reason();
+    tokio::spawn(async move {
+        match &guard.0 {
+            Ok(dc) => {
+                ctx.event(dc, EventType::Warning, reason, message.clone()).await;
+                if !matches!(reason, "StatusFailed") {
+                    let observed = status::Observed {
+                        invalid: None,
+                        apply_error: Some(message),
+                        stateful_set: None,
+                        pdb: None,
+                        keyspaces: dc.status.clone().unwrap_or_default().keyspaces,
+                    };
+                    let mut new = status::compute(dc, &observed);
+                    if let Some(old) = &dc.status {
+                        (
+                            new.replicas,
+                            new.ready_replicas,
+                            new.updated_replicas,
+                            new.ready,
+                            new.observed_generation,
+                        ) = (
+                            old.replicas,
+                            old.ready_replicas,
+                            old.updated_replicas,
+                            old.ready.clone(),
+                            old.observed_generation,
+                        );
+                    }
+                    if let Err(e) = status::patch(&ctx.client, dc, &new).await {
+                        tracing::warn!(error = %chain(&e), "failed to record the failure in the status");
+                    }
+                }
+            }
+            Err(invalid) => {
+                let reference = guard.object_ref(&());
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: reason.to_owned(),
+                    note: Some(truncate(invalid.error.clone(), 1000)),
+                    action: "Reconcile".to_owned(),
+                    secondary: None,
+                };
+                if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                    tracing::warn!(error = %chain(&e), "failed to publish an Event");
+                }
+            }
+        }
+    });
+    // An object that cannot be read waits for a change; anything else retries.
+    if matches!(error, Error::Invalid(_)) { Action::await_change() } else { Action::requeue(delay) }
+}
+
+/// Runs the controller until `shutdown` is cancelled. `namespace` limits it to one namespace.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let client = ctx.client.clone();
+    let (caches, sets, maps, services) = match &namespace {
+        Some(ns) => (
+            Api::<DeserializeGuard<DistCache>>::namespaced(client.clone(), ns),
+            Api::<StatefulSet>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+        ),
+        None => {
+            (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client))
+        }
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        crate::labels::MANAGED_BY,
+        crate::labels::MANAGER
+    ));
+    Controller::new(caches, watcher::Config::default())
+        .owns(sets, owned.clone())
+        .owns(maps, owned.clone())
+        .owns(services, owned)
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::debug!(%object, "reconciled"),
+                Err(e) => tracing::debug!(error = %chain(&e), "controller event"),
+            }
+        })
+        .await;
+}

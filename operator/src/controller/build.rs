@@ -1,0 +1,637 @@
+//! Builds the objects a DistCache owns from its (validated) spec. Pure: no IO; the result is what server-side
+//! apply sends, so only fields set here are owned by the operator, and only fields a Kubernetes 1.20 API server
+//! knows are ever set.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use distcache_crds::{DistCache, KeyspacesFile};
+use k8s_openapi::{
+    api::{
+        apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
+        core::v1::{
+            Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+            EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+            PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
+            ServiceSpec, Volume, VolumeMount,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use kube::{Resource, ResourceExt};
+
+use super::validate::ValidSpec;
+use crate::labels;
+
+/// gRPC port of the nodes (Cache, Peer, health, reflection).
+pub const GRPC_PORT: i32 = 7420;
+/// Admin HTTP port of the nodes (`/readyz`, `/metrics`, `/admin/...`).
+pub const ADMIN_PORT: i32 = 7421;
+/// Data key of the keyspaces ConfigMap, the file the nodes watch.
+pub const KEYSPACES_KEY: &str = "keyspaces.yaml";
+/// Where the keyspaces ConfigMap is mounted in the node container.
+pub const KEYSPACES_DIR: &str = "/etc/distcache/keyspaces";
+/// Under which directory each hook-module ConfigMap is mounted (`<dir>/<configmap>/<key>`), the node's
+/// `hooks.configMapDir`.
+pub const MODULES_DIR: &str = "/etc/distcache/modules";
+/// The node's compiled-hook cache (an emptyDir: the root filesystem stays read-only).
+pub const HOOK_CACHE_DIR: &str = "/var/cache/distcache";
+/// Container name of the node.
+pub const CONTAINER: &str = "node";
+
+/// Operator-wide settings that shape the objects.
+#[derive(Clone, Debug)]
+pub struct BuildConfig {
+    /// Node image used for the parts of `spec.image` that are not set (`repository:tag`).
+    pub node_image: String,
+    /// Bind the node's ports to the pod IP instead of 0.0.0.0. For pods that share a network namespace (host
+    /// networking, the project's test bed); `kubectl port-forward` needs 0.0.0.0.
+    pub listen_on_pod_ip: bool,
+    /// DNS domain of the cluster, for DNS discovery (`<name>-peers.<ns>.svc.<domain>`).
+    pub cluster_domain: String,
+    /// How long a stopping node keeps serving after it turned not-ready (its `shutdownDelay`).
+    pub shutdown_delay_seconds: u32,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self {
+            node_image: format!("ghcr.io/distcache/distcache-node:{}", env!("CARGO_PKG_VERSION")),
+            listen_on_pod_ip: false,
+            cluster_domain: "cluster.local".to_owned(),
+            shutdown_delay_seconds: 5,
+        }
+    }
+}
+
+/// Everything a DistCache owns.
+#[derive(Clone, Debug)]
+pub struct Objects {
+    /// `<name>-keyspaces`: the nodes' keyspaces file.
+    pub config_map: ConfigMap,
+    /// `<name>-node`.
+    pub service_account: ServiceAccount,
+    /// `<name>-node`: list and watch pods (Kubernetes discovery).
+    pub role: Role,
+    /// `<name>-node`.
+    pub role_binding: RoleBinding,
+    /// `<name>-peers`: headless, Ready pods only (DNS discovery, stable pod names).
+    pub peers_service: Service,
+    /// `<name>`: what applications connect to.
+    pub client_service: Service,
+    /// `<name>`: the nodes.
+    pub stateful_set: StatefulSet,
+    /// `<name>`, when enabled (written as policy/v1; the applier converts it for older servers).
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+}
+
+/// The pod selector of a DistCache's nodes.
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_owned(), labels::NAME_VALUE.to_owned()),
+        (labels::INSTANCE.to_owned(), name.to_owned()),
+    ])
+}
+
+/// The selector as a string (`status.selector`, the nodes' discovery selector).
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn common_labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(name);
+    l.insert(labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned());
+    l
+}
+
+fn metadata(dc: &DistCache, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: dc.namespace(),
+        labels: Some(common_labels(&dc.name_any())),
+        owner_references: dc.controller_owner_ref(&()).map(|r| vec![r]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The image reference for the nodes: `spec.image` over the operator's default.
+pub fn node_image(dc: &DistCache, config: &BuildConfig) -> String {
+    let (default_repo, default_tag) = split_image(&config.node_image);
+    let spec = dc.spec.image.clone().unwrap_or_default();
+    let repo = spec.repository.unwrap_or_else(|| default_repo.to_owned());
+    match spec.tag.or_else(|| default_tag.map(str::to_owned)) {
+        Some(tag) => format!("{repo}:{tag}"),
+        None => repo,
+    }
+}
+
+/// Splits `repo[:tag]` (a registry port is not a tag: `host:5000/x`).
+fn split_image(image: &str) -> (&str, Option<&str>) {
+    match image.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
+        _ => (image, None),
+    }
+}
+
+/// The ConfigMaps holding hook modules, sorted and without duplicates.
+pub fn module_config_maps(dc: &DistCache) -> BTreeSet<String> {
+    dc.spec
+        .keyspaces
+        .iter()
+        .filter_map(|k| k.hook.as_ref()?.module.config_map.as_ref().map(|c| c.name.clone()))
+        .collect()
+}
+
+/// A volume name (a DNS label) for a ConfigMap name (a DNS subdomain, possibly longer or with dots).
+fn module_volume_name(config_map: &str) -> String {
+    // FNV-1a: stable across versions and platforms, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in config_map.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("module-{hash:016x}")
+}
+
+/// Builds every owned object. `valid` is the spec's validation result (the keyspaces are written as given).
+pub fn build(dc: &DistCache, _valid: &ValidSpec, config: &BuildConfig) -> Objects {
+    let name = dc.name_any();
+    let node_account = format!("{name}-node");
+    Objects {
+        config_map: keyspaces_config_map(dc),
+        service_account: ServiceAccount {
+            metadata: metadata(dc, node_account.clone()),
+            ..ServiceAccount::default()
+        },
+        role: Role {
+            metadata: metadata(dc, node_account.clone()),
+            rules: Some(vec![PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["pods".to_owned()]),
+                verbs: vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()],
+                ..PolicyRule::default()
+            }]),
+        },
+        role_binding: RoleBinding {
+            metadata: metadata(dc, node_account.clone()),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".to_owned(),
+                kind: "Role".to_owned(),
+                name: node_account.clone(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".to_owned(),
+                name: node_account,
+                namespace: dc.namespace(),
+                ..Subject::default()
+            }]),
+        },
+        peers_service: peers_service(dc),
+        client_service: client_service(dc),
+        stateful_set: stateful_set(dc, config),
+        pod_disruption_budget: pod_disruption_budget(dc),
+    }
+}
+
+fn keyspaces_config_map(dc: &DistCache) -> ConfigMap {
+    let file = KeyspacesFile { keyspaces: dc.spec.keyspaces.clone() };
+    // Serializing plain data types cannot fail; an empty file would still be a valid (empty) keyspaces file.
+    let body = serde_yaml::to_string(&file).unwrap_or_else(|_| "keyspaces: []\n".to_owned());
+    let text = format!(
+        "# Written by distcache-operator from DistCache {}/{}: edit spec.keyspaces of the DistCache, not this file.\n{body}",
+        dc.namespace().unwrap_or_default(),
+        dc.name_any()
+    );
+    ConfigMap {
+        metadata: metadata(dc, format!("{}-keyspaces", dc.name_any())),
+        data: Some(BTreeMap::from([(KEYSPACES_KEY.to_owned(), text)])),
+        ..ConfigMap::default()
+    }
+}
+
+fn grpc_port() -> ServicePort {
+    ServicePort {
+        name: Some("grpc".to_owned()),
+        port: GRPC_PORT,
+        target_port: Some(IntOrString::String("grpc".to_owned())),
+        // Server-side apply on 1.20 requires the protocol (it is part of the list's merge key).
+        protocol: Some("TCP".to_owned()),
+        ..ServicePort::default()
+    }
+}
+
+fn peers_service(dc: &DistCache) -> Service {
+    Service {
+        metadata: metadata(dc, format!("{}-peers", dc.name_any())),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            publish_not_ready_addresses: Some(false),
+            selector: Some(selector_labels(&dc.name_any())),
+            ports: Some(vec![grpc_port()]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn client_service(dc: &DistCache) -> Service {
+    let mut meta = metadata(dc, dc.name_any());
+    if !dc.spec.service.annotations.is_empty() {
+        meta.annotations = Some(dc.spec.service.annotations.clone());
+    }
+    Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            type_: Some(dc.spec.service.type_.clone().unwrap_or_else(|| "ClusterIP".to_owned())),
+            selector: Some(selector_labels(&dc.name_any())),
+            ports: Some(vec![grpc_port()]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn pod_disruption_budget(dc: &DistCache) -> Option<PodDisruptionBudget> {
+    let spec = &dc.spec.pod_disruption_budget;
+    if !spec.enabled {
+        return None;
+    }
+    let max_unavailable = match (&spec.min_available, &spec.max_unavailable) {
+        (None, None) => Some(IntOrString::Int(1)),
+        (_, m) => m.clone(),
+    };
+    Some(PodDisruptionBudget {
+        metadata: metadata(dc, dc.name_any()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable,
+            min_available: spec.min_available.clone(),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&dc.name_any())),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    })
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.to_owned(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+/// The node's discovery setting (`DISTCACHE_DISCOVERY`, YAML flow syntax, which JSON is).
+fn discovery_env(dc: &DistCache, config: &BuildConfig) -> String {
+    let name = dc.name_any();
+    let namespace = dc.namespace().unwrap_or_default();
+    let d = &dc.spec.discovery;
+    let value = if let Some(nats) = &d.nats {
+        serde_json::json!({ "nats": {
+            "url": nats.url,
+            "subject": nats.subject.clone().unwrap_or_else(|| format!("distcache.{namespace}.{name}")),
+        }})
+    } else if let Some(dns) = &d.dns {
+        let mut v = serde_json::json!({ "dns": {
+            "name": format!("{name}-peers.{namespace}.svc.{}", config.cluster_domain),
+            "port": GRPC_PORT,
+        }});
+        if let Some(interval) = dns.interval {
+            v["dns"]["interval"] = interval.to_string().into();
+        }
+        v
+    } else {
+        serde_json::json!({ "kubernetes": {
+            "namespace": namespace,
+            "labelSelector": selector_string(&name),
+            "portName": "grpc",
+        }})
+    };
+    value.to_string()
+}
+
+/// The node pod's volumes and the container's mounts: keyspaces file, hook cache, one per module ConfigMap.
+fn volumes(dc: &DistCache) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let name = dc.name_any();
+    let mut volumes = vec![
+        Volume {
+            name: "keyspaces".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: format!("{name}-keyspaces"),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "hook-cache".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "keyspaces".to_owned(),
+            mount_path: KEYSPACES_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "hook-cache".to_owned(),
+            mount_path: HOOK_CACHE_DIR.to_owned(),
+            ..VolumeMount::default()
+        },
+    ];
+    for cm in module_config_maps(dc) {
+        let volume = module_volume_name(&cm);
+        volumes.push(Volume {
+            name: volume.clone(),
+            // Optional: a missing module ConfigMap fails only its keyspace (the node reports it), not the pod.
+            config_map: Some(ConfigMapVolumeSource {
+                name: cm.clone(),
+                optional: Some(true),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: volume,
+            mount_path: format!("{MODULES_DIR}/{cm}"),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    (volumes, mounts)
+}
+
+fn node_container(dc: &DistCache, config: &BuildConfig, mounts: Vec<VolumeMount>) -> Container {
+    let bind = if config.listen_on_pod_ip { "$(POD_IP)" } else { "0.0.0.0" };
+    let admin_probe = |path: &str| HTTPGetAction {
+        path: Some(path.to_owned()),
+        port: IntOrString::String("admin".to_owned()),
+        ..HTTPGetAction::default()
+    };
+    Container {
+        name: CONTAINER.to_owned(),
+        image: Some(node_image(dc, config)),
+        image_pull_policy: dc.spec.image.as_ref().and_then(|i| i.pull_policy.clone()),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("POD_IP", "status.podIP"),
+            env("DISTCACHE_NAME", "$(POD_NAME)"),
+            env("DISTCACHE_LISTEN", format!("{bind}:{GRPC_PORT}")),
+            env("DISTCACHE_ADVERTISE", format!("$(POD_IP):{GRPC_PORT}")),
+            env("DISTCACHE_ADMIN", format!("{bind}:{ADMIN_PORT}")),
+            env("DISTCACHE_DISCOVERY", discovery_env(dc, config)),
+            env("DISTCACHE_KEYSPACES_FILE", format!("{KEYSPACES_DIR}/{KEYSPACES_KEY}")),
+            env("DISTCACHE_HOOKS__CACHE_DIR", HOOK_CACHE_DIR),
+            env("DISTCACHE_HOOKS__CONFIG_MAP_DIR", MODULES_DIR),
+            env("DISTCACHE_SHUTDOWN_DELAY", format!("{}s", config.shutdown_delay_seconds)),
+            env("DISTCACHE_SHUTDOWN_GRACE", "20s"),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".to_owned()),
+                container_port: GRPC_PORT,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".to_owned()),
+                container_port: ADMIN_PORT,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(admin_probe("/readyz")),
+            period_seconds: Some(2),
+            timeout_seconds: Some(1),
+            failure_threshold: Some(2),
+            ..Probe::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: Some(admin_probe("/healthz")),
+            initial_delay_seconds: Some(10),
+            period_seconds: Some(10),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(3),
+            ..Probe::default()
+        }),
+        resources: dc.spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    }
+}
+
+fn stateful_set(dc: &DistCache, config: &BuildConfig) -> StatefulSet {
+    let name = dc.name_any();
+    let (volumes, mounts) = volumes(dc);
+    let container = node_container(dc, config, mounts);
+    let scheduling = dc.spec.scheduling.clone().unwrap_or_default();
+    let some_vec = |v: Vec<_>| if v.is_empty() { None } else { Some(v) };
+    let pod = PodSpec {
+        service_account_name: Some(format!("{name}-node")),
+        // SIGTERM → not ready + shutdownDelay + drain (DISTCACHE_SHUTDOWN_GRACE) fits well inside this.
+        termination_grace_period_seconds: Some(i64::from(config.shutdown_delay_seconds) + 25),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            fs_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container],
+        volumes: Some(volumes),
+        node_selector: if scheduling.node_selector.is_empty() {
+            None
+        } else {
+            Some(scheduling.node_selector)
+        },
+        tolerations: some_vec(scheduling.tolerations),
+        affinity: scheduling.affinity,
+        topology_spread_constraints: if scheduling.topology_spread_constraints.is_empty() {
+            None
+        } else {
+            Some(scheduling.topology_spread_constraints)
+        },
+        ..PodSpec::default()
+    };
+    StatefulSet {
+        metadata: metadata(dc, name.clone()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(dc.spec.replicas),
+            service_name: Some(format!("{name}-peers")),
+            // Pods start and stop in parallel when scaling; a changed template still rolls one pod at a time
+            // (highest ordinal first), each replaced pod Ready before the next goes.
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            revision_history_limit: Some(10),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(common_labels(&name)), ..ObjectMeta::default() }),
+                spec: Some(pod),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        ..StatefulSet::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::validate::validate;
+
+    fn dc(yaml: &str) -> DistCache {
+        let mut dc: DistCache = serde_yaml::from_str(yaml).expect("fixture parses");
+        dc.metadata.uid = Some("uid-1".to_owned());
+        dc
+    }
+
+    fn objects(dc: &DistCache, config: &BuildConfig) -> Objects {
+        build(dc, &validate(&dc.spec).expect("valid"), config)
+    }
+
+    const DEMO: &str = r"
+apiVersion: distcache.io/v1alpha1
+kind: DistCache
+metadata: { name: demo, namespace: apps }
+spec:
+  keyspaces:
+    - name: users
+      maxBytes: 64Mi
+      hook:
+        module: { configMap: { name: users-hook, key: http-json.wasm } }
+        allowedHosts: ['users-origin:8080']
+    - { name: sessions, maxBytes: 1Mi }
+";
+
+    #[test]
+    fn demo_objects_have_names_labels_and_owner() {
+        let dc = dc(DEMO);
+        let o = objects(&dc, &BuildConfig::default());
+        assert_eq!(o.config_map.metadata.name.as_deref(), Some("demo-keyspaces"));
+        assert_eq!(o.peers_service.metadata.name.as_deref(), Some("demo-peers"));
+        assert_eq!(o.client_service.metadata.name.as_deref(), Some("demo"));
+        assert_eq!(o.role_binding.role_ref.name, "demo-node");
+        let owner = &o.stateful_set.metadata.owner_references.as_ref().expect("owned")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("DistCache", "uid-1", Some(true))
+        );
+        let labels = o.stateful_set.metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "distcache-operator");
+        assert_eq!(
+            selector_string("demo"),
+            "app.kubernetes.io/instance=demo,app.kubernetes.io/name=distcache"
+        );
+        let pdb = o.pod_disruption_budget.expect("enabled by default");
+        assert_eq!(pdb.spec.and_then(|s| s.max_unavailable), Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn keyspaces_file_round_trips_and_modules_are_mounted() {
+        let dc = dc(DEMO);
+        let o = objects(&dc, &BuildConfig::default());
+        let text = &o.config_map.data.as_ref().expect("data")[KEYSPACES_KEY];
+        let file: KeyspacesFile = serde_yaml::from_str(text).expect("the nodes can read it");
+        assert_eq!(file.keyspaces, dc.spec.keyspaces);
+        let pod = o.stateful_set.spec.expect("spec").template.spec.expect("pod");
+        let mounts = pod.containers[0].volume_mounts.clone().expect("mounts");
+        assert!(mounts.iter().any(|m| m.mount_path == "/etc/distcache/modules/users-hook"), "{mounts:?}");
+        let volumes = pod.volumes.expect("volumes");
+        let module = volumes.iter().find(|v| v.name.starts_with("module-")).expect("module volume");
+        assert_eq!(module.config_map.as_ref().and_then(|c| c.optional), Some(true));
+        assert!(module.name.len() <= 63);
+    }
+
+    #[test]
+    fn keyspace_changes_leave_the_pod_template_alone() {
+        let before = dc(DEMO);
+        let mut after = before.clone();
+        after.spec.keyspaces[1].max_bytes = distcache_crds::ByteSize(2 << 20);
+        after.spec.keyspaces.push(serde_yaml::from_str("{ name: extra, maxBytes: 1Mi }").expect("keyspace"));
+        let config = BuildConfig::default();
+        let (a, b) = (objects(&before, &config), objects(&after, &config));
+        assert_eq!(a.stateful_set, b.stateful_set, "no roll for keyspace changes");
+        assert_ne!(a.config_map, b.config_map);
+    }
+
+    #[test]
+    fn image_defaults_and_overrides() {
+        let config = BuildConfig {
+            node_image: "registry:5000/dc/distcache-node:1.2.3".to_owned(),
+            ..BuildConfig::default()
+        };
+        let mut d = dc(DEMO);
+        assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.3");
+        d.spec.image =
+            Some(distcache_crds::ImageSpec { tag: Some("1.2.4".to_owned()), ..Default::default() });
+        assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.4");
+        let config = BuildConfig { node_image: "localhost:5000/node".to_owned(), ..BuildConfig::default() };
+        d.spec.image = None;
+        assert_eq!(node_image(&d, &config), "localhost:5000/node");
+    }
+
+    #[test]
+    fn discovery_settings_reach_the_node() {
+        let mut d = dc(DEMO);
+        let config = BuildConfig::default();
+        let env_of = |d: &DistCache| -> String {
+            let set = stateful_set(d, &config);
+            let pod = set.spec.expect("spec").template.spec.expect("pod");
+            let env = pod.containers[0].env.clone().expect("env");
+            env.into_iter().find(|e| e.name == "DISTCACHE_DISCOVERY").and_then(|e| e.value).expect("set")
+        };
+        assert!(env_of(&d).contains(
+            r#""labelSelector":"app.kubernetes.io/instance=demo,app.kubernetes.io/name=distcache""#
+        ));
+        d.spec.discovery = serde_yaml::from_str("{ dns: {} }").expect("dns");
+        assert!(env_of(&d).contains("demo-peers.apps.svc.cluster.local"), "{}", env_of(&d));
+        d.spec.discovery = serde_yaml::from_str("{ nats: { url: 'nats://n:4222' } }").expect("nats");
+        assert!(env_of(&d).contains("distcache.apps.demo"), "{}", env_of(&d));
+    }
+
+    #[test]
+    fn disabled_pdb_is_not_built() {
+        let mut d = dc(DEMO);
+        d.spec.pod_disruption_budget.enabled = false;
+        assert!(objects(&d, &BuildConfig::default()).pod_disruption_budget.is_none());
+    }
+}

@@ -1,0 +1,446 @@
+//! The status of a DistCache, computed from what was applied (the StatefulSet as stored) and what the nodes
+//! report about their keyspaces (`/admin/keyspaces` of each Ready pod). The computation is pure; fetching the
+//! node reports is the only IO here and is bounded by a short timeout per pod.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use distcache_crds::{DistCache, DistCacheStatus, HookState, KeyspaceStatus};
+use k8s_openapi::{
+    api::{apps::v1::StatefulSet, core::v1::Pod},
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+};
+use serde::Deserialize;
+
+use super::{
+    Error,
+    apply::PdbOutcome,
+    build::{ADMIN_PORT, selector_string},
+};
+use crate::FIELD_MANAGER;
+
+/// Condition types.
+pub const AVAILABLE: &str = "Available";
+/// A roll or scale is under way.
+pub const PROGRESSING: &str = "Progressing";
+/// Something needs the user's attention.
+pub const DEGRADED: &str = "Degraded";
+
+/// What one Ready node reports about its keyspaces.
+#[derive(Clone, Debug, Default)]
+pub struct NodeReport {
+    /// Pod name.
+    pub pod: String,
+    /// Keyspaces served: name → (spec as served, module sha256).
+    pub keyspaces: BTreeMap<String, (serde_json::Value, Option<String>)>,
+    /// The node's last refused keyspaces reload, if the refusal still stands.
+    pub last_error: Option<String>,
+    /// Why the node could not be asked (it then counts as not loaded).
+    pub unreachable: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdminKeyspaces {
+    last_error: Option<String>,
+    keyspaces: Vec<AdminKeyspace>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdminKeyspace {
+    name: String,
+    spec: serde_json::Value,
+    hook: Option<AdminHook>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AdminHook {
+    module_sha256: Option<String>,
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Asks every Ready node pod of the DistCache for its keyspaces (1 s timeout each, all at once).
+pub async fn observe_nodes(
+    client: &Client,
+    http: &reqwest::Client,
+    dc: &DistCache,
+) -> Result<Vec<NodeReport>, Error> {
+    let namespace = dc.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&selector_string(&dc.name_any())))
+        .await
+        .map_err(|source| Error::Pods { name: dc.name_any(), source })?;
+    let asks = list.items.into_iter().filter(is_ready).map(|pod| async move {
+        let name = pod.name_any();
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            return NodeReport {
+                pod: name,
+                unreachable: Some("no pod IP".to_owned()),
+                ..NodeReport::default()
+            };
+        };
+        let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
+        let url = format!("http://{host}:{ADMIN_PORT}/admin/keyspaces");
+        let answer = async {
+            let response = http.get(&url).timeout(Duration::from_secs(1)).send().await?.error_for_status()?;
+            response.json::<AdminKeyspaces>().await
+        };
+        match answer.await {
+            Ok(a) => NodeReport {
+                pod: name,
+                keyspaces: a
+                    .keyspaces
+                    .into_iter()
+                    .map(|k| (k.name, (k.spec, k.hook.and_then(|h| h.module_sha256))))
+                    .collect(),
+                last_error: a.last_error,
+                unreachable: None,
+            },
+            Err(e) => {
+                NodeReport { pod: name, unreachable: Some(format!("{url}: {e}")), ..NodeReport::default() }
+            }
+        }
+    });
+    Ok(futures::future::join_all(asks).await)
+}
+
+/// The hook state of each keyspace of the spec on the nodes.
+pub fn keyspace_statuses(dc: &DistCache, nodes: &[NodeReport]) -> Vec<KeyspaceStatus> {
+    dc.spec
+        .keyspaces
+        .iter()
+        .map(|ks| {
+            let want = serde_json::to_value(ks).unwrap_or_default();
+            let serving: Vec<&Option<String>> = nodes
+                .iter()
+                .filter_map(|n| {
+                    n.keyspaces.get(&ks.name).filter(|(spec, _)| *spec == want).map(|(_, sha)| sha)
+                })
+                .collect();
+            let loaded = serving.len();
+            let sha = serving
+                .first()
+                .and_then(|s| (*s).clone())
+                .filter(|s| serving.iter().all(|o| o.as_ref() == Some(s)));
+            let missing: Vec<&NodeReport> = nodes
+                .iter()
+                .filter(|n| n.keyspaces.get(&ks.name).is_none_or(|(spec, _)| *spec != want))
+                .collect();
+            let refused =
+                missing.iter().find_map(|n| n.last_error.as_ref().map(|e| format!("{}: {e}", n.pod)));
+            let unreachable =
+                missing.iter().find_map(|n| n.unreachable.as_ref().map(|e| format!("{}: {e}", n.pod)));
+            let hook = if refused.is_some() {
+                HookState::Failed
+            } else if !missing.is_empty() || nodes.is_empty() {
+                HookState::Loading
+            } else if ks.hook.is_some() {
+                HookState::Loaded
+            } else {
+                HookState::None
+            };
+            KeyspaceStatus {
+                name: ks.name.clone(),
+                hook,
+                nodes_loaded: i32::try_from(loaded).unwrap_or(i32::MAX),
+                module_sha256: sha,
+                message: refused.or(unreachable),
+            }
+        })
+        .collect()
+}
+
+/// Inputs of the status computation.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    /// Spec problems (empty when valid).
+    pub invalid: Option<String>,
+    /// The error of the last apply attempt, if it failed.
+    pub apply_error: Option<String>,
+    /// The StatefulSet as stored.
+    pub stateful_set: Option<&'a StatefulSet>,
+    /// What happened to the PodDisruptionBudget.
+    pub pdb: Option<PdbOutcome>,
+    /// Keyspace states.
+    pub keyspaces: Vec<KeyspaceStatus>,
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if ok { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(Timestamp::now()),
+    }
+}
+
+/// Computes the new status. Conditions keep their `lastTransitionTime` while their status does not change.
+pub fn compute(dc: &DistCache, observed: &Observed<'_>) -> DistCacheStatus {
+    let previous = dc.status.clone().unwrap_or_default();
+    let generation = dc.metadata.generation;
+    let desired = dc.spec.replicas;
+    let (replicas, ready, updated, rolled) = observed.stateful_set.map_or((0, 0, 0, false), |s| {
+        let st = s.status.clone().unwrap_or_default();
+        let current = st.observed_generation == s.metadata.generation
+            && st.update_revision.is_some()
+            && st.current_revision == st.update_revision;
+        (st.replicas, st.ready_replicas.unwrap_or(0), st.updated_replicas.unwrap_or(0), current)
+    });
+    let settled = replicas == desired && ready == desired && updated == desired && rolled;
+    let mut conditions =
+        conditions(observed, generation, desired, (replicas, ready, updated, rolled, settled));
+    for c in &mut conditions {
+        if let Some(old) = previous.conditions.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    DistCacheStatus {
+        // An invalid spec was not applied: the status keeps describing the last applied generation.
+        observed_generation: if observed.invalid.is_some() {
+            previous.observed_generation
+        } else {
+            generation
+        },
+        replicas,
+        ready_replicas: ready,
+        updated_replicas: updated,
+        ready: Some(format!("{ready}/{desired}")),
+        selector: Some(selector_string(&dc.name_any())),
+        keyspace_count: i32::try_from(dc.spec.keyspaces.len()).unwrap_or(i32::MAX),
+        conditions,
+        keyspaces: if observed.keyspaces.is_empty() && observed.invalid.is_some() {
+            previous.keyspaces
+        } else {
+            observed.keyspaces.clone()
+        },
+    }
+}
+
+/// Available, Progressing and Degraded, from the StatefulSet's counts `(replicas, ready, updated, rolled,
+/// settled)` and the problems observed.
+fn conditions(
+    observed: &Observed<'_>,
+    generation: Option<i64>,
+    desired: i32,
+    (replicas, ready, updated, rolled, settled): (i32, i32, i32, bool, bool),
+) -> Vec<Condition> {
+    let mut conditions = Vec::new();
+    conditions.push(if settled && desired > 0 {
+        condition(
+            AVAILABLE,
+            true,
+            "AllNodesReady",
+            format!("{ready}/{desired} nodes Ready on the current spec"),
+            generation,
+        )
+    } else if desired == 0 {
+        condition(AVAILABLE, false, "ScaledToZero", "spec.replicas is 0".to_owned(), generation)
+    } else {
+        condition(
+            AVAILABLE,
+            ready > 0 && ready == desired,
+            "NodesNotReady",
+            format!("{ready}/{desired} nodes Ready"),
+            generation,
+        )
+    });
+    conditions.push(if settled || observed.invalid.is_some() {
+        condition(PROGRESSING, false, "Settled", "no roll or scale under way".to_owned(), generation)
+    } else if updated < replicas || !rolled {
+        condition(
+            PROGRESSING,
+            true,
+            "RollingUpdate",
+            format!("{updated}/{desired} nodes run the current pod template"),
+            generation,
+        )
+    } else {
+        condition(
+            PROGRESSING,
+            true,
+            "Scaling",
+            format!("{replicas} node pods, {desired} desired"),
+            generation,
+        )
+    });
+    let failed_keyspaces: Vec<String> = observed
+        .keyspaces
+        .iter()
+        .filter(|k| k.hook == HookState::Failed)
+        .map(|k| format!("{}: {}", k.name, k.message.clone().unwrap_or_default()))
+        .collect();
+    conditions.push(if let Some(problems) = &observed.invalid {
+        condition(DEGRADED, true, "InvalidSpec", problems.clone(), generation)
+    } else if let Some(e) = &observed.apply_error {
+        condition(DEGRADED, true, "ApplyFailed", e.clone(), generation)
+    } else if !failed_keyspaces.is_empty() {
+        condition(DEGRADED, true, "KeyspaceRefused", failed_keyspaces.join("; "), generation)
+    } else if observed.pdb == Some(PdbOutcome::Unsupported) {
+        condition(
+            DEGRADED,
+            true,
+            "PodDisruptionBudgetUnsupported",
+            "the API server serves no policy PodDisruptionBudget API; node pods are not protected from voluntary \
+             disruptions"
+                .to_owned(),
+            generation,
+        )
+    } else {
+        let note = match observed.pdb {
+            Some(PdbOutcome::Applied(v)) if v != "policy/v1" => format!(" (PodDisruptionBudget as {v})"),
+            _ => String::new(),
+        };
+        condition(DEGRADED, false, "AsExpected", format!("every object applied{note}"), generation)
+    });
+    conditions
+}
+
+/// Writes the status (server-side apply of the status subresource) when it changed.
+pub async fn patch(client: &Client, dc: &DistCache, status: &DistCacheStatus) -> Result<(), Error> {
+    if dc.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let api: Api<DistCache> = Api::namespaced(client.clone(), &dc.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": "distcache.io/v1alpha1",
+        "kind": "DistCache",
+        "status": status,
+    });
+    api.patch_status(&dc.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map_err(|source| Error::Status { name: dc.name_any(), source })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dc() -> DistCache {
+        serde_yaml::from_str(
+            r"
+apiVersion: distcache.io/v1alpha1
+kind: DistCache
+metadata: { name: demo, namespace: apps, generation: 4 }
+spec:
+  keyspaces:
+    - { name: users, maxBytes: 64Mi, hook: { module: { configMap: { name: h, key: k } } } }
+    - { name: sessions, maxBytes: 1Mi }
+",
+        )
+        .expect("fixture")
+    }
+
+    fn node(pod: &str, dc: &DistCache, keyspaces: &[&str], last_error: Option<&str>) -> NodeReport {
+        NodeReport {
+            pod: pod.to_owned(),
+            keyspaces: dc
+                .spec
+                .keyspaces
+                .iter()
+                .filter(|k| keyspaces.contains(&k.name.as_str()))
+                .map(|k| (k.name.clone(), (serde_json::to_value(k).expect("json"), Some("ab".to_owned()))))
+                .collect(),
+            last_error: last_error.map(str::to_owned),
+            unreachable: None,
+        }
+    }
+
+    #[test]
+    fn keyspace_states_follow_the_nodes() {
+        let dc = dc();
+        let all = keyspace_statuses(
+            &dc,
+            &[node("a", &dc, &["users", "sessions"], None), node("b", &dc, &["users", "sessions"], None)],
+        );
+        assert_eq!(
+            (all[0].hook, all[0].nodes_loaded, all[0].module_sha256.as_deref()),
+            (HookState::Loaded, 2, Some("ab"))
+        );
+        assert_eq!(all[1].hook, HookState::None);
+        let partial = keyspace_statuses(
+            &dc,
+            &[node("a", &dc, &["users", "sessions"], None), node("b", &dc, &["sessions"], None)],
+        );
+        assert_eq!((partial[0].hook, partial[0].nodes_loaded), (HookState::Loading, 1));
+        let refused = keyspace_statuses(
+            &dc,
+            &[node("a", &dc, &["sessions"], Some("keyspaces[0].hook: module not found"))],
+        );
+        assert_eq!(refused[0].hook, HookState::Failed);
+        assert!(refused[0].message.as_deref().is_some_and(|m| m.contains("a: keyspaces[0].hook")));
+    }
+
+    fn set(replicas: i32, ready: i32, updated: i32, same_revision: bool) -> StatefulSet {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "demo", "generation": 2 },
+            "status": {
+                "observedGeneration": 2, "replicas": replicas, "readyReplicas": ready, "updatedReplicas": updated,
+                "currentRevision": "r1", "updateRevision": if same_revision { "r1" } else { "r2" },
+            }
+        }))
+        .expect("fixture")
+    }
+
+    fn cond<'a>(s: &'a DistCacheStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).expect("condition present")
+    }
+
+    #[test]
+    fn conditions_describe_rolls_and_problems() {
+        let mut dc = dc();
+        let sts = set(3, 3, 3, true);
+        let ok = Observed {
+            invalid: None,
+            apply_error: None,
+            stateful_set: Some(&sts),
+            pdb: Some(PdbOutcome::Applied("policy/v1beta1")),
+            keyspaces: vec![],
+        };
+        let s = compute(&dc, &ok);
+        assert_eq!(
+            (cond(&s, AVAILABLE).status.as_str(), cond(&s, PROGRESSING).status.as_str()),
+            ("True", "False")
+        );
+        assert!(cond(&s, DEGRADED).message.contains("policy/v1beta1"));
+        assert_eq!((s.ready.as_deref(), s.observed_generation, s.keyspace_count), (Some("3/3"), Some(4), 2));
+
+        dc.status = Some(s.clone());
+        let rolling = set(3, 2, 1, false);
+        let r = compute(&dc, &Observed { stateful_set: Some(&rolling), ..ok.clone() });
+        assert_eq!(
+            (cond(&r, PROGRESSING).status.as_str(), cond(&r, PROGRESSING).reason.as_str()),
+            ("True", "RollingUpdate")
+        );
+        assert_eq!(
+            cond(&r, DEGRADED).last_transition_time,
+            cond(&s, DEGRADED).last_transition_time,
+            "unchanged status keeps its time"
+        );
+
+        let bad = compute(&dc, &Observed { invalid: Some("spec.replicas: bad".to_owned()), ..ok.clone() });
+        assert_eq!(
+            (cond(&bad, DEGRADED).status.as_str(), cond(&bad, DEGRADED).reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        let no_pdb = compute(&dc, &Observed { pdb: Some(PdbOutcome::Unsupported), ..ok });
+        assert_eq!(cond(&no_pdb, DEGRADED).reason, "PodDisruptionBudgetUnsupported");
+    }
+}
