@@ -17,6 +17,8 @@
 #                    (Get/GetMany vs GET) and the miss path (hook loads vs SET) (needs redis-server and redis-tools;
 #                    BENCH_SECONDS=10); raw numbers in ${CARGO_TARGET_DIR:-target}/bench/results.json; then the cost a
 #                    hook adds to one fetch, pooled vs fresh instance (cargo bench -p distcache-node --bench hooks)
+#   make generate    regenerate crds/distcache.yaml and the chart's copy from the Rust types (make verify: check only)
+#   make chart-check helm lint --strict and helm template of charts/distcache
 #   make fmt         format the workspace
 #   make fmt-check   check formatting only
 #   make clippy      lint the workspace, warnings are errors
@@ -44,6 +46,7 @@ HOOKS_CARGO := $(CARGO) --config 'build.target-dir="$(HOOKS_TARGET)"'
 HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
 .PHONY: help test fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench clean-demo \
+	generate verify chart-check \
 	testbed-up testbed-down testbed-crd-up testbed-crd-down
 
 help:
@@ -54,6 +57,8 @@ test:
 	$(MAKE) fmt-check
 	$(MAKE) clippy
 	$(MAKE) build-debug
+	$(MAKE) verify
+	$(MAKE) chart-check
 	$(MAKE) hooks
 	$(MAKE) hooks-test
 	$(MAKE) nextest
@@ -90,7 +95,7 @@ nextest:
 	bash tests/testbed/testbed.sh down; exit $$status
 
 testbed-up:
-	$(CARGO) build -p distcache-node -p distcache-tests --bins
+	$(CARGO) build -p distcache-node -p distcache-operator -p distcache-tests --bins
 	bash tests/testbed/testbed.sh up
 
 testbed-down:
@@ -103,6 +108,34 @@ testbed-crd-up:
 
 testbed-crd-down:
 	bash tests/testbed/testbed.sh crd-down
+
+# Generated files: the CRD (from the Rust types, `distcache-operator crd`) and its copy in the Helm chart.
+# `make generate` rewrites them; `make verify` (part of `make test`) fails when they differ from the types.
+# Each: file, then the `distcache-operator crd` arguments (without CEL rules: for Kubernetes before 1.25).
+CRD_FILES := crds/distcache.yaml: charts/distcache/files/crd.yaml: \
+	crds/distcache-without-cel.yaml:--without-cel-rules charts/distcache/files/crd-without-cel.yaml:--without-cel-rules
+GENERATED := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/crd.generated.yaml
+OPERATOR_BIN := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/debug/distcache-operator
+HELM ?= $(or $(wildcard /var/cache/distcache/testbed/helm-v3.17.2/helm),helm)
+
+generate:
+	$(CARGO) build -p distcache-operator --bin distcache-operator
+	for spec in $(CRD_FILES); do $(OPERATOR_BIN) crd $${spec#*:} > $${spec%%:*}; done
+
+verify:
+	$(CARGO) build -p distcache-operator --bin distcache-operator
+	for spec in $(CRD_FILES); do f=$${spec%%:*}; $(OPERATOR_BIN) crd $${spec#*:} > $(GENERATED); \
+	  diff -u $$f $(GENERATED) >/dev/null || { diff -u $$f $(GENERATED) | head -40; \
+	    echo "$$f is out of date with the Rust types: run make generate and commit it" >&2; exit 1; }; \
+	done
+
+# The Helm chart: lint (strict) and render with the defaults and with the test bed's values.
+chart-check:
+	$(HELM) lint --strict charts/distcache
+	$(HELM) template distcache charts/distcache >/dev/null
+	$(HELM) template distcache charts/distcache --namespace distcache-system \
+	  --set operator.image.repository=example.invalid/distcache-operator,operator.image.tag=test \
+	  --set node.image.repository=example.invalid/distcache-node,node.image.tag=test,watchNamespace=apps >/dev/null
 
 doctest:
 	$(CARGO) test --workspace --doc
