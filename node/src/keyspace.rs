@@ -180,9 +180,28 @@ impl Keyspaces {
         file: Option<&Path>,
         modules_changed: bool,
     ) -> Result<(), LoadError> {
+        match self.apply_inner(specs, base_dir, file, modules_changed, false).await? {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Like [`Keyspaces::apply`], but keyspaces whose data source cannot be built (a hook module not mounted
+    /// yet) are left out instead of refusing the whole set; their error is returned (and recorded as the last
+    /// refusal) so that the caller retries. For a node's first load: a pod whose module ConfigMap is missing
+    /// still serves every other keyspace instead of crash-looping.
+    async fn apply_inner(
+        &self,
+        specs: Vec<ValidKeyspace>,
+        base_dir: &Path,
+        file: Option<&Path>,
+        modules_changed: bool,
+        skip_failed: bool,
+    ) -> Result<Option<LoadError>, LoadError> {
         let current = self.map.load_full();
         // First everything that can fail (building data sources), then the changes.
         let mut planned = Vec::with_capacity(specs.len());
+        let mut skipped = Vec::new();
         for config in specs {
             let old = current.get(&config.name).cloned();
             let rebuild =
@@ -190,10 +209,20 @@ impl Keyspaces {
             let source = match &old {
                 Some(old) if !rebuild && old.config == config => old.source.clone(),
                 Some(old) if !rebuild && same_source_inputs(&old.config, &config) => old.source.clone(),
-                _ => self.factory.build(&config, base_dir).await.map_err(|message| LoadError::Source {
-                    path: file.map(Path::to_owned).unwrap_or_default(),
-                    message,
-                })?,
+                _ => match self.factory.build(&config, base_dir).await {
+                    Ok(source) => source,
+                    Err(message) if skip_failed => {
+                        tracing::warn!(keyspace = %config.name, error = %message, "keyspace left out until its data source can be built");
+                        skipped.push(message);
+                        continue;
+                    }
+                    Err(message) => {
+                        return Err(LoadError::Source {
+                            path: file.map(Path::to_owned).unwrap_or_default(),
+                            message,
+                        });
+                    }
+                },
             };
             planned.push((config, old, source));
         }
@@ -242,8 +271,29 @@ impl Keyspaces {
         let mut status = self.status.lock();
         status.file = file.map(Path::to_owned);
         status.applied_at = Some(unix_now());
-        status.last_error = None;
-        Ok(())
+        if skipped.is_empty() {
+            status.last_error = None;
+            return Ok(None);
+        }
+        let error = LoadError::Source {
+            path: file.map(Path::to_owned).unwrap_or_default(),
+            message: skipped.join("; "),
+        };
+        status.last_error = Some(error.to_string());
+        self.metrics.reload("refused");
+        Ok(Some(error))
+    }
+
+    /// A node's first load of its keyspaces file: invalid files fail (the node does not start), but keyspaces
+    /// whose data source cannot be built yet are left out and returned as an error to retry, while the others
+    /// serve (see [`Keyspaces::apply`] for the all-or-nothing reloads of a running node).
+    pub async fn load_file_initial(&self, path: &Path) -> Result<Option<LoadError>, LoadError> {
+        let text = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        let specs = parse_keyspaces(path, &text)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        self.apply_inner(specs, base, Some(path), false, true).await
     }
 
     /// Reads, validates and applies a keyspaces file.
@@ -317,6 +367,7 @@ pub async fn watch_file(
     metrics: Arc<Metrics>,
     path: PathBuf,
     interval: Duration,
+    retry_pending: bool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut last = std::fs::read(&path).ok();
@@ -331,7 +382,8 @@ pub async fn watch_file(
     // A change refused because a data source could not be built (a download failed, a module file is not there
     // yet) may succeed later: it is retried every RETRY_REFUSED_TICKS intervals until it applies or the file
     // changes.
-    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_at: Option<tokio::time::Instant> =
+        retry_pending.then(|| tokio::time::Instant::now() + interval * RETRY_REFUSED_TICKS);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

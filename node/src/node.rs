@@ -169,10 +169,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         None => hooks,
     };
     let keyspaces = Arc::new(Keyspaces::new(sources, Arc::clone(&metrics)));
-    if let Some(file) = &config.keyspaces_file {
-        keyspaces.load_file(file).await?;
-        metrics.reload("applied");
-    }
+    let retry_pending = load_initial_keyspaces(&keyspaces, &config, &metrics).await?;
     let membership = Arc::new(Membership::new(Member::new(name.clone(), advertise.clone())));
     let transport: Arc<dyn PeerTransport> =
         Arc::new(GrpcPeers::new(membership.local(), config.peer_timeout.get(), max_message));
@@ -218,6 +215,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
             Arc::clone(&metrics),
             file,
             config.keyspaces_poll_interval.get(),
+            retry_pending,
             shutdown.clone(),
         )));
     }
@@ -247,6 +245,28 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         delay: config.shutdown_delay.get(),
         tasks,
     })
+}
+
+/// The first load of the keyspaces file. An invalid file stops the start; a keyspace whose hook module is not
+/// there yet is left out (and retried: the result says so) so the node still serves every other keyspace.
+async fn load_initial_keyspaces(
+    keyspaces: &Keyspaces,
+    config: &NodeConfig,
+    metrics: &Metrics,
+) -> Result<bool, StartError> {
+    let Some(file) = &config.keyspaces_file else {
+        return Ok(false);
+    };
+    match keyspaces.load_file_initial(file).await? {
+        None => {
+            metrics.reload("applied");
+            Ok(false)
+        }
+        Some(e) => {
+            tracing::warn!(error = %e, "started without the keyspaces whose data source cannot be built yet; retrying");
+            Ok(true)
+        }
+    }
 }
 
 /// Applies each member set from discovery to the engine; the first one makes the node ready (gRPC health

@@ -517,13 +517,19 @@ async fn url_modules_are_downloaded_once_verified_and_compiled_once() -> anyhow:
     assert!(!stale.exists(), "the artifact of another engine is pruned");
     assert_eq!(compiled(cache.path())?.len(), 2, "both current artifacts are kept");
 
-    // A wrong sha256 refuses to start (the initial keyspaces must be valid), naming both digests.
+    // A wrong sha256 on the first load: the node starts (a pod must not crash-loop over one keyspace) without
+    // that keyspace, and says why on /admin/keyspaces, naming both digests.
     let wrong = "ab".repeat(32);
-    let err = match cluster(1, &keyspaces(&wrong), tempfile::tempdir()?.path()).await {
-        Ok(_) => anyhow::bail!("a module with the wrong sha256 was accepted"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(err.contains(&sha) && err.contains(&wrong) && err.contains("refused"), "{err}");
+    let node = cluster(1, &keyspaces(&wrong), tempfile::tempdir()?.path()).await?;
+    let (_, body) = http_get(node.nodes[0].admin, "/admin/keyspaces").await?;
+    let report: serde_json::Value = serde_json::from_str(&body)?;
+    let error = report["lastError"].as_str().unwrap_or_default();
+    assert!(error.contains(&sha) && error.contains(&wrong) && error.contains("refused"), "{report}");
+    assert_eq!(
+        report["keyspaces"].as_array().map(Vec::len),
+        Some(0),
+        "the module was not accepted: {report}"
+    );
     Ok(())
 }
 
@@ -606,5 +612,51 @@ async fn a_reload_refused_because_a_module_download_failed_is_retried() -> anyho
     assert_eq!(c.get(get("remote", "x")).await?.into_inner().value, &b"late:x"[..]);
     assert!(origin.hits("/hook.wasm") >= 2, "downloaded on the retry");
     assert!(last_reload_error(&cluster).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starts_without_a_module_that_is_not_mounted_yet_and_loads_it_when_it_appears()
+-> anyhow::Result<()> {
+    // A pod whose hook ConfigMap does not exist yet (an optional volume): the node must not crash-loop; it
+    // serves its other keyspaces and loads the hook once the kubelet mounts the ConfigMap.
+    let cache = tempfile::tempdir()?;
+    let mounts = tempfile::tempdir()?;
+    let keyspaces = "keyspaces:\n  - name: users\n    maxBytes: 16Mi\n    hook:\n      module: { configMap: { name: \
+                     late-hook, key: hook.wasm } }\n      config: { mode: echo, prefix: \"late:\" }\n  - name: \
+                     sessions\n    maxBytes: 1Mi\n";
+    let (cache_dir, mount_dir) = (cache.path().to_owned(), mounts.path().to_owned());
+    let cluster = Cluster::start_with(1, keyspaces, Duration::ZERO, move |c| {
+        c.hooks.cache_dir = Some(cache_dir.clone());
+        c.hooks.config_map_dir.clone_from(&mount_dir);
+    })
+    .await?;
+    let mut c = cluster.client(0).await?;
+    c.put(distcache_proto::v1::PutRequest {
+        keyspace: "sessions".into(),
+        key: "s".into(),
+        value: b"v".to_vec().into(),
+        ttl: None,
+    })
+    .await?;
+    assert_eq!(c.get(get("sessions", "s")).await?.into_inner().value, &b"v"[..], "the other keyspace serves");
+    let error = last_reload_error(&cluster).await?;
+    assert!(error.contains("late-hook/hook.wasm"), "the missing module is reported: {error}");
+    // Not served yet: an unknown keyspace, as on nodes that refused the change.
+    assert_eq!(
+        c.get(get("users", "1")).await.map_err(|s| s.code()).err(),
+        Some(tonic::Code::FailedPrecondition)
+    );
+
+    // The kubelet mounts the ConfigMap: the watched module path appears and the keyspace is loaded.
+    std::fs::create_dir_all(mounts.path().join("late-hook"))?;
+    std::fs::copy(test_hook()?, mounts.path().join("late-hook").join("hook.wasm"))?;
+    wait_for(Duration::from_secs(15), "the late module loaded", || {
+        let mut c = c.clone();
+        async move { Ok(c.get(get("users", "1")).await.is_ok()) }
+    })
+    .await?;
+    assert_eq!(c.get(get("users", "2")).await?.into_inner().value, &b"late:2"[..]);
+    assert!(last_reload_error(&cluster).await?.is_empty(), "the refusal is cleared");
     Ok(())
 }
