@@ -2,7 +2,7 @@
 //! validate → build → apply → status (one module each). `validate` and `build` are pure; `apply` and `status`
 //! talk to the API server (and `status` to the nodes' admin endpoints).
 //!
-//! Requeue policy: settled → after 5 minutes; rolling, scaling or keyspaces still loading → after 5 seconds;
+//! Requeue policy: settled → after 5 minutes; rolling, scaling, keyspaces loading or refused → after 5 seconds;
 //! invalid spec → no requeue (a spec change triggers the next run) + Event + Degraded condition; transient error
 //! → per-object exponential backoff from 1 s, capped at 5 minutes, reset by the next success. A DistCache that
 //! cannot even be deserialized is reported by an Event and skipped; it never stops the others.
@@ -221,7 +221,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -
     ctx.failures.lock().remove(&ObjectRef::from(guard.as_ref()));
     ctx.metrics.reconciled("ok");
     let busy = new.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "True")
-        || new.keyspaces.iter().any(|k| k.hook == HookState::Loading);
+        // A refused keyspace recovers without any watched object changing (its module ConfigMap appears, a
+        // download starts working): keep looking until every keyspace is loaded.
+        || new.keyspaces.iter().any(|k| matches!(k.hook, HookState::Loading | HookState::Failed));
     Ok(Action::requeue(if busy { BUSY_REQUEUE } else { SETTLED_REQUEUE }))
 }
 

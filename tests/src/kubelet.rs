@@ -1,8 +1,9 @@
 //! The test kubelet: runs the pods of a real Kubernetes API server as local processes of the project's binaries.
 //!
 //! There is no container runtime on the test machines, so this kubelet maps a container image to a binary built
-//! from this workspace (`*distcache-node*` → `distcache-node`, `*distcache-operator*` → `distcache-operator`) and
-//! runs it as a process. What it does, as a kubelet does:
+//! from this workspace (`*distcache-node*` → `distcache-node`, `*distcache-operator*` → `distcache-operator`,
+//! `*distcache-origin*` → `distcache-origin`, the example origin of `examples/k8s`) and runs it as a process.
+//! What it does, as a kubelet does:
 //! - registers its Node and keeps it Ready by renewing its Lease in `kube-node-lease` every 10 s;
 //! - binds the pods it is responsible for (no scheduler runs): unscheduled pods whose images all map to a binary
 //!   and that match the label selector, if one is given;
@@ -21,7 +22,8 @@
 //!
 //! **Paths**: a container path under one of the container's `volumeMounts` is remapped to the pod directory:
 //! `<mountPath>/x` becomes `<pod dir>/root<mountPath>/x`. The kubelet rewrites every argument and env value that
-//! starts with a mount path this way (paths inside mounted files are not rewritten: use paths relative to the file).
+//! starts with a mount path this way, and a directory that has mount points below it (paths inside mounted files are
+//! not rewritten: use paths relative to the file).
 //!
 //! Each pod's directory is `<dir>/pods/<namespace>_<name>_<uid>/`: `root/` (mount points), `volumes/`,
 //! `kubeconfig`, `container.log` and `pid` (of the running process).
@@ -64,7 +66,7 @@ pub struct KubeletConfig {
     pub node_name: String,
     /// Pod directories live here.
     pub dir: PathBuf,
-    /// Where the project binaries are (`distcache-node`, `distcache-operator`).
+    /// Where the project binaries are (`distcache-node`, `distcache-operator`, `distcache-origin`).
     pub binaries: PathBuf,
     /// Only pods with these labels (`k=v,k2=v2`), in addition to mapping to a binary; empty = all that map.
     pub selector: BTreeMap<String, String>,
@@ -85,6 +87,8 @@ pub fn binary_for_image(image: &str) -> Option<&'static str> {
         Some("distcache-operator")
     } else if image.contains("distcache-node") {
         Some("distcache-node")
+    } else if image.contains("distcache-origin") {
+        Some("distcache-origin")
     } else {
         None
     }
@@ -553,9 +557,17 @@ impl Kubelet {
             std::os::unix::fs::symlink(&source, &target)?;
             mounts.push(m.mount_path.clone());
         }
+        // A mount point, a path below one, or a directory with mount points below it (a parent of several
+        // mounts, such as the node's ConfigMap module directory) lives under `<pod dir>/root`.
         let remap = |value: &str| -> String {
+            let dir = value.trim_end_matches('/');
             for mount in &mounts {
-                if value == mount || value.starts_with(&format!("{}/", mount.trim_end_matches('/'))) {
+                let mount = mount.trim_end_matches('/');
+                if value.starts_with('/')
+                    && (dir == mount
+                        || value.starts_with(&format!("{mount}/"))
+                        || (!dir.is_empty() && mount.starts_with(&format!("{dir}/"))))
+                {
                     return format!("{}/root{value}", running.dir.display());
                 }
             }
@@ -892,6 +904,7 @@ mod tests {
     fn images_map_to_project_binaries() {
         assert_eq!(binary_for_image("ghcr.io/acme/distcache-node:0.1.0"), Some("distcache-node"));
         assert_eq!(binary_for_image("distcache-operator:dev"), Some("distcache-operator"));
+        assert_eq!(binary_for_image("ghcr.io/distcache/distcache-origin:0.1.0"), Some("distcache-origin"));
         assert_eq!(binary_for_image("nginx:1.27"), None);
     }
 }

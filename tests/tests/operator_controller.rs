@@ -1,0 +1,298 @@
+//! The operator's reconcile behaviour on a Kubernetes 1.20 API server, where no CEL rule protects it: on a
+//! private test bed (its own API server, so the CRD here never meets the Helm release of the end-to-end test),
+//! with the operator binary run as a process with the bed's admin credentials.
+//!
+//! - An invalid DistCache gets `Degraded=True InvalidSpec` naming every bad field and an `InvalidSpec` Event, no
+//!   StatefulSet, and never holds up a valid DistCache in the same namespace; fixing it makes it Available.
+//! - 1.20 serves PodDisruptionBudgets only as policy/v1beta1: the operator writes it in that version and says so
+//!   in the Degraded condition's message; disabling it in the spec deletes it.
+//! - A keyspace whose hook module ConfigMap does not exist yet shows `hook: Failed` with the node's message, a
+//!   `KeyspaceRefused` Event, while the other keyspaces keep serving; once the ConfigMap exists every node loads
+//!   the hook (`Loaded`, `nodesLoaded` = replicas, one module sha256) and serves reads through it.
+//! - `/metrics` counts the reconciliations by result.
+
+use std::{net::SocketAddr, process::Stdio, time::Duration};
+
+use distcache_crds::{DistCache, HookState};
+use distcache_proto::v1::{GetRequest, PutRequest, cache_client::CacheClient};
+use distcache_tests::{built_binary, hook_module, http_get, repo_root, testbed::PrivateBed, wait_for};
+use k8s_openapi::{
+    ByteString,
+    api::{apps::v1::StatefulSet, core::v1::ConfigMap, core::v1::Pod, events::v1::Event},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+};
+
+const NS: &str = "controller";
+const OPERATOR_ADDR: &str = "127.0.42.250:18080";
+
+fn dc(name: &str, spec: &serde_json::Value) -> anyhow::Result<DistCache> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "distcache.io/v1alpha1",
+        "kind": "DistCache",
+        "metadata": { "name": name, "namespace": NS },
+        "spec": spec,
+    }))?)
+}
+
+async fn status_of(api: &Api<DistCache>, name: &str) -> anyhow::Result<distcache_crds::DistCacheStatus> {
+    Ok(api.get(name).await?.status.unwrap_or_default())
+}
+
+fn condition<'a>(
+    s: &'a distcache_crds::DistCacheStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    s.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Waits until the DistCache's status satisfies `ok`; on timeout the error shows the last status seen.
+async fn wait_status(
+    caches: &Api<DistCache>,
+    name: &str,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&distcache_crds::DistCacheStatus) -> bool,
+) -> anyhow::Result<()> {
+    let ok = &ok;
+    let waited = wait_for(within, what, || async move { Ok(ok(&status_of(caches, name).await?)) }).await;
+    if let Err(e) = waited {
+        let last = serde_json::to_string(&status_of(caches, name).await?)?;
+        anyhow::bail!("{e}; last status of {name}: {last}");
+    }
+    Ok(())
+}
+
+async fn events(client: &Client, object: &str, reason: &str) -> anyhow::Result<Vec<String>> {
+    let list = Api::<Event>::namespaced(client.clone(), NS).list(&ListParams::default()).await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| e.note.unwrap_or_default())
+        .collect())
+}
+
+async fn ready_pod_ips(client: &Client, instance: &str) -> anyhow::Result<Vec<String>> {
+    let pods = Api::<Pod>::namespaced(client.clone(), NS)
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={instance}")))
+        .await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| distcache_tests::testbed::is_ready(p))
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_reports_invalid_specs_and_refused_keyspaces_and_keeps_reconciling() -> anyhow::Result<()>
+{
+    let private = PrivateBed::start(42).await?;
+    let client = private.bed.client.clone();
+
+    // The CRD as a 1.20 cluster gets it (no CEL rules), then the operator.
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("crds/distcache-without-cel.yaml"))?)?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &crd).await?;
+    wait_for(Duration::from_secs(30), "the CRD established", || {
+        let crds = crds.clone();
+        async move {
+            let crd = crds.get("distcaches.distcache.io").await?;
+            Ok(crd
+                .status
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True")))
+        }
+    })
+    .await?;
+    let mut operator = tokio::process::Command::new(built_binary("distcache-operator")?)
+        .args(["run", "--listen", OPERATOR_ADDR, "--node-listen-on-pod-ip", "--node-image"])
+        .arg("example.invalid/distcache-node:test")
+        .env("KUBECONFIG", &private.bed.kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()?;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({ "metadata": { "name": NS } }))?,
+        )
+        .await?;
+    let caches: Api<DistCache> = Api::namespaced(client.clone(), NS);
+    invalid_specs_and_pod_disruption_budgets(&client, &caches).await?;
+    refused_then_loaded_keyspace(&client, &caches).await?;
+
+    // Metrics of the reconciliations.
+    let addr: SocketAddr = OPERATOR_ADDR.parse()?;
+    let (code, text) = http_get(addr, "/metrics").await?;
+    assert_eq!(code, 200);
+    for needle in [
+        "distcache_operator_reconciliations_total{result=\"ok\"}",
+        "distcache_operator_reconciliations_total{result=\"invalid\"}",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+    operator.kill().await?;
+    Ok(())
+}
+
+async fn invalid_specs_and_pod_disruption_budgets(
+    client: &Client,
+    caches: &Api<DistCache>,
+) -> anyhow::Result<()> {
+    // An invalid DistCache next to a valid one.
+    let bad = dc(
+        "bad",
+        &serde_json::json!({
+            "replicas": 1,
+            "podDisruptionBudget": { "minAvailable": 1, "maxUnavailable": 1 },
+            "keyspaces": [{ "name": "a", "maxBytes": "1Mi",
+                            "hook": { "module": { "url": "http://127.0.0.1:1/x.wasm" }, "allowedHosts": ["nohost"] } }],
+        }),
+    )?;
+    caches.create(&PostParams::default(), &bad).await?;
+    let good = dc(
+        "good",
+        &serde_json::json!({ "replicas": 2, "keyspaces": [{ "name": "sessions", "maxBytes": "1Mi" }] }),
+    )?;
+    caches.create(&PostParams::default(), &good).await?;
+
+    wait_status(caches, "good", Duration::from_mins(1), "good Available with 2/2", |s| {
+        s.ready.as_deref() == Some("2/2") && condition(s, "Available").is_some_and(|c| c.status == "True")
+    })
+    .await?;
+    let s = status_of(caches, "bad").await?;
+    let degraded =
+        condition(&s, "Degraded").ok_or_else(|| anyhow::anyhow!("bad has no Degraded condition"))?;
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    for field in [
+        "spec.podDisruptionBudget: set minAvailable or maxUnavailable, not both",
+        "spec.keyspaces[0].hook.module.sha256: required",
+        "spec.keyspaces[0].hook.allowedHosts[0]",
+    ] {
+        assert!(degraded.message.contains(field), "missing {field:?} in {}", degraded.message);
+    }
+    assert!(!events(client, "bad", "InvalidSpec").await?.is_empty(), "an InvalidSpec Event on bad");
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    assert!(sets.get_opt("bad").await?.is_none(), "nothing is built from an invalid spec");
+
+    // 1.20: the PodDisruptionBudget exists as policy/v1beta1, and the status says so.
+    let s = status_of(caches, "good").await?;
+    let degraded =
+        condition(&s, "Degraded").ok_or_else(|| anyhow::anyhow!("good has no Degraded condition"))?;
+    assert_eq!(degraded.status, "False");
+    assert!(degraded.message.contains("policy/v1beta1"), "{}", degraded.message);
+    let v1beta1 = ApiResource {
+        group: "policy".into(),
+        version: "v1beta1".into(),
+        api_version: "policy/v1beta1".into(),
+        kind: "PodDisruptionBudget".into(),
+        plural: "poddisruptionbudgets".into(),
+    };
+    let pdbs: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &v1beta1);
+    let pdb = pdbs.get("good").await?;
+    assert_eq!(pdb.data["spec"]["maxUnavailable"], 1, "{:?}", pdb.data);
+
+    // Fixing the invalid one makes it Available; the ConfigMap of keyspaces follows the spec.
+    let fix = serde_json::json!({ "spec": { "podDisruptionBudget": { "minAvailable": null }, "keyspaces": [
+        { "name": "a", "maxBytes": "1Mi" } ] } });
+    caches.patch("bad", &PatchParams::default(), &Patch::Merge(fix)).await?;
+    wait_status(caches, "bad", Duration::from_mins(1), "bad Available once fixed", |s| {
+        condition(s, "Available").is_some_and(|c| c.status == "True")
+            && condition(s, "Degraded").is_some_and(|c| c.status == "False")
+    })
+    .await?;
+
+    // Disabling the PodDisruptionBudget deletes it.
+    let off = serde_json::json!({ "spec": { "podDisruptionBudget": { "enabled": false } } });
+    caches.patch("good", &PatchParams::default(), &Patch::Merge(off)).await?;
+    wait_for(Duration::from_secs(30), "the PodDisruptionBudget deleted", || {
+        let pdbs = pdbs.clone();
+        async move { Ok(pdbs.get_opt("good").await?.is_none()) }
+    })
+    .await?;
+
+    Ok(())
+}
+
+async fn refused_then_loaded_keyspace(client: &Client, caches: &Api<DistCache>) -> anyhow::Result<()> {
+    // A keyspace whose module ConfigMap does not exist yet: Failed with the nodes' message, while sessions serves.
+    let add = serde_json::json!({ "spec": { "keyspaces": [
+        { "name": "sessions", "maxBytes": "1Mi" },
+        { "name": "users", "maxBytes": "4Mi",
+          "hook": { "module": { "configMap": { "name": "users-hook", "key": "hook.wasm" } },
+                    "config": { "mode": "echo", "prefix": "hook:" } } } ] } });
+    caches.patch("good", &PatchParams::default(), &Patch::Merge(add)).await?;
+    wait_status(caches, "good", Duration::from_secs(90), "users Failed on every node after the roll", |s| {
+        let users = s.keyspaces.iter().find(|k| k.name == "users");
+        s.updated_replicas == 2
+            && s.ready_replicas == 2
+            && users.is_some_and(|k| {
+                k.hook == HookState::Failed && k.message.as_deref().is_some_and(|m| m.contains("users-hook"))
+            })
+    })
+    .await?;
+    let s = status_of(caches, "good").await?;
+    let degraded = condition(&s, "Degraded").ok_or_else(|| anyhow::anyhow!("no Degraded condition"))?;
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "KeyspaceRefused"));
+    assert!(!events(client, "good", "KeyspaceRefused").await?.is_empty(), "a KeyspaceRefused Event");
+    for ip in ready_pod_ips(client, "good").await? {
+        let mut c = CacheClient::connect(format!("http://{ip}:7420")).await?;
+        let put = PutRequest {
+            keyspace: "sessions".into(),
+            key: ip.clone(),
+            value: b"v".to_vec().into(),
+            ttl: None,
+        };
+        c.put(put).await?;
+        let got = c.get(GetRequest { keyspace: "sessions".into(), key: ip.clone() }).await?.into_inner();
+        assert_eq!(got.value, &b"v"[..], "sessions serves through {ip}");
+    }
+
+    // The ConfigMap appears: every node loads the hook without a restart.
+    let wasm = std::fs::read(hook_module("distcache_test_hook")?)?;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let map: ConfigMap = serde_json::from_value(serde_json::json!({ "metadata": { "name": "users-hook" } }))?;
+    let map = ConfigMap {
+        binary_data: Some(std::collections::BTreeMap::from([("hook.wasm".to_owned(), ByteString(wasm))])),
+        ..map
+    };
+    maps.create(&PostParams::default(), &map).await?;
+    wait_status(caches, "good", Duration::from_secs(90), "users Loaded on both nodes", |s| {
+        s.keyspaces.iter().any(|k| {
+            k.name == "users"
+                && k.hook == HookState::Loaded
+                && k.nodes_loaded == 2
+                && k.module_sha256.is_some()
+        })
+    })
+    .await?;
+    for ip in ready_pod_ips(client, "good").await? {
+        let mut c = CacheClient::connect(format!("http://{ip}:7420")).await?;
+        let got = c.get(GetRequest { keyspace: "users".into(), key: "k1".into() }).await?.into_inner();
+        assert_eq!(got.value, &b"hook:k1"[..], "the hook serves through {ip}");
+    }
+    let pods = Api::<Pod>::namespaced(client.clone(), NS)
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=good"))
+        .await?;
+    for pod in &pods.items {
+        let restarts: i32 = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map_or(0, |c| c.iter().map(|c| c.restart_count).sum());
+        assert_eq!(restarts, 0, "no node restarted to load the hook");
+    }
+
+    Ok(())
+}
