@@ -453,13 +453,10 @@ impl Engine {
         from: Option<Member>,
     ) -> Result<KeyResults<Value>, EngineError> {
         if let Some(m) = from {
-            let now = std::time::Instant::now();
-            match self.copy_holders.get_mut(&m.name) {
-                Some(mut e) if e.0 == m.address => e.1 = now,
-                _ => {
-                    self.copy_holders.insert(m.name, (m.address, now));
-                }
-            }
+            // One insert: a `match` on `get_mut` keeps the shard locked through its arms (the scrutinee lives
+            // until the match ends), and inserting from an arm then deadlocks on that lock — which happened for
+            // every peer that came back under its name with a new address (a recreated pod).
+            self.copy_holders.insert(m.name, (m.address, std::time::Instant::now()));
         }
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;

@@ -506,3 +506,25 @@ async fn a_write_invalidates_copies_on_a_node_the_owner_does_not_list() -> anyho
     assert_eq!(cc.get(get("kv", &key)).await.expect_err("deleted").code(), Code::NotFound);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_comes_back_under_its_name_with_a_new_address_is_served() -> anyhow::Result<()> {
+    // A recreated pod keeps its name and gets a new address. The owner records who holds copies of its keys per
+    // caller; a second caller address for a known name once deadlocked the owner (its map locked itself).
+    let cluster = Cluster::start(1, KEYSPACES, Duration::ZERO).await?;
+    let addr = cluster.nodes[0].grpc;
+    let mut peer = distcache_proto::v1::peer_client::PeerClient::connect(format!("http://{addr}")).await?;
+    for from_address in ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:2", "127.0.0.1:3"] {
+        let request = distcache_proto::v1::LoadRequest {
+            keyspace: "rt".into(),
+            keys: vec!["k".into()],
+            from: "node-recreated".into(),
+            from_address: from_address.into(),
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(5), peer.load(request)).await;
+        assert!(matches!(answer, Ok(Ok(_))), "load from {from_address}: {answer:?}");
+    }
+    let mut c = cluster.client(0).await?;
+    assert_eq!(c.get(get("rt", "k")).await?.into_inner().value, source_value("k"), "still serving");
+    Ok(())
+}
