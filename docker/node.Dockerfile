@@ -40,5 +40,5 @@ USER 65532:65532
 # 7420: gRPC (distcache.v1.Cache, distcache.v1.Peer, grpc.health.v1, reflection); 7421: admin HTTP (/healthz,
 # /readyz, /metrics, /admin/peers, /admin/keyspaces).
 EXPOSE 7420 7421
-# Configuration: --config FILE (the operator mounts it from ConfigMaps), or DISTCACHE_* environment variables.
+# Configuration: DISTCACHE_* environment variables (as the operator sets them), or --config FILE.
 ENTRYPOINT ["/usr/local/bin/distcache-node"]

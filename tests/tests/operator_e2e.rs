@@ -1,0 +1,738 @@
+//! The operator end to end on the test bed, the way a user meets it:
+//! 1. `helm install` of charts/distcache runs the operator (its pod is run by the test kubelet with the chart's
+//!    RBAC, through a token of the chart's ServiceAccount), watching the test's namespace;
+//! 2. the example origin (examples/k8s/origin.yaml) runs as a pod, and the example DistCache
+//!    (examples/k8s/distcache.yaml) reads through the example hook, a ConfigMap module, from it;
+//! 3. the DistCache becomes three Ready node pods, and `kubectl get dc` says so;
+//! 4. the `distcache` CLI reads every user through every node, and the origin was asked once per user;
+//! 5. a keyspace added with `kubectl apply` is served by every node without a restart;
+//! 6. `kubectl scale dc` to five nodes;
+//! 7. a new node image rolls the pods one at a time while a reader that routes like a Service sees no failed read;
+//! 8. deleting the DistCache garbage-collects every object it owned and stops every node process; `helm uninstall`
+//!    keeps the CRD.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PutRequest};
+use distcache_tests::{
+    hook_module,
+    operator::{
+        CRD_NAME, PodWatch, Tool, cli, connect, distcaches, get_dynamic, http_get, manifests, members_seen,
+        node_selector, parse_table, pod_image, pod_ip, pod_log_tail, pod_pid, process_running, restarts,
+        spawn_reader, to_yaml_stream, wait_established,
+    },
+    repo_root,
+    testbed::{Testbed, is_ready},
+    wait_for,
+};
+use futures::FutureExt as _;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{ConfigMap, Pod, Service, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Resource,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+
+/// The Helm release of the operator.
+const RELEASE: &str = "distcache";
+/// Its pod's labels (charts/distcache/templates/_helpers.tpl).
+const OPERATOR_SELECTOR: &str =
+    "app.kubernetes.io/name=distcache-operator,app.kubernetes.io/instance=distcache";
+
+/// The test's namespaces and tools.
+struct Env {
+    bed: Testbed,
+    kubectl: Tool,
+    helm: Tool,
+    /// The operator's release namespace.
+    system: String,
+    /// The DistCache's namespace (with its hook ConfigMap and the origin).
+    ns: String,
+}
+
+/// What step 2 deployed.
+struct Deployed {
+    /// The DistCache's name.
+    name: String,
+    /// The DistCache as last applied with kubectl.
+    applied: Value,
+    /// The read-through keyspace of the example and its users (key → the origin's bytes).
+    keyspace: String,
+    users: BTreeMap<String, Vec<u8>>,
+    /// The origin's address and the URL path its users are under (`/users`).
+    origin: SocketAddr,
+    users_path: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_runs_a_distcache_from_helm_install_to_uninstall() -> anyhow::Result<()> {
+    let bed = Testbed::connect().await?;
+    let system = bed.namespace("op-system").await?;
+    let apps = bed.namespace("op-e2e").await?;
+    let env = Env {
+        kubectl: Tool::kubectl(&bed.kubeconfig),
+        helm: Tool::helm(&bed.kubeconfig),
+        system: system.name.clone(),
+        ns: apps.name.clone(),
+        bed,
+    };
+    let started = Instant::now();
+    // A failed assertion panics: catch it, so that the cleanup below runs in every case.
+    let outcome = std::panic::AssertUnwindSafe(scenario(&env)).catch_unwind().await;
+    eprintln!("scenario took {:.1?}", started.elapsed());
+    if !matches!(outcome, Ok(Ok(()))) {
+        diagnose(&env).await;
+    }
+    // Whatever happened: the DistCache's namespace first (the operator may still have to finish it), then the
+    // release (its ClusterRole and binding are cluster-wide: a leftover would break the next install).
+    apps.delete().await?;
+    let _ = env.helm.run(&["uninstall", RELEASE, "--namespace", &env.system]).await;
+    system.delete().await?;
+    match outcome {
+        Ok(result) => result,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+async fn scenario(env: &Env) -> anyhow::Result<()> {
+    step("1. helm install", install_operator(env)).await?;
+    let mut deployed = step("2. origin, hook ConfigMap and DistCache", deploy(env)).await?;
+    let name = deployed.name.clone();
+    step("3. three Ready nodes", wait_available(env, &name, 3, Duration::from_mins(1))).await?;
+    step("4. read-through with the CLI", read_through(env, &deployed)).await?;
+    step("5. a keyspace added without a restart", add_keyspace(env, &mut deployed)).await?;
+    step("6. kubectl scale to 5", scale(env, &deployed, 5)).await?;
+    step("7. a rolling image change without a failed read", roll(env, &deployed)).await?;
+    step("8. delete and uninstall", delete_and_uninstall(env, &name)).await?;
+    Ok(())
+}
+
+/// Runs one step, saying how long it took (and which step failed).
+async fn step<T>(what: &str, run: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let started = Instant::now();
+    let result = run.await.with_context(|| format!("step {what}"));
+    eprintln!("step {what}: {} in {:.1?}", if result.is_ok() { "ok" } else { "FAILED" }, started.elapsed());
+    result
+}
+
+// ---- 1 ----------------------------------------------------------------------------------------------------
+
+async fn install_operator(env: &Env) -> anyhow::Result<()> {
+    adopt_kept_crd(env).await?;
+    let chart = repo_root().join("charts/distcache");
+    // The kubelet maps the example.invalid images to the workspace's binaries. The bed's pods share the host
+    // network, so the nodes must bind their pod IP (node.listenOnPodIP), not 0.0.0.0.
+    let values = format!(
+        "operator.image.repository=example.invalid/distcache-operator,operator.image.tag=test,\
+         node.image.repository=example.invalid/distcache-node,node.image.tag=test,node.listenOnPodIP=true,\
+         watchNamespace={}",
+        env.ns
+    );
+    let chart = chart.display().to_string();
+    env.helm.run(&["install", RELEASE, &chart, "--namespace", &env.system, "--set", &values]).await?;
+    let pods: Api<Pod> = Api::namespaced(env.bed.client.clone(), &env.system);
+    wait_for(Duration::from_mins(1), "the operator pod Ready", || async {
+        let list = pods.list(&ListParams::default().labels(OPERATOR_SELECTOR)).await?;
+        Ok(list.items.len() == 1 && list.items.iter().all(is_ready))
+    })
+    .await?;
+    wait_established(&env.bed.client, CRD_NAME, Duration::from_secs(30)).await
+}
+
+/// A CRD kept by an earlier run's `helm uninstall` (only on a bed that outlived a run: `make test` starts a fresh
+/// one) belongs to that run's release; label it for this release so that Helm adopts it, as a user would.
+async fn adopt_kept_crd(env: &Env) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(env.bed.client.clone());
+    if crds.get_opt(CRD_NAME).await?.is_some() {
+        let adopt = json!({ "metadata": {
+            "labels": { "app.kubernetes.io/managed-by": "Helm" },
+            "annotations": { "meta.helm.sh/release-name": RELEASE, "meta.helm.sh/release-namespace": env.system }
+        }});
+        crds.patch(CRD_NAME, &PatchParams::default(), &Patch::Merge(adopt)).await?;
+    }
+    Ok(())
+}
+
+// ---- 2 ----------------------------------------------------------------------------------------------------
+
+async fn deploy(env: &Env) -> anyhow::Result<Deployed> {
+    let examples = repo_root().join("examples/k8s");
+    let mut distcache = manifests(&examples.join("distcache.yaml"))?
+        .into_iter()
+        .find(|d| d["kind"] == "DistCache")
+        .ok_or_else(|| anyhow::anyhow!("examples/k8s/distcache.yaml has no DistCache"))?;
+    let name = distcache["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let keyspace = distcache["spec"]["keyspaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["hook"]["module"]["configMap"].is_object())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!("the example DistCache has no keyspace with a ConfigMap hook module")
+        })?;
+
+    // The hook module, as the user creates it: `kubectl create configmap users-hook --from-file=...`.
+    let module = &keyspace["hook"]["module"]["configMap"];
+    let (cm_name, cm_key) =
+        (module["name"].as_str().unwrap_or_default(), module["key"].as_str().unwrap_or_default());
+    let wasm = std::fs::read(hook_module("http_json")?)?;
+    let mut hook: ConfigMap = serde_json::from_value(json!({ "metadata": { "name": cm_name } }))?;
+    hook.binary_data = Some([(cm_key.to_owned(), ByteString(wasm))].into());
+    Api::<ConfigMap>::namespaced(env.bed.client.clone(), &env.ns)
+        .create(&PostParams::default(), &hook)
+        .await?;
+
+    let (origin, users) = start_origin(env).await?;
+
+    // The bed has no cluster DNS and no Service VIPs: the hook reaches the origin at its pod IP, so the example's
+    // `http://<service>.<namespace>.svc:<port>/users` becomes `http://<pod IP>:<port>/users` (path kept).
+    let mut users_path = String::new();
+    for ks in distcache["spec"]["keyspaces"].as_array_mut().into_iter().flatten() {
+        let Some(base) = ks["hook"]["config"]["baseUrl"].as_str() else { continue };
+        let (scheme, rest) = base.split_once("://").ok_or_else(|| anyhow::anyhow!("baseUrl {base}"))?;
+        let path = rest.find('/').map_or("", |i| &rest[i..]).to_owned();
+        ks["hook"]["config"]["baseUrl"] = format!("{scheme}://{origin}{path}").into();
+        ks["hook"]["allowedHosts"] = json!([origin.to_string()]);
+        if ks["name"] == keyspace["name"] {
+            path.trim_end_matches('/').clone_into(&mut users_path);
+        }
+    }
+    distcache["metadata"]["namespace"] = env.ns.clone().into();
+    env.kubectl.run_stdin(&["apply", "-f", "-"], &to_yaml_stream(&[distcache.clone()])?).await?;
+    Ok(Deployed {
+        name,
+        applied: distcache,
+        keyspace: keyspace["name"].as_str().unwrap_or_default().to_owned(),
+        users,
+        origin,
+        users_path,
+    })
+}
+
+/// Applies examples/k8s/origin.yaml in the test's namespace and waits until its pod answers; the origin's address
+/// and the users it serves (from the manifest's ConfigMap: `<id>.json` → bytes).
+async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, BTreeMap<String, Vec<u8>>)> {
+    let mut docs = manifests(&repo_root().join("examples/k8s/origin.yaml"))?;
+    let mut users = BTreeMap::new();
+    for doc in &mut docs {
+        doc["metadata"]["namespace"] = env.ns.clone().into();
+        if doc["kind"] == "ConfigMap" {
+            for (file, content) in doc["data"].as_object().into_iter().flatten() {
+                if let (Some(id), Some(text)) = (file.strip_suffix(".json"), content.as_str()) {
+                    users.insert(id.to_owned(), text.as_bytes().to_vec());
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        !users.is_empty(),
+        "examples/k8s/origin.yaml serves no users (no ConfigMap with <id>.json)"
+    );
+    env.kubectl.run_stdin(&["apply", "-f", "-"], &to_yaml_stream(&docs)?).await?;
+
+    let pods: Api<Pod> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    let origin_pod = || async {
+        let list = pods.list(&ListParams::default()).await?;
+        anyhow::Ok(list.items.into_iter().find(|p| pod_image(p).contains("distcache-origin") && is_ready(p)))
+    };
+    wait_for(Duration::from_secs(30), "the origin pod Ready", || async { Ok(origin_pod().await?.is_some()) })
+        .await?;
+    let pod = origin_pod().await?.ok_or_else(|| anyhow::anyhow!("the origin pod went away"))?;
+    let port = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.ports.as_ref())
+        .and_then(|p| p.first())
+        .map(|p| p.container_port)
+        .ok_or_else(|| anyhow::anyhow!("the origin container declares no port"))?;
+    let addr: SocketAddr = format!("{}:{port}", pod_ip(&pod).unwrap_or_default()).parse()?;
+    wait_for(Duration::from_secs(10), "the origin answering /_stats", || async {
+        Ok(http_get(addr, "/_stats").await.is_ok_and(|(status, _)| status == 200))
+    })
+    .await?;
+    Ok((addr, users))
+}
+
+// ---- 3 ----------------------------------------------------------------------------------------------------
+
+/// The node pods of the DistCache.
+async fn node_pods(env: &Env, name: &str) -> anyhow::Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    Ok(pods.list(&ListParams::default().labels(&node_selector(name))).await?.items)
+}
+
+/// The IPs of the Ready node pods, by pod name.
+async fn ready_nodes(env: &Env, name: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    Ok(node_pods(env, name)
+        .await?
+        .iter()
+        .filter(|p| is_ready(p))
+        .filter_map(|p| Some((p.metadata.name.clone()?, pod_ip(p)?)))
+        .collect())
+}
+
+/// `kubectl get dc <name>` as a row of its table.
+async fn kubectl_get_dc(env: &Env, name: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let table = env.kubectl.run(&["get", "dc", name, "--namespace", &env.ns]).await?;
+    parse_table(&table)
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("`kubectl get dc` printed {table:?}"))
+}
+
+/// Waits until exactly `n` node pods exist and are Ready, each sees the `n` of them as members, `kubectl get dc`
+/// prints READY `n` (or `n/n`) and REPLICAS `n`, and the status says `n` ready replicas for the current
+/// generation.
+async fn wait_available(env: &Env, name: &str, n: usize, within: Duration) -> anyhow::Result<()> {
+    let api = distcaches(&env.bed.client, &env.ns);
+    let last = Mutex::new(String::new());
+    let note = |what: String| *last.lock().expect("not poisoned") = what;
+    let waited = wait_for(within, &format!("{n} Ready node pods that see each other"), || {
+        let (api, note) = (api.clone(), &note);
+        async move {
+            let pods = node_pods(env, name).await?;
+            let ready = ready_nodes(env, name).await?;
+            if pods.len() != n || ready.len() != n {
+                note(format!("{} pods, {} Ready", pods.len(), ready.len()));
+                return Ok(false);
+            }
+            for (pod, ip) in &ready {
+                let seen = members_seen(ip).await;
+                if !seen.as_ref().is_ok_and(|s| s.local == *pod && s.members.iter().eq(ready.keys())) {
+                    note(format!("{pod} ({ip}) answers {seen:?}"));
+                    return Ok(false);
+                }
+            }
+            let row = kubectl_get_dc(env, name).await?;
+            let want = n.to_string();
+            let ready_column = row.get("READY").map(String::as_str).unwrap_or_default();
+            if !(ready_column == want || ready_column == format!("{n}/{n}"))
+                || row.get("REPLICAS") != Some(&want)
+            {
+                note(format!("kubectl get dc: {row:?}"));
+                return Ok(false);
+            }
+            let dc = api.get(name).await?;
+            let status = &dc.data["status"];
+            if status["readyReplicas"] != json!(n)
+                || status["observedGeneration"] != json!(dc.metadata.generation)
+            {
+                note(format!("status {status}"));
+                return Ok(false);
+            }
+            Ok(true)
+        }
+    })
+    .await;
+    waited.with_context(|| format!("last seen: {}", last.lock().expect("not poisoned")))
+}
+
+// ---- 4 ----------------------------------------------------------------------------------------------------
+
+async fn read_through(env: &Env, d: &Deployed) -> anyhow::Result<()> {
+    let nodes = ready_nodes(env, &d.name).await?;
+    for (pod, ip) in &nodes {
+        let endpoint = format!("http://{ip}:7420");
+        for (user, want) in &d.users {
+            let got = cli(&endpoint, &["get", &d.keyspace, user]).await?;
+            assert_eq!(
+                got.trim_end(),
+                String::from_utf8_lossy(want).trim_end(),
+                "`distcache get {} {user}` through {pod} ({ip})",
+                d.keyspace
+            );
+        }
+    }
+    // Every user was read through every node, and the origin was asked once per user: the owner's hook loaded
+    // it and every other node asked the owner.
+    let (_, body) = http_get(d.origin, "/_stats").await?;
+    let hits: BTreeMap<String, u64> = serde_json::from_str(&body)?;
+    let want: BTreeMap<String, u64> = d.users.keys().map(|u| (format!("{}/{u}", d.users_path), 1)).collect();
+    assert_eq!(hits, want, "origin requests after reading every user through every node");
+
+    // The status reports the hook Loaded on every node.
+    wait_keyspace_status(env, &d.name, &d.keyspace, "Loaded", nodes.len()).await
+}
+
+/// Waits until `status.keyspaces` of the DistCache says `hook` for `keyspace`, served by `nodes` nodes.
+async fn wait_keyspace_status(
+    env: &Env,
+    name: &str,
+    keyspace: &str,
+    hook: &str,
+    nodes: usize,
+) -> anyhow::Result<()> {
+    let api = distcaches(&env.bed.client, &env.ns);
+    let last = Mutex::new(Value::Null);
+    let what = format!("status.keyspaces: {keyspace} {hook} on {nodes} nodes");
+    let reported = wait_for(Duration::from_secs(30), &what, || {
+        let (api, last) = (api.clone(), &last);
+        async move {
+            let dc = api.get(name).await?;
+            let keyspaces = dc.data["status"]["keyspaces"].clone();
+            *last.lock().expect("not poisoned") = keyspaces.clone();
+            Ok(keyspaces
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|k| k["name"] == keyspace && k["hook"] == hook && k["nodesLoaded"] == json!(nodes)))
+        }
+    })
+    .await;
+    reported.with_context(|| format!("status.keyspaces: {}", last.lock().expect("not poisoned")))
+}
+
+// ---- 5 ----------------------------------------------------------------------------------------------------
+
+async fn add_keyspace(env: &Env, d: &mut Deployed) -> anyhow::Result<()> {
+    let before = node_pods(env, &d.name).await?;
+    let sets: Api<StatefulSet> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    let template_before = sets.get(&d.name).await?.spec.map(|s| s.template);
+
+    d.applied["spec"]["keyspaces"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow::anyhow!("spec.keyspaces"))?
+        .push(json!({ "name": "sessions", "maxBytes": "1Mi" }));
+    env.kubectl.run_stdin(&["apply", "-f", "-"], &to_yaml_stream(std::slice::from_ref(&d.applied))?).await?;
+
+    let api = distcaches(&env.bed.client, &env.ns);
+    wait_for(Duration::from_secs(30), "the operator observed the new generation", || async {
+        let dc = api.get(&d.name).await?;
+        Ok(dc.data["status"]["observedGeneration"] == json!(dc.metadata.generation))
+    })
+    .await?;
+    let nodes = ready_nodes(env, &d.name).await?;
+    wait_for(Duration::from_secs(30), "every node serving keyspace sessions", || async {
+        for ip in nodes.values() {
+            let mut c = connect(ip).await?;
+            let list = c.list_key_spaces(ListKeySpacesRequest {}).await?.into_inner();
+            if !list.keyspaces.iter().any(|k| k.name == "sessions") {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await?;
+    // Put through each node, read back through all.
+    let mut clients = Vec::new();
+    for ip in nodes.values() {
+        clients.push(connect(ip).await?);
+    }
+    for (i, writer) in nodes.keys().enumerate() {
+        let key = format!("session-{i}");
+        clients[i]
+            .put(PutRequest {
+                keyspace: "sessions".into(),
+                key: key.clone(),
+                value: format!("written through {writer}").into(),
+                ttl: None,
+            })
+            .await?;
+        for (c, reader) in clients.iter_mut().zip(nodes.keys()) {
+            let got = c.get(GetRequest { keyspace: "sessions".into(), key: key.clone() }).await?.into_inner();
+            assert_eq!(got.value, format!("written through {writer}").as_bytes(), "{key} through {reader}");
+        }
+    }
+    // No pod was replaced or restarted, and none will be: the pod template did not change.
+    let after = node_pods(env, &d.name).await?;
+    let identity = |pods: &[Pod]| -> Vec<(Option<String>, Option<String>, i32)> {
+        pods.iter().map(|p| (p.metadata.name.clone(), p.metadata.uid.clone(), restarts(p))).collect()
+    };
+    let (before, after) = (identity(&before), identity(&after));
+    assert_eq!(after, before, "pods (name, uid, restarts) before and after adding a keyspace");
+    assert!(after.iter().all(|(_, _, r)| *r == 0), "no restarts: {after:?}");
+    let template_after = sets.get(&d.name).await?.spec.map(|s| s.template);
+    assert_eq!(
+        template_after, template_before,
+        "the StatefulSet's pod template changed: the pods would roll"
+    );
+
+    wait_keyspace_status(env, &d.name, "sessions", "None", nodes.len()).await?;
+    Ok(())
+}
+
+// ---- 6 ----------------------------------------------------------------------------------------------------
+
+async fn scale(env: &Env, d: &Deployed, replicas: usize) -> anyhow::Result<()> {
+    let to = format!("--replicas={replicas}");
+    env.kubectl.run(&["scale", "dc", &d.name, &to, "--namespace", &env.ns]).await?;
+    wait_available(env, &d.name, replicas, Duration::from_mins(1)).await?;
+    read_everything_everywhere(env, d).await
+}
+
+/// Every user read through every Ready node.
+async fn read_everything_everywhere(env: &Env, d: &Deployed) -> anyhow::Result<()> {
+    for (pod, ip) in ready_nodes(env, &d.name).await? {
+        let mut c = connect(&ip).await?;
+        for (user, want) in &d.users {
+            let got = c.get(GetRequest { keyspace: d.keyspace.clone(), key: user.clone() }).await;
+            let got = got.with_context(|| format!("{user} through {pod} ({ip})"))?.into_inner();
+            assert_eq!(&got.value, want, "{user} through {pod} ({ip})");
+        }
+    }
+    Ok(())
+}
+
+// ---- 7 ----------------------------------------------------------------------------------------------------
+
+async fn roll(env: &Env, d: &Deployed) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    let replicas = node_pods(env, &d.name).await?.len();
+    let watch = PodWatch::start(pods.clone(), &node_selector(&d.name), replicas).await?;
+    let view = watch.view();
+    anyhow::ensure!(
+        view.serving().len() == replicas,
+        "not every pod serves before the roll: {}",
+        view.describe()
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let keys: Vec<(String, Vec<u8>)> = d.users.clone().into_iter().collect();
+    let reader = spawn_reader(view.clone(), &d.keyspace, keys, stop.clone(), Duration::from_secs(150));
+
+    let patch = r#"{"spec":{"image":{"tag":"test2"}}}"#;
+    env.kubectl
+        .run(&["patch", "dc", &d.name, "--namespace", &env.ns, "--type=merge", "--patch", patch])
+        .await?;
+    let sets: Api<StatefulSet> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    let image = |set: &StatefulSet| {
+        set.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.containers.first()?.image.clone())
+    };
+    let new_image = Mutex::new(None);
+    wait_for(Duration::from_secs(20), "the StatefulSet's image tag test2", || {
+        let (sets, new_image) = (sets.clone(), &new_image);
+        async move {
+            let current = image(&sets.get(&d.name).await?).filter(|i| i.ends_with(":test2"));
+            let found = current.is_some();
+            *new_image.lock().expect("not poisoned") = current;
+            Ok(found)
+        }
+    })
+    .await?;
+    let new_image = new_image.into_inner().expect("not poisoned").unwrap_or_default();
+    let rolled = wait_for(Duration::from_secs(100), "every node pod Ready on the new image", || async {
+        let all = node_pods(env, &d.name).await?;
+        Ok(all.len() == replicas
+            && all.iter().all(|p| is_ready(p) && pod_image(p) == new_image && restarts(p) == 0))
+    })
+    .await;
+    let rolled = match rolled {
+        Ok(()) => wait_available(env, &d.name, replicas, Duration::from_secs(30)).await,
+        Err(e) => Err(e),
+    };
+    stop.cancel();
+    let reads = reader.await?;
+    let (worst, at) = view.worst();
+    eprintln!(
+        "rolling update: {} reads ok, {} failed; at most {worst} pod(s) unavailable at once",
+        reads.ok, reads.failed
+    );
+    rolled.with_context(|| {
+        format!("pods: {}; first failed reads:\n{}", view.describe(), reads.failures.join("\n"))
+    })?;
+    assert!(
+        reads.failed == 0,
+        "{} failed reads during the roll, first ones:\n{}",
+        reads.failed,
+        reads.failures.join("\n")
+    );
+    assert!(reads.ok >= 100, "the reader read only {} times", reads.ok);
+    assert_eq!(worst, 1, "node pods unavailable at once during the roll (at the worst moment: {at})");
+    assert!(view.errors().is_empty(), "pod watch errors: {:?}", view.errors());
+    let dc = distcaches(&env.bed.client, &env.ns).get(&d.name).await?;
+    assert_eq!(dc.data["status"]["updatedReplicas"], json!(replicas), "status: {}", dc.data["status"]);
+    read_everything_everywhere(env, d).await
+}
+
+// ---- 8 ----------------------------------------------------------------------------------------------------
+
+async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
+    let client = &env.bed.client;
+    let ns = &env.ns;
+    let dc = distcaches(client, ns).get(name).await?;
+    let uid = dc.metadata.uid.clone().unwrap_or_default();
+
+    // What the DistCache owns, each checked to exist and to be owned by it (so that the garbage collector,
+    // not the operator, is what removes it).
+    let owned_names = [
+        ("ConfigMap", format!("{name}-keyspaces")),
+        ("StatefulSet", name.to_owned()),
+        ("Service", name.to_owned()),
+        ("Service", format!("{name}-peers")),
+        ("ServiceAccount", format!("{name}-node")),
+        ("Role", format!("{name}-node")),
+        ("RoleBinding", format!("{name}-node")),
+    ];
+    let owners = |refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
+        refs.into_iter().flatten().any(|r| r.uid == uid && r.kind == "DistCache")
+    };
+    for (kind, object) in &owned_names {
+        let meta =
+            get_meta(env, kind, object).await?.ok_or_else(|| anyhow::anyhow!("{kind} {object} missing"))?;
+        assert!(
+            owners(meta.owner_references.as_ref()),
+            "{kind} {object} is not owned by the DistCache: {meta:?}"
+        );
+    }
+    if let Some(pdb) = pdb(env, name).await? {
+        assert!(owners(pdb.metadata.owner_references.as_ref()), "the PDB is not owned by the DistCache");
+    }
+
+    let processes: Vec<(String, i32)> = node_pods(env, name)
+        .await?
+        .iter()
+        .map(|p| Ok((p.metadata.name.clone().unwrap_or_default(), pod_pid(p)?)))
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        processes.iter().all(|(_, pid)| process_running(*pid)),
+        "a node process is not running: {processes:?}"
+    );
+
+    distcaches(client, ns).delete(name, &DeleteParams::background()).await?;
+    let last = Mutex::new(Vec::new());
+    let gone = wait_for(Duration::from_mins(1), "every owned object and node pod gone", || {
+        let (last, owned_names, processes) = (&last, &owned_names, &processes);
+        async move {
+            let mut left = Vec::new();
+            for (kind, object) in owned_names {
+                if get_meta(env, kind, object).await?.is_some() {
+                    left.push(format!("{kind} {object}"));
+                }
+            }
+            if pdb(env, name).await?.is_some() {
+                left.push(format!("PodDisruptionBudget {name}"));
+            }
+            if distcaches(client, ns).get_opt(name).await?.is_some() {
+                left.push(format!("DistCache {name}"));
+            }
+            for pod in node_pods(env, name).await? {
+                left.push(format!("Pod {}", pod.metadata.name.unwrap_or_default()));
+            }
+            for (pod, pid) in processes {
+                if process_running(*pid) {
+                    left.push(format!("process {pid} of {pod}"));
+                }
+            }
+            let done = left.is_empty();
+            *last.lock().expect("not poisoned") = left;
+            Ok(done)
+        }
+    })
+    .await;
+    gone.with_context(|| format!("left: {:?}", last.lock().expect("not poisoned")))?;
+
+    let operator = Api::<Pod>::namespaced(client.clone(), &env.system)
+        .list(&ListParams::default().labels(OPERATOR_SELECTOR))
+        .await?
+        .items;
+    let operator_pids: Vec<i32> = operator.iter().map(pod_pid).collect::<anyhow::Result<_>>()?;
+    env.helm.run(&["uninstall", RELEASE, "--namespace", &env.system]).await?;
+    wait_for(Duration::from_secs(30), "the operator pod and process gone", || async {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &env.system);
+        Ok(pods.list(&ListParams::default().labels(OPERATOR_SELECTOR)).await?.items.is_empty()
+            && !operator_pids.iter().any(|pid| process_running(*pid)))
+    })
+    .await?;
+    let crd = Api::<CustomResourceDefinition>::all(client.clone()).get_opt(CRD_NAME).await?;
+    let crd = crd.ok_or_else(|| anyhow::anyhow!("helm uninstall deleted the CRD"))?;
+    assert!(crd.metadata.deletion_timestamp.is_none(), "the CRD is being deleted");
+    Ok(())
+}
+
+/// The metadata of an object of `kind` in the test namespace, if it exists.
+async fn get_meta(
+    env: &Env,
+    kind: &str,
+    name: &str,
+) -> anyhow::Result<Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>> {
+    async fn meta<K>(api: Api<K>, name: &str) -> anyhow::Result<Option<kube::api::ObjectMeta>>
+    where
+        K: Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        Ok(api.get_opt(name).await?.map(|o| o.meta().clone()))
+    }
+    let c = env.bed.client.clone();
+    let ns = &env.ns;
+    match kind {
+        "ConfigMap" => meta(Api::<ConfigMap>::namespaced(c, ns), name).await,
+        "StatefulSet" => meta(Api::<StatefulSet>::namespaced(c, ns), name).await,
+        "Service" => meta(Api::<Service>::namespaced(c, ns), name).await,
+        "ServiceAccount" => meta(Api::<ServiceAccount>::namespaced(c, ns), name).await,
+        "Role" => meta(Api::<Role>::namespaced(c, ns), name).await,
+        "RoleBinding" => meta(Api::<RoleBinding>::namespaced(c, ns), name).await,
+        other => anyhow::bail!("no API for kind {other}"),
+    }
+}
+
+/// The PodDisruptionBudget of the DistCache, if the operator made one (policy/v1beta1 on the 1.20 bed, policy/v1
+/// on newer servers).
+async fn pdb(env: &Env, name: &str) -> anyhow::Result<Option<kube::api::DynamicObject>> {
+    for version in ["v1", "v1beta1"] {
+        let kind = ("policy", version, "PodDisruptionBudget", "poddisruptionbudgets");
+        if let Some(pdb) = get_dynamic(&env.bed.client, &env.ns, kind, name).await? {
+            return Ok(Some(pdb));
+        }
+    }
+    Ok(None)
+}
+
+// ---- on failure -------------------------------------------------------------------------------------------
+
+/// Prints what a reader of a failed run needs: the objects, the DistCache's status, the operator's log and the
+/// end of every node's log.
+async fn diagnose(env: &Env) {
+    let get = [
+        "get",
+        "distcaches,statefulsets,pods,configmaps,services",
+        "-o",
+        "wide",
+        "--namespace",
+        env.ns.as_str(),
+    ];
+    match env.kubectl.run(&get).await {
+        Ok(text) => eprintln!("--- kubectl get (test namespace)\n{text}"),
+        Err(e) => eprintln!("--- kubectl get failed: {e:#}"),
+    }
+    for dc in distcaches(&env.bed.client, &env.ns)
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+    {
+        eprintln!(
+            "--- DistCache {}: generation {:?}, status {:#}",
+            dc.metadata.name.as_deref().unwrap_or_default(),
+            dc.metadata.generation,
+            dc.data["status"]
+        );
+    }
+    for (ns, what) in [(&env.system, "operator"), (&env.ns, "pod")] {
+        let pods: Api<Pod> = Api::namespaced(env.bed.client.clone(), ns);
+        for pod in pods.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
+            let lines = if what == "operator" { 80 } else { 25 };
+            eprintln!(
+                "--- {what} {}: container.log (last {lines} lines)\n{}",
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                pod_log_tail(&pod, lines)
+            );
+        }
+    }
+}
