@@ -118,7 +118,11 @@ pub struct Kubelet {
     client: Client,
     config: KubeletConfig,
     pods: Mutex<HashMap<String, RunningPod>>,
-    free_ips: std::sync::Mutex<Vec<Ipv4Addr>>,
+    /// Pod addresses not in use, least recently freed first (as cluster IPAM does: a recreated pod gets a new
+    /// address, so peers see the same member name move).
+    free_ips: std::sync::Mutex<std::collections::VecDeque<Ipv4Addr>>,
+    /// Pods whose processes are being stopped in the background (deletion in progress).
+    stopping: std::sync::Mutex<HashSet<String>>,
 }
 
 fn now_time() -> Time {
@@ -130,12 +134,13 @@ impl Kubelet {
     pub fn new(client: Client, config: KubeletConfig) -> Arc<Self> {
         // <subnet>.1 is the host's; pods get <subnet>.2 ..= <subnet>.254 (reused after a pod is gone).
         let [a, b, c] = config.pod_subnet;
-        let free_ips = (2..=254u8).rev().map(|i| Ipv4Addr::new(a, b, c, i)).collect();
+        let free_ips = (2..=254u8).map(|i| Ipv4Addr::new(a, b, c, i)).collect();
         Arc::new(Self {
             client,
             config,
             pods: Mutex::new(HashMap::new()),
             free_ips: std::sync::Mutex::new(free_ips),
+            stopping: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -260,7 +265,7 @@ impl Kubelet {
     }
 
     /// One round: bind new pods, start, probe and report ours, finish deleted ones.
-    async fn sync(&self) -> anyhow::Result<()> {
+    async fn sync(self: &Arc<Self>) -> anyhow::Result<()> {
         let api: Api<Pod> = Api::all(self.client.clone());
         let list = api.list(&ListParams::default()).await?;
         let mut seen = HashSet::new();
@@ -287,8 +292,11 @@ impl Kubelet {
         let gone: Vec<String> = pods.keys().filter(|uid| !seen.contains(*uid)).cloned().collect();
         for uid in gone {
             if let Some(mut pod) = pods.remove(&uid) {
-                stop_process(&mut pod, Duration::from_secs(5)).await;
-                self.release(&pod);
+                let this = Arc::clone(self);
+                tokio::spawn(async move {
+                    stop_process(&mut pod, Duration::from_secs(5)).await;
+                    this.release(&pod);
+                });
             }
         }
         Ok(())
@@ -297,7 +305,7 @@ impl Kubelet {
     fn release(&self, pod: &RunningPod) {
         let _ = std::fs::remove_dir_all(&pod.dir);
         if let Ok(mut ips) = self.free_ips.lock() {
-            ips.push(pod.ip);
+            ips.push_back(pod.ip);
         }
     }
 
@@ -320,10 +328,39 @@ impl Kubelet {
         Ok(())
     }
 
-    async fn sync_pod(&self, pod: &Pod, uid: &str) -> anyhow::Result<()> {
+    /// Stops a deleted pod's process in the background, as a kubelet does: a pod taking its grace period to stop
+    /// holds up no other pod (probes, starts and other deletions go on). Then finishes the deletion.
+    fn stop_in_background(
+        self: &Arc<Self>,
+        mut pod: RunningPod,
+        grace: Duration,
+        api: Api<Pod>,
+        name: String,
+    ) {
+        let uid = pod.uid.clone();
+        if let Ok(mut s) = self.stopping.lock() {
+            s.insert(uid.clone());
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            stop_process(&mut pod, grace).await;
+            this.release(&pod);
+            if let Err(e) = finish_deletion(&api, &name, &uid).await {
+                tracing::warn!(pod = %name, error = %format!("{e:#}"), "finishing the deletion failed; retried");
+            }
+            if let Ok(mut s) = this.stopping.lock() {
+                s.remove(&uid);
+            }
+        });
+    }
+
+    async fn sync_pod(self: &Arc<Self>, pod: &Pod, uid: &str) -> anyhow::Result<()> {
         let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let name = pod.metadata.name.clone().unwrap_or_default();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        if self.stopping.lock().is_ok_and(|s| s.contains(uid)) {
+            return Ok(());
+        }
         let mut pods = self.pods.lock().await;
         if !pods.contains_key(uid) {
             if pod.metadata.deletion_timestamp.is_some() {
@@ -335,7 +372,7 @@ impl Kubelet {
                 .free_ips
                 .lock()
                 .ok()
-                .and_then(|mut ips| ips.pop())
+                .and_then(|mut ips| ips.pop_front())
                 .ok_or_else(|| anyhow::anyhow!("no free pod address"))?;
             let dir = self.config.dir.join("pods").join(format!("{ns}_{name}_{uid}"));
             std::fs::create_dir_all(&dir)?;
@@ -370,12 +407,11 @@ impl Kubelet {
                 .or(spec.termination_grace_period_seconds)
                 .unwrap_or(30)
                 .max(0);
-            stop_process(running, Duration::from_secs(u64::try_from(grace).unwrap_or(30))).await;
-            if let Some(done) = pods.remove(uid) {
-                self.release(&done);
-            }
+            let grace = Duration::from_secs(u64::try_from(grace).unwrap_or(30));
+            let Some(done) = pods.remove(uid) else { return Ok(()) };
             drop(pods);
-            return finish_deletion(&api, &name, uid).await;
+            self.stop_in_background(done, grace, api, name);
+            return Ok(());
         }
 
         self.sync_volumes(pod, running).await?;
