@@ -6,7 +6,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex, PoisonError},
@@ -261,47 +260,6 @@ pub fn pod_image(pod: &Pod) -> String {
     pod.spec.as_ref().and_then(|s| s.containers.first()).and_then(|c| c.image.clone()).unwrap_or_default()
 }
 
-/// An HTTP/1.1 GET that reads one answer by its `content-length` and gives up after 5 s: status and body. (The
-/// origin keeps connections open whatever `Connection: close` says, so reading to the end would never finish.)
-pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut reader = tokio::io::BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).await?;
-        let status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let mut length = None;
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).await? == 0 || line.trim().is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':')
-                && name.trim().eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse::<usize>().ok();
-            }
-        }
-        let mut body = Vec::new();
-        match length {
-            Some(n) => {
-                body.resize(n, 0);
-                reader.read_exact(&mut body).await?;
-            }
-            None => {
-                reader.read_to_end(&mut body).await?;
-            }
-        }
-        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| anyhow::anyhow!("GET http://{addr}{path}: no answer within 5 s"))?
-}
-
 /// What a node's `/admin/peers` says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peers {
@@ -314,7 +272,7 @@ pub struct Peers {
 /// The members the node at `ip` sees (`/admin/peers` on its admin port), and its own name: a node that answers
 /// for another pod's IP (a listener on 0.0.0.0 where pods share the host network) shows up here.
 pub async fn members_seen(ip: &str) -> anyhow::Result<Peers> {
-    let (status, body) = http_get(format!("{ip}:{ADMIN_PORT}").parse()?, "/admin/peers").await?;
+    let (status, body) = crate::http_get(format!("{ip}:{ADMIN_PORT}").parse()?, "/admin/peers").await?;
     anyhow::ensure!(status == 200, "/admin/peers of {ip} answered {status}: {body}");
     let v: serde_json::Value = serde_json::from_str(&body)?;
     Ok(Peers {

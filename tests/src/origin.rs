@@ -82,6 +82,8 @@ impl Drop for Origin {
 struct Request {
     path: String,
     query: String,
+    /// The client sent `Connection: close`: answer, then close the connection.
+    close: bool,
 }
 
 async fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
@@ -91,6 +93,7 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Opti
     }
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let mut content_length = 0usize;
+    let mut close = false;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).await? == 0 || header.trim().is_empty() {
@@ -101,13 +104,19 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Opti
         {
             content_length = value.trim().parse().unwrap_or(0);
         }
+        if let Some((name, value)) = header.split_once(':')
+            && name.trim().eq_ignore_ascii_case("connection")
+            && value.trim().eq_ignore_ascii_case("close")
+        {
+            close = true;
+        }
     }
     if content_length > 0 {
         let mut body = vec![0; content_length.min(1 << 20)];
         reader.read_exact(&mut body).await?;
     }
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    Ok(Some(Request { path: percent_decode(path), query: query.to_owned() }))
+    Ok(Some(Request { path: percent_decode(path), query: query.to_owned(), close }))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -143,6 +152,9 @@ async fn serve_connection(
         }
         let (status, headers, body) = respond(&request, dir, hits).await;
         let mut head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\n", body.len());
+        if request.close {
+            head.push_str("connection: close\r\n");
+        }
         for (k, v) in headers {
             head.push_str(k);
             head.push_str(": ");
@@ -153,6 +165,9 @@ async fn serve_connection(
         let stream = reader.get_mut();
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&body).await?;
+        if request.close {
+            break;
+        }
     }
     Ok(())
 }

@@ -21,9 +21,9 @@ use std::{
 use anyhow::Context as _;
 use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PutRequest};
 use distcache_tests::{
-    hook_module,
+    hook_module, http_get,
     operator::{
-        CRD_NAME, PodWatch, Tool, cli, connect, distcaches, get_dynamic, http_get, manifests, members_seen,
+        CRD_NAME, PodWatch, Tool, cli, connect, distcaches, get_dynamic, manifests, members_seen,
         node_selector, parse_table, pod_image, pod_ip, pod_log_tail, pod_pid, process_running, restarts,
         spawn_reader, to_yaml_stream, wait_established,
     },
