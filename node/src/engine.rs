@@ -192,6 +192,11 @@ impl Engine {
             let local = local.clone();
             ks.store.retain_owned(move |key| ring.owner(key_hash(key)).is_none_or(|m| m.name == local));
         }
+        // Connections are kept for members and recent copy holders (they are sent invalidations) only.
+        let mut keep: std::collections::HashSet<String> =
+            ring.members().iter().map(|m| m.address.clone()).collect();
+        keep.extend(self.copy_holders.iter().map(|e| e.value().0.clone()));
+        self.transport.retain_addresses(&keep);
     }
 
     // ---------------------------------------------------------------------------------------------- reads

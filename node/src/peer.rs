@@ -75,4 +75,9 @@ pub trait PeerTransport: Send + Sync + 'static {
     /// Deadline of one peer call. Forwarded writes get twice as long: the owner bounds its own invalidation
     /// round by this deadline before it answers.
     fn timeout(&self) -> Duration;
+    /// Drops whatever the transport keeps for addresses not in `keep` (connections to members that left: pods
+    /// that were replaced come back at new addresses, so without this every old address would stay forever).
+    fn retain_addresses(&self, keep: &std::collections::HashSet<String>) {
+        let _ = keep;
+    }
 }

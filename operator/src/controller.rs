@@ -223,7 +223,9 @@ async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -
     let busy = new.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "True")
         // A refused keyspace recovers without any watched object changing (its module ConfigMap appears, a
         // download starts working): keep looking until every keyspace is loaded.
-        || new.keyspaces.iter().any(|k| matches!(k.hook, HookState::Loading | HookState::Failed));
+        // (With no Ready node there is nobody to ask: a scaled-to-zero cache is settled.)
+        || (new.ready_replicas > 0
+            && new.keyspaces.iter().any(|k| matches!(k.hook, HookState::Loading | HookState::Failed)));
     Ok(Action::requeue(if busy { BUSY_REQUEUE } else { SETTLED_REQUEUE }))
 }
 

@@ -222,4 +222,25 @@ impl PeerTransport for GrpcPeers {
     fn timeout(&self) -> Duration {
         self.timeout
     }
+
+    fn retain_addresses(&self, keep: &std::collections::HashSet<String>) {
+        self.channels.retain(|address, _| keep.contains(address));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_of_addresses_that_left_are_dropped() {
+        let peers = GrpcPeers::new(&Member::new("a", "127.0.0.1:1"), Duration::from_secs(1), 1 << 20);
+        for address in ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"] {
+            peers.client(address).expect("a lazy channel");
+        }
+        let keep = ["127.0.0.1:3".to_owned()].into_iter().collect();
+        peers.retain_addresses(&keep);
+        assert_eq!(peers.channels.len(), 1);
+        assert!(peers.channels.contains_key("127.0.0.1:3"));
+    }
 }
