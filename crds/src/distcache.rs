@@ -28,10 +28,6 @@ pub const MAX_REPLICAS: i32 = 1000;
 /// The desired state of one distributed cache: how many nodes, which image, which keyspaces, how the nodes find
 /// each other and how they are scheduled and exposed.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[expect(
-    clippy::duplicated_attributes,
-    reason = "clippy reads the repeated `type_ = ...` of two printcolumn(...) arguments as duplicated attributes"
-)]
 #[kube(
     group = "distcache.io",
     version = "v1alpha1",
@@ -67,7 +63,13 @@ pub const MAX_REPLICAS: i32 = 1000;
         json_path = ".status.keyspaceCount",
         description = "Number of keyspaces served"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = kube::core::Rule::new(
+        "self.metadata.name.size() <= 52 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
+    ).message(
+        "metadata.name: a DistCache name is a DNS label of at most 52 characters (lowercase letters, digits, '-', \
+         starting with a letter): it names the StatefulSet, its pods and Services"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DistCacheSpec {
@@ -182,9 +184,10 @@ pub struct NatsDiscoverySpec {
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('nats://') || self.startsWith('tls://')")
         .message("discovery.nats.url must start with nats:// or tls://"))]
     pub url: String,
-    /// Subject the nodes announce themselves on. Default `distcache.<namespace>.<name>`.
+    /// Subject the nodes announce themselves on: dot-separated tokens of letters, digits, '-' and '_' (no
+    /// wildcards). Default `distcache.<namespace>.<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"))]
     pub subject: Option<String>,
 }
 
@@ -273,9 +276,10 @@ pub struct DistCacheStatus {
     /// Number of keyspaces in the spec.
     #[serde(default)]
     pub keyspace_count: i32,
-    /// Available (every node Ready on the current spec), Progressing (a roll or scale is under way) and Degraded
-    /// (the spec is invalid, an object could not be applied, or a feature is missing on this cluster), each
-    /// with a reason and message.
+    /// Available (as many Ready nodes as spec.replicas), Progressing (a roll or scale is under way) and Degraded
+    /// (the spec is invalid, an object could not be applied or belongs to someone else, a node refused a
+    /// keyspace, or a feature is missing on this cluster), each with a reason and message. A failed step changes
+    /// only Degraded: the nodes that run keep serving.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The state of each keyspace's data-source hook on the nodes.

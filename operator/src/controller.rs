@@ -2,7 +2,8 @@
 //! validate → build → apply → status (one module each). `validate` and `build` are pure; `apply` and `status`
 //! talk to the API server (and `status` to the nodes' admin endpoints).
 //!
-//! Requeue policy: settled → after 5 minutes; rolling, scaling, keyspaces loading or refused → after 5 seconds;
+//! Requeue policy: settled → after 5 minutes; rolling or scaling → after 5 seconds; a keyspace loading or refused
+//! on some node → after 15 seconds;
 //! invalid spec → no requeue (a spec change triggers the next run) + Event + Degraded condition; transient error
 //! → per-object exponential backoff from 1 s, capped at 5 minutes, reset by the next success. A DistCache that
 //! cannot even be deserialized is reported by an Event and skipped; it never stops the others.
@@ -50,6 +51,17 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// An object of the name the DistCache needs exists and belongs to someone else; it is left alone.
+    #[error(
+        "{kind} {name} already exists and is not controlled by this DistCache: rename the DistCache or remove that \
+         {kind}"
+    )]
+    NameConflict {
+        /// Object kind.
+        kind: String,
+        /// Object name.
+        name: String,
+    },
     /// Deleting an owned object failed.
     #[error("failed to delete {kind} {name}")]
     Delete {
@@ -92,6 +104,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Apply { .. } => "ApplyFailed",
+            Self::NameConflict { .. } => "NameConflict",
             Self::Delete { .. } => "DeleteFailed",
             Self::Discovery(_) => "DiscoveryFailed",
             Self::Pods { .. } => "ListPodsFailed",
@@ -173,6 +186,7 @@ fn truncate(mut s: String, max: usize) -> String {
 
 const SETTLED_REQUEUE: Duration = Duration::from_mins(5);
 const BUSY_REQUEUE: Duration = Duration::from_secs(5);
+const KEYSPACE_REQUEUE: Duration = Duration::from_secs(15);
 
 /// One reconcile of one DistCache.
 async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -180,53 +194,75 @@ async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -
         Ok(dc) => dc,
         Err(invalid) => return Err(Error::Invalid(invalid.error.clone())),
     };
+    if dc.metadata.deletion_timestamp.is_some() {
+        // Being deleted (foreground deletion waits for the owned objects): applying would recreate them.
+        return Ok(Action::await_change());
+    }
     let _timer = ctx.metrics.reconcile_timer();
-    let valid = match validate::validate(&dc.spec) {
+    let valid = match validate::validate(&dc.name_any(), &dc.spec) {
         Ok(valid) => valid,
         Err(problems) => {
             ctx.event(dc, EventType::Warning, "InvalidSpec", problems.to_string()).await;
-            let observed = status::Observed {
-                invalid: Some(problems.to_string()),
-                apply_error: None,
-                stateful_set: None,
-                pdb: None,
-                keyspaces: Vec::new(),
-            };
-            let mut new = status::compute(dc, &observed);
-            if let Some(old) = &dc.status {
-                // Keep the last observed counts: nothing new was applied.
-                (new.replicas, new.ready_replicas, new.updated_replicas, new.ready) =
-                    (old.replicas, old.ready_replicas, old.updated_replicas, old.ready.clone());
-            }
-            status::patch(&ctx.client, dc, &new).await?;
+            status::patch(&ctx.client, dc, &status::degraded(dc, "InvalidSpec", problems.to_string()))
+                .await?;
             ctx.metrics.reconciled("invalid");
             return Ok(Action::await_change());
         }
     };
+    match apply_and_observe(dc, &valid, &ctx).await {
+        Ok(action) => {
+            ctx.failures.lock().remove(&ObjectRef::from_obj(guard.as_ref()));
+            ctx.metrics.reconciled("ok");
+            Ok(action)
+        }
+        Err(e) => {
+            // Recorded here, not in the error policy: a later successful run must never be overwritten by it.
+            let message = chain(&e);
+            ctx.event(dc, EventType::Warning, e.reason(), message.clone()).await;
+            if !matches!(e, Error::Status { .. })
+                && let Err(failed) =
+                    status::patch(&ctx.client, dc, &status::degraded(dc, e.reason(), message)).await
+            {
+                tracing::warn!(error = %chain(&failed), "failed to record the failure in the status");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// build → apply → status, for a valid spec.
+async fn apply_and_observe(
+    dc: &DistCache,
+    valid: &validate::ValidSpec,
+    ctx: &Context,
+) -> Result<Action, Error> {
     let pdb_api = ctx.capabilities.pdb_api().await.map_err(Error::Discovery)?;
-    let objects = build::build(dc, &valid, &ctx.build);
+    let objects = build::build(dc, valid, &ctx.build);
     let namespace = dc.namespace().unwrap_or_default();
-    let applied = apply::apply_all(&ctx.client, &namespace, &objects, pdb_api).await?;
+    let uid = dc.metadata.uid.clone().unwrap_or_default();
+    let applied = apply::apply_all(&ctx.client, &namespace, &uid, &objects, pdb_api).await?;
     let nodes = status::observe_nodes(&ctx.client, &ctx.http, dc).await?;
     let observed = status::Observed {
-        invalid: None,
-        apply_error: None,
-        stateful_set: Some(&applied.stateful_set),
-        pdb: Some(applied.pod_disruption_budget),
+        stateful_set: &applied.stateful_set,
+        pdb: applied.pod_disruption_budget,
         keyspaces: status::keyspace_statuses(dc, &nodes),
     };
     let new = status::compute(dc, &observed);
-    report_transitions(&ctx, dc, &new).await;
+    report_transitions(ctx, dc, &new).await;
     status::patch(&ctx.client, dc, &new).await?;
-    ctx.failures.lock().remove(&ObjectRef::from(guard.as_ref()));
-    ctx.metrics.reconciled("ok");
-    let busy = new.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "True")
-        // A refused keyspace recovers without any watched object changing (its module ConfigMap appears, a
-        // download starts working): keep looking until every keyspace is loaded.
-        // (With no Ready node there is nobody to ask: a scaled-to-zero cache is settled.)
-        || (new.ready_replicas > 0
-            && new.keyspaces.iter().any(|k| matches!(k.hook, HookState::Loading | HookState::Failed)));
-    Ok(Action::requeue(if busy { BUSY_REQUEUE } else { SETTLED_REQUEUE }))
+    let progressing = new.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.status == "True");
+    // A keyspace not loaded everywhere may recover without any watched object changing (its module ConfigMap
+    // appears, a node answers again): look again, less often than during a roll. With no Ready node there is
+    // nobody to ask: a scaled-to-zero cache is settled.
+    let keyspaces_pending = new.ready_replicas > 0
+        && new.keyspaces.iter().any(|k| matches!(k.hook, HookState::Loading | HookState::Failed));
+    Ok(Action::requeue(if progressing {
+        BUSY_REQUEUE
+    } else if keyspaces_pending {
+        KEYSPACE_REQUEUE
+    } else {
+        SETTLED_REQUEUE
+    }))
 }
 
 /// Events for what users want to hear about without watching the status: a keyspace a node refused.
@@ -241,13 +277,15 @@ async fn report_transitions(ctx: &Context, dc: &DistCache, new: &distcache_crds:
     }
 }
 
-/// Backoff per object after a failed reconcile: 1 s, 2 s, 4 s … capped at 5 minutes. Publishes an Event and
-/// records the failure in the Degraded condition (best effort).
+/// Backoff per object after a failed reconcile: 1 s, 2 s, 4 s … capped at 5 minutes. (The reconcile itself has
+/// recorded the failure in an Event and the Degraded condition.) An object that cannot be read as a DistCache
+/// gets an Event here and waits for a change.
+#[expect(clippy::needless_pass_by_value, reason = "the signature kube-runtime's Controller::run calls")]
 fn error_policy(guard: Arc<DeserializeGuard<DistCache>>, error: &Error, ctx: Arc<Context>) -> Action {
     let message = chain(error);
     ctx.metrics.reconciled("error");
     ctx.metrics.error(error.reason());
-    let key = ObjectRef::from(guard.as_ref());
+    let key = ObjectRef::from_obj(guard.as_ref());
     let failures = {
         let mut map = ctx.failures.lock();
         let n = map.entry(key.clone()).or_insert(0);
@@ -256,57 +294,23 @@ fn error_policy(guard: Arc<DeserializeGuard<DistCache>>, error: &Error, ctx: Arc
     };
     let delay = Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(SETTLED_REQUEUE);
     tracing::warn!(object = %key, error = %message, retry_in = ?delay, "reconcile failed");
-    let reason = error.reason();
-    tokio::spawn(async move {
-        match &guard.0 {
-            Ok(dc) => {
-                ctx.event(dc, EventType::Warning, reason, message.clone()).await;
-                if !matches!(reason, "StatusFailed") {
-                    let observed = status::Observed {
-                        invalid: None,
-                        apply_error: Some(message),
-                        stateful_set: None,
-                        pdb: None,
-                        keyspaces: dc.status.clone().unwrap_or_default().keyspaces,
-                    };
-                    let mut new = status::compute(dc, &observed);
-                    if let Some(old) = &dc.status {
-                        (
-                            new.replicas,
-                            new.ready_replicas,
-                            new.updated_replicas,
-                            new.ready,
-                            new.observed_generation,
-                        ) = (
-                            old.replicas,
-                            old.ready_replicas,
-                            old.updated_replicas,
-                            old.ready.clone(),
-                            old.observed_generation,
-                        );
-                    }
-                    if let Err(e) = status::patch(&ctx.client, dc, &new).await {
-                        tracing::warn!(error = %chain(&e), "failed to record the failure in the status");
-                    }
-                }
+    if let Error::Invalid(invalid) = error {
+        let reference = guard.object_ref(&());
+        let event = Event {
+            type_: EventType::Warning,
+            reason: error.reason().to_owned(),
+            note: Some(truncate(invalid.clone(), 1000)),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                tracing::warn!(error = %chain(&e), "failed to publish an Event");
             }
-            Err(invalid) => {
-                let reference = guard.object_ref(&());
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: reason.to_owned(),
-                    note: Some(truncate(invalid.error.clone(), 1000)),
-                    action: "Reconcile".to_owned(),
-                    secondary: None,
-                };
-                if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                    tracing::warn!(error = %chain(&e), "failed to publish an Event");
-                }
-            }
-        }
-    });
-    // An object that cannot be read waits for a change; anything else retries.
-    if matches!(error, Error::Invalid(_)) { Action::await_change() } else { Action::requeue(delay) }
+        });
+        return Action::await_change();
+    }
+    Action::requeue(delay)
 }
 
 /// Runs the controller until `shutdown` is cancelled. `namespace` limits it to one namespace.

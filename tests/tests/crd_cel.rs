@@ -145,6 +145,8 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     const PDB: &str = "podDisruptionBudget: set minAvailable or maxUnavailable, not both";
     const DISCOVERY: &str = "discovery: set exactly one of kubernetes, dns or nats";
     const NATS: &str = "discovery.nats.url must start with nats:// or tls://";
+    const NAME: &str = "metadata.name: a DistCache name is a DNS label of at most 52 characters (lowercase letters, \
+                        digits, '-', starting with a letter): it names the StatefulSet, its pods and Services";
     let module = "/spec/keyspaces/0/hook/module";
     let hosts = "/spec/keyspaces/0/hook/allowedHosts";
     let case = |what, object, expect, cel| Case { what, object, expect, cel };
@@ -197,6 +199,8 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             NATS,
             true,
         ),
+        case("a name too long for its pods' labels", valid(&"n".repeat(53)), NAME, true),
+        case("a name with a dot", valid("demo.cache"), NAME, true),
         // Plain schema checks, which every server version enforces.
         case(
             "two keyspaces of one name",

@@ -3,7 +3,8 @@
 //! with the operator binary run as a process with the bed's admin credentials.
 //!
 //! - An invalid DistCache gets `Degraded=True InvalidSpec` naming every bad field and an `InvalidSpec` Event, no
-//!   StatefulSet, and never holds up a valid DistCache in the same namespace; fixing it makes it Available.
+//!   StatefulSet, and never holds up a valid DistCache in the same namespace; fixing it makes it Available. A
+//!   DistCache named like a Service the user has reports `NameConflict` and leaves the Service alone.
 //! - 1.20 serves PodDisruptionBudgets only as policy/v1beta1: the operator writes it in that version and says so
 //!   in the Degraded condition's message; disabling it in the spec deletes it.
 //! - A keyspace whose hook module ConfigMap does not exist yet shows `hook: Failed` with the node's message, a
@@ -212,6 +213,25 @@ async fn invalid_specs_and_pod_disruption_budgets(
             && condition(s, "Degraded").is_some_and(|c| c.status == "False")
     })
     .await?;
+
+    // A DistCache named like a Service the user already has: the Service is left alone, the DistCache says why.
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), NS);
+    let theirs: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "taken" },
+        "spec": { "selector": { "app": "theirs" }, "ports": [{ "port": 80, "protocol": "TCP" }] }
+    }))?;
+    services.create(&PostParams::default(), &theirs).await?;
+    caches.create(&PostParams::default(), &dc("taken", &serde_json::json!({ "replicas": 1 }))?).await?;
+    wait_status(caches, "taken", Duration::from_secs(30), "taken reports the name conflict", |s| {
+        condition(s, "Degraded")
+            .is_some_and(|c| c.reason == "NameConflict" && c.message.contains("Service taken"))
+    })
+    .await?;
+    let service = services.get("taken").await?;
+    let selector = service.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert_eq!(selector.get("app").map(String::as_str), Some("theirs"), "the user's Service is untouched");
+    assert!(service.metadata.owner_references.is_none(), "and not adopted (the GC would delete it)");
+    caches.delete("taken", &kube::api::DeleteParams::default()).await?;
 
     // Disabling the PodDisruptionBudget deletes it.
     let off = serde_json::json!({ "spec": { "podDisruptionBudget": { "enabled": false } } });

@@ -1,5 +1,6 @@
 //! Applies the built objects with server-side apply (field manager `distcache-operator`, forced: the operator
 //! owns the fields it sets), in dependency order, and reports the first failure with the object it concerns.
+//! An object of a needed name that the DistCache does not control is never taken over.
 
 use std::fmt::Debug;
 
@@ -9,7 +10,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource,
-    api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams},
+    api::{ApiResource, DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, Preconditions},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -30,13 +31,23 @@ pub struct Applied {
 pub enum PdbOutcome {
     /// Applied with this API version.
     Applied(&'static str),
-    /// Disabled in the spec (and removed if it existed).
+    /// Disabled in the spec (and removed if this DistCache had created it).
     Disabled,
-    /// The server serves no PodDisruptionBudget API.
+    /// Enabled, but the server serves no PodDisruptionBudget API.
     Unsupported,
 }
 
-async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
+/// Whether an object is controlled by the DistCache with `uid`.
+fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .as_ref()
+        .is_some_and(|refs| refs.iter().any(|r| r.uid == uid && r.controller == Some(true)))
+}
+
+/// Applies one object. An object of that name that this DistCache does not control (a user's own Service or
+/// ConfigMap) is left alone: a forced apply would rewrite it, and the garbage collector would delete it with the
+/// DistCache.
+async fn apply<K>(client: &Client, namespace: &str, uid: &str, object: &K) -> Result<K, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Serialize
@@ -46,9 +57,14 @@ where
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let name = object.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object))
-        .await
-        .map_err(|source| Error::Apply { kind: K::kind(&()).into_owned(), name, source })
+    let kind = || K::kind(&()).into_owned();
+    let failed = |source| Error::Apply { kind: kind(), name: name.clone(), source };
+    if let Some(existing) = api.get_opt(&name).await.map_err(failed)?
+        && !controlled_by(existing.meta(), uid)
+    {
+        return Err(Error::NameConflict { kind: kind(), name });
+    }
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object)).await.map_err(failed)
 }
 
 fn pdb_resource(api_version: &str) -> ApiResource {
@@ -62,30 +78,32 @@ fn pdb_resource(api_version: &str) -> ApiResource {
     }
 }
 
-/// Applies every object; the PodDisruptionBudget in the version the server serves.
+/// Applies every object; the PodDisruptionBudget in the version the server serves. `uid` is the DistCache's.
 pub async fn apply_all(
     client: &Client,
     namespace: &str,
+    uid: &str,
     objects: &Objects,
     pdb_api: PdbApi,
 ) -> Result<Applied, Error> {
-    apply(client, namespace, &objects.service_account).await?;
-    apply(client, namespace, &objects.role).await?;
-    apply(client, namespace, &objects.role_binding).await?;
+    apply(client, namespace, uid, &objects.service_account).await?;
+    apply(client, namespace, uid, &objects.role).await?;
+    apply(client, namespace, uid, &objects.role_binding).await?;
     // The keyspaces file before the StatefulSet: new pods start with the current keyspaces.
-    apply(client, namespace, &objects.config_map).await?;
-    apply(client, namespace, &objects.peers_service).await?;
-    apply(client, namespace, &objects.client_service).await?;
-    let stateful_set = apply(client, namespace, &objects.stateful_set).await?;
+    apply(client, namespace, uid, &objects.config_map).await?;
+    apply(client, namespace, uid, &objects.peers_service).await?;
+    apply(client, namespace, uid, &objects.client_service).await?;
+    let stateful_set = apply(client, namespace, uid, &objects.stateful_set).await?;
     let pod_disruption_budget = match (&objects.pod_disruption_budget, pdb_api.api_version()) {
-        (_, None) => PdbOutcome::Unsupported,
+        (None, None) => PdbOutcome::Disabled,
+        (Some(_), None) => PdbOutcome::Unsupported,
         (Some(pdb), Some(api_version)) => {
-            apply_pdb(client, namespace, pdb, api_version).await?;
+            apply_pdb(client, namespace, uid, pdb, api_version).await?;
             PdbOutcome::Applied(api_version)
         }
         (None, Some(api_version)) => {
             let name = objects.stateful_set.metadata.name.clone().unwrap_or_default();
-            delete_pdb(client, namespace, &name, api_version).await?;
+            delete_pdb(client, namespace, uid, &name, api_version).await?;
             PdbOutcome::Disabled
         }
     };
@@ -95,34 +113,56 @@ pub async fn apply_all(
 async fn apply_pdb(
     client: &Client,
     namespace: &str,
+    uid: &str,
     pdb: &PodDisruptionBudget,
     api_version: &str,
 ) -> Result<(), Error> {
-    let name = pdb.metadata.name.clone().unwrap_or_default();
-    let failed = |source| Error::Apply { kind: "PodDisruptionBudget".to_owned(), name: name.clone(), source };
     if api_version == "policy/v1" {
-        apply(client, namespace, pdb).await?;
+        apply(client, namespace, uid, pdb).await?;
         return Ok(());
     }
     // policy/v1beta1 has the same fields as v1 for what the operator sets (selector, min/maxUnavailable).
+    let name = pdb.metadata.name.clone().unwrap_or_default();
+    let failed = |source| Error::Apply { kind: "PodDisruptionBudget".to_owned(), name: name.clone(), source };
     let mut value = serde_json::to_value(pdb).map_err(|e| failed(kube::Error::SerdeError(e)))?;
     value["apiVersion"] = api_version.into();
     let object: DynamicObject =
         serde_json::from_value(value).map_err(|e| failed(kube::Error::SerdeError(e)))?;
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &pdb_resource(api_version));
+    if let Some(existing) = api.get_opt(&name).await.map_err(failed)?
+        && !controlled_by(&existing.metadata, uid)
+    {
+        return Err(Error::NameConflict { kind: "PodDisruptionBudget".to_owned(), name });
+    }
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
         .await
         .map_err(failed)?;
     Ok(())
 }
 
-async fn delete_pdb(client: &Client, namespace: &str, name: &str, api_version: &str) -> Result<(), Error> {
+/// Deletes the PodDisruptionBudget this DistCache created, if there is one — never a user's own of that name
+/// (the usual reason to disable ours is to bring one's own).
+async fn delete_pdb(
+    client: &Client,
+    namespace: &str,
+    uid: &str,
+    name: &str,
+    api_version: &str,
+) -> Result<(), Error> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &pdb_resource(api_version));
-    match api.delete(name, &DeleteParams::default()).await {
+    let failed =
+        |source| Error::Delete { kind: "PodDisruptionBudget".to_owned(), name: name.to_owned(), source };
+    let Some(existing) = api.get_opt(name).await.map_err(failed)? else { return Ok(()) };
+    if !controlled_by(&existing.metadata, uid) {
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions { uid: existing.metadata.uid.clone(), resource_version: None }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(source) => {
-            Err(Error::Delete { kind: "PodDisruptionBudget".to_owned(), name: name.to_owned(), source })
-        }
+        Err(source) => Err(failed(source)),
     }
 }

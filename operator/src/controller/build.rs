@@ -525,7 +525,7 @@ mod tests {
     }
 
     fn objects(dc: &DistCache, config: &BuildConfig) -> Objects {
-        build(dc, &validate(&dc.spec).expect("valid"), config)
+        build(dc, &validate(&dc.name_any(), &dc.spec).expect("valid"), config)
     }
 
     const DEMO: &str = r"

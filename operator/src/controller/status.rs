@@ -165,17 +165,13 @@ pub fn keyspace_statuses(dc: &DistCache, nodes: &[NodeReport]) -> Vec<KeyspaceSt
         .collect()
 }
 
-/// Inputs of the status computation.
+/// Inputs of the status computation after a successful apply.
 #[derive(Clone, Debug)]
 pub struct Observed<'a> {
-    /// Spec problems (empty when valid).
-    pub invalid: Option<String>,
-    /// The error of the last apply attempt, if it failed.
-    pub apply_error: Option<String>,
     /// The StatefulSet as stored.
-    pub stateful_set: Option<&'a StatefulSet>,
+    pub stateful_set: &'a StatefulSet,
     /// What happened to the PodDisruptionBudget.
-    pub pdb: Option<PdbOutcome>,
+    pub pdb: PdbOutcome,
     /// Keyspace states.
     pub keyspaces: Vec<KeyspaceStatus>,
 }
@@ -191,33 +187,50 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: O
     }
 }
 
-/// Computes the new status. Conditions keep their `lastTransitionTime` while their status does not change.
+/// Conditions keep their `lastTransitionTime` while their status does not change.
+fn keep_transition_times(conditions: &mut [Condition], previous: &[Condition]) {
+    for c in conditions {
+        if let Some(old) = previous.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+}
+
+/// Computes the status after a successful apply.
 pub fn compute(dc: &DistCache, observed: &Observed<'_>) -> DistCacheStatus {
     let previous = dc.status.clone().unwrap_or_default();
     let generation = dc.metadata.generation;
     let desired = dc.spec.replicas;
-    let (replicas, ready, updated, rolled) = observed.stateful_set.map_or((0, 0, 0, false), |s| {
-        let st = s.status.clone().unwrap_or_default();
-        let current = st.observed_generation == s.metadata.generation
-            && st.update_revision.is_some()
-            && st.current_revision == st.update_revision;
-        (st.replicas, st.ready_replicas.unwrap_or(0), st.updated_replicas.unwrap_or(0), current)
-    });
+    let st = observed.stateful_set.status.clone().unwrap_or_default();
+    let rolled = st.observed_generation == observed.stateful_set.metadata.generation
+        && st.update_revision.is_some()
+        && st.current_revision == st.update_revision;
+    let (replicas, ready, updated) =
+        (st.replicas, st.ready_replicas.unwrap_or(0), st.updated_replicas.unwrap_or(0));
     let settled = replicas == desired && ready == desired && updated == desired && rolled;
-    let mut conditions =
-        conditions(observed, generation, desired, (replicas, ready, updated, rolled, settled));
-    for c in &mut conditions {
-        if let Some(old) = previous.conditions.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
-            c.last_transition_time = old.last_transition_time.clone();
-        }
-    }
-    DistCacheStatus {
-        // An invalid spec was not applied: the status keeps describing the last applied generation.
-        observed_generation: if observed.invalid.is_some() {
-            previous.observed_generation
+    let mut conditions = vec![
+        // Available is capacity: as many Ready nodes as the spec asks for (a roll may dip below it).
+        if desired == 0 {
+            condition(AVAILABLE, false, "ScaledToZero", "spec.replicas is 0".to_owned(), generation)
+        } else if ready >= desired {
+            condition(AVAILABLE, true, "NodesReady", format!("{ready}/{desired} nodes Ready"), generation)
         } else {
-            generation
+            condition(AVAILABLE, false, "NodesNotReady", format!("{ready}/{desired} nodes Ready"), generation)
         },
+        if settled {
+            condition(PROGRESSING, false, "Settled", "no roll or scale under way".to_owned(), generation)
+        } else if updated < replicas || !rolled {
+            let message = format!("{updated}/{desired} nodes run the current pod template");
+            condition(PROGRESSING, true, "RollingUpdate", message, generation)
+        } else {
+            let message = format!("{replicas} node pods, {ready} Ready, {desired} desired");
+            condition(PROGRESSING, true, "Scaling", message, generation)
+        },
+        degraded_condition(observed, generation),
+    ];
+    keep_transition_times(&mut conditions, &previous.conditions);
+    DistCacheStatus {
+        observed_generation: generation,
         replicas,
         ready_replicas: ready,
         updated_replicas: updated,
@@ -225,91 +238,61 @@ pub fn compute(dc: &DistCache, observed: &Observed<'_>) -> DistCacheStatus {
         selector: Some(selector_string(&dc.name_any())),
         keyspace_count: i32::try_from(dc.spec.keyspaces.len()).unwrap_or(i32::MAX),
         conditions,
-        keyspaces: if observed.keyspaces.is_empty() && observed.invalid.is_some() {
-            previous.keyspaces
-        } else {
-            observed.keyspaces.clone()
-        },
+        keyspaces: observed.keyspaces.clone(),
     }
 }
 
-/// Available, Progressing and Degraded, from the StatefulSet's counts `(replicas, ready, updated, rolled,
-/// settled)` and the problems observed.
-fn conditions(
-    observed: &Observed<'_>,
-    generation: Option<i64>,
-    desired: i32,
-    (replicas, ready, updated, rolled, settled): (i32, i32, i32, bool, bool),
-) -> Vec<Condition> {
-    let mut conditions = Vec::new();
-    conditions.push(if settled && desired > 0 {
-        condition(
-            AVAILABLE,
-            true,
-            "AllNodesReady",
-            format!("{ready}/{desired} nodes Ready on the current spec"),
-            generation,
-        )
-    } else if desired == 0 {
-        condition(AVAILABLE, false, "ScaledToZero", "spec.replicas is 0".to_owned(), generation)
-    } else {
-        condition(
-            AVAILABLE,
-            ready > 0 && ready == desired,
-            "NodesNotReady",
-            format!("{ready}/{desired} nodes Ready"),
-            generation,
-        )
-    });
-    conditions.push(if settled || observed.invalid.is_some() {
-        condition(PROGRESSING, false, "Settled", "no roll or scale under way".to_owned(), generation)
-    } else if updated < replicas || !rolled {
-        condition(
-            PROGRESSING,
-            true,
-            "RollingUpdate",
-            format!("{updated}/{desired} nodes run the current pod template"),
-            generation,
-        )
-    } else {
-        condition(
-            PROGRESSING,
-            true,
-            "Scaling",
-            format!("{replicas} node pods, {desired} desired"),
-            generation,
-        )
-    });
+fn degraded_condition(observed: &Observed<'_>, generation: Option<i64>) -> Condition {
     let failed_keyspaces: Vec<String> = observed
         .keyspaces
         .iter()
         .filter(|k| k.hook == HookState::Failed)
         .map(|k| format!("{}: {}", k.name, k.message.clone().unwrap_or_default()))
         .collect();
-    conditions.push(if let Some(problems) = &observed.invalid {
-        condition(DEGRADED, true, "InvalidSpec", problems.clone(), generation)
-    } else if let Some(e) = &observed.apply_error {
-        condition(DEGRADED, true, "ApplyFailed", e.clone(), generation)
-    } else if !failed_keyspaces.is_empty() {
+    if !failed_keyspaces.is_empty() {
         condition(DEGRADED, true, "KeyspaceRefused", failed_keyspaces.join("; "), generation)
-    } else if observed.pdb == Some(PdbOutcome::Unsupported) {
-        condition(
-            DEGRADED,
-            true,
-            "PodDisruptionBudgetUnsupported",
-            "the API server serves no policy PodDisruptionBudget API; node pods are not protected from voluntary \
-             disruptions"
-                .to_owned(),
-            generation,
-        )
+    } else if observed.pdb == PdbOutcome::Unsupported {
+        let message = "the API server serves no policy PodDisruptionBudget API; node pods are not protected from \
+                       voluntary disruptions";
+        condition(DEGRADED, true, "PodDisruptionBudgetUnsupported", message.to_owned(), generation)
     } else {
         let note = match observed.pdb {
-            Some(PdbOutcome::Applied(v)) if v != "policy/v1" => format!(" (PodDisruptionBudget as {v})"),
+            PdbOutcome::Applied(v) if v != "policy/v1" => format!(" (PodDisruptionBudget as {v})"),
             _ => String::new(),
         };
         condition(DEGRADED, false, "AsExpected", format!("every object applied{note}"), generation)
-    });
-    conditions
+    }
+}
+
+/// The status after a failed step (an invalid spec, an apply that failed): the last observed state with only the
+/// Degraded condition changed. What runs keeps running, so Available and Progressing stay as they were (a
+/// DistCache never applied gets them False, reason NotApplied); `observedGeneration` keeps naming the last
+/// generation that was applied.
+pub fn degraded(dc: &DistCache, reason: &str, message: String) -> DistCacheStatus {
+    let previous = dc.status.clone().unwrap_or_default();
+    let generation = dc.metadata.generation;
+    let mut conditions: Vec<Condition> =
+        previous.conditions.iter().filter(|c| c.type_ != DEGRADED).cloned().collect();
+    for type_ in [AVAILABLE, PROGRESSING] {
+        if !conditions.iter().any(|c| c.type_ == type_) {
+            conditions.push(condition(
+                type_,
+                false,
+                "NotApplied",
+                "nothing applied yet".to_owned(),
+                generation,
+            ));
+        }
+    }
+    conditions.push(condition(DEGRADED, true, reason, message, generation));
+    keep_transition_times(&mut conditions, &previous.conditions);
+    DistCacheStatus {
+        ready: previous.ready.clone().or_else(|| Some(format!("0/{}", dc.spec.replicas))),
+        selector: Some(selector_string(&dc.name_any())),
+        keyspace_count: i32::try_from(dc.spec.keyspaces.len()).unwrap_or(i32::MAX),
+        conditions,
+        ..previous
+    }
 }
 
 /// Writes the status (server-side apply of the status subresource) when it changed.
@@ -407,13 +390,8 @@ spec:
     fn conditions_describe_rolls_and_problems() {
         let mut dc = dc();
         let sts = set(3, 3, 3, true);
-        let ok = Observed {
-            invalid: None,
-            apply_error: None,
-            stateful_set: Some(&sts),
-            pdb: Some(PdbOutcome::Applied("policy/v1beta1")),
-            keyspaces: vec![],
-        };
+        let ok =
+            Observed { stateful_set: &sts, pdb: PdbOutcome::Applied("policy/v1beta1"), keyspaces: vec![] };
         let s = compute(&dc, &ok);
         assert_eq!(
             (cond(&s, AVAILABLE).status.as_str(), cond(&s, PROGRESSING).status.as_str()),
@@ -424,23 +402,46 @@ spec:
 
         dc.status = Some(s.clone());
         let rolling = set(3, 2, 1, false);
-        let r = compute(&dc, &Observed { stateful_set: Some(&rolling), ..ok.clone() });
+        let r = compute(&dc, &Observed { stateful_set: &rolling, ..ok.clone() });
         assert_eq!(
             (cond(&r, PROGRESSING).status.as_str(), cond(&r, PROGRESSING).reason.as_str()),
             ("True", "RollingUpdate")
         );
+        assert_eq!(cond(&r, AVAILABLE).status, "False", "2/3 Ready is below capacity");
         assert_eq!(
             cond(&r, DEGRADED).last_transition_time,
             cond(&s, DEGRADED).last_transition_time,
             "unchanged status keeps its time"
         );
+        let no_pdb = compute(&dc, &Observed { pdb: PdbOutcome::Unsupported, ..ok });
+        assert_eq!(cond(&no_pdb, DEGRADED).reason, "PodDisruptionBudgetUnsupported");
+    }
 
-        let bad = compute(&dc, &Observed { invalid: Some("spec.replicas: bad".to_owned()), ..ok.clone() });
+    #[test]
+    fn a_failed_step_changes_only_degraded() {
+        let mut dc = dc();
+        let sts = set(3, 3, 3, true);
+        let applied = compute(
+            &dc,
+            &Observed { stateful_set: &sts, pdb: PdbOutcome::Applied("policy/v1"), keyspaces: vec![] },
+        );
+        dc.status = Some(applied.clone());
+        dc.metadata.generation = Some(5);
+        let bad = degraded(&dc, "InvalidSpec", "spec.replicas: bad".to_owned());
         assert_eq!(
             (cond(&bad, DEGRADED).status.as_str(), cond(&bad, DEGRADED).reason.as_str()),
             ("True", "InvalidSpec")
         );
-        let no_pdb = compute(&dc, &Observed { pdb: Some(PdbOutcome::Unsupported), ..ok });
-        assert_eq!(cond(&no_pdb, DEGRADED).reason, "PodDisruptionBudgetUnsupported");
+        assert_eq!(cond(&bad, AVAILABLE), cond(&applied, AVAILABLE), "the running nodes still serve");
+        assert_eq!(cond(&bad, PROGRESSING), cond(&applied, PROGRESSING));
+        assert_eq!(
+            (bad.observed_generation, bad.ready.as_deref()),
+            (Some(4), Some("3/3")),
+            "the last applied generation"
+        );
+        dc.status = None;
+        let never = degraded(&dc, "ApplyFailed", "failed to apply StatefulSet demo".to_owned());
+        assert_eq!(cond(&never, AVAILABLE).reason, "NotApplied");
+        assert_eq!(never.ready.as_deref(), Some("0/3"));
     }
 }

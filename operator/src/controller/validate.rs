@@ -27,9 +27,34 @@ impl fmt::Display for InvalidSpec {
 const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
 const SERVICE_TYPES: [&str; 3] = ["ClusterIP", "NodePort", "LoadBalancer"];
 
-/// Checks a spec; reports every problem at once.
-pub fn validate(spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSpec> {
+/// Longest DistCache name: its StatefulSet's pods carry a `controller-revision-hash` label of the name plus 11
+/// characters, and label values are at most 63.
+pub const MAX_NAME_LENGTH: usize = 52;
+
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (1..=MAX_NAME_LENGTH).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+fn valid_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject
+            .split('.')
+            .all(|t| !t.is_empty() && t.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'))
+}
+
+/// Checks a DistCache's name and spec; reports every problem at once.
+pub fn validate(name: &str, spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSpec> {
     let mut problems = Vec::new();
+    if !valid_name(name) {
+        problems.push(format!(
+            "metadata.name: {name:?} must be a DNS label of at most {MAX_NAME_LENGTH} characters (lowercase letters, \
+             digits, '-', starting with a letter): it names the StatefulSet, its pods and Services"
+        ));
+    }
     if !(0..=MAX_REPLICAS).contains(&spec.replicas) {
         problems.push(format!(
             "spec.replicas: {} is out of range: must be between 0 and {MAX_REPLICAS}",
@@ -60,6 +85,13 @@ pub fn validate(spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSpec> {
         && !(nats.url.starts_with("nats://") || nats.url.starts_with("tls://"))
     {
         problems.push(format!("spec.discovery.nats.url: {:?} must start with nats:// or tls://", nats.url));
+    }
+    if let Some(subject) = d.nats.as_ref().and_then(|n| n.subject.as_deref())
+        && !valid_subject(subject)
+    {
+        problems.push(format!(
+            "spec.discovery.nats.subject: {subject:?} must be dot-separated tokens of letters, digits, '-' and '_'"
+        ));
     }
     let pdb = &spec.pod_disruption_budget;
     if pdb.min_available.is_some() && pdb.max_unavailable.is_some() {
@@ -112,7 +144,7 @@ mod tests {
         assert_eq!(s.replicas, 3);
         assert!(s.discovery.kubernetes.is_some());
         assert!(s.pod_disruption_budget.enabled);
-        validate(&s).expect("the empty spec is valid");
+        validate("demo", &s).expect("the empty spec is valid");
     }
 
     #[test]
@@ -121,7 +153,7 @@ mod tests {
             r#"
 replicas: -1
 image: { pullPolicy: Sometimes }
-discovery: { kubernetes: {}, nats: { url: "http://x" } }
+discovery: { kubernetes: {}, nats: { url: "http://x", subject: "distcache.>" } }
 podDisruptionBudget: { minAvailable: 1, maxUnavailable: "150%" }
 service: { type: ExternalName }
 keyspaces:
@@ -129,12 +161,14 @@ keyspaces:
   - { name: a, maxBytes: 1Mi, hook: { module: { url: "https://x/y.wasm" }, allowedHosts: ["nohost"] } }
 "#,
         );
-        let err = validate(&s).expect_err("invalid").to_string();
+        let err = validate("9-Bad.name", &s).expect_err("invalid").to_string();
         for expected in [
             "spec.replicas: -1 is out of range",
             "spec.image.pullPolicy",
             "spec.discovery: set exactly one",
             "spec.discovery.nats.url",
+            "spec.discovery.nats.subject",
+            "metadata.name: \"9-Bad.name\"",
             "spec.podDisruptionBudget: set minAvailable or maxUnavailable, not both",
             "spec.podDisruptionBudget.maxUnavailable",
             "spec.service.type",
@@ -143,6 +177,16 @@ keyspaces:
             "spec.keyspaces[1].hook.allowedHosts[0]",
         ] {
             assert!(err.contains(expected), "missing {expected:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn names_fit_the_objects_they_name() {
+        let s = spec("{}");
+        assert!(validate(&"a".repeat(MAX_NAME_LENGTH), &s).is_ok());
+        assert!(validate(&"a".repeat(MAX_NAME_LENGTH + 1), &s).is_err());
+        for bad in ["-a", "a-", "a.b", "A", "1a", ""] {
+            assert!(validate(bad, &s).is_err(), "{bad:?} accepted");
         }
     }
 
