@@ -9,6 +9,7 @@
 mod distcache;
 mod duration;
 mod keyspace;
+mod pod;
 mod quantity;
 
 pub use distcache::{
@@ -22,4 +23,5 @@ pub use keyspace::{
     KeyspacesFile, MAX_KEYSPACES, ModuleSource, ValidKeyspace, ValidationError, ValidationErrors,
     validate_keyspaces,
 };
+pub use pod::pod_is_serving;
 pub use quantity::{ByteSize, ParseSizeError};

@@ -245,12 +245,5 @@ pub fn node_statefulset(name: &str, replicas: i32, service_account: Option<&str>
     set
 }
 
-/// Whether a pod is Ready and not being deleted.
-pub fn is_ready(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
+/// Whether a pod is Ready and not being deleted (the rule the nodes and the operator use).
+pub use distcache_crds::pod_is_serving as is_ready;

@@ -58,14 +58,10 @@ impl Kubernetes {
 
 /// The member a pod stands for, if it is one.
 pub fn member_of(pod: &Pod, port_name: &str) -> Option<Member> {
-    if pod.metadata.deletion_timestamp.is_some() {
+    if !distcache_crds::pod_is_serving(pod) {
         return None;
     }
     let status = pod.status.as_ref()?;
-    let ready = status.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    if !ready {
-        return None;
-    }
     let ip = status.pod_ip.as_deref().filter(|ip| !ip.is_empty())?;
     let port = pod.spec.as_ref()?.containers.iter().find_map(|c| {
         c.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some(port_name)).map(|p| p.container_port)

@@ -64,15 +64,6 @@ struct AdminHook {
     module_sha256: Option<String>,
 }
 
-fn is_ready(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// Asks every Ready node pod of the DistCache for its keyspaces (1 s timeout each, all at once).
 pub async fn observe_nodes(
     client: &Client,
@@ -85,7 +76,7 @@ pub async fn observe_nodes(
         .list(&ListParams::default().labels(&selector_string(&dc.name_any())))
         .await
         .map_err(|source| Error::Pods { name: dc.name_any(), source })?;
-    let asks = list.items.into_iter().filter(is_ready).map(|pod| async move {
+    let asks = list.items.into_iter().filter(distcache_crds::pod_is_serving).map(|pod| async move {
         let name = pod.name_any();
         let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
             return NodeReport {
