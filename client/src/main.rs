@@ -14,7 +14,7 @@ use distcache_client::{
     Client, DEFAULT_ENDPOINT, Error, KeyspaceInfo, Member, MemberEvent, Stats, Value,
     bench::{self, BenchConfig, Phase},
 };
-use distcache_crds::{ByteSize, DurationString};
+use distcache_api::{ByteSize, DurationString};
 use futures::StreamExt;
 use serde_json::json;
 

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use distcache_crds::{ByteSize, DurationString};
+use distcache_api::{ByteSize, DurationString};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 

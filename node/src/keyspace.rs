@@ -13,7 +13,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use distcache_crds::{KeyspacesFile, ValidKeyspace, validate_keyspaces};
+use distcache_api::{KeyspacesFile, ValidKeyspace, validate_keyspaces};
 use parking_lot::Mutex;
 use serde::Serialize;
 

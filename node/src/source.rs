@@ -8,7 +8,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use distcache_crds::ValidKeyspace;
+use distcache_api::ValidKeyspace;
 
 /// A value fetched from a data source.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ pub mod validate;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use distcache_crds::{DistCache, HookState};
+use distcache_api::{DistCache, HookState};
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
@@ -266,7 +266,7 @@ async fn apply_and_observe(
 }
 
 /// Events for what users want to hear about without watching the status: a keyspace a node refused.
-async fn report_transitions(ctx: &Context, dc: &DistCache, new: &distcache_crds::DistCacheStatus) {
+async fn report_transitions(ctx: &Context, dc: &DistCache, new: &distcache_api::DistCacheStatus) {
     let old = dc.status.clone().unwrap_or_default();
     for ks in new.keyspaces.iter().filter(|k| k.hook == HookState::Failed) {
         let was_failed = old.keyspaces.iter().any(|o| o.name == ks.name && o.hook == HookState::Failed);

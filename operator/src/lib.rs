@@ -2,7 +2,7 @@
 //! (StatefulSet, Services, keyspaces ConfigMap, RBAC for the nodes, PodDisruptionBudget) and reports their state.
 //!
 //! The controller ([`controller`]) reconciles each DistCache as validate → build → apply → status. It depends on
-//! `distcache-crds` for the resource types, never on the node crate: the CRD's `keyspaces[]` and the node's
+//! `distcache-api` for the resource types, never on the node crate: the CRD's `keyspaces[]` and the node's
 //! keyspaces file are the same type.
 
 pub mod capabilities;
@@ -31,7 +31,7 @@ pub mod labels {
 /// unknown field; the operator checks the same rules itself.
 pub fn crd_yaml(cel_rules: bool) -> Result<String, CrdError> {
     use kube::CustomResourceExt;
-    let mut value = serde_json::to_value(distcache_crds::DistCache::crd()).map_err(CrdError::Json)?;
+    let mut value = serde_json::to_value(distcache_api::DistCache::crd()).map_err(CrdError::Json)?;
     if !cel_rules {
         strip_key(&mut value, "x-kubernetes-validations");
     }

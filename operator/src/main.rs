@@ -4,7 +4,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use distcache_crds::DistCache;
+use distcache_api::DistCache;
 use distcache_operator::{
     controller::{self, Context, build::BuildConfig},
     metrics::{self, Metrics},

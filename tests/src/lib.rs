@@ -19,7 +19,7 @@ pub mod testbed;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use distcache_crds::ValidKeyspace;
+use distcache_api::ValidKeyspace;
 use distcache_node::{
     NodeConfig, NodeOptions, RunningNode,
     config::{DiscoveryConfig, StaticDiscovery},
@@ -268,14 +268,14 @@ pub fn static_config(peers: &[SocketAddr], keyspaces_file: &Path) -> NodeConfig 
         discovery: DiscoveryConfig {
             static_list: Some(StaticDiscovery {
                 peers: peers.iter().map(ToString::to_string).collect(),
-                probe_interval: distcache_crds::DurationString(Duration::from_millis(250)),
+                probe_interval: distcache_api::DurationString(Duration::from_millis(250)),
                 failure_threshold: 3,
             }),
             ..DiscoveryConfig::default()
         },
         keyspaces_file: Some(keyspaces_file.to_owned()),
-        keyspaces_poll_interval: distcache_crds::DurationString(Duration::from_millis(100)),
-        peer_timeout: distcache_crds::DurationString(Duration::from_secs(1)),
+        keyspaces_poll_interval: distcache_api::DurationString(Duration::from_millis(100)),
+        peer_timeout: distcache_api::DurationString(Duration::from_secs(1)),
         ..NodeConfig::default()
     }
 }

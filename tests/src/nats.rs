@@ -122,15 +122,15 @@ pub fn nats_config(
             nats: Some(NatsDiscovery {
                 url: url.to_owned(),
                 subject: subject.to_owned(),
-                heartbeat: distcache_crds::DurationString(heartbeat),
+                heartbeat: distcache_api::DurationString(heartbeat),
                 missed_heartbeats,
             }),
             ..DiscoveryConfig::default()
         },
         keyspaces_file: Some(keyspaces_file.to_owned()),
-        keyspaces_poll_interval: distcache_crds::DurationString(Duration::from_millis(100)),
-        peer_timeout: distcache_crds::DurationString(Duration::from_secs(1)),
-        shutdown_grace: distcache_crds::DurationString(Duration::from_secs(2)),
+        keyspaces_poll_interval: distcache_api::DurationString(Duration::from_millis(100)),
+        peer_timeout: distcache_api::DurationString(Duration::from_secs(1)),
+        shutdown_grace: distcache_api::DurationString(Duration::from_secs(2)),
         ..NodeConfig::default()
     }
 }

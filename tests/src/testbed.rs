@@ -246,4 +246,4 @@ pub fn node_statefulset(name: &str, replicas: i32, service_account: Option<&str>
 }
 
 /// Whether a pod is Ready and not being deleted (the rule the nodes and the operator use).
-pub use distcache_crds::pod_is_serving as is_ready;
+pub use distcache_api::pod_is_serving as is_ready;

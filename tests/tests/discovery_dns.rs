@@ -19,9 +19,9 @@ fn dns_config(server: SocketAddr, name: &str, keyspaces_file: &Path) -> NodeConf
         dns: Some(DnsDiscovery {
             name: name.to_owned(),
             port: 7420,
-            interval: distcache_crds::DurationString(Duration::from_millis(200)),
+            interval: distcache_api::DurationString(Duration::from_millis(200)),
             nameservers: vec![server],
-            probe_interval: distcache_crds::DurationString(Duration::from_millis(250)),
+            probe_interval: distcache_api::DurationString(Duration::from_millis(250)),
             failure_threshold: 3,
         }),
         ..DiscoveryConfig::default()

@@ -14,7 +14,7 @@
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
-use distcache_crds::{DistCache, HookState};
+use distcache_api::{DistCache, HookState};
 use distcache_proto::v1::{GetRequest, PutRequest, cache_client::CacheClient};
 use distcache_tests::{built_binary, hook_module, http_get, repo_root, testbed::PrivateBed, wait_for};
 use k8s_openapi::{
@@ -39,12 +39,12 @@ fn dc(name: &str, spec: &serde_json::Value) -> anyhow::Result<DistCache> {
     }))?)
 }
 
-async fn status_of(api: &Api<DistCache>, name: &str) -> anyhow::Result<distcache_crds::DistCacheStatus> {
+async fn status_of(api: &Api<DistCache>, name: &str) -> anyhow::Result<distcache_api::DistCacheStatus> {
     Ok(api.get(name).await?.status.unwrap_or_default())
 }
 
 fn condition<'a>(
-    s: &'a distcache_crds::DistCacheStatus,
+    s: &'a distcache_api::DistCacheStatus,
     type_: &str,
 ) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     s.conditions.iter().find(|c| c.type_ == type_)
@@ -56,7 +56,7 @@ async fn wait_status(
     name: &str,
     within: Duration,
     what: &str,
-    ok: impl Fn(&distcache_crds::DistCacheStatus) -> bool,
+    ok: impl Fn(&distcache_api::DistCacheStatus) -> bool,
 ) -> anyhow::Result<()> {
     let ok = &ok;
     let waited = wait_for(within, what, || async move { Ok(ok(&status_of(caches, name).await?)) }).await;

@@ -58,7 +58,7 @@ impl Kubernetes {
 
 /// The member a pod stands for, if it is one.
 pub fn member_of(pod: &Pod, port_name: &str) -> Option<Member> {
-    if !distcache_crds::pod_is_serving(pod) {
+    if !distcache_api::pod_is_serving(pod) {
         return None;
     }
     let status = pod.status.as_ref()?;

@@ -7,7 +7,7 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use distcache_crds::{ByteSize, HookSpec, ValidKeyspace};
+use distcache_api::{ByteSize, HookSpec, ValidKeyspace};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;

@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use distcache_crds::ModuleSource;
+use distcache_api::ModuleSource;
 use sha2::{Digest, Sha256};
 
 /// Largest module accepted (a component of a data-source hook is a few MiB at most).

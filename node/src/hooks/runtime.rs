@@ -10,7 +10,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use distcache_crds::{HookSpec, ValidKeyspace};
+use distcache_api::{HookSpec, ValidKeyspace};
 use parking_lot::Mutex;
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig,

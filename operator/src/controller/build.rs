@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use distcache_crds::{DistCache, KeyspacesFile};
+use distcache_api::{DistCache, KeyspacesFile};
 use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
@@ -585,7 +585,7 @@ spec:
     fn keyspace_changes_leave_the_pod_template_alone() {
         let before = dc(DEMO);
         let mut after = before.clone();
-        after.spec.keyspaces[1].max_bytes = distcache_crds::ByteSize(2 << 20);
+        after.spec.keyspaces[1].max_bytes = distcache_api::ByteSize(2 << 20);
         after.spec.keyspaces.push(serde_yaml::from_str("{ name: extra, maxBytes: 1Mi }").expect("keyspace"));
         let config = BuildConfig::default();
         let (a, b) = (objects(&before, &config), objects(&after, &config));
@@ -602,7 +602,7 @@ spec:
         let mut d = dc(DEMO);
         assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.3");
         d.spec.image =
-            Some(distcache_crds::ImageSpec { tag: Some("1.2.4".to_owned()), ..Default::default() });
+            Some(distcache_api::ImageSpec { tag: Some("1.2.4".to_owned()), ..Default::default() });
         assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.4");
         let config = BuildConfig { node_image: "localhost:5000/node".to_owned(), ..BuildConfig::default() };
         d.spec.image = None;

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use distcache_crds::{DistCache, DistCacheStatus, HookState, KeyspaceStatus};
+use distcache_api::{DistCache, DistCacheStatus, HookState, KeyspaceStatus};
 use k8s_openapi::{
     api::{apps::v1::StatefulSet, core::v1::Pod},
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -76,7 +76,7 @@ pub async fn observe_nodes(
         .list(&ListParams::default().labels(&selector_string(&dc.name_any())))
         .await
         .map_err(|source| Error::Pods { name: dc.name_any(), source })?;
-    let asks = list.items.into_iter().filter(distcache_crds::pod_is_serving).map(|pod| async move {
+    let asks = list.items.into_iter().filter(distcache_api::pod_is_serving).map(|pod| async move {
         let name = pod.name_any();
         let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
             return NodeReport {

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use distcache_crds::{DistCacheSpec, MAX_REPLICAS, ValidKeyspace, validate_keyspaces};
+use distcache_api::{DistCacheSpec, MAX_REPLICAS, ValidKeyspace, validate_keyspaces};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// A spec that passed validation, with its keyspaces' defaults applied.
