@@ -10,11 +10,11 @@ use std::{
 use anyhow::Context;
 use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use distcache_api::{ByteSize, DurationString};
 use distcache_client::{
     Client, DEFAULT_ENDPOINT, Error, KeyspaceInfo, Member, MemberEvent, Stats, Value,
     bench::{self, BenchConfig, Phase},
 };
-use distcache_api::{ByteSize, DurationString};
 use futures::StreamExt;
 use serde_json::json;
 

@@ -237,11 +237,13 @@ impl Keyspaces {
             }
             let metrics = self.metrics.keyspace(&config.name);
             // The store is shared with the old runtime (requests still holding it write to the same caches);
-            // a new size is applied in place.
+            // a new size is applied in place. The resize copies the main tier on a blocking thread (it serves
+            // requests while it copies), so that a large tier never holds up a tokio worker.
             let store = match &old {
                 Some(old) => {
                     if old.config.max_bytes != config.max_bytes {
-                        old.store.resize(config.max_bytes);
+                        let (store, max_bytes) = (Arc::clone(&old.store), config.max_bytes);
+                        drop(tokio::task::spawn_blocking(move || store.resize(max_bytes)));
                     }
                     Arc::clone(&old.store)
                 }

@@ -21,6 +21,7 @@
 //! ```
 
 pub mod admin;
+pub mod batch;
 pub mod config;
 pub mod discovery;
 pub mod engine;

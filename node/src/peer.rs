@@ -2,6 +2,7 @@
 //! the implementation over the `distcache.v1.Peer` gRPC service.
 
 pub mod grpc;
+pub mod local;
 
 use std::{sync::Arc, time::Duration};
 

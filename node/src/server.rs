@@ -12,10 +12,12 @@ use distcache_proto::v1::{
     StatsResponse, StoreRequest, StoreResponse, WatchMembersRequest, key_result::Outcome,
     member_event::Type as EventType,
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    batch::Batch,
     engine::Engine,
     error::{Code, EngineError},
     keyspace::Value,
@@ -149,23 +151,11 @@ impl pb::cache_server::Cache for CacheService {
     async fn put_many(&self, request: Request<PutManyRequest>) -> Result<Response<PutManyResponse>, Status> {
         let req = request.into_inner();
         let (keys, parsed) = write_entries(req.entries);
-        let mut results: Vec<Option<Result<(), EngineError>>> = vec![None; keys.len()];
-        let mut entries = Vec::with_capacity(keys.len());
-        let mut positions = Vec::with_capacity(keys.len());
-        for (i, p) in parsed.into_iter().enumerate() {
-            match p {
-                Ok(e) => {
-                    entries.push(e);
-                    positions.push(i);
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
-        let written = self.engine.put_many(&req.keyspace, entries).await?;
-        for (i, r) in positions.into_iter().zip(written) {
-            results[i] = Some(r);
-        }
-        let results = results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect();
+        let mut batch = Batch::new(keys.len());
+        let (positions, entries): (Vec<usize>, Vec<WriteEntry>) =
+            batch.split(parsed, |p| p).into_iter().unzip();
+        batch.fill(positions, self.engine.put_many(&req.keyspace, entries).await?);
+        let results = batch.finish();
         Ok(Response::new(PutManyResponse { results: unit_results(keys, results) }))
     }
 
@@ -222,7 +212,7 @@ impl pb::cache_server::Cache for CacheService {
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
         let membership = Arc::clone(self.engine.membership());
         // Subscribe before taking the snapshot so that no change falls between the two.
-        let mut changes = membership.subscribe();
+        let changes = membership.subscribe();
         let local = membership.local().name.clone();
         let snapshot: Vec<Result<MemberEvent, Status>> = membership
             .ring()
@@ -231,33 +221,30 @@ impl pb::cache_server::Cache for CacheService {
             .map(|m| Ok(MemberEvent { r#type: EventType::Join as i32, member: Some(pb_member(m, &local)) }))
             .chain(std::iter::once(Ok(MemberEvent { r#type: EventType::SnapshotEnd as i32, member: None })))
             .collect();
-        let live = async_stream(move |tx| async move {
-            loop {
-                match changes.recv().await {
-                    Ok(c) => {
-                        let t = match c.kind {
-                            ChangeKind::Join => EventType::Join,
-                            ChangeKind::Leave => EventType::Leave,
-                            ChangeKind::Update => EventType::Update,
-                        };
-                        let ev = MemberEvent { r#type: t as i32, member: Some(pb_member(&c.member, &local)) };
-                        if tx.send(Ok(ev)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::data_loss(format!(
-                                "missed {n} membership events; watch again for a fresh snapshot"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        // A watcher that falls behind by more than the channel holds gets DATA_LOSS and the stream ends: it
+        // must watch again for a fresh snapshot rather than go on with a view that missed changes.
+        let live = BroadcastStream::new(changes)
+            .map(move |change| match change {
+                Ok(c) => {
+                    let t = match c.kind {
+                        ChangeKind::Join => EventType::Join,
+                        ChangeKind::Leave => EventType::Leave,
+                        ChangeKind::Update => EventType::Update,
+                    };
+                    Ok(MemberEvent { r#type: t as i32, member: Some(pb_member(&c.member, &local)) })
                 }
-            }
-        });
-        let stream = futures::StreamExt::chain(futures::stream::iter(snapshot), live);
+                Err(BroadcastStreamRecvError::Lagged(n)) => Err(Status::data_loss(format!(
+                    "missed {n} membership events; watch again for a fresh snapshot"
+                ))),
+            })
+            .scan(false, |ended, event| {
+                let item = (!*ended).then(|| {
+                    *ended = event.is_err();
+                    event
+                });
+                futures::future::ready(item)
+            });
+        let stream = futures::stream::iter(snapshot).chain(live);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -284,17 +271,6 @@ impl pb::cache_server::Cache for CacheService {
                 .collect(),
         }))
     }
-}
-
-/// A stream fed by a task through a bounded channel (back-pressure: a slow watcher slows its own task only).
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<MemberEvent, Status>> + Send + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<MemberEvent, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The `Peer` service.
@@ -327,29 +303,14 @@ impl pb::peer_server::Peer for PeerService {
     async fn store(&self, request: Request<StoreRequest>) -> Result<Response<StoreResponse>, Status> {
         let req = request.into_inner();
         let (keys, parsed) = write_entries(req.entries);
-        let mut results: Vec<Option<Result<(), EngineError>>> = vec![None; keys.len()];
-        let mut entries = Vec::new();
-        let mut positions = Vec::new();
-        for (i, p) in parsed.into_iter().enumerate() {
-            match p {
-                Ok(e) => {
-                    entries.push(e);
-                    positions.push(i);
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+        let mut batch = Batch::new(keys.len());
+        let (positions, entries): (Vec<usize>, Vec<WriteEntry>) =
+            batch.split(parsed, |p| p).into_iter().unzip();
         match self.engine.store_for_peer(&req.keyspace, entries).await {
-            Ok(written) => {
-                for (i, r) in positions.into_iter().zip(written) {
-                    results[i] = Some(r);
-                }
-            }
-            Err(e) => {
-                return Ok(Response::new(StoreResponse { results: per_key_failure(&keys, &e) }));
-            }
+            Ok(written) => batch.fill(positions, written),
+            Err(e) => return Ok(Response::new(StoreResponse { results: per_key_failure(&keys, &e) })),
         }
-        let results = results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect();
+        let results = batch.finish();
         Ok(Response::new(StoreResponse { results: unit_results(keys, results) }))
     }
 

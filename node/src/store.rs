@@ -7,8 +7,10 @@
 //!   records the epoch before its lookup and stores its result only if the epoch is unchanged.
 //!
 //! Both checks and the insert happen under the stripe's lock, so a fill never resurrects a value that a write
-//! replaced or removed. Stripes are per key hash (4096 of them), never a keyspace-wide lock; only a resize takes
-//! them all.
+//! replaced or removed. Stripes are per key hash (4096 of them), never a keyspace-wide lock.
+//!
+//! A resize (a keyspace's `maxBytes` changed by a reload) swaps in a main tier of the new size and then copies
+//! the old one over, one stripe lock at a time, while requests go on: see [`Store::resize`].
 
 use std::{
     sync::{
@@ -18,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
@@ -113,6 +115,14 @@ impl Stripe {
 pub struct Store {
     main: ArcSwap<Cache<Arc<str>, Entry, Hasher>>,
     hot: ArcSwap<Cache<Arc<str>, Entry, Hasher>>,
+    /// While a resize copies: the main tier being replaced. Reads that miss the new main tier look here; writes,
+    /// removals and purges drop keys here too, so the copy never brings back a key changed since the swap.
+    draining: ArcSwapOption<Cache<Arc<str>, Entry, Hasher>>,
+    /// Odd while a resize is between its swap and the end of its copy (a sequence lock for readers, so that a
+    /// read racing the end of a copy retries instead of missing a key that moved under it).
+    resizes: AtomicU64,
+    /// Serializes resizes (a second one waits for the first copy to finish).
+    resize_lock: Mutex<()>,
     stripes: Box<[Stripe]>,
     evictions: Counter,
 }
@@ -141,6 +151,9 @@ impl Store {
         Self {
             main: ArcSwap::from_pointee(build_cache(max_bytes, evictions.clone())),
             hot: ArcSwap::from_pointee(build_cache((max_bytes / 8).max(1), evictions.clone())),
+            draining: ArcSwapOption::empty(),
+            resizes: AtomicU64::new(0),
+            resize_lock: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             evictions: evictions.clone(),
         }
@@ -153,18 +166,49 @@ impl Store {
         }
     }
 
-    /// Changes the byte budget in place: with every stripe locked (no write or fill can run), the main tier's
-    /// entries move into a cache of the new size and the hot tier starts empty. Entries beyond the new size are
-    /// evicted as usual.
+    /// Changes the byte budget in place: swaps in a main tier of the new size and an empty hot tier, then copies
+    /// the old main tier's entries over (entries beyond the new size are evicted as usual).
+    ///
+    /// Requests go on during the copy: every stripe is locked only for the swap itself (microseconds), and the
+    /// copy then takes one stripe's lock per entry. Reads that miss the new tier find the old one in `draining`;
+    /// writes land in the new tier and drop the key from the old one. The copy may take long for a large tier:
+    /// call it from a blocking thread (`spawn_blocking`), not from an async task.
     pub fn resize(&self, max_bytes: u64) {
-        let guards: Vec<_> = self.stripes.iter().map(|s| s.lock.lock()).collect();
-        let main = build_cache(max_bytes, self.evictions.clone());
-        for (k, v) in self.main.load().iter() {
-            main.insert(k.as_ref().clone(), v);
+        self.resize_with(max_bytes, |_| {});
+    }
+
+    /// [`Store::resize`], calling `copied` with the running count after each entry it copies (tests pause there).
+    fn resize_with(&self, max_bytes: u64, mut copied: impl FnMut(usize)) {
+        let _one_at_a_time = self.resize_lock.lock();
+        let main = Arc::new(build_cache(max_bytes, self.evictions.clone()));
+        let old = {
+            // No write or fill is between loading a tier and inserting into it while the swap happens, so
+            // none can land in the old tier after the copy has passed its key.
+            let _all: Vec<_> = self.stripes.iter().map(|s| s.lock.lock()).collect();
+            let old = self.main.load_full();
+            self.draining.store(Some(Arc::clone(&old)));
+            self.resizes.fetch_add(1, Ordering::AcqRel);
+            self.main.store(Arc::clone(&main));
+            self.hot.store(Arc::new(build_cache((max_bytes / 8).max(1), self.evictions.clone())));
+            old
+        };
+        let mut count = 0;
+        for (key, _) in old.iter() {
+            let key: Arc<str> = Arc::clone(&key);
+            let stripe = self.stripe(crate::ring::key_hash(&key));
+            let _guard = stripe.lock.lock();
+            // Read again under the lock: a change since the swap removed the key from `old` (and a write put
+            // its new value in `main`).
+            if let Some(current) = old.get(key.as_ref())
+                && !main.contains_key(key.as_ref())
+            {
+                main.insert(key, current);
+                count += 1;
+                copied(count);
+            }
         }
-        self.main.store(Arc::new(main));
-        self.hot.store(Arc::new(build_cache((max_bytes / 8).max(1), self.evictions.clone())));
-        drop(guards);
+        self.resizes.fetch_add(1, Ordering::AcqRel);
+        self.draining.store(None);
     }
 
     fn stripe(&self, hash: u64) -> &Stripe {
@@ -176,7 +220,25 @@ impl Store {
     /// Looks a key up in a tier.
     #[inline]
     pub fn get(&self, tier: Tier, key: &str) -> Option<Entry> {
-        self.cache(tier).get(key)
+        if tier == Tier::Hot {
+            return self.hot.load().get(key);
+        }
+        loop {
+            let resizes = self.resizes.load(Ordering::Acquire);
+            if let Some(entry) = self.main.load().get(key) {
+                return Some(entry);
+            }
+            if resizes % 2 == 1
+                && let Some(old) = &*self.draining.load()
+                && let Some(entry) = old.get(key)
+            {
+                return Some(entry);
+            }
+            // A miss is only an answer if no resize started or ended while looking (rare: retry).
+            if self.resizes.load(Ordering::Acquire) == resizes {
+                return None;
+            }
+        }
     }
 
     /// The current epoch of a key's stripe, recorded before a fill starts.
@@ -191,7 +253,9 @@ impl Store {
         let stripe = self.stripe(hash);
         let _guard = stripe.lock.lock();
         let cache = self.cache(tier);
-        if stripe.epoch.load(Ordering::Acquire) != epoch || cache.contains_key(&key) {
+        let draining_has_it =
+            tier == Tier::Main && self.draining.load().as_ref().is_some_and(|d| d.contains_key(&key));
+        if stripe.epoch.load(Ordering::Acquire) != epoch || cache.contains_key(&key) || draining_has_it {
             return false;
         }
         cache.insert(key, entry);
@@ -206,6 +270,9 @@ impl Store {
         stripe.bump();
         let other = if tier == Tier::Main { Tier::Hot } else { Tier::Main };
         self.cache(other).invalidate(&key);
+        if let Some(old) = &*self.draining.load() {
+            old.invalidate(&key);
+        }
         self.cache(tier).insert(key, entry);
     }
 
@@ -216,6 +283,9 @@ impl Store {
         stripe.bump();
         self.main.load().invalidate(key);
         self.hot.load().invalidate(key);
+        if let Some(old) = &*self.draining.load() {
+            old.invalidate(key);
+        }
     }
 
     /// Drops every entry of both tiers (or of the hot tier only). In-flight fills are discarded too: every epoch
@@ -227,6 +297,9 @@ impl Store {
         }
         if !hot_only {
             self.main.load().invalidate_all();
+            if let Some(old) = &*self.draining.load() {
+                old.invalidate_all();
+            }
         }
         self.hot.load().invalidate_all();
     }
@@ -235,11 +308,15 @@ impl Store {
     /// owners may have changed, and a copy of a key this node now owns must not shadow the main tier later).
     pub fn retain_owned(&self, still_owned: impl Fn(&str) -> bool + Send + Sync + 'static) {
         self.hot.load().invalidate_all();
-        // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
-        // enabled in `build_cache`; if it ever failed, dropping everything is the safe fallback.
-        let main = self.main.load();
-        if main.invalidate_entries_if(move |k, _| !still_owned(k)).is_err() {
-            main.invalidate_all();
+        let still_owned = Arc::new(still_owned);
+        let tiers = std::iter::once(self.main.load_full()).chain(self.draining.load_full());
+        for main in tiers {
+            let still_owned = Arc::clone(&still_owned);
+            // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
+            // enabled in `build_cache`; if it ever failed, dropping everything is the safe fallback.
+            if main.invalidate_entries_if(move |k, _| !still_owned(k)).is_err() {
+                main.invalidate_all();
+            }
         }
     }
 
@@ -306,6 +383,76 @@ mod tests {
         s.sync();
         assert!(s.tier_bytes(Tier::Main) <= 256 << 10);
         assert!(s.entries() > 100, "entries kept up to the new bound: {}", s.entries());
+    }
+
+    /// Before: a resize held all 4096 stripe locks while it copied the main tier, so every write and fill of
+    /// the keyspace (and the tokio worker running it) waited for the whole copy.
+    #[test]
+    fn writes_removals_and_reads_go_on_while_a_resize_copies() {
+        let (s, _) = store(16 << 20);
+        let s = Arc::new(s);
+        for i in 0..1000 {
+            let key = format!("key-{i}");
+            s.write(
+                Tier::Main,
+                key.as_str().into(),
+                crate::ring::key_hash(&key),
+                Entry::value(Bytes::from_static(b"v"), None),
+            );
+        }
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let resizer = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                s.resize_with(16 << 20, |n| {
+                    if n == 1 {
+                        started_tx.send(()).expect("test waits");
+                        go_rx.recv().expect("test releases the copy");
+                    }
+                });
+            })
+        };
+        started_rx.recv_timeout(Duration::from_secs(10)).expect("the resize started copying");
+        // The copy is paused after one entry. Everything below runs on another thread with a deadline, so a
+        // store that blocks during the copy fails the test instead of hanging it.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                let h = crate::ring::key_hash("written-during-copy");
+                s.write(
+                    Tier::Main,
+                    "written-during-copy".into(),
+                    h,
+                    Entry::value(Bytes::from_static(b"w"), None),
+                );
+                s.remove("key-500", crate::ring::key_hash("key-500"));
+                s.write(
+                    Tier::Main,
+                    "key-7".into(),
+                    crate::ring::key_hash("key-7"),
+                    Entry::value(Bytes::from_static(b"new"), None),
+                );
+                let readable = (0..1000).filter(|i| s.get(Tier::Main, &format!("key-{i}")).is_some()).count();
+                done_tx.send(readable).expect("test waits");
+            })
+        };
+        let readable = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a write, a removal and reads completed while the resize was copying");
+        assert_eq!(readable, 999, "every key but the removed one is readable during the copy");
+        go_tx.send(()).expect("resizer waits");
+        resizer.join().expect("resizer");
+        worker.join().expect("worker");
+        assert!(s.get(Tier::Main, "key-500").is_none(), "the copy must not bring back a removed key");
+        assert_eq!(
+            s.get(Tier::Main, "key-7").and_then(|e| e.value),
+            Some(Bytes::from_static(b"new")),
+            "nor an old value"
+        );
+        assert!(s.get(Tier::Main, "written-during-copy").is_some());
+        assert_eq!((0..1000).filter(|i| s.get(Tier::Main, &format!("key-{i}")).is_some()).count(), 999);
     }
 
     #[test]

@@ -601,8 +601,7 @@ spec:
         };
         let mut d = dc(DEMO);
         assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.3");
-        d.spec.image =
-            Some(distcache_api::ImageSpec { tag: Some("1.2.4".to_owned()), ..Default::default() });
+        d.spec.image = Some(distcache_api::ImageSpec { tag: Some("1.2.4".to_owned()), ..Default::default() });
         assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.4");
         let config = BuildConfig { node_image: "localhost:5000/node".to_owned(), ..BuildConfig::default() };
         d.spec.image = None;

@@ -1,0 +1,423 @@
+//! Reads: Get and GetMany, routed to the owner; the owner-side load for peers; loads from the data source and
+//! from owners, each through single flight.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{FutureExt, future::BoxFuture};
+
+use super::{
+    Engine, LoadKey, entry_to_value, peer_unreachable, routing::group_by_owner, validate_batch, validate_key,
+};
+use crate::{
+    batch::Batch,
+    error::{Code, EngineError},
+    keyspace::{KeyspaceRuntime, Value},
+    metrics::Metrics,
+    peer::KeyResults,
+    ring::{Member, Ring, key_hash},
+    source::{DataSource, FetchError, Fetched},
+    store::{Entry, HOT_MAX_TTL, Tier},
+};
+
+/// The keys of one owner that missed this node's cache: position in the batch, and the key to load.
+type Misses = Vec<(usize, LoadKey)>;
+
+impl Engine {
+    /// Get of one key, routed to its owner.
+    pub async fn get(self: &Arc<Self>, keyspace: &str, key: &str) -> Result<Value, EngineError> {
+        let ks = self.keyspace(keyspace)?;
+        let result = if let Err(e) = validate_key(key) {
+            Err(e)
+        } else {
+            let hash = key_hash(key);
+            match self.remote_owner(hash) {
+                None => self.get_owned(&ks, key, hash).await,
+                Some(owner) => self.get_remote(&ks, key, hash, owner).await,
+            }
+        };
+        match &result {
+            Ok(_) => {
+                ks.metrics.get_ok.inc();
+            }
+            Err(EngineError::NotFound) => {
+                ks.metrics.get_not_found.inc();
+            }
+            Err(e) => self.metrics.request("get", keyspace, e.code()),
+        }
+        result
+    }
+
+    /// Owner-side get: main tier, then the data source through single flight.
+    async fn get_owned(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        key: &str,
+        hash: u64,
+    ) -> Result<Value, EngineError> {
+        let epoch = ks.store.epoch(hash);
+        if let Some(entry) = ks.store.get(Tier::Main, key) {
+            ks.metrics.hits_main.inc();
+            return entry_to_value(entry);
+        }
+        ks.metrics.misses.inc();
+        self.load_owned(ks, (Arc::from(key), hash, epoch)).await
+    }
+
+    /// The owner's load of a key that missed its main tier: joins the key's load in flight or leads a new one.
+    pub(super) async fn load_owned(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        key: LoadKey,
+    ) -> Result<Value, EngineError> {
+        let Some(source) = ks.source.clone() else { return Err(EngineError::NotFound) };
+        let name = Arc::clone(&key.0);
+        // The load is built only by the leader; callers that join an in-flight load build nothing.
+        ks.source_flight
+            .load(&name, || self.source_load(ks, source, vec![key], Tier::Main).map(super::single).boxed())
+            .await
+    }
+
+    /// Non-owner get: hot tier, then the owner through single flight.
+    async fn get_remote(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        key: &str,
+        hash: u64,
+        (ring, owner): (Arc<Ring>, usize),
+    ) -> Result<Value, EngineError> {
+        let epoch = ks.store.epoch(hash);
+        if let Some(entry) = ks.store.get(Tier::Hot, key) {
+            ks.metrics.hits_hot.inc();
+            return entry_to_value(entry);
+        }
+        ks.metrics.misses.inc();
+        ks.metrics.forwarded.inc();
+        ks.peer_flight
+            .load(key, || {
+                let owner = ring.members()[owner].clone();
+                self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)]).map(super::single).boxed()
+            })
+            .await
+    }
+
+    /// Builds the future that fetches `keys` from the data source and fills `tier` (a fill never overrides a
+    /// write that landed after the epochs in `keys` were recorded).
+    ///
+    /// It runs as the leader of a single flight, and first looks in `tier` again: a load of the same key that
+    /// finished between the caller's cache lookup and its flight lookup has filled the cache and left the
+    /// flight, which made this caller a new leader. Answering from the cache then keeps "one fetch per cold
+    /// key" true (groupcache does the same).
+    fn source_load(
+        &self,
+        ks: &Arc<KeyspaceRuntime>,
+        source: Arc<dyn DataSource>,
+        keys: Vec<LoadKey>,
+        tier: Tier,
+    ) -> BoxFuture<'static, KeyResults<Value>> {
+        let ks = Arc::clone(ks);
+        let metrics = Arc::clone(&self.metrics);
+        async move {
+            let mut batch = Batch::new(keys.len());
+            let mut missing = Vec::with_capacity(keys.len());
+            for (i, key) in keys.into_iter().enumerate() {
+                match ks.store.get(tier, &key.0) {
+                    Some(entry) => batch.set(i, entry_to_value(entry)),
+                    None => missing.push((i, key)),
+                }
+            }
+            if missing.is_empty() {
+                return batch.finish();
+            }
+            let (positions, keys): (Vec<usize>, Vec<LoadKey>) = missing.into_iter().unzip();
+            let (fetched, cut) = fetch(&ks, source.as_ref(), &keys).await;
+            let results =
+                keys.into_iter().zip(fetched).map(|(key, r)| settle(&ks, &metrics, tier, key, r, cut));
+            batch.fill(positions, results.collect());
+            batch.finish()
+        }
+        .boxed()
+    }
+
+    /// Builds the future that loads `keys` from their owner and fills the hot tier. When the owner cannot be
+    /// reached, it fetches from the data source itself (or reports UNAVAILABLE for a cache-aside keyspace). An
+    /// owner that is reachable but slow is not "down": its deadline covers its own fetch, and missing it is
+    /// DEADLINE_EXCEEDED, never a second fetch from here.
+    fn peer_load(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        owner: Member,
+        keys: Vec<LoadKey>,
+    ) -> BoxFuture<'static, KeyResults<Value>> {
+        let ks = Arc::clone(ks);
+        let this = Arc::clone(self);
+        async move {
+            let names: Vec<Arc<str>> = keys.iter().map(|(k, _, _)| Arc::clone(k)).collect();
+            let deadline = ks.config.fetch_timeout + this.transport.timeout();
+            match this.transport.load(&owner, &ks.config.name, names, deadline).await {
+                Ok(results) if results.len() == keys.len() => {
+                    keys.into_iter().zip(results).map(|(key, r)| fill_copy(&ks, &owner, key, r)).collect()
+                }
+                Ok(results) => {
+                    let message = format!("owner {} answered {} results for {} keys", owner.name, results.len(), keys.len());
+                    vec![Err(EngineError::Internal(message)); keys.len()]
+                }
+                Err(e) if e.timed_out => {
+                    this.metrics.peer_errors.inc();
+                    let err = EngineError::Remote { code: Code::DeadlineExceeded, message: e.to_string() };
+                    vec![Err(err); keys.len()]
+                }
+                Err(e) => {
+                    this.metrics.peer_errors.inc();
+                    ks.metrics.fallbacks.inc_by(keys.len() as u64);
+                    tracing::debug!(owner = %owner.name, error = %e, keys = keys.len(), "owner unreachable; loading locally");
+                    match ks.source.clone() {
+                        // The epochs recorded before the hot-tier lookup still apply: an invalidation that
+                        // arrived meanwhile must win over this fallback's result too.
+                        Some(source) => this.source_load(&ks, source, keys, Tier::Hot).await,
+                        None => vec![Err(peer_unreachable(&e)); keys.len()],
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    /// GetMany: per-key results in request order; keys grouped by owner, one peer call per owner.
+    pub async fn get_many(
+        self: &Arc<Self>,
+        keyspace: &str,
+        keys: &[String],
+    ) -> Result<KeyResults<Value>, EngineError> {
+        let ks = self.keyspace(keyspace)?;
+        validate_batch(keys.len())?;
+        let results = self.get_many_routed(&ks, keys, true).await;
+        self.metrics.request("get_many", keyspace, Code::Ok);
+        Ok(results)
+    }
+
+    /// Owner-side load of keys for a peer: served here whatever the ring says (never forwarded again).
+    /// `from` is the calling node; it is remembered as a holder of copies (see [`Engine::set_members`]).
+    pub async fn load_for_peer(
+        self: &Arc<Self>,
+        keyspace: &str,
+        keys: &[String],
+        from: Option<Member>,
+    ) -> Result<KeyResults<Value>, EngineError> {
+        if let Some(m) = from {
+            // One insert: a `match` on `get_mut` keeps the shard locked through its arms (the scrutinee lives
+            // until the match ends), and inserting from an arm then deadlocks on that lock — which happened for
+            // every peer that came back under its name with a new address (a recreated pod).
+            self.copy_holders.insert(m.name, (m.address, std::time::Instant::now()));
+        }
+        let ks = self.keyspace(keyspace)?;
+        validate_batch(keys.len())?;
+        Ok(self.get_many_routed(&ks, keys, false).await)
+    }
+
+    /// Answers what the caches hold and loads the rest, one load per owner (`route = false`: everything here).
+    async fn get_many_routed(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        keys: &[String],
+        route: bool,
+    ) -> KeyResults<Value> {
+        let mut batch = Batch::new(keys.len());
+        let valid = batch.split(keys, |key| validate_key(key).map(|()| key_hash(key)));
+        let valid = valid.into_iter().map(|(i, hash)| (i, hash, hash));
+        let groups = if route {
+            group_by_owner(&self.membership.ring(), &self.membership.local().name, valid)
+        } else {
+            vec![(None, valid.map(|(i, _, hash)| (i, hash)).collect())]
+        };
+        let mut pending = Vec::new();
+        for (owner, items) in groups {
+            let misses = lookup(ks, owner.is_some(), keys, items, &mut batch);
+            if !misses.is_empty() {
+                pending.extend(self.load_misses(ks, owner, misses, &mut batch));
+            }
+        }
+        for (i, r) in futures::future::join_all(pending).await {
+            batch.set(i, r);
+        }
+        batch.finish()
+    }
+
+    /// Starts the loads of one owner's misses through single flight; returns one future per key still to
+    /// answer (a cache-aside keyspace answers NOT_FOUND for its own misses at once).
+    fn load_misses(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        owner: Option<Member>,
+        misses: Misses,
+        batch: &mut Batch<Value>,
+    ) -> Vec<BoxFuture<'static, (usize, Result<Value, EngineError>)>> {
+        let names: Vec<Arc<str>> = misses.iter().map(|(_, (k, _, _))| Arc::clone(k)).collect();
+        let recorded: std::collections::HashMap<Arc<str>, (u64, u64)> =
+            misses.iter().map(|(_, (k, h, e))| (Arc::clone(k), (*h, *e))).collect();
+        // The flight hands the leader the keys it leads; their hashes and epochs are the ones recorded here.
+        let with_hash = move |led: Vec<Arc<str>>| -> Vec<LoadKey> {
+            led.into_iter()
+                .map(|k| {
+                    let (h, e) = recorded.get(&k).copied().unwrap_or((0, u64::MAX));
+                    (k, h, e)
+                })
+                .collect()
+        };
+        let futures = match owner {
+            None => {
+                let Some(source) = ks.source.clone() else {
+                    for (i, _) in &misses {
+                        batch.set(*i, Err(EngineError::NotFound));
+                    }
+                    return Vec::new();
+                };
+                ks.source_flight
+                    .load_many(&names, |led| self.source_load(ks, source, with_hash(led), Tier::Main))
+            }
+            Some(owner) => {
+                ks.metrics.forwarded.inc_by(misses.len() as u64);
+                ks.peer_flight.load_many(&names, |led| self.peer_load(ks, owner, with_hash(led)))
+            }
+        };
+        misses.into_iter().zip(futures).map(|((i, _), fut)| async move { (i, fut.await) }.boxed()).collect()
+    }
+}
+
+/// Looks up one owner's keys in this node's tier for them (main when local, hot when remote): hits are
+/// answered in `batch`, misses returned with the epoch recorded before the lookup.
+fn lookup(
+    ks: &KeyspaceRuntime,
+    remote: bool,
+    keys: &[String],
+    items: Vec<(usize, u64)>,
+    batch: &mut Batch<Value>,
+) -> Misses {
+    let (tier, hits) =
+        if remote { (Tier::Hot, &ks.metrics.hits_hot) } else { (Tier::Main, &ks.metrics.hits_main) };
+    let mut misses = Vec::new();
+    for (i, hash) in items {
+        let key = &keys[i];
+        let epoch = ks.store.epoch(hash);
+        if let Some(entry) = ks.store.get(tier, key) {
+            hits.inc();
+            batch.set(i, entry_to_value(entry));
+        } else {
+            ks.metrics.misses.inc();
+            misses.push((i, (Arc::from(key.as_str()), hash, epoch)));
+        }
+    }
+    misses
+}
+
+/// Calls the data source for `keys` within the keyspace's fetchTimeout. Returns one result per key and whether
+/// the fetchTimeout cut the fetch (rather than the source reporting a timeout of its own).
+async fn fetch(
+    ks: &KeyspaceRuntime,
+    source: &dyn DataSource,
+    keys: &[LoadKey],
+) -> (Vec<Result<Fetched, FetchError>>, bool) {
+    let started = std::time::Instant::now();
+    let timeout = ks.config.fetch_timeout;
+    let outcome = if let [(key, _, _)] = keys {
+        match tokio::time::timeout(timeout, source.fetch(key)).await {
+            Ok(r) => (vec![r], false),
+            Err(_) => (vec![Err(FetchError::Timeout)], true),
+        }
+    } else {
+        let names: Vec<String> = keys.iter().map(|(k, _, _)| k.to_string()).collect();
+        match tokio::time::timeout(timeout, source.fetch_many(&names)).await {
+            Ok(r) if r.len() == keys.len() => (r, false),
+            Ok(r) => {
+                let msg = format!("data source returned {} results for {} keys", r.len(), keys.len());
+                (keys.iter().map(|_| Err(FetchError::Internal(msg.clone()))).collect(), false)
+            }
+            Err(_) => (keys.iter().map(|_| Err(FetchError::Timeout)).collect(), true),
+        }
+    };
+    ks.metrics.fetch_seconds.observe(started.elapsed().as_secs_f64());
+    outcome
+}
+
+/// Turns one fetch result into the reader's answer, filling `tier` with values and cached NOT_FOUNDs.
+fn settle(
+    ks: &KeyspaceRuntime,
+    metrics: &Metrics,
+    tier: Tier,
+    (key, hash, epoch): LoadKey,
+    result: Result<Fetched, FetchError>,
+    cut: bool,
+) -> Result<Value, EngineError> {
+    let name = &ks.config.name;
+    let tier_ttl = |ttl: Option<Duration>| match tier {
+        Tier::Main => ttl,
+        Tier::Hot => Some(ttl.map_or(HOT_MAX_TTL, |t| t.min(HOT_MAX_TTL))),
+    };
+    ks.metrics.fetches_total.inc();
+    match result {
+        Ok(f) => {
+            metrics.fetch(name, "ok");
+            let ttl = f.ttl.or(ks.config.ttl);
+            if ttl != Some(Duration::ZERO) {
+                ks.store.fill(tier, key, hash, Entry::value(f.value.clone(), tier_ttl(ttl)), epoch);
+            }
+            Ok(Value { bytes: f.value, ttl })
+        }
+        Err(FetchError::NotFound { negative_ttl }) => {
+            metrics.fetch(name, "not_found");
+            if let Some(ttl) = negative_ttl.or(ks.config.negative_ttl).filter(|t| !t.is_zero()) {
+                let ttl = tier_ttl(Some(ttl)).unwrap_or(ttl);
+                ks.store.fill(tier, key, hash, Entry::not_found(ttl), epoch);
+            }
+            Err(EngineError::NotFound)
+        }
+        Err(FetchError::InvalidKey(m)) => {
+            metrics.fetch(name, "invalid_key");
+            Err(EngineError::InvalidArgument(format!(
+                "data source of keyspace {name:?} rejected the key: {m}"
+            )))
+        }
+        Err(FetchError::Unavailable(m)) => {
+            metrics.fetch(name, "unavailable");
+            Err(EngineError::Unavailable(format!("data source of keyspace {name:?} is unavailable: {m}")))
+        }
+        Err(FetchError::Timeout) => {
+            metrics.fetch(name, "timeout");
+            if cut {
+                Err(EngineError::DeadlineExceeded {
+                    keyspace: name.clone(),
+                    timeout: ks.config.fetch_timeout,
+                })
+            } else {
+                Err(EngineError::SourceTimedOut(format!(
+                    "data source of keyspace {name:?} timed out (its own time limit)"
+                )))
+            }
+        }
+        Err(FetchError::Internal(m)) => {
+            metrics.fetch(name, "internal");
+            Err(EngineError::Internal(format!("data source of keyspace {name:?} failed: {m}")))
+        }
+    }
+}
+
+/// Keeps an owner's answer as a hot copy (a value only; cached NOT_FOUNDs stay with the owner).
+fn fill_copy(
+    ks: &KeyspaceRuntime,
+    owner: &Member,
+    (key, hash, epoch): LoadKey,
+    result: Result<Value, EngineError>,
+) -> Result<Value, EngineError> {
+    match result {
+        Ok(v) => {
+            let ttl = Some(v.ttl.map_or(HOT_MAX_TTL, |t| t.min(HOT_MAX_TTL)));
+            ks.store.fill(Tier::Hot, key, hash, Entry::value(v.bytes.clone(), ttl), epoch);
+            Ok(v)
+        }
+        // The owner has not loaded this keyspace yet (its reload lags ours): transient.
+        Err(e) if e.code() == Code::FailedPrecondition => Err(EngineError::Unavailable(format!(
+            "owner {} does not serve keyspace {:?} yet: {e}",
+            owner.name, ks.config.name
+        ))),
+        Err(e) => Err(e),
+    }
+}

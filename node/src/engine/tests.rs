@@ -1,0 +1,398 @@
+//! The engine's guarantees, tested without IO: engines of one in-process cluster call each other through the
+//! [`LocalNetwork`], which counts every Peer call and injects faults per member. Data sources are counting
+//! in-memory sources that can be held back with a gate. (`tests/tests/cluster.rs` checks the same paths over
+//! gRPC on loopback.)
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use distcache_api::ValidKeyspace;
+
+use super::*;
+use crate::{
+    error::Code,
+    keyspace::parse_keyspaces,
+    membership::Membership,
+    metrics::Metrics,
+    peer::local::{Fault, LocalNetwork, Op},
+    ring::{Member, Ring, key_hash},
+    source::{DataSource, FetchError, Fetched, SourceFactory},
+    store::Tier,
+};
+
+/// Read-through keyspace (every key exists, except those starting with "missing").
+const RT: &str = "rt";
+/// Cache-aside keyspace (no source).
+const ASIDE: &str = "aside";
+const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A data source that counts fetches per key and can hold them until released.
+#[derive(Default)]
+struct CountingSource {
+    fetches: parking_lot::Mutex<HashMap<String, usize>>,
+    started: AtomicUsize,
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+impl CountingSource {
+    fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    fn total(&self) -> usize {
+        self.fetches.lock().values().sum()
+    }
+
+    fn of(&self, key: &str) -> usize {
+        self.fetches.lock().get(key).copied().unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl DataSource for CountingSource {
+    async fn fetch(&self, key: &str) -> Result<Fetched, FetchError> {
+        *self.fetches.lock().entry(key.to_owned()).or_default() += 1;
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let mut held = self.held.subscribe();
+        let _ = held.wait_for(|h| !*h).await;
+        if key.starts_with("missing") {
+            return Err(FetchError::NotFound { negative_ttl: None });
+        }
+        Ok(Fetched { value: Bytes::from(format!("source:{key}")), ttl: None })
+    }
+}
+
+/// Gives keyspace `rt` the node's counting source; `aside` has none.
+struct Sources(Arc<CountingSource>);
+
+#[async_trait]
+impl SourceFactory for Sources {
+    async fn build(
+        &self,
+        keyspace: &ValidKeyspace,
+        _base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, String> {
+        Ok((keyspace.name == RT).then(|| Arc::clone(&self.0) as Arc<dyn DataSource>))
+    }
+}
+
+struct Node {
+    member: Member,
+    engine: Arc<Engine>,
+    source: Arc<CountingSource>,
+}
+
+impl Node {
+    fn ks(&self, name: &str) -> Arc<KeyspaceRuntime> {
+        self.engine.keyspaces().get(name).expect("keyspace")
+    }
+}
+
+struct Cluster {
+    net: Arc<LocalNetwork>,
+    nodes: Vec<Node>,
+}
+
+const KEYSPACES: &str = "
+keyspaces:
+  - name: rt
+    maxBytes: 256Ki
+    fetchTimeout: 5s
+    hook: { module: { path: unused.wasm } }
+  - name: aside
+    maxBytes: 256Ki
+";
+
+impl Cluster {
+    /// Nodes with these names, each with every other as a member.
+    async fn new(names: &[&str]) -> Self {
+        let net = LocalNetwork::new();
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let member = Member::new(*name, format!("10.0.0.{}:7422", i + 1));
+            let metrics = Arc::new(Metrics::new());
+            let source = Arc::new(CountingSource::default());
+            let keyspaces =
+                Arc::new(Keyspaces::new(Arc::new(Sources(Arc::clone(&source))), Arc::clone(&metrics)));
+            let specs = parse_keyspaces(Path::new("keyspaces.yaml"), KEYSPACES).expect("valid keyspaces");
+            keyspaces.apply(specs, Path::new("."), None, false).await.expect("keyspaces apply");
+            let membership = Arc::new(Membership::new(member.clone()));
+            let transport = net.transport(&member, PEER_TIMEOUT);
+            let engine = Engine::new(keyspaces, membership, transport, metrics);
+            net.attach(&member.address, &engine);
+            nodes.push(Node { member, engine, source });
+        }
+        let cluster = Self { net, nodes };
+        let all: Vec<Member> = cluster.nodes.iter().map(|n| n.member.clone()).collect();
+        for n in &cluster.nodes {
+            n.engine.set_members(&all);
+        }
+        cluster
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.member.name == name).expect("node")
+    }
+
+    fn fetches(&self) -> usize {
+        self.nodes.iter().map(|n| n.source.total()).sum()
+    }
+
+    fn ring(&self, names: &[&str]) -> Ring {
+        Ring::new(names.iter().map(|n| self.node(n).member.clone()).collect())
+    }
+
+    /// A key that `names`' ring gives to `owner`.
+    fn key_owned_by(&self, owner: &str, names: &[&str], prefix: &str) -> String {
+        let ring = self.ring(names);
+        (0..10_000)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|k| ring.owner(key_hash(k)).is_some_and(|m| m.name == owner))
+            .expect("some key of 10000 maps to every owner")
+    }
+}
+
+fn value(key: &str) -> Bytes {
+    Bytes::from(format!("source:{key}"))
+}
+
+/// Lets every spawned task run until it waits on something.
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_cold_key_is_fetched_once_across_the_cluster() {
+    let c = Cluster::new(&["node-a", "node-b", "node-c"]).await;
+    let keys: Vec<String> = (0..30).map(|i| format!("cold-{i}")).collect();
+    for n in &c.nodes {
+        n.source.hold();
+    }
+    let mut readers = Vec::new();
+    for n in &c.nodes {
+        for key in &keys {
+            for _ in 0..3 {
+                let (engine, key) = (Arc::clone(&n.engine), key.clone());
+                readers.push(tokio::spawn(async move { (engine.get(RT, &key).await, key) }));
+            }
+        }
+    }
+    // Every key's owner is fetching it (once), and every other reader waits on that fetch.
+    let started = || c.nodes.iter().map(|n| n.source.started.load(Ordering::SeqCst)).sum::<usize>();
+    while started() < keys.len() {
+        settle().await;
+    }
+    settle().await;
+    for n in &c.nodes {
+        n.source.release();
+    }
+    for r in readers {
+        let (got, key) = r.await.expect("reader");
+        assert_eq!(got.map(|v| v.bytes), Ok(value(&key)));
+    }
+    assert_eq!(c.fetches(), keys.len(), "one fetch per key for 9 readers of it on 3 nodes");
+    for key in &keys {
+        let fetched_by: Vec<_> =
+            c.nodes.iter().filter(|n| n.source.of(key) > 0).map(|n| &n.member.name).collect();
+        let owner = c.ring(&["node-a", "node-b", "node-c"]).owner(key_hash(key)).map(|m| m.name.clone());
+        assert_eq!(fetched_by.len(), 1);
+        assert_eq!(Some(fetched_by[0].clone()), owner, "the owner fetches");
+    }
+}
+
+/// Before: a leader filled the store and then left the flight; a reader whose store lookup missed before the
+/// fill but whose flight lookup came after it led a second fetch.
+#[tokio::test]
+async fn a_reader_that_missed_before_a_fill_does_not_fetch_again() {
+    let c = Cluster::new(&["node-a"]).await;
+    let a = c.node("node-a");
+    let ks = a.ks(RT);
+    let hash = key_hash("k");
+    // The second reader's lookup: recorded epoch and miss, before the first reader's load fills the store.
+    let epoch = ks.store.epoch(hash);
+    assert!(ks.store.get(Tier::Main, "k").is_none());
+    assert_eq!(a.engine.get(RT, "k").await.map(|v| v.bytes), Ok(value("k")));
+    assert!(ks.source_flight.is_empty(), "the first load has left the flight");
+    // Now the second reader reaches the flight: it leads, and must find the value instead of fetching.
+    let again = a.engine.load_owned(&ks, (Arc::from("k"), hash, epoch)).await;
+    assert_eq!(again.map(|v| v.bytes), Ok(value("k")));
+    assert_eq!(a.source.of("k"), 1, "one fetch");
+}
+
+#[tokio::test]
+async fn a_node_never_forwards_a_request_that_came_from_a_peer() {
+    let c = Cluster::new(&["node-x", "node-y", "node-z"]).await;
+    // Rings disagree: X still thinks the cluster is {X, Y}; Y and Z already see Z.
+    let (x, y, z) = (c.node("node-x"), c.node("node-y"), c.node("node-z"));
+    x.engine.set_members(std::slice::from_ref(&y.member));
+    let old = c.ring(&["node-x", "node-y"]);
+    let key = (0..10_000)
+        .map(|i| format!("moving-{i}"))
+        .find(|k| {
+            old.owner(key_hash(k)).is_some_and(|m| m.name == "node-y")
+                && c.ring(&["node-x", "node-y", "node-z"])
+                    .owner(key_hash(k))
+                    .is_some_and(|m| m.name == "node-z")
+        })
+        .expect("a key that moves from Y to Z");
+    assert_eq!(x.engine.get(RT, &key).await.map(|v| v.bytes), Ok(value(&key)));
+    assert_eq!(c.net.calls("node-y", Op::Load), 1, "X forwards to the owner on its ring");
+    assert_eq!(c.net.calls("node-z", Op::Load), 0, "Y answers itself, never forwards again");
+    assert_eq!((y.source.of(&key), z.source.of(&key)), (1, 0));
+    // The same for a batch.
+    let keys = vec![key.clone(), c.key_owned_by("node-y", &["node-x", "node-y"], "batch-")];
+    x.engine.invalidate(RT, &keys).expect("invalidate");
+    let results = x.engine.get_many(RT, &keys).await.expect("batch");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(c.net.calls("node-z", Op::Load), 0);
+}
+
+#[tokio::test]
+async fn get_many_makes_one_load_per_owner() {
+    let c = Cluster::new(&["node-a", "node-b", "node-c"]).await;
+    let a = c.node("node-a");
+    let keys: Vec<String> = (0..100).map(|i| format!("many-{i}")).collect();
+    let results = a.engine.get_many(RT, &keys).await.expect("batch");
+    let got: Vec<_> = results.into_iter().map(|r| r.map(|v| v.bytes)).collect();
+    let want: Vec<_> = keys.iter().map(|k| Ok(value(k))).collect();
+    assert_eq!(got, want, "one result per key, in request order");
+    assert_eq!(c.net.calls("node-b", Op::Load), 1);
+    assert_eq!(c.net.calls("node-c", Op::Load), 1);
+    assert_eq!(c.fetches(), 100);
+    // Again: A answers its own keys from its main tier and the others from its hot tier.
+    let again = a.engine.get_many(RT, &keys).await.expect("batch");
+    assert!(again.iter().all(Result::is_ok));
+    assert_eq!((c.net.calls("node-b", Op::Load), c.net.calls("node-c", Op::Load)), (1, 1));
+    assert_eq!(c.fetches(), 100);
+}
+
+#[tokio::test]
+async fn a_non_owner_answers_a_repeated_get_from_its_hot_tier_within_an_eighth_of_max_bytes() {
+    let c = Cluster::new(&["node-a", "node-b"]).await;
+    let a = c.node("node-a");
+    let key = c.key_owned_by("node-b", &["node-a", "node-b"], "hot-");
+    for _ in 0..3 {
+        assert_eq!(a.engine.get(RT, &key).await.map(|v| v.bytes), Ok(value(&key)));
+    }
+    assert_eq!(c.net.calls("node-b", Op::Load), 1, "later reads are hot-tier hits");
+    assert_eq!(a.ks(RT).metrics.hits_hot.get(), 2);
+    // Many remote keys: the hot tier keeps copies, bounded by maxBytes / 8.
+    let ring = c.ring(&["node-a", "node-b"]);
+    let remote: Vec<String> = (0..3000)
+        .map(|i| format!("bulk-{i}"))
+        .filter(|k| ring.owner(key_hash(k)).is_some_and(|m| m.name == "node-b"))
+        .collect();
+    for chunk in remote.chunks(500) {
+        a.engine.get_many(RT, chunk).await.expect("batch");
+    }
+    let store = &a.ks(RT).store;
+    store.sync();
+    let hot = store.tier_bytes(Tier::Hot);
+    assert!(hot > 0, "copies are kept");
+    assert!(hot <= (256 << 10) / 8, "hot tier holds {hot} bytes, more than 1/8 of maxBytes");
+}
+
+#[tokio::test]
+async fn a_write_invalidates_copies_before_it_answers() {
+    let c = Cluster::new(&["node-x", "node-y", "node-z"]).await;
+    let (x, y, z) = (c.node("node-x"), c.node("node-y"), c.node("node-z"));
+    let key = c.key_owned_by("node-y", &["node-x", "node-y", "node-z"], "w-");
+    assert!(x.engine.get(RT, &key).await.is_ok(), "X holds a copy");
+    z.engine.put(RT, &key, Bytes::from_static(b"new"), None).await.expect("put through Z");
+    assert_eq!(x.engine.get(RT, &key).await.map(|v| v.bytes), Ok(Bytes::from_static(b"new")), "no old copy");
+    assert_eq!(c.net.calls("node-y", Op::Store), 1);
+    // A member that cannot be reached fails the write, naming it; the owner's change stands.
+    c.net.set_fault("node-x", Some(Fault::Unreachable));
+    let err = z.engine.put(RT, &key, Bytes::from_static(b"newer"), None).await.expect_err("X unreachable");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.to_string().contains("node-x"), "{err}");
+    assert_eq!(y.engine.get(RT, &key).await.map(|v| v.bytes), Ok(Bytes::from_static(b"newer")));
+    let err = y.engine.delete(RT, &key).await.expect_err("X unreachable");
+    assert!(err.code() == Code::Unavailable && err.to_string().contains("node-x"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_owner_fetches_itself_when_the_owner_is_unreachable_but_not_when_it_is_slow() {
+    let c = Cluster::new(&["node-a", "node-b"]).await;
+    let (a, b) = (c.node("node-a"), c.node("node-b"));
+    let key = c.key_owned_by("node-b", &["node-a", "node-b"], "fb-");
+    c.net.set_fault("node-b", Some(Fault::Unreachable));
+    assert_eq!(a.engine.get(RT, &key).await.map(|v| v.bytes), Ok(value(&key)));
+    assert_eq!((a.source.of(&key), b.source.of(&key)), (1, 0), "A fetched itself");
+    assert_eq!(a.ks(RT).metrics.fallbacks.get(), 1);
+    // Cache-aside has nothing to fall back on: UNAVAILABLE naming the owner.
+    let err = a.engine.get(ASIDE, &key).await.expect_err("owner unreachable");
+    assert!(err.code() == Code::Unavailable && err.to_string().contains("node-b"), "{err}");
+    // A slow owner is not down: DEADLINE_EXCEEDED, and no second fetch from here.
+    let slow = c.key_owned_by("node-b", &["node-a", "node-b"], "slow-");
+    c.net.set_fault("node-b", Some(Fault::Delay(Duration::from_hours(1))));
+    let err = a.engine.get(RT, &slow).await.expect_err("owner too slow");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert_eq!(a.source.of(&slow), 0);
+}
+
+#[tokio::test]
+async fn a_fill_that_started_before_a_write_never_overrides_it() {
+    let c = Cluster::new(&["node-x", "node-y"]).await;
+    let (x, y) = (c.node("node-x"), c.node("node-y"));
+    let key = c.key_owned_by("node-y", &["node-x", "node-y"], "race-");
+    y.source.hold();
+    let reader = {
+        let (engine, key) = (Arc::clone(&x.engine), key.clone());
+        tokio::spawn(async move { engine.get(RT, &key).await })
+    };
+    while y.source.started.load(Ordering::SeqCst) == 0 {
+        settle().await;
+    }
+    // The owner's fetch (for X) is in flight; a write lands, then the fetch finishes.
+    y.engine.put(RT, &key, Bytes::from_static(b"written"), None).await.expect("put");
+    y.source.release();
+    let _in_flight = reader.await.expect("reader");
+    assert_eq!(y.engine.get(RT, &key).await.map(|v| v.bytes), Ok(Bytes::from_static(b"written")), "owner");
+    assert_eq!(x.engine.get(RT, &key).await.map(|v| v.bytes), Ok(Bytes::from_static(b"written")), "copy");
+}
+
+/// Before: failed members were matched by substring of the error text, so when demo-10 failed, demo-1 was
+/// skipped in the second round.
+#[tokio::test]
+async fn purge_skips_exactly_the_members_that_failed() {
+    let c = Cluster::new(&["demo-1", "demo-10", "demo-2"]).await;
+    c.net.set_fault("demo-10", Some(Fault::Unreachable));
+    let err = c.node("demo-2").engine.purge(RT).await.expect_err("demo-10 is unreachable");
+    assert!(err.to_string().contains("purged 2 of 3 nodes") && err.to_string().contains("demo-10"), "{err}");
+    assert_eq!(c.net.calls("demo-1", Op::Purge), 2, "both rounds reach demo-1");
+    assert_eq!(c.net.calls("demo-10", Op::Purge), 1, "a failed member is not asked again");
+    c.net.set_fault("demo-10", None);
+    assert_eq!(c.node("demo-2").engine.purge(RT).await, Ok(3));
+}
+
+#[tokio::test]
+async fn batch_results_are_per_key_and_a_single_key_write_reports_its_own_error() {
+    let c = Cluster::new(&["node-a", "node-b"]).await;
+    let a = c.node("node-a");
+    let long = "k".repeat(MAX_KEY_BYTES + 1);
+    let keys = vec!["ok-1".to_owned(), String::new(), long.clone(), "missing-1".to_owned()];
+    let results = a.engine.get_many(RT, &keys).await.expect("batch");
+    let codes: Vec<Code> =
+        results.iter().map(|r| r.as_ref().map_or_else(EngineError::code, |_| Code::Ok)).collect();
+    assert_eq!(codes, [Code::Ok, Code::InvalidArgument, Code::InvalidArgument, Code::NotFound]);
+    let err = a.engine.put(ASIDE, &long, Bytes::new(), None).await.expect_err("key too long");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = a.engine.delete(ASIDE, "").await.expect_err("empty key");
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

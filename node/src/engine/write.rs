@@ -1,0 +1,248 @@
+//! Writes: Put/Delete (and their batches) routed to the owner; the owner applies them and invalidates copies
+//! on every other member before answering.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+
+use super::{
+    Engine, peer_unreachable, routing::group_by_owner, single, validate_batch, validate_key, validate_write,
+};
+use crate::{
+    batch::Batch,
+    error::{Code, EngineError},
+    keyspace::KeyspaceRuntime,
+    peer::{KeyResults, WriteEntry},
+    ring::{Member, key_hash},
+    store::{Entry, HOT_MAX_TTL, Tier},
+};
+
+/// One write of a batch: a batch is all puts or all deletes (they come from one API call).
+#[derive(Clone, Debug)]
+enum Write {
+    Put(WriteEntry),
+    Delete(Arc<str>),
+}
+
+impl Write {
+    fn key(&self) -> &Arc<str> {
+        match self {
+            Self::Put(e) => &e.key,
+            Self::Delete(k) => k,
+        }
+    }
+
+    fn validate(self, ks: &KeyspaceRuntime) -> Result<Self, EngineError> {
+        match &self {
+            Self::Put(e) => validate_write(ks, e)?,
+            Self::Delete(k) => validate_key(k)?,
+        }
+        Ok(self)
+    }
+}
+
+impl Engine {
+    /// Put of one key.
+    pub async fn put(
+        self: &Arc<Self>,
+        keyspace: &str,
+        key: &str,
+        value: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), EngineError> {
+        let entry = WriteEntry { key: Arc::from(key), value, ttl };
+        self.put_many(keyspace, vec![entry]).await.and_then(single)
+    }
+
+    /// PutMany: per-key results in request order; one store call per owner.
+    pub async fn put_many(
+        self: &Arc<Self>,
+        keyspace: &str,
+        entries: Vec<WriteEntry>,
+    ) -> Result<KeyResults<()>, EngineError> {
+        let ks = self.keyspace(keyspace)?;
+        validate_batch(entries.len())?;
+        let op = if entries.len() == 1 { "put" } else { "put_many" };
+        let results = self.write_routed(&ks, entries.into_iter().map(Write::Put).collect()).await;
+        self.count_writes(op, keyspace, &results);
+        Ok(results)
+    }
+
+    /// Delete of one key.
+    pub async fn delete(self: &Arc<Self>, keyspace: &str, key: &str) -> Result<(), EngineError> {
+        self.delete_many(keyspace, &[key.to_owned()]).await.and_then(single)
+    }
+
+    /// DeleteMany: per-key results in request order; one remove call per owner.
+    pub async fn delete_many(
+        self: &Arc<Self>,
+        keyspace: &str,
+        keys: &[String],
+    ) -> Result<KeyResults<()>, EngineError> {
+        let ks = self.keyspace(keyspace)?;
+        validate_batch(keys.len())?;
+        let op = if keys.len() == 1 { "delete" } else { "delete_many" };
+        let results =
+            self.write_routed(&ks, keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect()).await;
+        self.count_writes(op, keyspace, &results);
+        Ok(results)
+    }
+
+    fn count_writes(&self, op: &'static str, keyspace: &str, results: &KeyResults<()>) {
+        let code = results.iter().find_map(|r| r.as_ref().err().map(EngineError::code)).unwrap_or(Code::Ok);
+        self.metrics.request(op, keyspace, code);
+    }
+
+    async fn write_routed(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, writes: Vec<Write>) -> KeyResults<()> {
+        let mut batch = Batch::new(writes.len());
+        let valid = batch.split(writes, |w| w.validate(ks));
+        let items = valid.into_iter().map(|(i, w)| (i, key_hash(w.key()), w));
+        let groups = group_by_owner(&self.membership.ring(), &self.membership.local().name, items);
+        let calls = groups.into_iter().map(|(owner, items)| async move {
+            let (positions, writes): (Vec<usize>, Vec<Write>) = items.into_iter().unzip();
+            let outcome = match owner {
+                None => self.write_owned(ks, writes).await,
+                Some(owner) => self.write_remote(ks, &owner, writes).await,
+            };
+            (positions, outcome)
+        });
+        for (positions, outcome) in futures::future::join_all(calls).await {
+            batch.fill(positions, outcome);
+        }
+        batch.finish()
+    }
+
+    async fn write_remote(&self, ks: &KeyspaceRuntime, owner: &Member, writes: Vec<Write>) -> KeyResults<()> {
+        let n = writes.len();
+        let keys: Vec<Arc<str>> = writes.iter().map(|w| Arc::clone(w.key())).collect();
+        let (puts, deletes): (Vec<_>, Vec<_>) = writes.into_iter().partition(|w| matches!(w, Write::Put(_)));
+        let outcome = if deletes.is_empty() {
+            let entries =
+                puts.into_iter().filter_map(|w| if let Write::Put(e) = w { Some(e) } else { None }).collect();
+            self.transport.store(owner, &ks.config.name, entries).await
+        } else {
+            let keys = deletes.iter().map(|w| Arc::clone(w.key())).collect();
+            self.transport.remove(owner, &ks.config.name, keys).await
+        };
+        // Whatever the owner did, drop this node's own copies: the owner invalidates the members it knows, and
+        // during a membership change it may not know this node yet.
+        for key in &keys {
+            ks.store.remove(key, key_hash(key));
+            ks.peer_flight.forget(key);
+        }
+        match outcome {
+            Ok(results) if results.len() == n => results,
+            Ok(results) => {
+                let message = format!("owner {} returned {} results for {n} keys", owner.name, results.len());
+                vec![Err(EngineError::Internal(message)); n]
+            }
+            Err(e) => {
+                self.metrics.peer_errors.inc();
+                vec![Err(peer_unreachable(&e)); n]
+            }
+        }
+    }
+
+    /// Owner-side write: apply locally, then invalidate copies on every other member.
+    async fn write_owned(&self, ks: &KeyspaceRuntime, writes: Vec<Write>) -> KeyResults<()> {
+        let mut keys = Vec::with_capacity(writes.len());
+        for w in writes {
+            let hash = key_hash(w.key());
+            match w {
+                Write::Put(e) => {
+                    let ttl = e.ttl.or(ks.config.ttl);
+                    ks.store.write(Tier::Main, Arc::clone(&e.key), hash, Entry::value(e.value, ttl));
+                    ks.source_flight.forget(&e.key);
+                    keys.push(e.key);
+                }
+                Write::Delete(key) => {
+                    ks.store.remove(&key, hash);
+                    ks.source_flight.forget(&key);
+                    keys.push(key);
+                }
+            }
+        }
+        let n = keys.len();
+        match self.invalidate_everywhere(&ks.config.name, keys).await {
+            Ok(()) => vec![Ok(()); n],
+            Err(e) => vec![Err(e); n],
+        }
+    }
+
+    /// Invalidates copies on every other member (each must acknowledge) and on recent copy holders outside the
+    /// member list (best effort: such a node is joining, or gone; its copies expire within `HOT_MAX_TTL`).
+    async fn invalidate_everywhere(&self, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), EngineError> {
+        let ring = self.membership.ring();
+        let local = &self.membership.local().name;
+        let members: Vec<&Member> = ring.members().iter().filter(|m| &m.name != local).collect();
+        self.copy_holders.retain(|_, (_, seen)| seen.elapsed() < HOT_MAX_TTL);
+        let outsiders: Vec<Member> = self
+            .copy_holders
+            .iter()
+            .filter(|e| e.key() != local && !members.iter().any(|m| &m.name == e.key()))
+            .map(|e| Member::new(e.key().clone(), e.value().0.clone()))
+            .collect();
+        let required = members.iter().map(|m| self.transport.invalidate(m, keyspace, keys.clone()));
+        let best_effort = outsiders.iter().map(|m| self.transport.invalidate(m, keyspace, keys.clone()));
+        let (required, best_effort) = futures::future::join(
+            futures::future::join_all(required),
+            futures::future::join_all(best_effort),
+        )
+        .await;
+        for e in best_effort.into_iter().filter_map(Result::err) {
+            tracing::debug!(error = %e, "could not invalidate copies on a node outside the member list");
+        }
+        let failures: Vec<String> =
+            required.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
+        if failures.is_empty() {
+            return Ok(());
+        }
+        self.metrics.peer_errors.inc_by(failures.len() as u64);
+        Err(EngineError::Unavailable(format!(
+            "written on owner {local}, but copies on other nodes could not be invalidated: {}",
+            failures.join("; ")
+        )))
+    }
+
+    /// Owner-side store for a peer (never forwarded again).
+    pub async fn store_for_peer(
+        &self,
+        keyspace: &str,
+        entries: Vec<WriteEntry>,
+    ) -> Result<KeyResults<()>, EngineError> {
+        let ks = self.keyspace(keyspace)?;
+        validate_batch(entries.len())?;
+        Ok(self.write_validated_owned(&ks, entries.into_iter().map(Write::Put).collect()).await)
+    }
+
+    /// Owner-side removal for a peer (never forwarded again).
+    pub async fn remove_for_peer(
+        &self,
+        keyspace: &str,
+        keys: &[String],
+    ) -> Result<KeyResults<()>, EngineError> {
+        let ks = self.keyspace(keyspace)?;
+        validate_batch(keys.len())?;
+        let writes = keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect();
+        Ok(self.write_validated_owned(&ks, writes).await)
+    }
+
+    async fn write_validated_owned(&self, ks: &KeyspaceRuntime, writes: Vec<Write>) -> KeyResults<()> {
+        let mut batch = Batch::new(writes.len());
+        let (positions, valid): (Vec<usize>, Vec<Write>) =
+            batch.split(writes, |w| w.validate(ks)).into_iter().unzip();
+        batch.fill(positions, self.write_owned(ks, valid).await);
+        batch.finish()
+    }
+
+    /// Drops copies of keys on this node (both tiers), sent by an owner after a write.
+    pub fn invalidate(&self, keyspace: &str, keys: &[String]) -> Result<(), EngineError> {
+        let ks = self.keyspace(keyspace)?;
+        for key in keys {
+            ks.store.remove(key, key_hash(key));
+            ks.peer_flight.forget(key);
+            ks.source_flight.forget(key);
+        }
+        Ok(())
+    }
+}
