@@ -52,8 +52,8 @@ HOOKS_TARGET := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/hooks
 HOOKS_CARGO := $(CARGO) --config 'build.target-dir="$(HOOKS_TARGET)"'
 HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
-.PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench clean-demo \
-	generate verify chart-check \
+.PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench \
+	clean-demo generate verify chart-check \
 	testbed-up testbed-down testbed-crd-up testbed-crd-down
 
 help:
