@@ -1,8 +1,15 @@
-# DistCache developer entry points.
+# DistCache developer entry points. On a fresh Debian 12 machine with rustup: `make demo`, then `make test` (as root
+# the first time, so that `make setup` can install what is missing).
 #
-#   make test        everything CI checks: fmt check, clippy (-D warnings), debug build of the binaries (the
-#                    integration tests spawn them from the same target dir), the WebAssembly hooks (hooks/, for
-#                    wasm32-wasip2) and their unit tests, nextest (profile `ci`), doc tests
+#   make test        everything CI checks, one step after the other: make setup, make shellcheck, fmt check, clippy
+#                    (-D warnings), debug build of the binaries (the integration tests spawn them from the same target
+#                    dir), CRD drift check, helm lint/template, the WebAssembly hooks (hooks/, for wasm32-wasip2) and
+#                    their unit tests, nextest (profile `ci`, with the Kubernetes test bed up), doc tests
+#   make setup       scripts/setup.sh, idempotent (seconds when all is there): Debian packages (apt-get as root; else
+#                    it says what to install), the Rust toolchain's components and target (rust-toolchain.toml),
+#                    cargo-nextest, the test bed's binaries and helm (built or fetched once, about 20 minutes on 2
+#                    cores, cached in /var/cache/distcache/testbed)
+#   make shellcheck  shellcheck every shell script git knows (*.sh, .ci/run; scripts/shellcheck.sh)
 #   make testbed-up  start the Kubernetes test bed (etcd, kube-apiserver and kube-controller-manager v1.20.2, the test
 #                    kubelet; binaries built once and cached in /var/cache/distcache/testbed), write
 #                    target/testbed/kubeconfig; make testbed-down stops it (tests/testbed/README.md)
@@ -25,7 +32,7 @@
 #   make clean-demo  remove demo/bench temp dirs (and stop processes a SIGKILLed demo left behind, by recorded PID)
 #   make help        this text
 #
-# CI runs .ci/run, which installs the prerequisites and then runs `make test`.
+# CI runs .ci/run: `make test` with the target dir in /var/cache/distcache/target (a warm cache between runs).
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -45,8 +52,8 @@ HOOKS_TARGET := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/hooks
 HOOKS_CARGO := $(CARGO) --config 'build.target-dir="$(HOOKS_TARGET)"'
 HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
-.PHONY: help test fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench clean-demo \
-	generate verify chart-check \
+.PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench \
+	clean-demo generate verify chart-check \
 	testbed-up testbed-down testbed-crd-up testbed-crd-down
 
 help:
@@ -54,6 +61,8 @@ help:
 
 # One step after the other, in this order, even under `make -j`.
 test:
+	$(MAKE) setup
+	$(MAKE) shellcheck
 	$(MAKE) fmt-check
 	$(MAKE) clippy
 	$(MAKE) build-debug
@@ -63,6 +72,13 @@ test:
 	$(MAKE) hooks-test
 	$(MAKE) nextest
 	$(MAKE) doctest
+
+# Installs or checks what `make test` needs (scripts/setup.sh says what, phase by phase).
+setup:
+	bash scripts/setup.sh
+
+shellcheck:
+	bash scripts/shellcheck.sh
 
 fmt:
 	$(CARGO) fmt --all

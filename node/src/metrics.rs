@@ -1,4 +1,4 @@
-//! Prometheus metrics of a node. The names and labels are part of the product's contract (DESIGN.md).
+//! Prometheus metrics of a node. The names and labels are part of the product's contract (docs/design.md).
 //!
 //! Counters used on every request are resolved once per keyspace into [`KeyspaceMetrics`] (an `Arc`'d atomic
 //! each), so the hot path increments an atomic instead of looking up a label set.

@@ -2,10 +2,13 @@
 //! the bed's API server, and a namespace per test that is deleted afterwards.
 //!
 //! The bed is started once per `make test` run, before the tests, and always stopped after them: under nextest
-//! each test is its own process, so the bed cannot belong to any one of them.
+//! each test is its own process, so the bed cannot belong to any one of them. The tests that use it form the nextest
+//! test group `testbed` (.config/nextest.toml). Without a running bed (or, for a private bed, without the cached
+//! binaries) they fail at once with one line that says how to get it, instead of waiting for a server.
 
 use std::{
-    path::PathBuf,
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
@@ -63,6 +66,57 @@ pub fn helm() -> PathBuf {
     cache_dir().join("helm-v3.17.2/helm")
 }
 
+/// The binaries `tests/testbed/testbed.sh up` runs, cached by `make setup`: kube-apiserver, kube-controller-manager
+/// and kubectl v1.20.2, apiextensions-apiserver 1.36.4 and helm 3.17.2.
+fn cached_binaries() -> [PathBuf; 5] {
+    let kube = cache_dir().join("kubernetes-v1.20.2/bin");
+    [
+        kube.join("kube-apiserver"),
+        kube.join("kube-controller-manager"),
+        kubectl(),
+        cache_dir().join("apiextensions-1.36.4/bin/apiextensions-apiserver"),
+        helm(),
+    ]
+}
+
+/// Fails at once, with one line, unless the bed's binaries are cached: `testbed.sh up` would otherwise start a
+/// build of several minutes inside the test.
+fn ensure_installed() -> anyhow::Result<()> {
+    let missing: Vec<String> =
+        cached_binaries().iter().filter(|p| !p.exists()).map(|p| p.display().to_string()).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the Kubernetes test bed's binaries are not installed ({} missing): install them with `make setup` (or run \
+         `make test`)",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
+/// The one line a test fails with when the shared bed is not running.
+const NOT_RUNNING: &str =
+    "the Kubernetes test bed is not running: start it with `make testbed-up` (or run `make test`)";
+
+/// Fails at once, with one line, unless the shared bed in `dir` runs: its kubeconfig, PID list and ports file are
+/// there (`testbed.sh up` writes them, `down` removes the PID list) and its API server accepts a connection (a bed
+/// left behind by a killed run or a reboot has the files but no server, and a client would only time out).
+fn ensure_running(dir: &Path) -> anyhow::Result<()> {
+    let api_port = std::fs::read_to_string(dir.join("ports")).ok().and_then(|ports| {
+        ports
+            .lines()
+            .find_map(|line| line.strip_prefix("API_PORT="))
+            .and_then(|port| port.trim().parse::<u16>().ok())
+    });
+    let running = dir.join("kubeconfig").exists()
+        && dir.join("pids").exists()
+        && api_port.is_some_and(|port| {
+            TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(2))
+                .is_ok()
+        });
+    anyhow::ensure!(running, "{NOT_RUNNING} (no bed answers in {})", dir.display());
+    Ok(())
+}
+
 /// A bed of one test's own (its own directory, ports and pod subnet), for tests that break the bed on purpose,
 /// such as restarting its API server. Stopped when dropped.
 pub struct PrivateBed {
@@ -75,6 +129,9 @@ pub struct PrivateBed {
 impl PrivateBed {
     /// Starts a bed whose pods get `127.0.<octet>.x` (the shared bed's pods use 127.0.0.x).
     pub async fn start(octet: u8) -> anyhow::Result<Self> {
+        ensure_installed()?;
+        // Without the test kubelet the bed would start but run no pod.
+        crate::built_binary("distcache-test-kubelet")?;
         let dir = tempfile::tempdir()?;
         let subnet = format!("127.0.{octet}");
         let script = crate::repo_root().join("tests/testbed/testbed.sh");
@@ -131,14 +188,11 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    /// Connects to the running bed, or explains how to start it.
+    /// Connects to the running bed, or fails at once with one line that says how to start it.
     pub async fn connect() -> anyhow::Result<Self> {
-        let kubeconfig = testbed_dir().join("kubeconfig");
-        anyhow::ensure!(
-            kubeconfig.exists() && testbed_dir().join("pids").exists(),
-            "the Kubernetes test bed is not running ({} missing): `make testbed-up` starts it (`make test` does)",
-            kubeconfig.display()
-        );
+        let dir = testbed_dir();
+        ensure_running(&dir)?;
+        let kubeconfig = dir.join("kubeconfig");
         let file = kube::config::Kubeconfig::read_from(&kubeconfig)?;
         let config =
             kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default()).await?;

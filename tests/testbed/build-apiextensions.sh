@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds a current apiextensions-apiserver (1.36.4) from Debian sid's source packages and caches it outside the
-# checkout: $TESTBED_CACHE/apiextensions-1.36.4/bin/apiextensions-apiserver. A second run does nothing.
+# checkout: $TESTBED_CACHE/apiextensions-1.36.4/bin/apiextensions-apiserver. A second run does nothing;
+# `build-apiextensions.sh --check` only says whether it is there (exit status 0 or 1, no output).
 #
 # The v1.20 API server of the test bed predates CEL validation rules (x-kubernetes-validations); this server
 # checks them. It is built from Debian sid's golang-k8s-apiextensions-apiserver-dev and the golang-*-dev packages
@@ -23,6 +24,10 @@ die() {
   exit 1
 }
 
+if [[ ${1:-} == --check ]]; then
+  [[ -x $BIN ]]
+  exit
+fi
 if [[ -x $BIN ]]; then
   log "apiextensions-apiserver $VERSION cached in $(dirname "$BIN")"
   exit 0
@@ -50,10 +55,12 @@ log "downloading golang-k8s-apiextensions-apiserver-dev $candidate, its golang-*
 apt-cache "${O[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
   --no-enhances --no-pre-depends golang-k8s-apiextensions-apiserver-dev "golang-$GO-go" "golang-$GO-src" 2>/dev/null |
   grep -E '^golang-' | sort -u >"$APT/packages.txt"
-(cd "$APT/debs" && apt-get "${O[@]}" download $(cat "$APT/packages.txt") >/dev/null)
+mapfile -t packages <"$APT/packages.txt"
+((${#packages[@]})) || die "no golang-* packages found for golang-k8s-apiextensions-apiserver-dev in sid"
+(cd "$APT/debs" && apt-get "${O[@]}" download "${packages[@]}" >/dev/null)
 
 ROOT=$APT/root
-log "unpacking $(wc -l <"$APT/packages.txt") packages into $ROOT"
+log "unpacking ${#packages[@]} packages into $ROOT"
 rm -rf "$ROOT"
 mkdir -p "$ROOT"
 for deb in "$APT"/debs/*.deb; do

