@@ -111,25 +111,141 @@ fn default_max_instances() -> u32 {
     256
 }
 
-/// The discovery backend: exactly one field is set (none = standalone).
+/// The discovery backend. In YAML, a mapping with exactly one key naming the backend:
+/// `discovery: { static: { peers: [...] } }`, `{ kubernetes: {...} }`, `{ dns: {...} }`, `{ nats: {...} }` or
+/// `{ standalone: {} }`; a config without `discovery` is standalone.
+///
+/// One enum rather than a struct of optional backends, so that a config built in code cannot name two backends
+/// (or none) and silently run as something else; what the type cannot rule out (an empty NATS subject, say) is
+/// checked by [`DiscoveryConfig::validate`] when the file is loaded and again when the node starts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DiscoveryConfig {
+#[serde(try_from = "DiscoveryFields", into = "DiscoveryFields")]
+pub enum DiscoveryConfig {
     /// A fixed list of peers, health-checked.
-    #[serde(default, rename = "static", skip_serializing_if = "Option::is_none")]
-    pub static_list: Option<StaticDiscovery>,
-    /// One node alone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub standalone: Option<Empty>,
+    Static(StaticDiscovery),
+    /// One node alone (`standalone: {}`).
+    #[default]
+    Standalone,
     /// The Ready pods of a label selector, watched through the Kubernetes API.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kubernetes: Option<KubernetesDiscovery>,
+    Kubernetes(KubernetesDiscovery),
     /// Announcements and heartbeats on a NATS subject.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nats: Option<NatsDiscovery>,
+    Nats(NatsDiscovery),
     /// The SRV (else A/AAAA) records of a name, e.g. a headless Service.
+    Dns(DnsDiscovery),
+}
+
+/// Why a discovery setting is unusable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DiscoveryError {
+    /// More than one backend is named.
+    #[error("discovery: both {first} and {second} are set; set exactly one of {BACKENDS}")]
+    Conflict {
+        /// The first backend named (in the order of [`BACKENDS`]).
+        first: &'static str,
+        /// Another backend named.
+        second: &'static str,
+    },
+    /// The `discovery` mapping names no backend.
+    #[error(
+        "discovery: no backend is set; set exactly one of {BACKENDS} (leave discovery out for standalone)"
+    )]
+    Missing,
+    /// The backend's settings are incomplete.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// The backend keys of the `discovery` mapping, for messages.
+pub const BACKENDS: &str = "static, standalone, kubernetes, nats, dns";
+
+impl DiscoveryConfig {
+    /// The backend's key in the config file.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::Static(_) => "static",
+            Self::Standalone => "standalone",
+            Self::Kubernetes(_) => "kubernetes",
+            Self::Nats(_) => "nats",
+            Self::Dns(_) => "dns",
+        }
+    }
+
+    /// Checks what the type does not: required settings are present and well-formed.
+    pub fn validate(&self) -> Result<(), DiscoveryError> {
+        match self {
+            Self::Nats(n)
+                if n.url.trim().is_empty()
+                    || n.subject.trim().is_empty()
+                    || n.subject.contains([' ', '*', '>']) =>
+            {
+                Err(DiscoveryError::Invalid(
+                    "discovery.nats: url and subject are required; the subject has no spaces or wildcards",
+                ))
+            }
+            Self::Dns(d) if d.name.trim().is_empty() => {
+                Err(DiscoveryError::Invalid("discovery.dns.name is required"))
+            }
+            Self::Kubernetes(k) if k.label_selector.trim().is_empty() => Err(DiscoveryError::Invalid(
+                "discovery.kubernetes.labelSelector is required (it selects this cluster's pods)",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The YAML shape of [`DiscoveryConfig`]: one optional field per backend, so that a mapping naming two backends
+/// is reported by name (serde's own enum representation would only say "expected a map with one entry").
+#[derive(Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DiscoveryFields {
+    #[serde(default, rename = "static", skip_serializing_if = "Option::is_none")]
+    static_list: Option<StaticDiscovery>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dns: Option<DnsDiscovery>,
+    standalone: Option<Empty>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubernetesDiscovery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nats: Option<NatsDiscovery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dns: Option<DnsDiscovery>,
+}
+
+impl TryFrom<DiscoveryFields> for DiscoveryConfig {
+    type Error = DiscoveryError;
+
+    fn try_from(f: DiscoveryFields) -> Result<Self, DiscoveryError> {
+        let set: Vec<Self> = [
+            f.static_list.map(Self::Static),
+            f.standalone.map(|Empty {}| Self::Standalone),
+            f.kubernetes.map(Self::Kubernetes),
+            f.nats.map(Self::Nats),
+            f.dns.map(Self::Dns),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.as_slice() {
+            [] => Err(DiscoveryError::Missing),
+            [one] => {
+                one.validate()?;
+                Ok(one.clone())
+            }
+            [first, second, ..] => Err(DiscoveryError::Conflict { first: first.key(), second: second.key() }),
+        }
+    }
+}
+
+impl From<DiscoveryConfig> for DiscoveryFields {
+    fn from(d: DiscoveryConfig) -> Self {
+        let none = Self::default();
+        match d {
+            DiscoveryConfig::Static(s) => Self { static_list: Some(s), ..none },
+            DiscoveryConfig::Standalone => Self { standalone: Some(Empty {}), ..none },
+            DiscoveryConfig::Kubernetes(k) => Self { kubernetes: Some(k), ..none },
+            DiscoveryConfig::Nats(n) => Self { nats: Some(n), ..none },
+            DiscoveryConfig::Dns(d) => Self { dns: Some(d), ..none },
+        }
+    }
 }
 
 /// DNS discovery settings.
@@ -203,70 +319,6 @@ fn default_heartbeat() -> DurationString {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
-
-/// The selected discovery backend.
-#[derive(Clone, Debug, PartialEq)]
-pub enum DiscoveryKind {
-    /// Static peer list.
-    Static(StaticDiscovery),
-    /// Single node.
-    Standalone,
-    /// Kubernetes pods.
-    Kubernetes(KubernetesDiscovery),
-    /// NATS announcements.
-    Nats(NatsDiscovery),
-    /// DNS records.
-    Dns(DnsDiscovery),
-}
-
-impl DiscoveryConfig {
-    /// The one configured backend.
-    pub fn kind(&self) -> Result<DiscoveryKind, String> {
-        let set = [
-            self.static_list.is_some(),
-            self.standalone.is_some(),
-            self.kubernetes.is_some(),
-            self.nats.is_some(),
-            self.dns.is_some(),
-        ]
-        .iter()
-        .filter(|s| **s)
-        .count();
-        if set > 1 {
-            return Err("discovery: set exactly one of static, standalone, kubernetes, nats, dns".into());
-        }
-        if let Some(n) = &self.nats
-            && (n.url.trim().is_empty() || n.subject.trim().is_empty() || n.subject.contains([' ', '*', '>']))
-        {
-            return Err(
-                "discovery.nats: url and subject are required; the subject has no spaces or wildcards".into(),
-            );
-        }
-        if let Some(d) = &self.dns
-            && d.name.trim().is_empty()
-        {
-            return Err("discovery.dns.name is required".into());
-        }
-        if let Some(k) = &self.kubernetes
-            && k.label_selector.trim().is_empty()
-        {
-            return Err(
-                "discovery.kubernetes.labelSelector is required (it selects this cluster's pods)".into()
-            );
-        }
-        Ok(if let Some(s) = &self.static_list {
-            DiscoveryKind::Static(s.clone())
-        } else if let Some(k) = &self.kubernetes {
-            DiscoveryKind::Kubernetes(k.clone())
-        } else if let Some(n) = &self.nats {
-            DiscoveryKind::Nats(n.clone())
-        } else if let Some(d) = &self.dns {
-            DiscoveryKind::Dns(d.clone())
-        } else {
-            DiscoveryKind::Standalone
-        })
-    }
-}
 
 /// Static discovery settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -469,9 +521,6 @@ impl NodeConfig {
                 message: "hooks.maxInstances must be between 1 and 100000".into(),
             });
         }
-        if let Err(message) = config.discovery.kind() {
-            return Err(ConfigError::Invalid { origin: "config".into(), message });
-        }
         Ok(config)
     }
 
@@ -513,8 +562,8 @@ mod tests {
         assert_eq!(c.name.as_deref(), Some("b"));
         assert_eq!(c.keyspaces_file, Some(dir.path().join("./ks.yaml")));
         assert_eq!(c.peer_timeout.get(), Duration::from_secs(3));
-        match c.discovery.kind() {
-            Ok(DiscoveryKind::Static(s)) => assert_eq!(s.peers, vec!["127.0.0.1:1"]),
+        match c.discovery {
+            DiscoveryConfig::Static(s) => assert_eq!(s.peers, vec!["127.0.0.1:1"]),
             other => panic!("override ignored: {other:?}"),
         }
     }
@@ -523,9 +572,7 @@ mod tests {
     fn nested_env_path() {
         let env = vec![("DISTCACHE_DISCOVERY__STATIC__PEERS".to_owned(), "[\"127.0.0.1:9\"]".to_owned())];
         let c = NodeConfig::load(None, env).expect("valid");
-        assert!(
-            matches!(c.discovery.kind(), Ok(DiscoveryKind::Static(ref s)) if s.peers == vec!["127.0.0.1:9"])
-        );
+        assert!(matches!(c.discovery, DiscoveryConfig::Static(ref s) if s.peers == vec!["127.0.0.1:9"]));
     }
 
     #[test]
@@ -534,5 +581,119 @@ mod tests {
             .expect_err("unknown field")
             .to_string();
         assert!(err.contains("listn") && err.contains("DISTCACHE_LISTN"), "{err}");
+    }
+
+    fn load_yaml(yaml: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.yaml");
+        std::fs::write(&file, yaml).expect("write");
+        NodeConfig::load(Some(&file), Vec::new())
+    }
+
+    #[test]
+    fn two_backends_are_an_error_naming_both() {
+        let err = load_yaml(
+            "discovery:\n  static: { peers: [\"127.0.0.1:1\"] }\n  nats: { url: nats://n, subject: s }\n",
+        )
+        .expect_err("two backends")
+        .to_string();
+        assert!(err.contains("static") && err.contains("nats") && err.contains("both"), "{err}");
+        // The same through the environment, merged into the file's backend.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.yaml");
+        std::fs::write(&file, "discovery: { standalone: {} }\n").expect("write");
+        let env = vec![("DISTCACHE_DISCOVERY__DNS__NAME".to_owned(), "peers.local".to_owned())];
+        let err = NodeConfig::load(Some(&file), env).expect_err("two backends").to_string();
+        assert!(err.contains("standalone") && err.contains("dns"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_or_unknown_backend_is_an_error_not_standalone() {
+        let err = load_yaml("discovery: {}\n").expect_err("no backend").to_string();
+        assert!(err.contains("no backend"), "{err}");
+        let err = load_yaml("discovery: { consul: {} }\n").expect_err("unknown backend").to_string();
+        assert!(err.contains("consul"), "{err}");
+        let err = load_yaml("discovery: { nats: { url: nats://n, subject: \"a.>\" } }\n")
+            .expect_err("wildcard subject")
+            .to_string();
+        assert!(err.contains("discovery.nats"), "{err}");
+        let err = load_yaml("discovery: { kubernetes: { labelSelector: \" \" } }\n")
+            .expect_err("empty selector")
+            .to_string();
+        assert!(err.contains("labelSelector"), "{err}");
+    }
+
+    #[test]
+    fn no_discovery_is_standalone_and_documented_forms_parse() {
+        assert_eq!(load_yaml("name: a\n").expect("valid").discovery, DiscoveryConfig::Standalone);
+        assert_eq!(
+            load_yaml("discovery: { standalone: {} }\n").expect("valid").discovery,
+            DiscoveryConfig::Standalone
+        );
+        // The forms in README.md's node config.
+        let c = load_yaml(
+            "discovery:\n  static: { peers: [\"127.0.0.1:7420\", \"127.0.0.1:7430\"], probeInterval: 1s, failureThreshold: 3 }\n",
+        )
+        .expect("static");
+        assert!(
+            matches!(c.discovery, DiscoveryConfig::Static(ref s) if s.peers.len() == 2 && s.failure_threshold == 3)
+        );
+        let c = load_yaml(
+            "discovery:\n  nats: { url: nats://127.0.0.1:4222, subject: distcache.demo, heartbeat: 2s, missedHeartbeats: 3 }\n",
+        )
+        .expect("nats");
+        assert!(matches!(c.discovery, DiscoveryConfig::Nats(ref n) if n.subject == "distcache.demo"));
+        let c = load_yaml(
+            "discovery:\n  dns: { name: demo-peers.default.svc.cluster.local, port: 7420, interval: 5s, nameservers: [\"10.0.0.10:53\"] }\n",
+        )
+        .expect("dns");
+        assert!(matches!(c.discovery, DiscoveryConfig::Dns(ref d) if d.nameservers.len() == 1));
+    }
+
+    /// What the operator sets in the node pods (`discovery_env` in operator/src/controller/build.rs: JSON, one
+    /// backend, in `DISTCACHE_DISCOVERY`) must keep parsing.
+    #[test]
+    fn the_operators_discovery_env_parses() {
+        let load = |json: &str| {
+            NodeConfig::load(None, vec![("DISTCACHE_DISCOVERY".to_owned(), json.to_owned())])
+                .map(|c| c.discovery)
+        };
+        let k = load(
+            r#"{"kubernetes":{"labelSelector":"app.kubernetes.io/instance=demo,app.kubernetes.io/name=distcache","namespace":"apps","portName":"grpc"}}"#,
+        );
+        assert_eq!(
+            k.expect("kubernetes"),
+            DiscoveryConfig::Kubernetes(KubernetesDiscovery {
+                namespace: Some("apps".into()),
+                label_selector: "app.kubernetes.io/instance=demo,app.kubernetes.io/name=distcache".into(),
+                port_name: "grpc".into(),
+            })
+        );
+        let d = load(r#"{"dns":{"interval":"10s","name":"demo-peers.apps.svc.cluster.local","port":7420}}"#);
+        assert!(
+            matches!(d, Ok(DiscoveryConfig::Dns(ref d)) if d.name == "demo-peers.apps.svc.cluster.local" && d.interval.get() == Duration::from_secs(10)),
+            "{d:?}"
+        );
+        let n = load(r#"{"nats":{"subject":"distcache.apps.demo","url":"nats://n:4222"}}"#);
+        assert!(
+            matches!(n, Ok(DiscoveryConfig::Nats(ref n)) if n.url == "nats://n:4222" && n.missed_heartbeats == 3),
+            "{n:?}"
+        );
+    }
+
+    #[test]
+    fn serializing_writes_the_one_backend_key() {
+        let c = DiscoveryConfig::Static(StaticDiscovery {
+            peers: vec!["127.0.0.1:1".into()],
+            probe_interval: default_probe_interval(),
+            failure_threshold: 2,
+        });
+        let yaml = serde_yaml::to_string(&c).expect("serialize");
+        assert!(yaml.starts_with("static:"), "{yaml}");
+        assert_eq!(serde_yaml::from_str::<DiscoveryConfig>(&yaml).expect("round trip"), c);
+        assert_eq!(
+            serde_yaml::to_string(&DiscoveryConfig::Standalone).expect("serialize"),
+            "standalone: {}\n"
+        );
     }
 }

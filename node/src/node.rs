@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::{self, AdminState},
-    config::{DiscoveryKind, NodeConfig},
+    config::{DiscoveryConfig, DiscoveryError, NodeConfig},
     discovery::{
         Discovery, DiscoveryContext, DiscoveryStatus, Dns, DnsSettings, Kubernetes, KubernetesSettings, Nats,
         NatsSettings, Standalone, StaticList, StaticListSettings,
@@ -52,6 +52,9 @@ pub enum StartError {
     /// The hook runtime could not be created.
     #[error(transparent)]
     Hooks(#[from] crate::hooks::runtime::BuildError),
+    /// The configured discovery backend is unusable (a config built in code skips the checks of loading).
+    #[error("invalid discovery configuration: {0}")]
+    Discovery(#[from] DiscoveryError),
     /// The reflection service could not be built.
     #[error("failed to build the gRPC reflection service: {0}")]
     Reflection(String),
@@ -109,23 +112,26 @@ async fn bind(
     }
 }
 
-fn discovery_from(config: &NodeConfig) -> Box<dyn Discovery> {
-    match config.discovery.kind().unwrap_or(DiscoveryKind::Standalone) {
-        DiscoveryKind::Static(s) => Box::new(StaticList::new(
-            s.peers.clone(),
+/// The configured backend; an invalid setting is an error, never a fallback to standalone (a node that silently
+/// runs alone serves its own copy of every key).
+fn discovery_from(config: &DiscoveryConfig) -> Result<Box<dyn Discovery>, DiscoveryError> {
+    config.validate()?;
+    Ok(match config.clone() {
+        DiscoveryConfig::Static(s) => Box::new(StaticList::new(
+            s.peers,
             StaticListSettings {
                 interval: s.probe_interval.get(),
                 timeout: s.probe_interval.get().mul_f64(0.8),
                 failure_threshold: s.failure_threshold.max(1),
             },
         )),
-        DiscoveryKind::Standalone => Box::new(Standalone),
-        DiscoveryKind::Kubernetes(k) => Box::new(Kubernetes::new(KubernetesSettings {
+        DiscoveryConfig::Standalone => Box::new(Standalone),
+        DiscoveryConfig::Kubernetes(k) => Box::new(Kubernetes::new(KubernetesSettings {
             namespace: k.namespace,
             label_selector: k.label_selector,
             port_name: k.port_name,
         })),
-        DiscoveryKind::Dns(d) => Box::new(Dns::new(DnsSettings {
+        DiscoveryConfig::Dns(d) => Box::new(Dns::new(DnsSettings {
             name: d.name,
             port: d.port,
             interval: d.interval.get(),
@@ -136,18 +142,23 @@ fn discovery_from(config: &NodeConfig) -> Box<dyn Discovery> {
                 failure_threshold: d.failure_threshold.max(1),
             },
         })),
-        DiscoveryKind::Nats(n) => Box::new(Nats::new(NatsSettings {
+        DiscoveryConfig::Nats(n) => Box::new(Nats::new(NatsSettings {
             url: n.url,
             subject: n.subject,
             heartbeat: n.heartbeat.get(),
             missed_heartbeats: n.missed_heartbeats.max(1),
         })),
-    }
+    })
 }
 
 /// Starts a node.
 pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let NodeOptions { config, sources, grpc_listener, admin_listener, discovery } = opts;
+    // Before anything is bound or loaded: a bad setting is a start error, not a node that runs alone.
+    let discovery = match discovery {
+        Some(given) => given,
+        None => discovery_from(&config.discovery)?,
+    };
     let grpc = bind(grpc_listener, config.listen, "gRPC").await?;
     let admin_l = bind(admin_listener, config.admin, "admin HTTP").await?;
     let grpc_addr =
@@ -183,7 +194,6 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
 
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
-    let discovery = discovery.unwrap_or_else(|| discovery_from(&config));
     let discovery_status = Arc::new(DiscoveryStatus::new(metrics.discovery_errors.clone()));
     let admin_state = Arc::new(AdminState {
         engine: Arc::clone(&engine),
@@ -371,6 +381,40 @@ impl RunningNode {
         let all = futures::future::join_all(self.tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(?grace, "in-flight requests did not finish within the shutdown grace period");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NatsDiscovery;
+
+    /// A config built in code skips `NodeConfig::load`'s checks; before the discovery setting was one enum, an
+    /// unusable one (two backends, an empty NATS url) started a node that silently ran alone.
+    #[tokio::test]
+    async fn an_invalid_discovery_built_in_code_does_not_start_standalone() {
+        let config = NodeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            discovery: DiscoveryConfig::Nats(NatsDiscovery {
+                url: String::new(),
+                subject: "distcache.test".into(),
+                heartbeat: distcache_api::DurationString(Duration::from_secs(1)),
+                missed_heartbeats: 3,
+            }),
+            ..NodeConfig::default()
+        };
+        match start(NodeOptions::new(config)).await {
+            Err(StartError::Discovery(DiscoveryError::Invalid(message))) => {
+                assert!(message.contains("discovery.nats"), "{message}");
+            }
+            Err(other) => panic!("failed for another reason: {other}"),
+            Ok(node) => {
+                let backend = node.admin.discovery;
+                node.stop().await;
+                panic!("started with discovery {backend}");
+            }
         }
     }
 }

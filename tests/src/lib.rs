@@ -265,14 +265,11 @@ pub struct Cluster {
 /// A node config with static discovery over `peers`, fast probes, and the keyspaces file.
 pub fn static_config(peers: &[SocketAddr], keyspaces_file: &Path) -> NodeConfig {
     NodeConfig {
-        discovery: DiscoveryConfig {
-            static_list: Some(StaticDiscovery {
-                peers: peers.iter().map(ToString::to_string).collect(),
-                probe_interval: distcache_api::DurationString(Duration::from_millis(250)),
-                failure_threshold: 3,
-            }),
-            ..DiscoveryConfig::default()
-        },
+        discovery: DiscoveryConfig::Static(StaticDiscovery {
+            peers: peers.iter().map(ToString::to_string).collect(),
+            probe_interval: distcache_api::DurationString(Duration::from_millis(250)),
+            failure_threshold: 3,
+        }),
         keyspaces_file: Some(keyspaces_file.to_owned()),
         keyspaces_poll_interval: distcache_api::DurationString(Duration::from_millis(100)),
         peer_timeout: distcache_api::DurationString(Duration::from_secs(1)),

@@ -118,15 +118,12 @@ pub fn nats_config(
     keyspaces_file: &Path,
 ) -> NodeConfig {
     NodeConfig {
-        discovery: DiscoveryConfig {
-            nats: Some(NatsDiscovery {
-                url: url.to_owned(),
-                subject: subject.to_owned(),
-                heartbeat: distcache_api::DurationString(heartbeat),
-                missed_heartbeats,
-            }),
-            ..DiscoveryConfig::default()
-        },
+        discovery: DiscoveryConfig::Nats(NatsDiscovery {
+            url: url.to_owned(),
+            subject: subject.to_owned(),
+            heartbeat: distcache_api::DurationString(heartbeat),
+            missed_heartbeats,
+        }),
         keyspaces_file: Some(keyspaces_file.to_owned()),
         keyspaces_poll_interval: distcache_api::DurationString(Duration::from_millis(100)),
         peer_timeout: distcache_api::DurationString(Duration::from_secs(1)),

@@ -319,7 +319,7 @@ async fn nodes_with_different_member_lists_complete_requests() -> anyhow::Result
     let node_a =
         start_node("a", a, static_config(&[b_addr], &file), CountingSource::new("a", Duration::ZERO)).await?;
     let mut cfg_b = static_config(&[a_addr, ghost], &file);
-    cfg_b.discovery = distcache_node::config::DiscoveryConfig::default(); // B: standalone, sees only itself
+    cfg_b.discovery = distcache_node::config::DiscoveryConfig::Standalone; // B sees only itself
     let node_b = start_node("b", b, cfg_b, CountingSource::new("b", Duration::ZERO)).await?;
     distcache_tests::wait_until(Duration::from_secs(5), || {
         node_a.engine().is_some_and(|e| e.membership().ring().len() == 2)
@@ -374,7 +374,7 @@ async fn an_invalid_keyspaces_reload_is_refused_and_the_old_keyspaces_keep_servi
 async fn a_write_that_cannot_reach_a_member_fails_naming_it() -> anyhow::Result<()> {
     // Probes that never give up, so the dead node stays in the ring while we write.
     let mut cluster = Cluster::start_with(3, KEYSPACES, Duration::ZERO, |c| {
-        if let Some(s) = c.discovery.static_list.as_mut() {
+        if let distcache_node::config::DiscoveryConfig::Static(s) = &mut c.discovery {
             s.failure_threshold = 1_000_000;
         }
     })

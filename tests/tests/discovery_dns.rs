@@ -15,17 +15,14 @@ use distcache_tests::{
 /// The harness's node config (fast keyspace polling, short peer timeout) with DNS discovery of `name`.
 fn dns_config(server: SocketAddr, name: &str, keyspaces_file: &Path) -> NodeConfig {
     let mut config = static_config(&[], keyspaces_file);
-    config.discovery = DiscoveryConfig {
-        dns: Some(DnsDiscovery {
-            name: name.to_owned(),
-            port: 7420,
-            interval: distcache_api::DurationString(Duration::from_millis(200)),
-            nameservers: vec![server],
-            probe_interval: distcache_api::DurationString(Duration::from_millis(250)),
-            failure_threshold: 3,
-        }),
-        ..DiscoveryConfig::default()
-    };
+    config.discovery = DiscoveryConfig::Dns(DnsDiscovery {
+        name: name.to_owned(),
+        port: 7420,
+        interval: distcache_api::DurationString(Duration::from_millis(200)),
+        nameservers: vec![server],
+        probe_interval: distcache_api::DurationString(Duration::from_millis(250)),
+        failure_threshold: 3,
+    });
     config
 }
 
@@ -132,7 +129,7 @@ async fn without_srv_records_a_records_and_the_configured_port_are_used() -> any
     for (i, ip) in ips.iter().enumerate() {
         let slot = Slot::bind_at(SocketAddr::new((*ip).into(), port), SocketAddr::new((*ip).into(), 0))?;
         let mut config = dns_config(dns.addr, &flat, &file);
-        if let Some(d) = config.discovery.dns.as_mut() {
+        if let DiscoveryConfig::Dns(d) = &mut config.discovery {
             d.port = port;
         }
         let name = format!("flat-{}", i + 1);
