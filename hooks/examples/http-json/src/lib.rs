@@ -28,10 +28,9 @@
 //! | `header.<Name>` | one request header each, e.g. `header.x-api-key: "..."` (alternative to `headers`) |
 //! | `requireJson` | `"true"` to refuse (as `internal`) a 200 body that is not valid JSON; default `"false"` |
 //!
-//! Durations are Go-style — a sequence of decimal numbers with a unit, `ns`, `us`, `ms`, `s`, `m` or `h`
-//! (`30s`, `5m`, `1h30m`, `1.5s`, `250ms`) — or a bare integer, which is milliseconds (`30000`).
+//! Durations are written like the keyspace's own `ttl`: one or more decimal numbers, each with a unit `ms`,
+//! `s`, `m`, `h` or `d` (`250ms`, `30s`, `5m`, `1h30m`, `1.5s`, `7d`; see `distcache_hook::duration`).
 
-mod duration;
 mod json;
 mod url;
 
@@ -67,9 +66,9 @@ impl Hook for HttpJson {
         };
         Ok(HttpJson {
             base_url,
-            ttl: duration_key(config, "ttl")?,
-            not_found_ttl: duration_key(config, "notFoundTtl")?,
-            timeout: duration_key(config, "timeout")?,
+            ttl: config.get_duration("ttl")?,
+            not_found_ttl: config.get_duration("notFoundTtl")?,
+            timeout: config.get_duration("timeout")?,
             headers: headers(config)?,
             require_json,
         })
@@ -123,17 +122,6 @@ impl Hook for HttpJson {
 }
 
 distcache_hook::export_hook!(HttpJson);
-
-fn duration_key(config: &Config, key: &str) -> Result<Option<Duration>, String> {
-    config
-        .get(key)
-        .map(|value| {
-            duration::parse(value).map_err(|error| {
-                format!("hook config key \"{key}\" has an invalid duration \"{value}\": {error}")
-            })
-        })
-        .transpose()
-}
 
 /// Request headers from `headers` (one `Name: value` per line) and `header.<Name>` keys.
 fn headers(config: &Config) -> Result<Vec<(String, String)>, String> {
@@ -233,6 +221,25 @@ mod tests {
         assert!(headers(&host).is_err());
         let bad: Config = [("headers", "no colon")].into_iter().collect();
         assert!(headers(&bad).is_err());
+    }
+
+    #[test]
+    fn duration_config() {
+        let config: Config =
+            [("baseUrl", "http://origin:8080/users"), ("ttl", "1h30m"), ("timeout", "250ms")]
+                .into_iter()
+                .collect();
+        let hook = HttpJson::init(&config);
+        assert_eq!(hook.as_ref().err(), None);
+        assert!(hook.is_ok_and(|h| h.ttl == Some(Duration::from_mins(90))
+            && h.timeout == Some(Duration::from_millis(250))
+            && h.not_found_ttl.is_none()));
+        let millis: Config =
+            [("baseUrl", "http://origin:8080"), ("notFoundTtl", "30000")].into_iter().collect();
+        assert!(
+            HttpJson::init(&millis)
+                .is_err_and(|e| e.contains("\"notFoundTtl\"") && e.contains("missing unit"))
+        );
     }
 
     #[test]
