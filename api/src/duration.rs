@@ -1,22 +1,19 @@
-//! Durations written as Go/Kubernetes duration strings: `500ms`, `30s`, `5m`, `1h30m`, `7d`.
+//! Durations written as Go/Kubernetes-style duration strings: `500ms`, `30s`, `5m`, `1h30m`, `7d`. The
+//! grammar (parser, formatter and schema pattern) is the one of `distcache-duration`, shared with the CLI and
+//! the hook SDK.
 
 use std::{fmt, str::FromStr, time::Duration};
 
+use distcache_duration::{PATTERN, format_duration, parse_duration};
+
+pub use distcache_duration::ParseDurationError;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A duration parsed from a string of `<number><unit>` parts, units `ms`, `s`, `m`, `h`, `d`
-/// (`1h30m`, `2.5s`). Serialized back in the same notation.
+/// (`1h30m`, `2.5s`; see `distcache_duration`). Serialized back in the same notation, to the millisecond.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DurationString(pub Duration);
-
-/// Why a duration string was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: {reason} (expected e.g. 500ms, 30s, 5m, 1h30m)")]
-pub struct ParseDurationError {
-    input: String,
-    reason: &'static str,
-}
 
 impl DurationString {
     /// The parsed duration.
@@ -35,54 +32,13 @@ impl FromStr for DurationString {
     type Err = ParseDurationError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ParseDurationError { input: input.to_owned(), reason };
-        let mut rest = input.trim();
-        if rest.is_empty() {
-            return Err(err("empty"));
-        }
-        let mut total_ms: f64 = 0.0;
-        while !rest.is_empty() {
-            let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-            if num_end == 0 {
-                return Err(err("expected a number"));
-            }
-            let number: f64 = rest[..num_end].parse().map_err(|_| err("malformed number"))?;
-            rest = &rest[num_end..];
-            let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-            let unit_ms = match &rest[..unit_end] {
-                "ms" => 1.0,
-                "s" => 1_000.0,
-                "m" => 60_000.0,
-                "h" => 3_600_000.0,
-                "d" => 86_400_000.0,
-                "" => return Err(err("missing unit")),
-                _ => return Err(err("unknown unit")),
-            };
-            rest = &rest[unit_end..];
-            total_ms += number * unit_ms;
-        }
-        if !total_ms.is_finite() || total_ms > 1e15 {
-            return Err(err("too large"));
-        }
-        Ok(Self(Duration::from_secs_f64(total_ms / 1000.0)))
+        parse_duration(input).map(Self)
     }
 }
 
 impl fmt::Display for DurationString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let total_ms = self.0.as_millis();
-        if total_ms == 0 {
-            return f.write_str("0s");
-        }
-        let mut ms = total_ms;
-        for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1)]
-        {
-            if ms >= size {
-                write!(f, "{}{unit}", ms / size)?;
-                ms %= size;
-            }
-        }
-        Ok(())
+        fmt::Display::fmt(&format_duration(self.0), f)
     }
 }
 
@@ -112,7 +68,7 @@ impl JsonSchema for DurationString {
         json_schema!({
             "description": "A duration such as 500ms, 30s, 5m, 1h30m or 7d.",
             "type": "string",
-            "pattern": "^([0-9]+(\\.[0-9]+)?(ms|s|m|h|d))+$"
+            "pattern": PATTERN
         })
     }
 }
@@ -140,6 +96,16 @@ mod tests {
         for input in ["", "5", "s", "5x", "1..2s", "-3s"] {
             assert!(input.parse::<DurationString>().is_err(), "{input}");
         }
+    }
+
+    #[test]
+    fn serde_and_schema_follow_the_shared_grammar() {
+        let d: DurationString = serde_json::from_str("\"1h30m\"").expect("valid");
+        assert_eq!(d.get(), Duration::from_mins(90));
+        assert_eq!(serde_json::to_string(&d).ok().as_deref(), Some("\"1h30m\""));
+        assert!(serde_json::from_str::<DurationString>("\"30000\"").is_err());
+        let schema = schemars::schema_for!(DurationString);
+        assert_eq!(schema.get("pattern").and_then(|p| p.as_str()), Some(PATTERN));
     }
 
     #[test]

@@ -10,11 +10,12 @@ use std::{
 use anyhow::Context;
 use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use distcache_api::{ByteSize, DurationString};
+use distcache_api::ByteSize;
 use distcache_client::{
     Client, DEFAULT_ENDPOINT, Error, KeyspaceInfo, Member, MemberEvent, Stats, Value,
     bench::{self, BenchConfig, Phase},
 };
+use distcache_duration::format_duration;
 use futures::StreamExt;
 use serde_json::json;
 
@@ -180,8 +181,10 @@ impl BenchArgs {
     }
 }
 
+/// A `--timeout`, `--ttl`, `--duration` or `--warmup` value: the duration grammar of the CRD and the keyspaces
+/// file (`500ms`, `30s`, `5m`, `1h30m`, `7d`).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    s.parse::<DurationString>().map(DurationString::get).map_err(|e| e.to_string())
+    distcache_duration::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -405,8 +408,8 @@ async fn run_bench(client: &Client, json: bool, args: &BenchArgs) -> anyhow::Res
             match phase {
                 Phase::Preloading { keys } => eprintln!("preloading {keys} keys into {}...", config.keyspace),
                 Phase::WarmingUp(d) if d.is_zero() => {}
-                Phase::WarmingUp(d) => eprintln!("warming up for {}...", DurationString(d)),
-                Phase::Measuring(d) => eprintln!("measuring for {}...", DurationString(d)),
+                Phase::WarmingUp(d) => eprintln!("warming up for {}...", format_duration(d)),
+                Phase::Measuring(d) => eprintln!("measuring for {}...", format_duration(d)),
             }
         }
     };
@@ -435,7 +438,7 @@ fn value_json(keyspace: &str, key: &str, value: &Value) -> String {
 }
 
 fn optional_duration(duration: Option<Duration>) -> String {
-    duration.map_or_else(|| "-".to_owned(), |d| DurationString(d).to_string())
+    duration.map_or_else(|| "-".to_owned(), |d| format_duration(d).to_string())
 }
 
 fn keyspaces_table(keyspaces: &[KeyspaceInfo]) -> String {

@@ -374,25 +374,30 @@ pub fn built_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Minimal HTTP/1.1 GET (the admin server and the origin speak plain HTTP/1.1): status code and body. Gives up
-/// after 5 s, so a server that hangs fails the test with its address instead of hanging it.
+/// HTTP GET of `http://{addr}{path}` (the admin server, the origin, probes): status code and body (lossy
+/// UTF-8). Gives up after 5 s, so a server that hangs fails the test with its address instead of hanging it.
+/// Like the hand-written GET it replaces: redirects are not followed (the status is returned as is), and every
+/// call opens its own connection and closes it after the answer (`Connection: close`, no pool), so nothing
+/// outlives the call, whichever of the tests' many runtimes it ran on.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use anyhow::Context as _;
+    let url = format!("http://{addr}{path}");
     let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(0)
+            .build()?;
+        let response = client.get(&url).header(reqwest::header::CONNECTION, "close").send().await?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await?;
+        anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    let buf = tokio::time::timeout(Duration::from_secs(5), exchange)
+    tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("GET http://{addr}{path}: no answer within 5 s"))??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
+        .map_err(|_| anyhow::anyhow!("GET {url}: no answer within 5 s"))?
+        .with_context(|| format!("GET {url}"))
 }
 
 /// The repository root (the tests crate's parent directory).

@@ -1,5 +1,6 @@
 use std::fmt::Display;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// The keyspace's `hook.config`: string keys and values, as written in the keyspace YAML.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,6 +41,18 @@ impl Config {
             .transpose()
     }
 
+    /// The value of `key` as a duration, in the grammar of the keyspace's own `ttl` or `fetchTimeout`
+    /// (`500ms`, `30s`, `5m`, `1h30m`, `7d`; see [`crate::duration`]): `Ok(None)` when not set, an error naming
+    /// the key and the value when it does not parse.
+    pub fn get_duration(&self, key: &str) -> Result<Option<Duration>, String> {
+        self.get(key)
+            .map(|value| {
+                crate::duration::parse_duration(value)
+                    .map_err(|error| format!("hook config key \"{key}\": {error}"))
+            })
+            .transpose()
+    }
+
     /// All pairs, in the order the host passed them.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
@@ -54,6 +67,8 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Config {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::Config;
 
     #[test]
@@ -70,5 +85,23 @@ mod tests {
         assert_eq!(config.get_parsed::<u64>("missing"), Ok(None));
         assert!(config.get_parsed::<u64>("bad").is_err_and(|e| e.contains("\"bad\"") && e.contains("\"x\"")));
         assert_eq!(config.iter().count(), 4);
+    }
+
+    #[test]
+    fn durations() {
+        let config: Config =
+            [("ttl", "1h30m"), ("timeout", " 250ms "), ("millis", "30000"), ("micros", "10us")]
+                .into_iter()
+                .collect();
+        assert_eq!(config.get_duration("ttl"), Ok(Some(Duration::from_mins(90))));
+        assert_eq!(config.get_duration("timeout"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(config.get_duration("missing"), Ok(None));
+        assert_eq!(
+            config.get_duration("millis"),
+            Err("hook config key \"millis\": invalid duration \"30000\": missing unit \
+                 (expected e.g. 500ms, 30s, 5m, 1h30m)"
+                .to_owned())
+        );
+        assert!(config.get_duration("micros").is_err_and(|e| e.contains("unknown unit \"us\"")));
     }
 }

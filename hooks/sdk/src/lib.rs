@@ -60,6 +60,9 @@ pub mod log;
 mod types;
 
 pub use config::Config;
+/// The duration grammar of DistCache (`500ms`, `30s`, `5m`, `1h30m`, `7d`), the same as the keyspace's `ttl`:
+/// [`Config::get_duration`] reads a config value with it.
+pub use distcache_duration as duration;
 pub use types::{Entry, FetchError};
 
 /// Generated bindings of the `data-source` world. Not part of the public API: use the types re-exported at

@@ -28,16 +28,18 @@
 //! | `header.<Name>` | one request header each, e.g. `header.x-api-key: "..."` (alternative to `headers`) |
 //! | `requireJson` | `"true"` to refuse (as `internal`) a 200 body that is not valid JSON; default `"false"` |
 //!
-//! Durations are Go-style — a sequence of decimal numbers with a unit, `ns`, `us`, `ms`, `s`, `m` or `h`
-//! (`30s`, `5m`, `1h30m`, `1.5s`, `250ms`) — or a bare integer, which is milliseconds (`30000`).
+//! Durations are written like the keyspace's own `ttl`: one or more decimal numbers, each with a unit `ms`,
+//! `s`, `m`, `h` or `d` (`250ms`, `30s`, `5m`, `1h30m`, `1.5s`, `7d`; see `distcache_hook::duration`).
+//!
+//! `requireJson` checks the body with `serde_json` without building it in memory ([`IgnoredAny`]); a hook that
+//! needs the fields would deserialize into its own `#[derive(Deserialize)]` type the same way.
 
-mod duration;
-mod json;
 mod url;
 
 use std::time::Duration;
 
 use distcache_hook::{Config, Entry, FetchError, Hook, http, log};
+use serde::de::IgnoredAny;
 
 /// Longest part of an origin's 400 body quoted in the `invalid-key` message.
 const MAX_QUOTED_BODY: usize = 200;
@@ -67,9 +69,9 @@ impl Hook for HttpJson {
         };
         Ok(HttpJson {
             base_url,
-            ttl: duration_key(config, "ttl")?,
-            not_found_ttl: duration_key(config, "notFoundTtl")?,
-            timeout: duration_key(config, "timeout")?,
+            ttl: config.get_duration("ttl")?,
+            not_found_ttl: config.get_duration("notFoundTtl")?,
+            timeout: config.get_duration("timeout")?,
             headers: headers(config)?,
             require_json,
         })
@@ -97,7 +99,7 @@ impl Hook for HttpJson {
 
         match response.status {
             200 => {
-                if self.require_json && !json::is_valid(&response.body) {
+                if self.require_json && !is_json(&response.body) {
                     return Err(FetchError::internal(
                         "origin answered 200 with a body that is not valid JSON",
                     ));
@@ -124,15 +126,11 @@ impl Hook for HttpJson {
 
 distcache_hook::export_hook!(HttpJson);
 
-fn duration_key(config: &Config, key: &str) -> Result<Option<Duration>, String> {
-    config
-        .get(key)
-        .map(|value| {
-            duration::parse(value).map_err(|error| {
-                format!("hook config key \"{key}\" has an invalid duration \"{value}\": {error}")
-            })
-        })
-        .transpose()
+/// Whether `body` is one JSON value (RFC 8259, UTF-8), optionally surrounded by whitespace. Skipping a value
+/// ([`IgnoredAny`]) allocates nothing per value and does not recurse, so any nesting depth is safe.
+fn is_json(body: &[u8]) -> bool {
+    // `from_str`, not `from_slice`: skipping a string does not check its UTF-8, so check the whole body first.
+    std::str::from_utf8(body).is_ok_and(|text| serde_json::from_str::<IgnoredAny>(text).is_ok())
 }
 
 /// Request headers from `headers` (one `Name: value` per line) and `header.<Name>` keys.
@@ -233,6 +231,68 @@ mod tests {
         assert!(headers(&host).is_err());
         let bad: Config = [("headers", "no colon")].into_iter().collect();
         assert!(headers(&bad).is_err());
+    }
+
+    #[test]
+    fn valid_json() {
+        for text in [
+            "{}",
+            "[]",
+            " {\"id\": 1, \"name\": \"Ada\\n\\u00e9\", \"tags\": [true, false, null], \"x\": -0.5e+3} \n",
+            "\"just a string\"",
+            "0",
+            "[[[]]]",
+            "{\"é\":\"ü\"}",
+        ] {
+            assert!(is_json(text.as_bytes()), "{text:?} is JSON");
+        }
+        assert!(is_json(b"[1e400, -0, 123456789012345678901234567890]"), "any number RFC 8259 allows");
+        assert!(is_json(format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).as_bytes()), "deep is fine");
+    }
+
+    #[test]
+    fn invalid_json() {
+        for text in [
+            "",
+            "{",
+            "{\"a\"}",
+            "{\"a\":1,}",
+            "[1,]",
+            "01",
+            "1.",
+            "-",
+            "tru",
+            "\"\\x\"",
+            "\"a\nb\"",
+            "{} {}",
+            "<html>",
+            "[1 2]",
+            "{a:1}",
+        ] {
+            assert!(!is_json(text.as_bytes()), "{text:?} is not JSON");
+        }
+        assert!(!is_json(&[b'"', 0xff, b'"']), "not UTF-8");
+        assert!(!is_json("[".repeat(10_000).as_bytes()), "unclosed");
+        assert!(!is_json(format!("{}{}", "[".repeat(10_000), "]".repeat(9_999)).as_bytes()), "unbalanced");
+    }
+
+    #[test]
+    fn duration_config() {
+        let config: Config =
+            [("baseUrl", "http://origin:8080/users"), ("ttl", "1h30m"), ("timeout", "250ms")]
+                .into_iter()
+                .collect();
+        let hook = HttpJson::init(&config);
+        assert_eq!(hook.as_ref().err(), None);
+        assert!(hook.is_ok_and(|h| h.ttl == Some(Duration::from_mins(90))
+            && h.timeout == Some(Duration::from_millis(250))
+            && h.not_found_ttl.is_none()));
+        let millis: Config =
+            [("baseUrl", "http://origin:8080"), ("notFoundTtl", "30000")].into_iter().collect();
+        assert!(
+            HttpJson::init(&millis)
+                .is_err_and(|e| e.contains("\"notFoundTtl\"") && e.contains("missing unit"))
+        );
     }
 
     #[test]
