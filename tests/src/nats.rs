@@ -103,7 +103,7 @@ fn nats_server_binary() -> anyhow::Result<PathBuf> {
     on_path.into_iter().chain([PathBuf::from("/usr/sbin/nats-server")]).find(|p| p.is_file()).ok_or_else(
         || {
             anyhow::anyhow!(
-                "nats-server not found: install it (`apt-get install nats-server`, done by .ci/run)"
+                "nats-server not found: install it (`apt-get install nats-server`, or `make setup` as root)"
             )
         },
     )
