@@ -20,6 +20,7 @@ use super::{
     Error,
     apply::PdbOutcome,
     build::{ADMIN_PORT, selector_string},
+    validate::ValidSpec,
 };
 use crate::FIELD_MANAGER;
 
@@ -68,14 +69,13 @@ struct AdminHook {
 pub async fn observe_nodes(
     client: &Client,
     http: &reqwest::Client,
-    dc: &DistCache,
+    valid: &ValidSpec,
 ) -> Result<Vec<NodeReport>, Error> {
-    let namespace = dc.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &valid.namespace);
     let list = pods
-        .list(&ListParams::default().labels(&selector_string(&dc.name_any())))
+        .list(&ListParams::default().labels(&selector_string(&valid.name)))
         .await
-        .map_err(|source| Error::Pods { name: dc.name_any(), source })?;
+        .map_err(|source| Error::Pods { name: valid.name.clone(), source })?;
     let asks = list.items.into_iter().filter(distcache_api::pod_is_serving).map(|pod| async move {
         let name = pod.name_any();
         let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
