@@ -245,7 +245,7 @@ async fn apply_and_observe(
     let observed = status::Observed {
         stateful_set: &applied.stateful_set,
         pdb: applied.pod_disruption_budget,
-        keyspaces: status::keyspace_statuses(dc, &nodes),
+        keyspaces: status::keyspace_statuses(&valid.keyspaces, &nodes),
     };
     let new = status::compute(dc, &observed);
     report_transitions(ctx, dc, &new).await;
