@@ -1,17 +1,19 @@
-//! API types shared by the DistCache node and operator: the `DistCache` custom resource ([`DistCache`]) and the
-//! keyspace specification.
+//! API types shared by the DistCache node and operator: the `DistCache` custom resource ([`DistCache`]), the
+//! keyspace specification and the reports of the node's admin endpoints ([`KeyspacesReport`], [`PeersReport`]).
 //!
 //! [`KeyspaceSpec`] is both an entry of the node's keyspaces file and an element of `DistCache.spec.keyspaces`,
 //! so the CRD field and the file the operator writes into the keyspace ConfigMap are one type: what validates
 //! here validates everywhere. Sizes are Kubernetes quantities ([`ByteSize`]) and durations are Go-style strings
 //! ([`DurationString`]), as Kubernetes users write them.
 
+mod admin;
 mod distcache;
 mod duration;
 mod keyspace;
 mod pod;
 mod quantity;
 
+pub use admin::{KeyspaceCounters, KeyspaceReport, KeyspacesReport, LocalNode, PeerReport, PeersReport};
 pub use distcache::{
     DEFAULT_REPLICAS, DiscoverySpec, DistCache, DistCacheSpec, DistCacheStatus, DnsDiscoverySpec, GROUP,
     HookState, ImageSpec, KeyspaceStatus, KubernetesDiscoverySpec, MAX_REPLICAS, NatsDiscoverySpec,

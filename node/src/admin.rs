@@ -1,9 +1,13 @@
 //! Admin HTTP on port 7421: `/healthz` (the process runs), `/readyz` (keyspaces loaded, membership known, not
-//! stopping), `/metrics` (Prometheus text), `/admin/peers` and `/admin/keyspaces` (JSON).
+//! stopping), `/metrics` (Prometheus text), `/admin/peers` and `/admin/keyspaces` (JSON: the report types of
+//! `distcache-api`, which the operator reads with the same types).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::{
@@ -13,9 +17,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde_json::json;
+use distcache_api::{KeyspaceCounters, KeyspaceReport, KeyspacesReport, LocalNode, PeerReport, PeersReport};
+use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, KeyspaceStats};
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -91,53 +96,98 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     }
 }
 
-async fn peers(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+/// Answers with a report as JSON. Through a `serde_json::Value`, whose objects keep their keys sorted: the bytes
+/// these endpoints have always sent, whatever the order of the report's fields.
+fn json_report(report: &impl Serialize) -> Response {
+    match serde_json::to_value(report) {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to encode the report: {e}\n")).into_response()
+        }
+    }
+}
+
+async fn peers(State(s): State<Arc<AdminState>>) -> Response {
     let membership = s.engine.membership();
     let local = membership.local();
-    let members: Vec<_> = membership
+    let members = membership
         .ring()
         .members()
         .iter()
-        .map(|m| json!({ "name": m.name, "address": m.address, "local": m.name == local.name }))
+        .map(|m| PeerReport { name: m.name.clone(), address: m.address.clone(), local: m.name == local.name })
         .collect();
-    Json(json!({
-        "local": { "name": local.name, "address": local.address },
-        "discovery": s.discovery,
-        "discoveryProblem": s.discovery_status.current(),
-        "known": membership.is_known(),
-        "members": members,
-    }))
+    json_report(&PeersReport {
+        local: LocalNode { name: local.name.clone(), address: local.address.clone() },
+        discovery: s.discovery.to_owned(),
+        discovery_problem: s.discovery_status.current(),
+        known: membership.is_known(),
+        members,
+    })
 }
 
-async fn keyspaces(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+/// Milliseconds of a duration, saturating (a keyspace's durations are far below 2^64 ms).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The engine's counters as the report carries them; destructured so that a new counter is not forgotten here.
+fn counters(stats: &KeyspaceStats) -> KeyspaceCounters {
+    let KeyspaceStats {
+        name,
+        hits,
+        hot_hits,
+        misses,
+        source_fetches,
+        entries,
+        bytes,
+        evictions,
+        forwarded,
+        owner_fallbacks,
+    } = stats;
+    KeyspaceCounters {
+        name: name.clone(),
+        hits: *hits,
+        hot_hits: *hot_hits,
+        misses: *misses,
+        source_fetches: *source_fetches,
+        entries: *entries,
+        bytes: *bytes,
+        evictions: *evictions,
+        forwarded: *forwarded,
+        owner_fallbacks: *owner_fallbacks,
+    }
+}
+
+async fn keyspaces(State(s): State<Arc<AdminState>>) -> Response {
     let ks = s.engine.keyspaces();
     let stats = s.engine.stats(None).unwrap_or_default();
-    let list: Vec<_> = ks
+    let keyspaces = ks
         .all()
         .iter()
         .map(|rt| {
             let c = &rt.config;
-            json!({
-                "name": c.name,
-                "maxBytes": c.max_bytes,
-                "ttlMs": c.ttl.map(|d| d.as_millis()),
-                "negativeTtlMs": c.negative_ttl.map(|d| d.as_millis()),
-                "fetchTimeoutMs": c.fetch_timeout.as_millis(),
-                "maxValueBytes": c.max_value_bytes,
-                "readThrough": rt.source.is_some(),
-                "hook": rt.source.as_ref().map(|s| s.describe()),
-                "spec": c.spec,
-                "stats": stats.iter().find(|st| st.name == c.name),
-            })
+            KeyspaceReport {
+                name: c.name.clone(),
+                max_bytes: c.max_bytes,
+                ttl_ms: c.ttl.map(millis),
+                negative_ttl_ms: c.negative_ttl.map(millis),
+                fetch_timeout_ms: millis(c.fetch_timeout),
+                max_value_bytes: c.max_value_bytes,
+                read_through: rt.source.is_some(),
+                // A source with nothing to say describes itself as null, which the report writes as null too.
+                hook: rt.source.as_ref().map(|s| s.describe()).filter(|d| !d.is_null()),
+                spec: c.spec.clone(),
+                stats: stats.iter().find(|st| st.name == c.name).map(counters),
+            }
         })
         .collect();
     let reload = ks.status();
-    Json(json!({
-        "file": reload.file,
-        "appliedAt": reload.applied_at,
-        "lastError": reload.last_error,
-        "reloadsApplied": s.engine.metrics().reloads("applied"),
-        "reloadsRefused": s.engine.metrics().reloads("refused"),
-        "keyspaces": list,
-    }))
+    json_report(&KeyspacesReport {
+        file: reload.file.map(|f| f.display().to_string()),
+        applied_at: reload.applied_at,
+        last_error: reload.last_error,
+        reloads_applied: s.engine.metrics().reloads("applied"),
+        reloads_refused: s.engine.metrics().reloads("refused"),
+        keyspaces,
+    })
 }

@@ -1,6 +1,7 @@
 //! The DistCache controller: watches DistCaches and the objects they own, and reconciles each as
-//! validate → build → apply → status (one module each). `validate` and `build` are pure; `apply` and `status`
-//! talk to the API server (and `status` to the nodes' admin endpoints).
+//! validate → build → apply → status (one module each). `validate` parses the DistCache into a typed
+//! [`validate::ValidSpec`], the only input of `build`; both are pure. `apply` and `status` talk to the API server
+//! (and `status` to the nodes' admin endpoints).
 //!
 //! Requeue policy: settled → after 5 minutes; rolling or scaling → after 5 seconds; a keyspace loading or refused
 //! on some node → after 15 seconds;
@@ -22,7 +23,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Service},
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource,
     core::DeserializeGuard,
     runtime::{
         Controller,
@@ -199,7 +200,7 @@ async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -
         return Ok(Action::await_change());
     }
     let _timer = ctx.metrics.reconcile_timer();
-    let valid = match validate::validate(&dc.name_any(), &dc.spec) {
+    let valid = match validate::validate(dc) {
         Ok(valid) => valid,
         Err(problems) => {
             ctx.event(dc, EventType::Warning, "InvalidSpec", problems.to_string()).await;
@@ -237,15 +238,14 @@ async fn apply_and_observe(
     ctx: &Context,
 ) -> Result<Action, Error> {
     let pdb_api = ctx.capabilities.pdb_api().await.map_err(Error::Discovery)?;
-    let objects = build::build(dc, valid, &ctx.build);
-    let namespace = dc.namespace().unwrap_or_default();
-    let uid = dc.metadata.uid.clone().unwrap_or_default();
-    let applied = apply::apply_all(&ctx.client, &namespace, &uid, &objects, pdb_api).await?;
-    let nodes = status::observe_nodes(&ctx.client, &ctx.http, dc).await?;
+    let objects = build::build(valid, &ctx.build);
+    let applied =
+        apply::apply_all(&ctx.client, &valid.namespace, &valid.owner.uid, &objects, pdb_api).await?;
+    let nodes = status::observe_nodes(&ctx.client, &ctx.http, valid).await?;
     let observed = status::Observed {
         stateful_set: &applied.stateful_set,
         pdb: applied.pod_disruption_budget,
-        keyspaces: status::keyspace_statuses(dc, &nodes),
+        keyspaces: status::keyspace_statuses(&valid.keyspaces, &nodes),
     };
     let new = status::compute(dc, &observed);
     report_transitions(ctx, dc, &new).await;

@@ -1,10 +1,10 @@
-//! Builds the objects a DistCache owns from its (validated) spec. Pure: no IO; the result is what server-side
-//! apply sends, so only fields set here are owned by the operator, and only fields a Kubernetes 1.20 API server
-//! knows are ever set.
+//! Builds the objects a DistCache owns from its validated spec ([`ValidSpec`], never the raw DistCache: what
+//! did not pass validation cannot be built). Pure: no IO; the result is what server-side apply sends, so only
+//! fields set here are owned by the operator, and only fields a Kubernetes 1.20 API server knows are ever set.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use distcache_api::{DistCache, KeyspacesFile};
+use distcache_api::KeyspacesFile;
 use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
@@ -22,9 +22,8 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
-use kube::{Resource, ResourceExt};
 
-use super::validate::ValidSpec;
+use super::validate::{Discovery, Image, PdbPolicy, ValidSpec};
 use crate::labels;
 
 /// gRPC port of the nodes (Cache, Peer, health, reflection).
@@ -108,22 +107,21 @@ fn common_labels(name: &str) -> BTreeMap<String, String> {
     l
 }
 
-fn metadata(dc: &DistCache, name: String) -> ObjectMeta {
+fn metadata(valid: &ValidSpec, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
-        namespace: dc.namespace(),
-        labels: Some(common_labels(&dc.name_any())),
-        owner_references: dc.controller_owner_ref(&()).map(|r| vec![r]),
+        namespace: Some(valid.namespace.clone()),
+        labels: Some(common_labels(&valid.name)),
+        owner_references: Some(vec![valid.owner.clone()]),
         ..ObjectMeta::default()
     }
 }
 
 /// The image reference for the nodes: `spec.image` over the operator's default.
-pub fn node_image(dc: &DistCache, config: &BuildConfig) -> String {
+pub fn node_image(image: &Image, config: &BuildConfig) -> String {
     let (default_repo, default_tag) = split_image(&config.node_image);
-    let spec = dc.spec.image.clone().unwrap_or_default();
-    let repo = spec.repository.unwrap_or_else(|| default_repo.to_owned());
-    match spec.tag.or_else(|| default_tag.map(str::to_owned)) {
+    let repo = image.repository.clone().unwrap_or_else(|| default_repo.to_owned());
+    match image.tag.clone().or_else(|| default_tag.map(str::to_owned)) {
         Some(tag) => format!("{repo}:{tag}"),
         None => repo,
     }
@@ -138,11 +136,11 @@ fn split_image(image: &str) -> (&str, Option<&str>) {
 }
 
 /// The ConfigMaps holding hook modules, sorted and without duplicates.
-pub fn module_config_maps(dc: &DistCache) -> BTreeSet<String> {
-    dc.spec
+pub fn module_config_maps(valid: &ValidSpec) -> BTreeSet<String> {
+    valid
         .keyspaces
         .iter()
-        .filter_map(|k| k.hook.as_ref()?.module.config_map.as_ref().map(|c| c.name.clone()))
+        .filter_map(|k| k.spec.hook.as_ref()?.module.config_map.as_ref().map(|c| c.name.clone()))
         .collect()
 }
 
@@ -157,18 +155,17 @@ fn module_volume_name(config_map: &str) -> String {
     format!("module-{hash:016x}")
 }
 
-/// Builds every owned object. `valid` is the spec's validation result (the keyspaces are written as given).
-pub fn build(dc: &DistCache, _valid: &ValidSpec, config: &BuildConfig) -> Objects {
-    let name = dc.name_any();
-    let node_account = format!("{name}-node");
+/// Builds every owned object from the validated DistCache (the keyspaces are written as given).
+pub fn build(valid: &ValidSpec, config: &BuildConfig) -> Objects {
+    let node_account = format!("{}-node", valid.name);
     Objects {
-        config_map: keyspaces_config_map(dc),
+        config_map: keyspaces_config_map(valid),
         service_account: ServiceAccount {
-            metadata: metadata(dc, node_account.clone()),
+            metadata: metadata(valid, node_account.clone()),
             ..ServiceAccount::default()
         },
         role: Role {
-            metadata: metadata(dc, node_account.clone()),
+            metadata: metadata(valid, node_account.clone()),
             rules: Some(vec![PolicyRule {
                 api_groups: Some(vec![String::new()]),
                 resources: Some(vec!["pods".to_owned()]),
@@ -177,7 +174,7 @@ pub fn build(dc: &DistCache, _valid: &ValidSpec, config: &BuildConfig) -> Object
             }]),
         },
         role_binding: RoleBinding {
-            metadata: metadata(dc, node_account.clone()),
+            metadata: metadata(valid, node_account.clone()),
             role_ref: RoleRef {
                 api_group: "rbac.authorization.k8s.io".to_owned(),
                 kind: "Role".to_owned(),
@@ -186,28 +183,27 @@ pub fn build(dc: &DistCache, _valid: &ValidSpec, config: &BuildConfig) -> Object
             subjects: Some(vec![Subject {
                 kind: "ServiceAccount".to_owned(),
                 name: node_account,
-                namespace: dc.namespace(),
+                namespace: Some(valid.namespace.clone()),
                 ..Subject::default()
             }]),
         },
-        peers_service: peers_service(dc),
-        client_service: client_service(dc),
-        stateful_set: stateful_set(dc, config),
-        pod_disruption_budget: pod_disruption_budget(dc),
+        peers_service: peers_service(valid),
+        client_service: client_service(valid),
+        stateful_set: stateful_set(valid, config),
+        pod_disruption_budget: pod_disruption_budget(valid),
     }
 }
 
-fn keyspaces_config_map(dc: &DistCache) -> ConfigMap {
-    let file = KeyspacesFile { keyspaces: dc.spec.keyspaces.clone() };
+fn keyspaces_config_map(valid: &ValidSpec) -> ConfigMap {
+    let file = KeyspacesFile { keyspaces: valid.keyspaces.iter().map(|k| k.spec.clone()).collect() };
     // Serializing plain data types cannot fail; an empty file would still be a valid (empty) keyspaces file.
     let body = serde_yaml::to_string(&file).unwrap_or_else(|_| "keyspaces: []\n".to_owned());
     let text = format!(
         "# Written by distcache-operator from DistCache {}/{}: edit spec.keyspaces of the DistCache, not this file.\n{body}",
-        dc.namespace().unwrap_or_default(),
-        dc.name_any()
+        valid.namespace, valid.name
     );
     ConfigMap {
-        metadata: metadata(dc, format!("{}-keyspaces", dc.name_any())),
+        metadata: metadata(valid, format!("{}-keyspaces", valid.name)),
         data: Some(BTreeMap::from([(KEYSPACES_KEY.to_owned(), text)])),
         ..ConfigMap::default()
     }
@@ -224,13 +220,13 @@ fn grpc_port() -> ServicePort {
     }
 }
 
-fn peers_service(dc: &DistCache) -> Service {
+fn peers_service(valid: &ValidSpec) -> Service {
     Service {
-        metadata: metadata(dc, format!("{}-peers", dc.name_any())),
+        metadata: metadata(valid, format!("{}-peers", valid.name)),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(false),
-            selector: Some(selector_labels(&dc.name_any())),
+            selector: Some(selector_labels(&valid.name)),
             ports: Some(vec![grpc_port()]),
             ..ServiceSpec::default()
         }),
@@ -238,16 +234,16 @@ fn peers_service(dc: &DistCache) -> Service {
     }
 }
 
-fn client_service(dc: &DistCache) -> Service {
-    let mut meta = metadata(dc, dc.name_any());
-    if !dc.spec.service.annotations.is_empty() {
-        meta.annotations = Some(dc.spec.service.annotations.clone());
+fn client_service(valid: &ValidSpec) -> Service {
+    let mut meta = metadata(valid, valid.name.clone());
+    if !valid.service.annotations.is_empty() {
+        meta.annotations = Some(valid.service.annotations.clone());
     }
     Service {
         metadata: meta,
         spec: Some(ServiceSpec {
-            type_: Some(dc.spec.service.type_.clone().unwrap_or_else(|| "ClusterIP".to_owned())),
-            selector: Some(selector_labels(&dc.name_any())),
+            type_: Some(valid.service.type_.as_str().to_owned()),
+            selector: Some(selector_labels(&valid.name)),
             ports: Some(vec![grpc_port()]),
             ..ServiceSpec::default()
         }),
@@ -255,22 +251,19 @@ fn client_service(dc: &DistCache) -> Service {
     }
 }
 
-fn pod_disruption_budget(dc: &DistCache) -> Option<PodDisruptionBudget> {
-    let spec = &dc.spec.pod_disruption_budget;
-    if !spec.enabled {
-        return None;
-    }
-    let max_unavailable = match (&spec.min_available, &spec.max_unavailable) {
-        (None, None) => Some(IntOrString::Int(1)),
-        (_, m) => m.clone(),
+fn pod_disruption_budget(valid: &ValidSpec) -> Option<PodDisruptionBudget> {
+    let (max_unavailable, min_available) = match &valid.pod_disruption_budget {
+        PdbPolicy::Disabled => return None,
+        PdbPolicy::MaxUnavailable(max) => (Some(max.clone()), None),
+        PdbPolicy::MinAvailable(min) => (None, Some(min.clone())),
     };
     Some(PodDisruptionBudget {
-        metadata: metadata(dc, dc.name_any()),
+        metadata: metadata(valid, valid.name.clone()),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable,
-            min_available: spec.min_available.clone(),
+            min_available,
             selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(&dc.name_any())),
+                match_labels: Some(selector_labels(&valid.name)),
                 ..LabelSelector::default()
             }),
             ..PodDisruptionBudgetSpec::default()
@@ -298,37 +291,32 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
 }
 
 /// The node's discovery setting (`DISTCACHE_DISCOVERY`, YAML flow syntax, which JSON is).
-fn discovery_env(dc: &DistCache, config: &BuildConfig) -> String {
-    let name = dc.name_any();
-    let namespace = dc.namespace().unwrap_or_default();
-    let d = &dc.spec.discovery;
-    let value = if let Some(nats) = &d.nats {
-        serde_json::json!({ "nats": {
-            "url": nats.url,
-            "subject": nats.subject.clone().unwrap_or_else(|| format!("distcache.{namespace}.{name}")),
-        }})
-    } else if let Some(dns) = &d.dns {
-        let mut v = serde_json::json!({ "dns": {
-            "name": format!("{name}-peers.{namespace}.svc.{}", config.cluster_domain),
-            "port": GRPC_PORT,
-        }});
-        if let Some(interval) = dns.interval {
-            v["dns"]["interval"] = interval.to_string().into();
+fn discovery_env(valid: &ValidSpec, config: &BuildConfig) -> String {
+    let (name, namespace) = (&valid.name, &valid.namespace);
+    let value = match &valid.discovery {
+        Discovery::Nats { url, subject } => serde_json::json!({ "nats": { "url": url, "subject": subject } }),
+        Discovery::Dns { interval } => {
+            let mut v = serde_json::json!({ "dns": {
+                "name": format!("{name}-peers.{namespace}.svc.{}", config.cluster_domain),
+                "port": GRPC_PORT,
+            }});
+            if let Some(interval) = interval {
+                v["dns"]["interval"] = interval.to_string().into();
+            }
+            v
         }
-        v
-    } else {
-        serde_json::json!({ "kubernetes": {
+        Discovery::Kubernetes => serde_json::json!({ "kubernetes": {
             "namespace": namespace,
-            "labelSelector": selector_string(&name),
+            "labelSelector": selector_string(name),
             "portName": "grpc",
-        }})
+        }}),
     };
     value.to_string()
 }
 
 /// The node pod's volumes and the container's mounts: keyspaces file, hook cache, one per module ConfigMap.
-fn volumes(dc: &DistCache) -> (Vec<Volume>, Vec<VolumeMount>) {
-    let name = dc.name_any();
+fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let name = &valid.name;
     let mut volumes = vec![
         Volume {
             name: "keyspaces".to_owned(),
@@ -357,7 +345,7 @@ fn volumes(dc: &DistCache) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         },
     ];
-    for cm in module_config_maps(dc) {
+    for cm in module_config_maps(valid) {
         let volume = module_volume_name(&cm);
         volumes.push(Volume {
             name: volume.clone(),
@@ -379,7 +367,7 @@ fn volumes(dc: &DistCache) -> (Vec<Volume>, Vec<VolumeMount>) {
     (volumes, mounts)
 }
 
-fn node_container(dc: &DistCache, config: &BuildConfig, mounts: Vec<VolumeMount>) -> Container {
+fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMount>) -> Container {
     let bind = if config.listen_on_pod_ip { "$(POD_IP)" } else { "0.0.0.0" };
     let admin_probe = |path: &str| HTTPGetAction {
         path: Some(path.to_owned()),
@@ -388,8 +376,8 @@ fn node_container(dc: &DistCache, config: &BuildConfig, mounts: Vec<VolumeMount>
     };
     Container {
         name: CONTAINER.to_owned(),
-        image: Some(node_image(dc, config)),
-        image_pull_policy: dc.spec.image.as_ref().and_then(|i| i.pull_policy.clone()),
+        image: Some(node_image(&valid.image, config)),
+        image_pull_policy: valid.image.pull_policy.map(|p| p.as_str().to_owned()),
         env: Some(vec![
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -398,7 +386,7 @@ fn node_container(dc: &DistCache, config: &BuildConfig, mounts: Vec<VolumeMount>
             env("DISTCACHE_LISTEN", format!("{bind}:{GRPC_PORT}")),
             env("DISTCACHE_ADVERTISE", format!("$(POD_IP):{GRPC_PORT}")),
             env("DISTCACHE_ADMIN", format!("{bind}:{ADMIN_PORT}")),
-            env("DISTCACHE_DISCOVERY", discovery_env(dc, config)),
+            env("DISTCACHE_DISCOVERY", discovery_env(valid, config)),
             env("DISTCACHE_KEYSPACES_FILE", format!("{KEYSPACES_DIR}/{KEYSPACES_KEY}")),
             env("DISTCACHE_HOOKS__CACHE_DIR", HOOK_CACHE_DIR),
             env("DISTCACHE_HOOKS__CONFIG_MAP_DIR", MODULES_DIR),
@@ -434,7 +422,7 @@ fn node_container(dc: &DistCache, config: &BuildConfig, mounts: Vec<VolumeMount>
             failure_threshold: Some(3),
             ..Probe::default()
         }),
-        resources: dc.spec.resources.clone(),
+        resources: valid.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -449,11 +437,11 @@ fn node_container(dc: &DistCache, config: &BuildConfig, mounts: Vec<VolumeMount>
     }
 }
 
-fn stateful_set(dc: &DistCache, config: &BuildConfig) -> StatefulSet {
-    let name = dc.name_any();
-    let (volumes, mounts) = volumes(dc);
-    let container = node_container(dc, config, mounts);
-    let scheduling = dc.spec.scheduling.clone().unwrap_or_default();
+fn stateful_set(valid: &ValidSpec, config: &BuildConfig) -> StatefulSet {
+    let name = &valid.name;
+    let (volumes, mounts) = volumes(valid);
+    let container = node_container(valid, config, mounts);
+    let scheduling = valid.scheduling.clone();
     let some_vec = |v: Vec<_>| if v.is_empty() { None } else { Some(v) };
     let pod = PodSpec {
         service_account_name: Some(format!("{name}-node")),
@@ -487,9 +475,9 @@ fn stateful_set(dc: &DistCache, config: &BuildConfig) -> StatefulSet {
         ..PodSpec::default()
     };
     StatefulSet {
-        metadata: metadata(dc, name.clone()),
+        metadata: metadata(valid, name.clone()),
         spec: Some(StatefulSetSpec {
-            replicas: Some(dc.spec.replicas),
+            replicas: Some(valid.replicas),
             service_name: Some(format!("{name}-peers")),
             // Pods start and stop in parallel when scaling; a changed template still rolls one pod at a time
             // (highest ordinal first), each replaced pod Ready before the next goes.
@@ -499,12 +487,9 @@ fn stateful_set(dc: &DistCache, config: &BuildConfig) -> StatefulSet {
                 ..StatefulSetUpdateStrategy::default()
             }),
             revision_history_limit: Some(10),
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(&name)),
-                ..LabelSelector::default()
-            },
+            selector: LabelSelector { match_labels: Some(selector_labels(name)), ..LabelSelector::default() },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(common_labels(&name)), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta { labels: Some(common_labels(name)), ..ObjectMeta::default() }),
                 spec: Some(pod),
             },
             ..StatefulSetSpec::default()
@@ -515,8 +500,10 @@ fn stateful_set(dc: &DistCache, config: &BuildConfig) -> StatefulSet {
 
 #[cfg(test)]
 mod tests {
+    use distcache_api::DistCache;
+
     use super::*;
-    use crate::controller::validate::validate;
+    use crate::controller::validate::{PullPolicy, ServiceType, validate};
 
     fn dc(yaml: &str) -> DistCache {
         let mut dc: DistCache = serde_yaml::from_str(yaml).expect("fixture parses");
@@ -524,8 +511,12 @@ mod tests {
         dc
     }
 
+    fn valid(dc: &DistCache) -> ValidSpec {
+        validate(dc).expect("valid")
+    }
+
     fn objects(dc: &DistCache, config: &BuildConfig) -> Objects {
-        build(dc, &validate(&dc.name_any(), &dc.spec).expect("valid"), config)
+        build(&valid(dc), config)
     }
 
     const DEMO: &str = r"
@@ -600,12 +591,12 @@ spec:
             ..BuildConfig::default()
         };
         let mut d = dc(DEMO);
-        assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.3");
+        assert_eq!(node_image(&valid(&d).image, &config), "registry:5000/dc/distcache-node:1.2.3");
         d.spec.image = Some(distcache_api::ImageSpec { tag: Some("1.2.4".to_owned()), ..Default::default() });
-        assert_eq!(node_image(&d, &config), "registry:5000/dc/distcache-node:1.2.4");
+        assert_eq!(node_image(&valid(&d).image, &config), "registry:5000/dc/distcache-node:1.2.4");
         let config = BuildConfig { node_image: "localhost:5000/node".to_owned(), ..BuildConfig::default() };
         d.spec.image = None;
-        assert_eq!(node_image(&d, &config), "localhost:5000/node");
+        assert_eq!(node_image(&valid(&d).image, &config), "localhost:5000/node");
     }
 
     #[test]
@@ -613,7 +604,7 @@ spec:
         let mut d = dc(DEMO);
         let config = BuildConfig::default();
         let env_of = |d: &DistCache| -> String {
-            let set = stateful_set(d, &config);
+            let set = stateful_set(&valid(d), &config);
             let pod = set.spec.expect("spec").template.spec.expect("pod");
             let env = pod.containers[0].env.clone().expect("env");
             env.into_iter().find(|e| e.name == "DISTCACHE_DISCOVERY").and_then(|e| e.value).expect("set")
@@ -632,5 +623,75 @@ spec:
         let mut d = dc(DEMO);
         d.spec.pod_disruption_budget.enabled = false;
         assert!(objects(&d, &BuildConfig::default()).pod_disruption_budget.is_none());
+    }
+
+    fn container(o: &Objects) -> Container {
+        let pod = o.stateful_set.spec.clone().expect("spec").template.spec.expect("pod");
+        pod.containers[0].clone()
+    }
+
+    #[test]
+    fn typed_settings_reach_the_objects_as_kubernetes_spells_them() {
+        let mut d = dc(DEMO);
+        let config = BuildConfig::default();
+        let o = objects(&d, &config);
+        assert_eq!(container(&o).image_pull_policy, None, "Kubernetes' default for the tag");
+        let service_type = |o: &Objects| o.client_service.spec.clone().and_then(|s| s.type_);
+        assert_eq!(service_type(&o).as_deref(), Some("ClusterIP"));
+        for (policy, text) in [
+            (PullPolicy::Always, "Always"),
+            (PullPolicy::IfNotPresent, "IfNotPresent"),
+            (PullPolicy::Never, "Never"),
+        ] {
+            d.spec.image =
+                Some(distcache_api::ImageSpec { pull_policy: Some(text.to_owned()), ..Default::default() });
+            let v = valid(&d);
+            assert_eq!(v.image.pull_policy, Some(policy));
+            assert_eq!(container(&build(&v, &config)).image_pull_policy.as_deref(), Some(text));
+        }
+        for (type_, text) in [
+            (ServiceType::ClusterIp, "ClusterIP"),
+            (ServiceType::NodePort, "NodePort"),
+            (ServiceType::LoadBalancer, "LoadBalancer"),
+        ] {
+            d.spec.service.type_ = Some(text.to_owned());
+            let v = valid(&d);
+            assert_eq!(v.service.type_, type_);
+            assert_eq!(service_type(&build(&v, &config)).as_deref(), Some(text));
+        }
+    }
+
+    #[test]
+    fn pdb_policy_sets_exactly_one_bound() {
+        let mut d = dc(DEMO);
+        let bounds = |d: &DistCache| {
+            let spec = objects(d, &BuildConfig::default()).pod_disruption_budget.expect("enabled").spec;
+            let spec = spec.expect("spec");
+            (spec.max_unavailable, spec.min_available)
+        };
+        assert_eq!(bounds(&d), (Some(IntOrString::Int(1)), None));
+        d.spec.pod_disruption_budget.min_available = Some(IntOrString::String("50%".to_owned()));
+        assert_eq!(bounds(&d), (None, Some(IntOrString::String("50%".to_owned()))));
+        d.spec.pod_disruption_budget.min_available = None;
+        d.spec.pod_disruption_budget.max_unavailable = Some(IntOrString::Int(2));
+        assert_eq!(bounds(&d), (Some(IntOrString::Int(2)), None));
+    }
+
+    #[test]
+    fn every_object_goes_to_the_distcache_namespace() {
+        let o = objects(&dc(DEMO), &BuildConfig::default());
+        let namespaces = [
+            &o.config_map.metadata,
+            &o.service_account.metadata,
+            &o.role.metadata,
+            &o.role_binding.metadata,
+            &o.peers_service.metadata,
+            &o.client_service.metadata,
+            &o.stateful_set.metadata,
+        ]
+        .map(|m| m.namespace.as_deref());
+        assert_eq!(namespaces, [Some("apps"); 7]);
+        let subjects = o.role_binding.subjects.expect("subjects");
+        assert_eq!(subjects[0].namespace.as_deref(), Some("apps"));
     }
 }

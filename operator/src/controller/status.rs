@@ -4,7 +4,9 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use distcache_api::{DistCache, DistCacheStatus, HookState, KeyspaceStatus};
+use distcache_api::{
+    DistCache, DistCacheStatus, HookState, KeyspaceSpec, KeyspaceStatus, KeyspacesReport, ValidKeyspace,
+};
 use k8s_openapi::{
     api::{apps::v1::StatefulSet, core::v1::Pod},
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -14,12 +16,12 @@ use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams},
 };
-use serde::Deserialize;
 
 use super::{
     Error,
     apply::PdbOutcome,
     build::{ADMIN_PORT, selector_string},
+    validate::ValidSpec,
 };
 use crate::FIELD_MANAGER;
 
@@ -36,46 +38,43 @@ pub struct NodeReport {
     /// Pod name.
     pub pod: String,
     /// Keyspaces served: name → (spec as served, module sha256).
-    pub keyspaces: BTreeMap<String, (serde_json::Value, Option<String>)>,
+    pub keyspaces: BTreeMap<String, (KeyspaceSpec, Option<String>)>,
     /// The node's last refused keyspaces reload, if the refusal still stands.
     pub last_error: Option<String>,
     /// Why the node could not be asked (it then counts as not loaded).
     pub unreachable: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AdminKeyspaces {
-    last_error: Option<String>,
-    keyspaces: Vec<AdminKeyspace>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AdminKeyspace {
-    name: String,
-    spec: serde_json::Value,
-    hook: Option<AdminHook>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AdminHook {
-    module_sha256: Option<String>,
+impl NodeReport {
+    /// What the node at `pod` answered on `/admin/keyspaces`.
+    pub fn answered(pod: String, report: KeyspacesReport) -> Self {
+        Self {
+            pod,
+            keyspaces: report
+                .keyspaces
+                .into_iter()
+                .map(|k| {
+                    let sha = k.module_sha256().map(str::to_owned);
+                    (k.name, (k.spec, sha))
+                })
+                .collect(),
+            last_error: report.last_error,
+            unreachable: None,
+        }
+    }
 }
 
 /// Asks every Ready node pod of the DistCache for its keyspaces (1 s timeout each, all at once).
 pub async fn observe_nodes(
     client: &Client,
     http: &reqwest::Client,
-    dc: &DistCache,
+    valid: &ValidSpec,
 ) -> Result<Vec<NodeReport>, Error> {
-    let namespace = dc.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &valid.namespace);
     let list = pods
-        .list(&ListParams::default().labels(&selector_string(&dc.name_any())))
+        .list(&ListParams::default().labels(&selector_string(&valid.name)))
         .await
-        .map_err(|source| Error::Pods { name: dc.name_any(), source })?;
+        .map_err(|source| Error::Pods { name: valid.name.clone(), source })?;
     let asks = list.items.into_iter().filter(distcache_api::pod_is_serving).map(|pod| async move {
         let name = pod.name_any();
         let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
@@ -89,19 +88,10 @@ pub async fn observe_nodes(
         let url = format!("http://{host}:{ADMIN_PORT}/admin/keyspaces");
         let answer = async {
             let response = http.get(&url).timeout(Duration::from_secs(1)).send().await?.error_for_status()?;
-            response.json::<AdminKeyspaces>().await
+            response.json::<KeyspacesReport>().await
         };
         match answer.await {
-            Ok(a) => NodeReport {
-                pod: name,
-                keyspaces: a
-                    .keyspaces
-                    .into_iter()
-                    .map(|k| (k.name, (k.spec, k.hook.and_then(|h| h.module_sha256))))
-                    .collect(),
-                last_error: a.last_error,
-                unreachable: None,
-            },
+            Ok(report) => NodeReport::answered(name, report),
             Err(e) => {
                 NodeReport { pod: name, unreachable: Some(format!("{url}: {e}")), ..NodeReport::default() }
             }
@@ -110,17 +100,16 @@ pub async fn observe_nodes(
     Ok(futures::future::join_all(asks).await)
 }
 
-/// The hook state of each keyspace of the spec on the nodes.
-pub fn keyspace_statuses(dc: &DistCache, nodes: &[NodeReport]) -> Vec<KeyspaceStatus> {
-    dc.spec
-        .keyspaces
+/// The hook state of each keyspace of the validated spec on the nodes. A node serves a keyspace when it serves
+/// exactly the spec the DistCache asks for.
+pub fn keyspace_statuses(keyspaces: &[ValidKeyspace], nodes: &[NodeReport]) -> Vec<KeyspaceStatus> {
+    keyspaces
         .iter()
-        .map(|ks| {
-            let want = serde_json::to_value(ks).unwrap_or_default();
+        .map(|ValidKeyspace { spec: want, .. }| {
             let serving: Vec<&Option<String>> = nodes
                 .iter()
                 .filter_map(|n| {
-                    n.keyspaces.get(&ks.name).filter(|(spec, _)| *spec == want).map(|(_, sha)| sha)
+                    n.keyspaces.get(&want.name).filter(|(spec, _)| spec == want).map(|(_, sha)| sha)
                 })
                 .collect();
             let loaded = serving.len();
@@ -130,7 +119,7 @@ pub fn keyspace_statuses(dc: &DistCache, nodes: &[NodeReport]) -> Vec<KeyspaceSt
                 .filter(|s| serving.iter().all(|o| o.as_ref() == Some(s)));
             let missing: Vec<&NodeReport> = nodes
                 .iter()
-                .filter(|n| n.keyspaces.get(&ks.name).is_none_or(|(spec, _)| *spec != want))
+                .filter(|n| n.keyspaces.get(&want.name).is_none_or(|(spec, _)| spec != want))
                 .collect();
             let refused =
                 missing.iter().find_map(|n| n.last_error.as_ref().map(|e| format!("{}: {e}", n.pod)));
@@ -140,13 +129,13 @@ pub fn keyspace_statuses(dc: &DistCache, nodes: &[NodeReport]) -> Vec<KeyspaceSt
                 HookState::Failed
             } else if !missing.is_empty() || nodes.is_empty() {
                 HookState::Loading
-            } else if ks.hook.is_some() {
+            } else if want.hook.is_some() {
                 HookState::Loaded
             } else {
                 HookState::None
             };
             KeyspaceStatus {
-                name: ks.name.clone(),
+                name: want.name.clone(),
                 hook,
                 nodes_loaded: i32::try_from(loaded).unwrap_or(i32::MAX),
                 module_sha256: sha,
@@ -330,7 +319,7 @@ spec:
                 .keyspaces
                 .iter()
                 .filter(|k| keyspaces.contains(&k.name.as_str()))
-                .map(|k| (k.name.clone(), (serde_json::to_value(k).expect("json"), Some("ab".to_owned()))))
+                .map(|k| (k.name.clone(), (k.clone(), Some("ab".to_owned()))))
                 .collect(),
             last_error: last_error.map(str::to_owned),
             unreachable: None,
@@ -340,8 +329,9 @@ spec:
     #[test]
     fn keyspace_states_follow_the_nodes() {
         let dc = dc();
+        let keyspaces = distcache_api::validate_keyspaces(&dc.spec.keyspaces).expect("valid");
         let all = keyspace_statuses(
-            &dc,
+            &keyspaces,
             &[node("a", &dc, &["users", "sessions"], None), node("b", &dc, &["users", "sessions"], None)],
         );
         assert_eq!(
@@ -350,16 +340,46 @@ spec:
         );
         assert_eq!(all[1].hook, HookState::None);
         let partial = keyspace_statuses(
-            &dc,
+            &keyspaces,
             &[node("a", &dc, &["users", "sessions"], None), node("b", &dc, &["sessions"], None)],
         );
         assert_eq!((partial[0].hook, partial[0].nodes_loaded), (HookState::Loading, 1));
         let refused = keyspace_statuses(
-            &dc,
+            &keyspaces,
             &[node("a", &dc, &["sessions"], Some("keyspaces[0].hook: module not found"))],
         );
         assert_eq!(refused[0].hook, HookState::Failed);
         assert!(refused[0].message.as_deref().is_some_and(|m| m.contains("a: keyspaces[0].hook")));
+    }
+
+    #[test]
+    fn a_nodes_keyspaces_report_counts_as_served() {
+        let dc = dc();
+        let keyspaces = distcache_api::validate_keyspaces(&dc.spec.keyspaces).expect("valid");
+        // What a node answers on /admin/keyspaces once it applied the keyspaces file the operator wrote.
+        let answer = serde_json::json!({
+            "appliedAt": 1, "file": "/etc/distcache/keyspaces/keyspaces.yaml", "lastError": null,
+            "reloadsApplied": 1, "reloadsRefused": 0,
+            "keyspaces": [
+                { "name": "users", "maxBytes": 67_108_864, "ttlMs": null, "negativeTtlMs": null,
+                  "fetchTimeoutMs": 2000, "maxValueBytes": 1_048_576, "readThrough": true,
+                  "hook": { "moduleSha256": "cd", "poolSize": 4 }, "spec": &dc.spec.keyspaces[0], "stats": null },
+                { "name": "sessions", "maxBytes": 1_048_576, "ttlMs": null, "negativeTtlMs": null,
+                  "fetchTimeoutMs": 2000, "maxValueBytes": 1_048_576, "readThrough": false, "hook": null,
+                  "spec": { "name": "sessions", "maxBytes": "2Mi" }, "stats": null },
+            ],
+        });
+        let report = serde_json::from_value(answer).expect("the node's report reads");
+        let statuses = keyspace_statuses(&keyspaces, &[NodeReport::answered("demo-0".to_owned(), report)]);
+        assert_eq!(
+            (statuses[0].hook, statuses[0].nodes_loaded, statuses[0].module_sha256.as_deref()),
+            (HookState::Loaded, 1, Some("cd"))
+        );
+        assert_eq!(
+            (statuses[1].hook, statuses[1].nodes_loaded),
+            (HookState::Loading, 0),
+            "a node serving another maxBytes has not applied the spec yet"
+        );
     }
 
     fn set(replicas: i32, ready: i32, updated: i32, same_revision: bool) -> StatefulSet {

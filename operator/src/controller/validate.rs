@@ -1,20 +1,161 @@
-//! Validation of a DistCache spec: the CRD's CEL rules and the keyspace rules the nodes enforce, checked by the
+//! Validation of a DistCache: the CRD's CEL rules and the keyspace rules the nodes enforce, checked by the
 //! operator itself so that an API server without CEL (Kubernetes before 1.25) never lets an invalid spec reach
-//! the pods. Pure: no IO, unit-tested with YAML fixtures.
+//! the pods. Parse, don't validate: the result is a [`ValidSpec`] of typed fields with every default applied,
+//! and it is all that `build` reads, so an object can only be built from a spec that passed. Pure: no IO,
+//! unit-tested with YAML fixtures.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
-use distcache_api::{DistCacheSpec, MAX_REPLICAS, ValidKeyspace, validate_keyspaces};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use distcache_api::{
+    DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_REPLICAS, SchedulingSpec, ValidKeyspace,
+    validate_keyspaces,
+};
+use k8s_openapi::{
+    api::core::v1::ResourceRequirements,
+    apimachinery::pkg::{apis::meta::v1::OwnerReference, util::intstr::IntOrString},
+};
+use kube::{Resource, ResourceExt};
 
-/// A spec that passed validation, with its keyspaces' defaults applied.
-#[derive(Clone, Debug)]
+/// A DistCache that passed validation: who it is and what it asks for, typed, with its defaults applied.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ValidSpec {
-    /// The validated keyspaces (same order as the spec).
+    /// `metadata.name`, a DNS label of at most [`MAX_NAME_LENGTH`] characters.
+    pub name: String,
+    /// `metadata.namespace`: where every owned object goes. Required, never defaulted: an object sent to the
+    /// namespace "" would go to the wrong API path.
+    pub namespace: String,
+    /// The controller reference every owned object carries, so that the garbage collector deletes it with the
+    /// DistCache and the applier recognises it as ours.
+    pub owner: OwnerReference,
+    /// Number of node pods, within `0..=MAX_REPLICAS`.
+    pub replicas: i32,
+    /// The parts of `spec.image` that are set; the rest comes from the operator's default node image.
+    pub image: Image,
+    /// Requests and limits of the node container, as given.
+    pub resources: Option<ResourceRequirements>,
+    /// The validated keyspaces (same order as the spec); each keeps the spec it came from, which is what the
+    /// keyspaces file carries.
     pub keyspaces: Vec<ValidKeyspace>,
+    /// How the nodes find each other: exactly one backend, its settings defaulted.
+    pub discovery: Discovery,
+    /// Where the node pods may run (empty when not set).
+    pub scheduling: SchedulingSpec,
+    /// The PodDisruptionBudget to keep, if any.
+    pub pod_disruption_budget: PdbPolicy,
+    /// The client Service.
+    pub service: ClientService,
 }
 
-/// Every problem of a spec, each naming its field (`spec.keyspaces[0].maxBytes: ...`).
+/// The node image as the spec overrides it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Image {
+    /// Repository, when the spec sets one.
+    pub repository: Option<String>,
+    /// Tag, when the spec sets one.
+    pub tag: Option<String>,
+    /// Pull policy; `None` leaves Kubernetes' default for the tag.
+    pub pull_policy: Option<PullPolicy>,
+}
+
+/// A container image pull policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull on every container start.
+    Always,
+    /// Pull when the node does not have the image.
+    IfNotPresent,
+    /// Use only an image the node has.
+    Never,
+}
+
+impl PullPolicy {
+    const ALL: [Self; 3] = [Self::Always, Self::IfNotPresent, Self::Never];
+
+    /// The value Kubernetes expects in `imagePullPolicy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+
+    /// The policy of that exact (case-sensitive, as Kubernetes reads it) name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+}
+
+/// A Service type the client Service may have (ExternalName would not select the nodes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    /// A cluster-internal virtual IP (the default).
+    #[default]
+    ClusterIp,
+    /// ClusterIP plus a port on every Kubernetes node.
+    NodePort,
+    /// NodePort plus a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    const ALL: [Self; 3] = [Self::ClusterIp, Self::NodePort, Self::LoadBalancer];
+
+    /// The value Kubernetes expects in a Service's `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+
+    /// The type of that exact (case-sensitive, as Kubernetes reads it) name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+/// The client Service `<name>`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientService {
+    /// Its type.
+    pub type_: ServiceType,
+    /// Its annotations (none when empty).
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// How the nodes find each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// Ready pods of the DistCache through the Kubernetes API (namespace and selector are the DistCache's).
+    Kubernetes,
+    /// SRV records of the headless Service `<name>-peers`.
+    Dns {
+        /// Longest time between two resolutions; `None` leaves the node's default.
+        interval: Option<DurationString>,
+    },
+    /// Announcements on a NATS subject.
+    Nats {
+        /// Server URL, `nats://` or `tls://`.
+        url: String,
+        /// The subject, defaulted to `distcache.<namespace>.<name>`.
+        subject: String,
+    },
+}
+
+/// What the PodDisruptionBudget `<name>` limits. A number or a percentage, at least 0, at most 100%.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PdbPolicy {
+    /// At most this many node pods down at once (the default: 1).
+    MaxUnavailable(IntOrString),
+    /// At least this many node pods up.
+    MinAvailable(IntOrString),
+    /// No PodDisruptionBudget (one the DistCache created before is removed).
+    Disabled,
+}
+
+/// Every problem of a DistCache, each naming its field (`spec.keyspaces[0].maxBytes: ...`).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct InvalidSpec(pub Vec<String>);
 
@@ -23,9 +164,6 @@ impl fmt::Display for InvalidSpec {
         f.write_str(&self.0.join("; "))
     }
 }
-
-const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
-const SERVICE_TYPES: [&str; 3] = ["ClusterIP", "NodePort", "LoadBalancer"];
 
 /// Longest DistCache name: its StatefulSet's pods carry a `controller-revision-hash` label of the name plus 11
 /// characters, and label values are at most 63.
@@ -46,14 +184,34 @@ fn valid_subject(subject: &str) -> bool {
             .all(|t| !t.is_empty() && t.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'))
 }
 
-/// Checks a DistCache's name and spec; reports every problem at once.
-pub fn validate(name: &str, spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSpec> {
-    let mut problems = Vec::new();
-    if !valid_name(name) {
+/// Collects the problems; each `parse_*` step returns its typed value or records why there is none.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn push(&mut self, problem: impl Into<String>) {
+        self.0.push(problem.into());
+    }
+}
+
+/// Parses a DistCache's identity and spec into a [`ValidSpec`]; reports every problem at once.
+pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
+    let mut problems = Problems::default();
+    let spec = &dc.spec;
+    let name = dc.name_any();
+    if !valid_name(&name) {
         problems.push(format!(
             "metadata.name: {name:?} must be a DNS label of at most {MAX_NAME_LENGTH} characters (lowercase letters, \
              digits, '-', starting with a letter): it names the StatefulSet, its pods and Services"
         ));
+    }
+    let namespace = dc.namespace().filter(|n| !n.is_empty());
+    if namespace.is_none() {
+        problems.push("metadata.namespace: required: a DistCache is namespaced and its objects go there");
+    }
+    let owner = dc.controller_owner_ref(&());
+    if owner.is_none() {
+        problems.push("metadata.uid: required: every object the DistCache owns references it");
     }
     if !(0..=MAX_REPLICAS).contains(&spec.replicas) {
         problems.push(format!(
@@ -61,30 +219,77 @@ pub fn validate(name: &str, spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSp
             spec.replicas
         ));
     }
-    if let Some(policy) = spec.image.as_ref().and_then(|i| i.pull_policy.as_deref())
-        && !PULL_POLICIES.contains(&policy)
-    {
-        problems
-            .push(format!("spec.image.pullPolicy: {policy:?} must be one of Always, IfNotPresent, Never"));
+    let image = parse_image(spec.image.as_ref(), &mut problems);
+    let discovery = parse_discovery(spec, &name, namespace.as_deref().unwrap_or_default(), &mut problems);
+    let pod_disruption_budget = parse_pdb(spec, &mut problems);
+    let service = parse_service(spec, &mut problems);
+    let keyspaces = match validate_keyspaces(&spec.keyspaces) {
+        Ok(k) => k,
+        Err(errors) => {
+            problems.0.extend(errors.0.iter().map(|e| format!("spec.{e}")));
+            Vec::new()
+        }
+    };
+    match (problems.0.is_empty(), namespace, owner, image, discovery, pod_disruption_budget, service) {
+        (true, Some(namespace), Some(owner), Some(image), Some(discovery), Some(pdb), Some(service)) => {
+            Ok(ValidSpec {
+                name,
+                namespace,
+                owner,
+                replicas: spec.replicas,
+                image,
+                resources: spec.resources.clone(),
+                keyspaces,
+                discovery,
+                scheduling: spec.scheduling.clone().unwrap_or_default(),
+                pod_disruption_budget: pdb,
+                service,
+            })
+        }
+        _ => Err(InvalidSpec(problems.0)),
     }
-    if let Some(image) = &spec.image {
-        for (field, value) in [("repository", &image.repository), ("tag", &image.tag)] {
-            if let Some(v) = value
-                && (v.is_empty() || v.contains(char::is_whitespace))
-            {
-                problems.push(format!("spec.image.{field}: {v:?} must be non-empty and without spaces"));
-            }
+}
+
+fn parse_image(image: Option<&ImageSpec>, problems: &mut Problems) -> Option<Image> {
+    let Some(image) = image else { return Some(Image::default()) };
+    let mut ok = true;
+    for (field, value) in [("repository", &image.repository), ("tag", &image.tag)] {
+        if let Some(v) = value
+            && (v.is_empty() || v.contains(char::is_whitespace))
+        {
+            problems.push(format!("spec.image.{field}: {v:?} must be non-empty and without spaces"));
+            ok = false;
         }
     }
+    let pull_policy = image.pull_policy.as_deref().and_then(|p| {
+        let policy = PullPolicy::parse(p);
+        if policy.is_none() {
+            problems.push(format!("spec.image.pullPolicy: {p:?} must be one of Always, IfNotPresent, Never"));
+            ok = false;
+        }
+        policy
+    });
+    ok.then(|| Image { repository: image.repository.clone(), tag: image.tag.clone(), pull_policy })
+}
+
+fn parse_discovery(
+    spec: &DistCacheSpec,
+    name: &str,
+    namespace: &str,
+    problems: &mut Problems,
+) -> Option<Discovery> {
     let d = &spec.discovery;
+    let mut ok = true;
     let backends = [d.kubernetes.is_some(), d.dns.is_some(), d.nats.is_some()].iter().filter(|b| **b).count();
     if backends != 1 {
-        problems.push("spec.discovery: set exactly one of kubernetes, dns or nats".to_owned());
+        problems.push("spec.discovery: set exactly one of kubernetes, dns or nats");
+        ok = false;
     }
     if let Some(nats) = &d.nats
         && !(nats.url.starts_with("nats://") || nats.url.starts_with("tls://"))
     {
         problems.push(format!("spec.discovery.nats.url: {:?} must start with nats:// or tls://", nats.url));
+        ok = false;
     }
     if let Some(subject) = d.nats.as_ref().and_then(|n| n.subject.as_deref())
         && !valid_subject(subject)
@@ -92,10 +297,29 @@ pub fn validate(name: &str, spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSp
         problems.push(format!(
             "spec.discovery.nats.subject: {subject:?} must be dot-separated tokens of letters, digits, '-' and '_'"
         ));
+        ok = false;
     }
+    if !ok {
+        return None;
+    }
+    Some(if let Some(nats) = &d.nats {
+        Discovery::Nats {
+            url: nats.url.clone(),
+            subject: nats.subject.clone().unwrap_or_else(|| format!("distcache.{namespace}.{name}")),
+        }
+    } else if let Some(dns) = &d.dns {
+        Discovery::Dns { interval: dns.interval }
+    } else {
+        Discovery::Kubernetes
+    })
+}
+
+fn parse_pdb(spec: &DistCacheSpec, problems: &mut Problems) -> Option<PdbPolicy> {
     let pdb = &spec.pod_disruption_budget;
+    let mut ok = true;
     if pdb.min_available.is_some() && pdb.max_unavailable.is_some() {
-        problems.push("spec.podDisruptionBudget: set minAvailable or maxUnavailable, not both".to_owned());
+        problems.push("spec.podDisruptionBudget: set minAvailable or maxUnavailable, not both");
+        ok = false;
     }
     for (field, value) in [("minAvailable", &pdb.min_available), ("maxUnavailable", &pdb.max_unavailable)] {
         if let Some(v) = value
@@ -104,21 +328,34 @@ pub fn validate(name: &str, spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSp
             problems.push(format!(
                 "spec.podDisruptionBudget.{field}: must be a non-negative number or a percentage"
             ));
+            ok = false;
         }
     }
-    if let Some(t) = spec.service.type_.as_deref()
-        && !SERVICE_TYPES.contains(&t)
-    {
-        problems.push(format!("spec.service.type: {t:?} must be one of ClusterIP, NodePort, LoadBalancer"));
+    if !ok {
+        return None;
     }
-    let keyspaces = match validate_keyspaces(&spec.keyspaces) {
-        Ok(k) => k,
-        Err(errors) => {
-            problems.extend(errors.0.into_iter().map(|e| format!("spec.{e}")));
-            Vec::new()
+    Some(match (pdb.enabled, &pdb.min_available, &pdb.max_unavailable) {
+        (false, _, _) => PdbPolicy::Disabled,
+        (true, Some(min), _) => PdbPolicy::MinAvailable(min.clone()),
+        (true, None, Some(max)) => PdbPolicy::MaxUnavailable(max.clone()),
+        (true, None, None) => PdbPolicy::MaxUnavailable(IntOrString::Int(1)),
+    })
+}
+
+fn parse_service(spec: &DistCacheSpec, problems: &mut Problems) -> Option<ClientService> {
+    let type_ = match spec.service.type_.as_deref() {
+        None => ServiceType::default(),
+        Some(t) => {
+            let Some(type_) = ServiceType::parse(t) else {
+                problems.push(format!(
+                    "spec.service.type: {t:?} must be one of ClusterIP, NodePort, LoadBalancer"
+                ));
+                return None;
+            };
+            type_
         }
     };
-    if problems.is_empty() { Ok(ValidSpec { keyspaces }) } else { Err(InvalidSpec(problems)) }
+    Some(ClientService { type_, annotations: spec.service.annotations.clone() })
 }
 
 fn valid_int_or_percent(v: &IntOrString) -> bool {
@@ -138,13 +375,35 @@ mod tests {
         serde_yaml::from_str(yaml).expect("fixture parses")
     }
 
+    /// A DistCache as the API server hands it over: named, in a namespace, with a uid.
+    fn dc(name: &str, spec: DistCacheSpec) -> DistCache {
+        let mut dc = DistCache::new(name, spec);
+        dc.metadata.namespace = Some("apps".to_owned());
+        dc.metadata.uid = Some("uid-1".to_owned());
+        dc
+    }
+
+    fn check(name: &str, spec: &DistCacheSpec) -> Result<ValidSpec, InvalidSpec> {
+        validate(&dc(name, spec.clone()))
+    }
+
     #[test]
     fn defaults_validate() {
         let s = spec("{}");
         assert_eq!(s.replicas, 3);
         assert!(s.discovery.kubernetes.is_some());
         assert!(s.pod_disruption_budget.enabled);
-        validate("demo", &s).expect("the empty spec is valid");
+        let valid = check("demo", &s).expect("the empty spec is valid");
+        assert_eq!((valid.name.as_str(), valid.namespace.as_str(), valid.replicas), ("demo", "apps", 3));
+        assert_eq!((valid.owner.kind.as_str(), valid.owner.uid.as_str()), ("DistCache", "uid-1"));
+        assert_eq!(valid.image, Image::default());
+        assert_eq!(valid.discovery, Discovery::Kubernetes);
+        assert_eq!(valid.pod_disruption_budget, PdbPolicy::MaxUnavailable(IntOrString::Int(1)));
+        assert_eq!(
+            valid.service,
+            ClientService { type_: ServiceType::ClusterIp, annotations: BTreeMap::new() }
+        );
+        assert!(valid.keyspaces.is_empty());
     }
 
     #[test]
@@ -161,7 +420,7 @@ keyspaces:
   - { name: a, maxBytes: 1Mi, hook: { module: { url: "https://x/y.wasm" }, allowedHosts: ["nohost"] } }
 "#,
         );
-        let err = validate("9-Bad.name", &s).expect_err("invalid").to_string();
+        let err = check("9-Bad.name", &s).expect_err("invalid").to_string();
         for expected in [
             "spec.replicas: -1 is out of range",
             "spec.image.pullPolicy",
@@ -183,11 +442,90 @@ keyspaces:
     #[test]
     fn names_fit_the_objects_they_name() {
         let s = spec("{}");
-        assert!(validate(&"a".repeat(MAX_NAME_LENGTH), &s).is_ok());
-        assert!(validate(&"a".repeat(MAX_NAME_LENGTH + 1), &s).is_err());
+        assert!(check(&"a".repeat(MAX_NAME_LENGTH), &s).is_ok());
+        assert!(check(&"a".repeat(MAX_NAME_LENGTH + 1), &s).is_err());
         for bad in ["-a", "a-", "a.b", "A", "1a", ""] {
-            assert!(validate(bad, &s).is_err(), "{bad:?} accepted");
+            assert!(check(bad, &s).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_distcache_without_namespace_or_uid_is_invalid() {
+        let mut d = dc("demo", spec("{}"));
+        d.metadata.namespace = None;
+        let err = validate(&d).expect_err("no namespace").0;
+        assert_eq!(err, ["metadata.namespace: required: a DistCache is namespaced and its objects go there"]);
+        d.metadata.namespace = Some(String::new());
+        assert!(validate(&d).is_err(), "an empty namespace is no namespace");
+        let mut d = dc("demo", spec("{}"));
+        d.metadata.uid = None;
+        let err = validate(&d).expect_err("no uid").0;
+        assert_eq!(err, ["metadata.uid: required: every object the DistCache owns references it"]);
+    }
+
+    #[test]
+    fn a_bad_pull_policy_or_service_type_is_named_alone() {
+        let err = check("demo", &spec("image: { pullPolicy: always }")).expect_err("lowercase").0;
+        assert_eq!(err, [r#"spec.image.pullPolicy: "always" must be one of Always, IfNotPresent, Never"#]);
+        let err = check("demo", &spec("service: { type: ExternalName }")).expect_err("not selectable").0;
+        assert_eq!(
+            err,
+            [r#"spec.service.type: "ExternalName" must be one of ClusterIP, NodePort, LoadBalancer"#]
+        );
+    }
+
+    #[test]
+    fn enum_values_parse_to_their_variant_and_back() {
+        for (text, policy) in [
+            ("Always", PullPolicy::Always),
+            ("IfNotPresent", PullPolicy::IfNotPresent),
+            ("Never", PullPolicy::Never),
+        ] {
+            let valid = check("demo", &spec(&format!("image: {{ pullPolicy: {text} }}"))).expect("valid");
+            assert_eq!(valid.image.pull_policy, Some(policy));
+            assert_eq!(policy.as_str(), text);
+        }
+        for (text, type_) in [
+            ("ClusterIP", ServiceType::ClusterIp),
+            ("NodePort", ServiceType::NodePort),
+            ("LoadBalancer", ServiceType::LoadBalancer),
+        ] {
+            let valid = check("demo", &spec(&format!("service: {{ type: {text} }}"))).expect("valid");
+            assert_eq!(valid.service.type_, type_);
+            assert_eq!(type_.as_str(), text);
+        }
+    }
+
+    #[test]
+    fn discovery_and_pdb_settings_are_typed_with_their_defaults() {
+        let nats = |yaml: &str| check("demo", &spec(yaml)).expect("valid").discovery;
+        assert_eq!(
+            nats("discovery: { nats: { url: 'nats://n:4222' } }"),
+            Discovery::Nats { url: "nats://n:4222".to_owned(), subject: "distcache.apps.demo".to_owned() }
+        );
+        assert_eq!(
+            nats("discovery: { nats: { url: 'tls://n:4222', subject: a.b } }"),
+            Discovery::Nats { url: "tls://n:4222".to_owned(), subject: "a.b".to_owned() }
+        );
+        assert_eq!(nats("discovery: { dns: {} }"), Discovery::Dns { interval: None });
+        assert_eq!(
+            nats("discovery: { dns: { interval: 7s } }"),
+            Discovery::Dns { interval: Some(DurationString(std::time::Duration::from_secs(7))) }
+        );
+        let pdb = |yaml: &str| check("demo", &spec(yaml)).expect("valid").pod_disruption_budget;
+        assert_eq!(
+            pdb("podDisruptionBudget: { minAvailable: '50%' }"),
+            PdbPolicy::MinAvailable(IntOrString::String("50%".to_owned()))
+        );
+        assert_eq!(
+            pdb("podDisruptionBudget: { maxUnavailable: 2 }"),
+            PdbPolicy::MaxUnavailable(IntOrString::Int(2))
+        );
+        assert_eq!(pdb("podDisruptionBudget: { enabled: false, maxUnavailable: 2 }"), PdbPolicy::Disabled);
+        assert!(
+            check("demo", &spec("podDisruptionBudget: { enabled: false, maxUnavailable: -1 }")).is_err(),
+            "a disabled budget's values are still checked"
+        );
     }
 
     #[test]
