@@ -8,6 +8,7 @@
 
 mod distcache;
 mod duration;
+mod host;
 mod keyspace;
 mod pod;
 mod quantity;
@@ -18,6 +19,7 @@ pub use distcache::{
     PodDisruptionBudgetSpec, SchedulingSpec, ServiceSpec, VERSION,
 };
 pub use duration::{DurationString, ParseDurationError};
+pub use host::{Host, HostPort, ParseHostPortError};
 pub use keyspace::{
     ConfigMapKeyRef, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_VALUE_BYTES, HookLimits, HookSpec, KeyspaceSpec,
     KeyspacesFile, MAX_KEYSPACES, ModuleSource, ValidKeyspace, ValidationError, ValidationErrors,

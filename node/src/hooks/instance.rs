@@ -199,21 +199,22 @@ impl std::fmt::Debug for HookSource {
 }
 
 impl HookSource {
+    /// The source of `keyspace`'s hook; fails only when its HTTP client cannot be built.
     pub(super) fn new(
-        keyspace: String,
+        keyspace: &ValidKeyspace,
         pre: DataSourcePre<HostState>,
         hook: &HookSpec,
         limits: HookLimits,
         sha256: String,
         metrics: Arc<Metrics>,
-    ) -> Result<Arc<Self>, String> {
-        let http = Arc::new(HttpGate::new(&hook.allowed_hosts, &limits.http)?);
+    ) -> Result<Arc<Self>, reqwest::Error> {
+        let http = Arc::new(HttpGate::new(&keyspace.allowed_hosts, &limits.http)?);
         let calls = CallCounters {
-            init: metrics.hook_calls(&keyspace, "init"),
-            fetch: metrics.hook_calls(&keyspace, "fetch"),
-            fetch_many: metrics.hook_calls(&keyspace, "fetch-many"),
+            init: metrics.hook_calls(&keyspace.name, "init"),
+            fetch: metrics.hook_calls(&keyspace.name, "fetch"),
+            fetch_many: metrics.hook_calls(&keyspace.name, "fetch-many"),
         };
-        let keyspace: Arc<str> = Arc::from(keyspace);
+        let keyspace: Arc<str> = Arc::from(keyspace.name.as_str());
         Ok(Arc::new(Self {
             engine: pre.engine().clone(),
             log_budget: LogBudget::new(Arc::clone(&keyspace)),

@@ -244,14 +244,9 @@ impl HookRuntime {
         let pre = DataSourcePre::new(pre)
             .map_err(|e| format!("module {} does not export the data-source world: {e:#}", module.origin))?;
         let limits = HookLimits::new(keyspace, hook);
-        let source = HookSource::new(
-            keyspace.name.clone(),
-            pre,
-            hook,
-            limits,
-            module.sha256.clone(),
-            Arc::clone(&self.metrics),
-        )?;
+        let source =
+            HookSource::new(keyspace, pre, hook, limits, module.sha256.clone(), Arc::clone(&self.metrics))
+                .map_err(|e| format!("failed to build the hook's HTTP client: {e}"))?;
         // One instance now: a module that cannot be instantiated or refuses its config is refused here, and
         // the first miss finds a warm instance.
         source.warm_up().await.map_err(|e| format!("hook of keyspace {:?}: {e}", keyspace.name))?;
