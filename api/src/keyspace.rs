@@ -6,7 +6,7 @@ use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::{ByteSize, DurationString};
+use crate::{ByteSize, DurationString, HostPort};
 
 /// Default `fetchTimeout` of a keyspace.
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -164,6 +164,8 @@ pub struct ValidKeyspace {
     pub fetch_timeout: Duration,
     /// Largest value accepted.
     pub max_value_bytes: u64,
+    /// The hook's `allowedHosts`, parsed (empty without a hook).
+    pub allowed_hosts: Vec<HostPort>,
     /// The spec it came from (hook settings are interpreted by the hook runtime).
     pub spec: KeyspaceSpec,
 }
@@ -242,15 +244,8 @@ fn valid_name(name: &str) -> bool {
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
-fn valid_host_port(entry: &str) -> bool {
-    let Some((host, port)) = entry.rsplit_once(':') else {
-        return false;
-    };
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    !host.is_empty() && !host.contains(['/', ' ', '@']) && port.parse::<u16>().is_ok_and(|p| p > 0)
-}
-
-fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) {
+/// Validates a hook and returns its parsed `allowedHosts` (the entries that parse).
+fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) -> Vec<HostPort> {
     let m = &hook.module;
     let sources = [m.path.is_some(), m.config_map.is_some(), m.url.is_some()].iter().filter(|s| **s).count();
     if sources != 1 {
@@ -280,9 +275,11 @@ fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) {
             format!("{} entries given, at most {MAX_ALLOWED_HOSTS} allowed", hook.allowed_hosts.len()),
         );
     }
-    for (i, host) in hook.allowed_hosts.iter().enumerate() {
-        if !valid_host_port(host) {
-            c.push(format!("{at}.hook.allowedHosts[{i}]"), format!("{host:?} must be host:port"));
+    let mut allowed_hosts = Vec::with_capacity(hook.allowed_hosts.len());
+    for (i, entry) in hook.allowed_hosts.iter().enumerate() {
+        match entry.parse::<HostPort>() {
+            Ok(host) => allowed_hosts.push(host),
+            Err(e) => c.push(format!("{at}.hook.allowedHosts[{i}]"), e.to_string()),
         }
     }
     if let Some(limits) = &hook.limits {
@@ -314,6 +311,7 @@ fn validate_hook(c: &mut Collector, at: &str, hook: &HookSpec) {
             c.push(format!("{at}.hook.limits.maxConcurrentRequests"), "must be between 1 and 4096");
         }
     }
+    allowed_hosts
 }
 
 /// Validates a list of keyspaces and applies defaults. Reports every problem at once, each naming its field
@@ -371,9 +369,8 @@ pub fn validate_keyspaces(specs: &[KeyspaceSpec]) -> Result<Vec<ValidKeyspace>, 
             }
             None => DEFAULT_MAX_VALUE_BYTES.min(max_bytes),
         };
-        if let Some(hook) = &spec.hook {
-            validate_hook(&mut c, &at, hook);
-        }
+        let allowed_hosts =
+            spec.hook.as_ref().map(|hook| validate_hook(&mut c, &at, hook)).unwrap_or_default();
         valid.push(ValidKeyspace {
             name: spec.name.clone(),
             max_bytes,
@@ -381,6 +378,7 @@ pub fn validate_keyspaces(specs: &[KeyspaceSpec]) -> Result<Vec<ValidKeyspace>, 
             negative_ttl: spec.negative_ttl.map(DurationString::get),
             fetch_timeout: spec.fetch_timeout.map_or(DEFAULT_FETCH_TIMEOUT, DurationString::get),
             max_value_bytes,
+            allowed_hosts,
             spec: spec.clone(),
         });
     }
@@ -420,6 +418,8 @@ keyspaces:
         assert_eq!(valid[0].fetch_timeout, Duration::from_secs(2));
         assert_eq!(valid[1].max_value_bytes, 1 << 20, "default capped at maxBytes");
         assert_eq!(valid[1].fetch_timeout, DEFAULT_FETCH_TIMEOUT);
+        assert_eq!(valid[0].allowed_hosts, vec!["127.0.0.1:8080".parse::<HostPort>().expect("parses")]);
+        assert!(valid[1].allowed_hosts.is_empty());
     }
 
     #[test]
@@ -440,7 +440,7 @@ keyspaces:
             "keyspaces[1].maxValueBytes",
             "keyspaces[2].name",
             "keyspaces[2].hook.module: exactly one of path, configMap or url",
-            "keyspaces[2].hook.allowedHosts[0]",
+            "keyspaces[2].hook.allowedHosts[0]: invalid host:port \"nohost\": missing :port",
         ] {
             assert!(errors.contains(expected), "missing {expected:?} in {errors}");
         }

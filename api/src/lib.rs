@@ -9,6 +9,7 @@
 mod admin;
 mod distcache;
 mod duration;
+mod host;
 mod keyspace;
 mod pod;
 mod quantity;
@@ -20,6 +21,7 @@ pub use distcache::{
     PodDisruptionBudgetSpec, SchedulingSpec, ServiceSpec, VERSION,
 };
 pub use duration::{DurationString, ParseDurationError};
+pub use host::{Host, HostPort, ParseHostPortError};
 pub use keyspace::{
     ConfigMapKeyRef, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_VALUE_BYTES, HookLimits, HookSpec, KeyspaceSpec,
     KeyspacesFile, MAX_KEYSPACES, ModuleSource, ValidKeyspace, ValidationError, ValidationErrors,

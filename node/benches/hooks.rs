@@ -19,7 +19,7 @@ use distcache_node::{
     hooks::{HookRuntime, HookSettings, HookSource},
     keyspace::parse_keyspaces,
     metrics::Metrics,
-    source::{DataSource, FetchError, Fetched},
+    source::{DataSource, FetchError, Fetched, error_chain},
 };
 
 /// The same answer as the echo hook, computed natively.
@@ -83,8 +83,10 @@ async fn run() -> Result<(), String> {
     let settings =
         HookSettings { cache_dir: cache.clone(), config_map_dir: cache.clone(), max_instances: 64 };
     let runtime = HookRuntime::new(settings, Arc::new(Metrics::new())).map_err(|e| e.to_string())?;
-    let hook: Arc<HookSource> =
-        runtime.build_hook(&specs[0], specs[0].spec.hook.as_ref().ok_or("no hook")?, Path::new(".")).await?;
+    let hook: Arc<HookSource> = runtime
+        .build_hook(&specs[0], specs[0].spec.hook.as_ref().ok_or("no hook")?, Path::new("."))
+        .await
+        .map_err(|e| error_chain(&e))?;
     let native = NativeEcho(prefix.into_bytes());
     let keys: Vec<String> = (0..1024).map(|i| format!("user:{i:06}")).collect();
 

@@ -27,7 +27,8 @@ pub mod runtime;
 
 use std::time::Duration;
 
-pub use instance::{HookSource, TrapReason};
+pub use instance::{HookSource, InitError, TrapReason};
+pub use module::ModuleError;
 pub use runtime::{HookRuntime, HookSettings};
 
 /// How often the epoch advances: the resolution of hook deadlines and the longest a guest runs without
@@ -42,3 +43,86 @@ pub const DEFAULT_MEMORY: u64 = 64 << 20;
 pub const DEFAULT_POOL_SIZE: u32 = 16;
 /// Default number of concurrent outbound HTTP requests per keyspace.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: u32 = 32;
+
+/// Why a keyspace's hook could not be built. [`HookError::is_transient`] tells a failure that may heal (a
+/// module file not mounted yet, a download that failed) from one that repeats until the keyspace or the module
+/// changes (a wrong checksum, a file that is not a component, an `init` that refuses its config).
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The module could not be read, downloaded or verified.
+    #[error(transparent)]
+    LoadModule(#[from] ModuleError),
+    /// The module is not a WebAssembly component this engine can compile.
+    #[error("hook module {module} is not a valid WebAssembly component")]
+    CompileComponent {
+        /// Which module.
+        module: String,
+        /// wasmtime's reason.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The compiler's task did not finish (it panicked, or the runtime is shutting down).
+    #[error("compiling hook module {module} did not finish")]
+    CompileTask {
+        /// Which module.
+        module: String,
+        /// Cause.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The freshly compiled module could not be loaded.
+    #[error("failed to load the compiled hook module {module}")]
+    LoadCompiled {
+        /// Which module.
+        module: String,
+        /// Cause.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The component's imports are not what the host provides.
+    #[error("hook module {module} cannot run here: it must target the distcache:hook/data-source world")]
+    LinkImports {
+        /// Which module.
+        module: String,
+        /// The import that does not match.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The component does not export the data-source world.
+    #[error("hook module {module} does not export the distcache:hook/data-source world")]
+    BindExports {
+        /// Which module.
+        module: String,
+        /// The missing or mistyped export.
+        #[source]
+        source: wasmtime::Error,
+    },
+    /// The hook's HTTP client could not be built.
+    #[error("failed to build the HTTP client of the hook")]
+    BuildHttpClient(#[source] reqwest::Error),
+    /// The first instance could not be made ready (instantiation, or `init` refusing its config).
+    #[error("failed to start hook module {module}")]
+    InitHook {
+        /// Which module.
+        module: String,
+        /// Cause.
+        #[source]
+        source: InitError,
+    },
+}
+
+impl HookError {
+    /// Whether building the hook again, with the same keyspace and module, may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::LoadModule(e) => e.is_transient(),
+            Self::CompileTask { source, .. } => source.is_cancelled(),
+            Self::InitHook { source, .. } => source.is_transient(),
+            Self::CompileComponent { .. }
+            | Self::LoadCompiled { .. }
+            | Self::LinkImports { .. }
+            | Self::BindExports { .. }
+            | Self::BuildHttpClient(_) => false,
+        }
+    }
+}

@@ -9,6 +9,7 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -20,7 +21,7 @@ use serde::Serialize;
 use crate::{
     metrics::{KeyspaceMetrics, Metrics},
     singleflight::SingleFlight,
-    source::{DataSource, SourceFactory},
+    source::{BuildSourceError, DataSource, SourceFactory, error_chain},
     store::Store,
 };
 
@@ -84,14 +85,63 @@ pub enum LoadError {
         /// Every problem, each naming its field.
         message: String,
     },
-    /// A data source could not be built.
-    #[error("keyspaces file {path}: {message}")]
+    /// A data source could not be built: the change is refused.
+    #[error("keyspaces file {path}: failed to build the data source of keyspace {keyspace:?}")]
     Source {
         /// File path.
         path: PathBuf,
-        /// The factory's message.
-        message: String,
+        /// The keyspace.
+        keyspace: String,
+        /// Cause.
+        #[source]
+        source: BuildSourceError,
     },
+    /// The data sources of these keyspaces could not be built, and they were left out while the others were
+    /// applied (a node's first load, and the reloads until every keyspace of its file is served).
+    #[error("keyspaces file {path}: {} left out until their data source can be built", names(.left_out))]
+    LeftOut {
+        /// File path.
+        path: PathBuf,
+        /// Each keyspace left out, and why.
+        left_out: Vec<(String, BuildSourceError)>,
+    },
+}
+
+fn names(left_out: &[(String, BuildSourceError)]) -> String {
+    let names: Vec<String> = left_out.iter().map(|(name, _)| format!("{name:?}")).collect();
+    format!("keyspace{} {}", if names.len() == 1 { "" } else { "s" }, names.join(", "))
+}
+
+impl LoadError {
+    /// Whether the same keyspaces file may apply when tried again: only when a data source failed for a
+    /// reason that can heal (a module file not mounted yet, a failed download). A file that does not parse or
+    /// validate, or a hook that is invalid (wrong checksum, not a component, `init` refusing its config),
+    /// fails the same way until the file or the module changes.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Read { .. } => true,
+            Self::Parse { .. } | Self::Invalid { .. } => false,
+            Self::Source { source, .. } => source.is_transient(),
+            Self::LeftOut { left_out, .. } => left_out.iter().any(|(_, e)| e.is_transient()),
+        }
+    }
+
+    /// The message with every cause, for logs and `/admin/keyspaces` (`Display` shows only the first line of
+    /// the story).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::LeftOut { path, left_out } => {
+                let each: Vec<String> = left_out
+                    .iter()
+                    .map(|(name, e)| {
+                        format!("failed to build the data source of keyspace {name:?}: {}", error_chain(e))
+                    })
+                    .collect();
+                format!("keyspaces file {}: {}", path.display(), each.join("; "))
+            }
+            other => error_chain(other),
+        }
+    }
 }
 
 /// Parses and validates keyspaces YAML.
@@ -123,6 +173,8 @@ pub struct Keyspaces {
     factory: Arc<dyn SourceFactory>,
     metrics: Arc<Metrics>,
     status: Mutex<ReloadStatus>,
+    /// Whether the last refusal (or the keyspaces left out) may heal when tried again.
+    refusal_may_heal: AtomicBool,
 }
 
 fn unix_now() -> u64 {
@@ -137,6 +189,7 @@ impl Keyspaces {
             factory,
             metrics,
             status: Mutex::new(ReloadStatus::default()),
+            refusal_may_heal: AtomicBool::new(false),
         }
     }
 
@@ -186,10 +239,11 @@ impl Keyspaces {
         }
     }
 
-    /// Like [`Keyspaces::apply`], but keyspaces whose data source cannot be built (a hook module not mounted
-    /// yet) are left out instead of refusing the whole set; their error is returned (and recorded as the last
-    /// refusal) so that the caller retries. For a node's first load: a pod whose module ConfigMap is missing
-    /// still serves every other keyspace instead of crash-looping.
+    /// Like [`Keyspaces::apply`], but with `skip_failed` keyspaces not served yet whose data source cannot be
+    /// built (a hook module not mounted yet) are left out instead of refusing the whole set, and returned as
+    /// [`LoadError::LeftOut`] for the caller to record ([`Keyspaces::refuse`]) and, when it may heal, retry. For
+    /// a node's first load: a pod whose module ConfigMap is missing still serves every other keyspace instead of
+    /// crash-looping.
     async fn apply_inner(
         &self,
         specs: Vec<ValidKeyspace>,
@@ -209,17 +263,19 @@ impl Keyspaces {
             let source = match &old {
                 Some(old) if !rebuild && old.config == config => old.source.clone(),
                 Some(old) if !rebuild && same_source_inputs(&old.config, &config) => old.source.clone(),
-                _ => match self.factory.build(&config, base_dir).await {
+                _ => match self.factory.build_source(&config, base_dir).await {
                     Ok(source) => source,
-                    Err(message) if skip_failed => {
-                        tracing::warn!(keyspace = %config.name, error = %message, "keyspace left out until its data source can be built");
-                        skipped.push(message);
+                    // Only a keyspace not served yet is left out: a served one keeps serving as it is, and
+                    // the change is refused.
+                    Err(e) if skip_failed && old.is_none() => {
+                        skipped.push((config.name, e));
                         continue;
                     }
-                    Err(message) => {
+                    Err(source) => {
                         return Err(LoadError::Source {
                             path: file.map(Path::to_owned).unwrap_or_default(),
-                            message,
+                            keyspace: config.name,
+                            source,
                         });
                     }
                 },
@@ -275,15 +331,10 @@ impl Keyspaces {
         status.applied_at = Some(unix_now());
         if skipped.is_empty() {
             status.last_error = None;
+            self.refusal_may_heal.store(false, Ordering::Relaxed);
             return Ok(None);
         }
-        let error = LoadError::Source {
-            path: file.map(Path::to_owned).unwrap_or_default(),
-            message: skipped.join("; "),
-        };
-        status.last_error = Some(error.to_string());
-        self.metrics.reload("refused");
-        Ok(Some(error))
+        Ok(Some(LoadError::LeftOut { path: file.map(Path::to_owned).unwrap_or_default(), left_out: skipped }))
     }
 
     /// A node's first load of its keyspaces file: invalid files fail (the node does not start), but keyspaces
@@ -295,7 +346,11 @@ impl Keyspaces {
             .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
         let specs = parse_keyspaces(path, &text)?;
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        self.apply_inner(specs, base, Some(path), false, true).await
+        let left_out = self.apply_inner(specs, base, Some(path), false, true).await?;
+        if let Some(e) = &left_out {
+            self.refuse(e, false);
+        }
+        Ok(left_out)
     }
 
     /// Reads, validates and applies a keyspaces file.
@@ -313,24 +368,37 @@ impl Keyspaces {
         specs.iter().flat_map(|ks| self.factory.watch_paths(ks, base_dir)).collect()
     }
 
-    /// Records a refused reload.
+    /// Records a refused reload, or keyspaces left out ([`LoadError::LeftOut`]).
     ///
     /// A retry of the same change that fails with the same error is neither logged nor counted again.
     pub fn refuse(&self, error: &LoadError, retry: bool) {
-        let message = error.to_string();
+        let message = error.detail();
+        let may_heal = error.is_transient();
+        self.refusal_may_heal.store(may_heal, Ordering::Relaxed);
         let mut status = self.status.lock();
         if retry && status.last_error.as_deref() == Some(message.as_str()) {
             tracing::debug!(error = %message, "keyspaces reload retried, still refused");
             return;
         }
         self.metrics.reload("refused");
-        tracing::warn!(error = %message, "keyspaces reload refused; the last good keyspaces keep serving");
+        let next =
+            if may_heal { "retried" } else { "not retried until the keyspaces file or a module changes" };
+        if matches!(error, LoadError::LeftOut { .. }) {
+            tracing::warn!(error = %message, "keyspaces left out until their data source can be built ({next}); the others serve");
+        } else {
+            tracing::warn!(error = %message, "keyspaces reload refused ({next}); the last good keyspaces keep serving");
+        }
         status.last_error = Some(message);
+    }
+
+    /// Whether the last refusal recorded by [`Keyspaces::refuse`] may heal when the same change is tried again.
+    pub fn refusal_may_heal(&self) -> bool {
+        self.refusal_may_heal.load(Ordering::Relaxed)
     }
 }
 
-/// A change refused because a data source could not be built is tried again after this many poll intervals
-/// (30 s with the default 1 s interval).
+/// A change refused because a data source could not be built, for a reason that may heal, is tried again after
+/// this many poll intervals (30 s with the default 1 s interval).
 pub const RETRY_REFUSED_TICKS: u32 = 30;
 
 /// Whether a keyspace's data source depends on nothing that differs between two configs.
@@ -364,6 +432,11 @@ fn fingerprints(paths: &[PathBuf]) -> Vec<Fingerprint> {
 /// Polling (by content, every `interval`) rather than inotify: a Kubernetes ConfigMap volume updates by swapping
 /// a symlinked directory, which file-level inotify watches miss; reading a small file once a second is cheap and
 /// sees every kind of update. Module files are compared by size, time and inode, not read, every tick.
+///
+/// `retry_pending` says that the first load left keyspaces out ([`Keyspaces::load_file_initial`]): until
+/// every keyspace of the file is served, changes apply what they can and leave the rest out, as the first load
+/// did. A change refused (or keyspaces left out) for a reason that may heal ([`LoadError::is_transient`]) is
+/// retried every [`RETRY_REFUSED_TICKS`] intervals; any other waits for the file or a module to change.
 pub async fn watch_file(
     keyspaces: Arc<Keyspaces>,
     metrics: Arc<Metrics>,
@@ -381,11 +454,13 @@ pub async fn watch_file(
         .unwrap_or_default();
     let mut prints = fingerprints(&watched);
     let mut missing_logged = false;
-    // A change refused because a data source could not be built (a download failed, a module file is not there
-    // yet) may succeed later: it is retried every RETRY_REFUSED_TICKS intervals until it applies or the file
-    // changes.
-    let mut retry_at: Option<tokio::time::Instant> =
-        retry_pending.then(|| tokio::time::Instant::now() + interval * RETRY_REFUSED_TICKS);
+    // Keyspaces of the file are left out (since the first load).
+    let mut partial = retry_pending;
+    // A change refused because a data source could not be built for a reason that may heal (a download failed,
+    // a module file is not there yet) may succeed later: it is retried every RETRY_REFUSED_TICKS intervals until
+    // it applies or the file changes.
+    let retry_after = || Some(tokio::time::Instant::now() + interval * RETRY_REFUSED_TICKS);
+    let mut retry_at = if retry_pending && keyspaces.refusal_may_heal() { retry_after() } else { None };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -419,21 +494,233 @@ pub async fn watch_file(
                 // Fingerprinted before the build reads them: a change during the build is seen next tick.
                 watched = keyspaces.watch_paths(&specs, &base);
                 prints = fingerprints(&watched);
-                keyspaces.apply(specs, &base, Some(&path), modules_changed).await
+                keyspaces.apply_inner(specs, &base, Some(&path), modules_changed, partial).await
             }
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(()) => {
+            Ok(None) => {
+                partial = false;
                 retry_at = None;
                 metrics.reload("applied");
                 tracing::info!(path = %path.display(), "keyspaces reloaded");
             }
-            Err(e) => {
-                retry_at = matches!(e, LoadError::Source { .. })
-                    .then(|| tokio::time::Instant::now() + interval * RETRY_REFUSED_TICKS);
+            Ok(Some(e)) | Err(e) => {
+                retry_at = if e.is_transient() { retry_after() } else { None };
                 keyspaces.refuse(&e, retry);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::hooks::{HookError, ModuleError};
+
+    /// Fails to build the source of keyspace `hooked`, transiently (a module not mounted) or not (a wrong
+    /// checksum), until `heal_after` builds; every other keyspace is cache-aside.
+    struct Flaky {
+        transient: bool,
+        heal_after: usize,
+        builds: AtomicUsize,
+    }
+
+    impl Flaky {
+        fn new(transient: bool, heal_after: usize) -> Arc<Self> {
+            Arc::new(Self { transient, heal_after, builds: AtomicUsize::new(0) })
+        }
+
+        fn builds(&self) -> usize {
+            self.builds.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait]
+    impl SourceFactory for Flaky {
+        async fn build(
+            &self,
+            keyspace: &ValidKeyspace,
+            base: &Path,
+        ) -> Result<Option<Arc<dyn DataSource>>, String> {
+            self.build_source(keyspace, base).await.map_err(|e| error_chain(&e))
+        }
+
+        async fn build_source(
+            &self,
+            keyspace: &ValidKeyspace,
+            _base: &Path,
+        ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
+            if keyspace.name != "hooked" || self.builds.fetch_add(1, Ordering::SeqCst) >= self.heal_after {
+                return Ok(None);
+            }
+            let error = if self.transient {
+                ModuleError::ReadModule {
+                    module: "ConfigMap late/hook.wasm".into(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                }
+            } else {
+                ModuleError::ChecksumMismatch {
+                    module: "hook.wasm".into(),
+                    expected: "0".repeat(64),
+                    actual: "1".repeat(64),
+                }
+            };
+            Err(HookError::from(error).into())
+        }
+    }
+
+    const BOTH: &str =
+        "keyspaces:\n  - { name: plain, maxBytes: 1Mi }\n  - { name: hooked, maxBytes: 1Mi }\n";
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).expect("write keyspaces file");
+    }
+
+    /// Watches `file` with 10 ms ticks (a retry every 300 ms) for `run`, writing `change` into it after 100 ms.
+    async fn watch_for(
+        keyspaces: &Arc<Keyspaces>,
+        metrics: &Arc<Metrics>,
+        file: &Path,
+        pending: bool,
+        change: Option<&str>,
+        run: Duration,
+    ) {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(watch_file(
+            Arc::clone(keyspaces),
+            Arc::clone(metrics),
+            file.to_owned(),
+            Duration::from_millis(10),
+            pending,
+            shutdown.clone(),
+        ));
+        if let Some(text) = change {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            write(file, text);
+        }
+        tokio::time::sleep(run).await;
+        shutdown.cancel();
+        task.await.expect("watcher ends");
+    }
+
+    fn error_of(keyspaces: &Keyspaces) -> String {
+        keyspaces.status().last_error.unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_keyspace_left_out_at_start_is_retried_only_when_it_can_heal() {
+        for transient in [true, false] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let file = dir.path().join("keyspaces.yaml");
+            write(&file, BOTH);
+            let factory = Flaky::new(transient, 3);
+            let metrics = Arc::new(Metrics::new());
+            let keyspaces = Arc::new(Keyspaces::new(factory.clone(), Arc::clone(&metrics)));
+
+            let left_out =
+                keyspaces.load_file_initial(&file).await.expect("the file is valid").expect("left out");
+            assert!(matches!(&left_out, LoadError::LeftOut { left_out, .. } if left_out.len() == 1));
+            assert_eq!(left_out.is_transient(), transient);
+            assert_eq!(keyspaces.refusal_may_heal(), transient);
+            assert!(
+                keyspaces.get("plain").is_some() && keyspaces.get("hooked").is_none(),
+                "the others serve"
+            );
+            let error = error_of(&keyspaces);
+            let why =
+                if transient { "failed to read hook module ConfigMap late/hook.wasm: " } else { "refused" };
+            assert!(
+                error.contains("keyspace \"hooked\"") && error.contains(why),
+                "the cause is reported: {error}"
+            );
+            assert_eq!(metrics.reloads("refused"), 1);
+
+            watch_for(&keyspaces, &metrics, &file, true, None, Duration::from_millis(1500)).await;
+            if transient {
+                assert_eq!(factory.builds(), 4, "retried until it healed (3 failures), then applied once");
+                assert!(keyspaces.get("hooked").is_some(), "loaded once it healed");
+                assert_eq!(error_of(&keyspaces), "", "the refusal is cleared");
+                assert_eq!(metrics.reloads("applied"), 1);
+                assert_eq!(
+                    metrics.reloads("refused"),
+                    1,
+                    "a retry failing the same way is not counted again"
+                );
+            } else {
+                assert_eq!(factory.builds(), 1, "a permanent failure is not retried");
+                assert!(keyspaces.get("hooked").is_none());
+                assert_eq!(error_of(&keyspaces), error, "still reported");
+
+                // A changed file is tried again, and still leaves out only what fails.
+                let more = format!("{BOTH}  - {{ name: more, maxBytes: 1Mi }}\n");
+                watch_for(&keyspaces, &metrics, &file, true, Some(&more), Duration::from_millis(800)).await;
+                assert_eq!(factory.builds(), 2, "tried once more for the changed file");
+                assert!(keyspaces.get("more").is_some(), "the new keyspace serves");
+                assert!(keyspaces.get("hooked").is_none());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_reload_is_retried_only_when_it_can_heal() {
+        for transient in [true, false] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let file = dir.path().join("keyspaces.yaml");
+            write(&file, "keyspaces:\n  - { name: plain, maxBytes: 1Mi }\n");
+            let factory = Flaky::new(transient, usize::MAX);
+            let metrics = Arc::new(Metrics::new());
+            let keyspaces = Arc::new(Keyspaces::new(factory.clone(), Arc::clone(&metrics)));
+            keyspaces.load_file(&file).await.expect("applies");
+
+            watch_for(&keyspaces, &metrics, &file, false, Some(BOTH), Duration::from_millis(1500)).await;
+
+            let error = error_of(&keyspaces);
+            assert!(error.contains("failed to build the data source of keyspace \"hooked\""), "{error}");
+            assert!(keyspaces.get("hooked").is_none(), "the change is refused");
+            assert_eq!(metrics.reloads("refused"), 1, "counted once");
+            if transient {
+                assert!(factory.builds() >= 3, "retried every 300 ms: {} builds", factory.builds());
+            } else {
+                assert_eq!(factory.builds(), 1, "a permanent failure is not retried");
+            }
+        }
+    }
+
+    #[test]
+    fn only_source_failures_that_can_heal_are_transient() {
+        let path = PathBuf::from("keyspaces.yaml");
+        let missing = || {
+            BuildSourceError::from(HookError::from(ModuleError::ReadModule {
+                module: "m".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }))
+        };
+        let source = |source| LoadError::Source { path: path.clone(), keyspace: "k".into(), source };
+        assert!(source(missing()).is_transient());
+        assert!(!source(BuildSourceError::NoHookRuntime).is_transient());
+        assert!(!LoadError::Invalid { path: path.clone(), message: "bad".into() }.is_transient());
+        let left_out = |errors: Vec<BuildSourceError>| LoadError::LeftOut {
+            path: path.clone(),
+            left_out: errors.into_iter().map(|e| ("k".to_owned(), e)).collect(),
+        };
+        assert!(left_out(vec![BuildSourceError::NoHookRuntime, missing()]).is_transient(), "one may heal");
+        assert!(!left_out(vec![BuildSourceError::NoHookRuntime]).is_transient());
+        let shown = source(missing());
+        assert_eq!(
+            shown.to_string(),
+            "keyspaces file keyspaces.yaml: failed to build the data source of keyspace \"k\""
+        );
+        assert_eq!(
+            shown.detail(),
+            format!(
+                "{shown}: failed to read hook module m: {}",
+                std::io::Error::from(std::io::ErrorKind::NotFound)
+            )
+        );
     }
 }

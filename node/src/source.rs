@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use distcache_api::ValidKeyspace;
 
+use crate::hooks::HookError;
+
 /// A value fetched from a data source.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fetched {
@@ -62,6 +64,48 @@ pub trait DataSource: Send + Sync + 'static {
     }
 }
 
+/// Why the data source of a keyspace could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildSourceError {
+    /// The keyspace's hook could not be built.
+    #[error(transparent)]
+    BuildHook(#[from] HookError),
+    /// The keyspace has a hook, but the node runs none.
+    #[error(
+        "the keyspace has a hook, but this node has no hook runtime; remove `hook` to use it as a cache-aside \
+         keyspace"
+    )]
+    NoHookRuntime,
+    /// A factory that reports its failures as messages ([`SourceFactory::build`]).
+    #[error("{0}")]
+    Factory(String),
+}
+
+impl BuildSourceError {
+    /// Whether building again from the same inputs may succeed (a module file not mounted yet, a failed
+    /// download), so that a refused change is worth retrying. A factory's message is assumed to be.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::BuildHook(e) => e.is_transient(),
+            Self::NoHookRuntime => false,
+            Self::Factory(_) => true,
+        }
+    }
+}
+
+/// An error and its causes, `outer: cause: root cause`, for logs and status reports (error types here keep
+/// their cause out of their own message).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Builds the data source of a keyspace from its validated spec (the `hook` field). Called on keyspaces
 /// (re)loads for keyspaces that changed, or whose module files changed; an error refuses the whole reload.
 #[async_trait]
@@ -74,6 +118,16 @@ pub trait SourceFactory: Send + Sync + 'static {
         keyspace: &ValidKeyspace,
         base_dir: &Path,
     ) -> Result<Option<Arc<dyn DataSource>>, String>;
+
+    /// Like [`SourceFactory::build`], with an error that says whether a retry may succeed; what the keyspaces
+    /// loader calls. The default takes `build`'s message as a [`BuildSourceError::Factory`] (retried).
+    async fn build_source(
+        &self,
+        keyspace: &ValidKeyspace,
+        base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
+        self.build(keyspace, base_dir).await.map_err(BuildSourceError::Factory)
+    }
 
     /// Files the source of `keyspace` is built from (a hook's module file): when one of them changes, the
     /// keyspace is rebuilt although the keyspaces file did not change.
@@ -104,6 +158,17 @@ impl SourceFactory for Layered {
         }
     }
 
+    async fn build_source(
+        &self,
+        keyspace: &ValidKeyspace,
+        base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
+        match self.first.build_source(keyspace, base_dir).await? {
+            Some(source) => Ok(Some(source)),
+            None => self.then.build_source(keyspace, base_dir).await,
+        }
+    }
+
     fn watch_paths(&self, keyspace: &ValidKeyspace, base_dir: &Path) -> Vec<std::path::PathBuf> {
         let mut paths = self.first.watch_paths(keyspace, base_dir);
         paths.extend(self.then.watch_paths(keyspace, base_dir));
@@ -121,15 +186,21 @@ impl SourceFactory for NoHooks {
     async fn build(
         &self,
         keyspace: &ValidKeyspace,
-        _base_dir: &Path,
+        base_dir: &Path,
     ) -> Result<Option<Arc<dyn DataSource>>, String> {
+        self.build_source(keyspace, base_dir)
+            .await
+            .map_err(|e| format!("keyspace {:?}: {}", keyspace.name, error_chain(&e)))
+    }
+
+    async fn build_source(
+        &self,
+        keyspace: &ValidKeyspace,
+        _base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
         match keyspace.spec.hook {
             None => Ok(None),
-            Some(_) => Err(format!(
-                "keyspace {:?} has a hook, but this node has no hook runtime; remove `hook` to use it as a \
-                 cache-aside keyspace",
-                keyspace.name
-            )),
+            Some(_) => Err(BuildSourceError::NoHookRuntime),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use distcache_api::{Host, HostPort};
 use tokio::sync::Semaphore;
 
 use super::bindings::wit_http::{Error, Request, Response};
@@ -20,31 +21,16 @@ const MAX_REDIRECTS: usize = 5;
 /// Timeout of connection establishment (TCP + TLS).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One `allowedHosts` entry, normalised.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct AllowedHost {
-    host: String,
-    port: u16,
-}
-
-/// The allowlist of one keyspace.
+/// The allowlist of one keyspace: its parsed `allowedHosts`.
 #[derive(Clone, Debug, Default)]
 pub struct AllowList {
-    hosts: Vec<AllowedHost>,
+    hosts: Vec<HostPort>,
 }
 
 impl AllowList {
-    /// Parses `host:port` entries (validated by the keyspace validation; unparsable entries allow nothing).
-    pub fn new(entries: &[String]) -> Self {
-        let hosts = entries
-            .iter()
-            .filter_map(|e| {
-                let (host, port) = e.rsplit_once(':')?;
-                let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-                Some(AllowedHost { host: host.to_ascii_lowercase(), port: port.parse().ok()? })
-            })
-            .collect();
-        Self { hosts }
+    /// The allowlist of these entries.
+    pub fn new(hosts: &[HostPort]) -> Self {
+        Self { hosts: hosts.to_vec() }
     }
 
     /// Why `url` may not be requested, or `None` when it may.
@@ -53,20 +39,19 @@ impl AllowList {
             return Some(format!("scheme {:?} is not allowed, only http and https", url.scheme()));
         }
         let host = match url.host() {
-            Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
-            Some(url::Host::Ipv4(ip)) => ip.to_string(),
-            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(url::Host::Domain(d)) => Host::Name(d.to_owned()),
+            Some(url::Host::Ipv4(ip)) => Host::Ipv4(ip),
+            Some(url::Host::Ipv6(ip)) => Host::Ipv6(ip),
             None => return Some("the URL has no host".into()),
         };
         let Some(port) = url.port_or_known_default() else {
             return Some("the URL has no port".into());
         };
-        if self.hosts.iter().any(|a| a.host == host && a.port == port) {
+        let target = HostPort::new(host, port);
+        if self.hosts.contains(&target) {
             None
         } else {
-            let shown =
-                if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-            Some(format!("{shown} is not in the keyspace's allowedHosts"))
+            Some(format!("{target} is not in the keyspace's allowedHosts"))
         }
     }
 }
@@ -95,7 +80,7 @@ pub struct HttpGate {
 
 impl HttpGate {
     /// A gate for one keyspace.
-    pub fn new(allowed_hosts: &[String], limits: &HttpLimits) -> Result<Self, String> {
+    pub fn new(allowed_hosts: &[HostPort], limits: &HttpLimits) -> Result<Self, reqwest::Error> {
         let allow = Arc::new(AllowList::new(allowed_hosts));
         let policy_allow = Arc::clone(&allow);
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
@@ -117,8 +102,7 @@ impl HttpGate {
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_mins(1))
             .user_agent(concat!("distcache-hook/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("failed to build the hook's HTTP client: {e}"))?;
+            .build()?;
         Ok(Self {
             allow,
             client,
@@ -216,13 +200,20 @@ mod tests {
         reqwest::Url::parse(s).expect("test URL parses")
     }
 
+    fn allow(entries: &[&str]) -> AllowList {
+        let hosts: Vec<HostPort> =
+            entries.iter().map(|e| e.parse().unwrap_or_else(|err| panic!("{e}: {err}"))).collect();
+        AllowList::new(&hosts)
+    }
+
     #[test]
     fn allowlist_matches_scheme_host_and_port_of_the_parsed_url() {
-        let allow = AllowList::new(&["127.0.0.1:8080".into(), "Example.com:443".into(), "[::1]:9000".into()]);
+        let allow = allow(&["127.0.0.1:8080", "Example.com:443", "[::1]:9000"]);
         assert_eq!(allow.check(&url("http://127.0.0.1:8080/users/1")), None);
         assert_eq!(allow.check(&url("https://example.com/x")), None, "default port of https");
         assert_eq!(allow.check(&url("https://EXAMPLE.com:443/x")), None, "hosts are case-insensitive");
         assert_eq!(allow.check(&url("http://[::1]:9000/")), None);
+        assert_eq!(allow.check(&url("http://[0:0::1]:9000/")), None, "IPv6 addresses compare as addresses");
         for denied in [
             "http://127.0.0.1:8081/",
             "http://example.com/",                      // port 80 is not listed
@@ -230,10 +221,39 @@ mod tests {
             "http://127.0.0.1:8080@evil.example:8080/", // userinfo trick: the host is evil.example
             "http://127.0.0.2:8080/",
             "http://0x7f.0.0.1:8081/",
+            "http://[::1]:9001/",
+            "http://[::2]:9000/",
         ] {
             assert!(allow.check(&url(denied)).is_some(), "{denied} must be denied");
         }
         // Alternative spellings of an allowed IP normalise to it (the URL parser canonicalises them).
         assert_eq!(allow.check(&url("http://0x7f.0.0.1:8080/")), None);
+    }
+
+    #[test]
+    fn egress_to_another_port_or_host_is_refused_naming_the_target() {
+        let allow = allow(&["users-api.default.svc:8080"]);
+        assert_eq!(allow.check(&url("http://users-api.default.svc:8080/u/1")), None, "allowed");
+        assert_eq!(
+            allow.check(&url("http://users-api.default.svc:8081/u/1")).as_deref(),
+            Some("users-api.default.svc:8081 is not in the keyspace's allowedHosts"),
+            "another port"
+        );
+        assert_eq!(
+            allow.check(&url("http://orders-api.default.svc:8080/")).as_deref(),
+            Some("orders-api.default.svc:8080 is not in the keyspace's allowedHosts"),
+            "another host"
+        );
+        assert_eq!(
+            allow.check(&url("https://users-api.default.svc/")).as_deref(),
+            Some("users-api.default.svc:443 is not in the keyspace's allowedHosts"),
+            "the scheme's default port is not the allowed one"
+        );
+        assert_eq!(
+            self::allow(&["[fd00::1]:443"]).check(&url("https://[fd00::2]/")).as_deref(),
+            Some("[fd00::2]:443 is not in the keyspace's allowedHosts"),
+            "IPv6 shown in brackets"
+        );
+        assert!(AllowList::default().check(&url("http://127.0.0.1:8080/")).is_some(), "empty: no egress");
     }
 }

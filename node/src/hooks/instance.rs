@@ -108,6 +108,55 @@ struct MemoryLimitExceeded {
     limit: ByteSize,
 }
 
+/// Why a new instance could not be made ready: instantiating the component and calling its `init`.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The new store refused its fuel (an engine without fuel metering).
+    #[error("failed to set the fuel of a new hook instance")]
+    SetFuel(#[source] wasmtime::Error),
+    /// Instantiating or `init` trapped (or failed to link at run time); `message` says how.
+    #[error("the hook failed to start: {message}")]
+    Trapped {
+        /// Why it stopped.
+        reason: TrapReason,
+        /// What happened, as for a trapped call.
+        message: String,
+    },
+    /// Instantiating and `init` did not finish within the hook's timeout.
+    #[error("the hook's init exceeded its timeout of {timeout:?}")]
+    TimedOut {
+        /// The hook's timeout.
+        timeout: Duration,
+    },
+    /// `init` returned an error: the hook refuses its config.
+    #[error("the hook's init refused its config: {message}")]
+    InitRefused {
+        /// The hook's message.
+        message: String,
+    },
+}
+
+impl InitError {
+    /// Whether making an instance again may succeed: only a timeout (an `init` that waits on a backend); a
+    /// refused config or a trap repeats with the same module and config.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::TimedOut { .. } | Self::Trapped { reason: TrapReason::Timeout, .. })
+    }
+}
+
+impl From<InitError> for FetchError {
+    fn from(e: InitError) -> Self {
+        match e {
+            InitError::SetFuel(e) => FetchError::Internal(format!("{e}")),
+            InitError::Trapped { reason: TrapReason::Timeout, .. } | InitError::TimedOut { .. } => {
+                FetchError::Timeout
+            }
+            InitError::Trapped { message, .. } => FetchError::Internal(message),
+            refused @ InitError::InitRefused { .. } => FetchError::Internal(refused.to_string()),
+        }
+    }
+}
+
 /// The host side of one instance: WASI (no files, sockets or environment), the egress gate and the call's
 /// deadline.
 pub struct HostState {
@@ -199,21 +248,22 @@ impl std::fmt::Debug for HookSource {
 }
 
 impl HookSource {
+    /// The source of `keyspace`'s hook; fails only when its HTTP client cannot be built.
     pub(super) fn new(
-        keyspace: String,
+        keyspace: &ValidKeyspace,
         pre: DataSourcePre<HostState>,
         hook: &HookSpec,
         limits: HookLimits,
         sha256: String,
         metrics: Arc<Metrics>,
-    ) -> Result<Arc<Self>, String> {
-        let http = Arc::new(HttpGate::new(&hook.allowed_hosts, &limits.http)?);
+    ) -> Result<Arc<Self>, reqwest::Error> {
+        let http = Arc::new(HttpGate::new(&keyspace.allowed_hosts, &limits.http)?);
         let calls = CallCounters {
-            init: metrics.hook_calls(&keyspace, "init"),
-            fetch: metrics.hook_calls(&keyspace, "fetch"),
-            fetch_many: metrics.hook_calls(&keyspace, "fetch-many"),
+            init: metrics.hook_calls(&keyspace.name, "init"),
+            fetch: metrics.hook_calls(&keyspace.name, "fetch"),
+            fetch_many: metrics.hook_calls(&keyspace.name, "fetch-many"),
         };
-        let keyspace: Arc<str> = Arc::from(keyspace);
+        let keyspace: Arc<str> = Arc::from(keyspace.name.as_str());
         Ok(Arc::new(Self {
             engine: pre.engine().clone(),
             log_budget: LogBudget::new(Arc::clone(&keyspace)),
@@ -246,8 +296,8 @@ impl HookSource {
     }
 
     /// Creates and initialises one instance and puts it in the pool.
-    pub async fn warm_up(&self) -> Result<(), String> {
-        let instance = self.instantiate().await.map_err(|e| e.to_string())?;
+    pub async fn warm_up(&self) -> Result<(), InitError> {
+        let instance = self.instantiate().await?;
         self.idle.lock().push(instance);
         Ok(())
     }
@@ -258,7 +308,7 @@ impl HookSource {
     }
 
     /// A fresh instance: new store, instantiated from the pre-linked component, `init` called with the config.
-    async fn instantiate(&self) -> Result<Instance, FetchError> {
+    async fn instantiate(&self) -> Result<Instance, InitError> {
         let stderr = GuestOutput::new("stderr", Arc::clone(&self.log_budget));
         let stdout = GuestOutput::new("stdout", Arc::clone(&self.log_budget));
         let wasi = WasiCtxBuilder::new()
@@ -288,7 +338,7 @@ impl HookSource {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        store.set_fuel(self.limits.fuel).map_err(|e| FetchError::Internal(format!("{e}")))?;
+        store.set_fuel(self.limits.fuel).map_err(InitError::SetFuel)?;
         store.set_epoch_deadline(1);
         let deadline = self.limits.timeout + 2 * EPOCH_TICK;
         let started = async {
@@ -299,12 +349,16 @@ impl HookSource {
         };
         let (bindings, init) = match tokio::time::timeout(deadline, started).await {
             Ok(Ok(done)) => done,
-            Ok(Err(e)) => return Err(self.trapped(&e, &stderr)),
-            Err(_) => return Err(self.timed_out()),
+            Ok(Err(e)) => {
+                let (reason, message) = self.count_trap(&e, &stderr);
+                return Err(InitError::Trapped { reason, message });
+            }
+            Err(_) => {
+                self.count_timeout();
+                return Err(InitError::TimedOut { timeout: self.limits.timeout });
+            }
         };
-        init.map_err(|message| {
-            FetchError::Internal(format!("the hook's init refused its config: {message}"))
-        })?;
+        init.map_err(|message| InitError::InitRefused { message })?;
         Ok(Instance { store, bindings, stderr })
     }
 
@@ -318,7 +372,7 @@ impl HookSource {
         let idle = self.idle.lock().pop();
         let instance = match idle {
             Some(i) => i,
-            None => self.instantiate().await?,
+            None => self.instantiate().await.map_err(FetchError::from)?,
         };
         Ok((permit, instance))
     }
@@ -327,17 +381,29 @@ impl HookSource {
         self.idle.lock().push(instance);
     }
 
-    fn timed_out(&self) -> FetchError {
+    /// Counts and logs a call stopped by its deadline.
+    fn count_timeout(&self) {
         self.metrics.hook_trap(&self.keyspace, TrapReason::Timeout.label());
         tracing::warn!(keyspace = %self.keyspace, timeout = ?self.limits.timeout, "hook call exceeded its timeout; instance discarded");
+    }
+
+    /// Like [`HookSource::count_timeout`], as the call's error.
+    fn timed_out(&self) -> FetchError {
+        self.count_timeout();
         FetchError::Timeout
     }
 
     /// Classifies a failed call (the instance is discarded by the caller), counts and logs it.
-    fn trapped(&self, error: &wasmtime::Error, stderr: &GuestOutput) -> FetchError {
+    fn count_trap(&self, error: &wasmtime::Error, stderr: &GuestOutput) -> (TrapReason, String) {
         let (reason, message) = classify(error, stderr, &self.limits);
         self.metrics.hook_trap(&self.keyspace, reason.label());
         tracing::warn!(keyspace = %self.keyspace, reason = reason.label(), error = %message, "hook call trapped; instance discarded");
+        (reason, message)
+    }
+
+    /// Like [`HookSource::count_trap`], as the call's error.
+    fn trapped(&self, error: &wasmtime::Error, stderr: &GuestOutput) -> FetchError {
+        let (reason, message) = self.count_trap(error, stderr);
         match reason {
             TrapReason::Timeout => FetchError::Timeout,
             _ => FetchError::Internal(message),

@@ -18,14 +18,14 @@ use wasmtime::{
 };
 
 use super::{
-    EPOCH_TICK,
+    EPOCH_TICK, HookError,
     bindings::{DataSource as Bindings, DataSourcePre},
     instance::{HookLimits, HookSource, HostState},
     module::{self, ModuleBytes, sha256_hex, write_atomically},
 };
 use crate::{
     metrics::Metrics,
-    source::{DataSource, SourceFactory},
+    source::{BuildSourceError, DataSource, SourceFactory, error_chain},
 };
 
 /// Node-wide settings of the hook runtime.
@@ -71,15 +71,18 @@ pub struct HookRuntime {
     built: Mutex<HashMap<String, Built>>,
 }
 
-/// Why a hook could not be built.
+/// Why the hook runtime could not be created (a keyspace's hook fails with a [`HookError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// The engine could not be configured.
-    #[error("failed to create the WebAssembly engine: {0}")]
-    Engine(String),
+    #[error("failed to create the WebAssembly engine")]
+    Engine(#[source] wasmtime::Error),
     /// The host imports could not be linked.
-    #[error("failed to link the host interfaces: {0}")]
-    Link(String),
+    #[error("failed to link the host interfaces")]
+    Link(#[source] wasmtime::Error),
+    /// The thread that advances the epoch could not be started.
+    #[error("failed to start the epoch thread")]
+    EpochThread(#[source] std::io::Error),
 }
 
 impl HookRuntime {
@@ -100,12 +103,11 @@ impl HookRuntime {
             .cranelift_opt_level(OptLevel::Speed)
             .max_wasm_stack(1 << 20)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| BuildError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&config).map_err(BuildError::Engine)?;
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| BuildError::Link(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(BuildError::Link)?;
         Bindings::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(|e| BuildError::Link(format!("{e:#}")))?;
+            .map_err(BuildError::Link)?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = format!("{:016x}", hasher.finish());
@@ -120,7 +122,7 @@ impl HookRuntime {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })
-            .map_err(|e| BuildError::Engine(format!("failed to start the epoch thread: {e}")))?;
+            .map_err(BuildError::EpochThread)?;
         Ok(Arc::new(Self { engine, linker, settings, metrics, compat, built: Mutex::new(HashMap::new()) }))
     }
 
@@ -130,7 +132,7 @@ impl HookRuntime {
     }
 
     /// Compiles a component, or loads its precompiled artifact from the cache.
-    pub async fn component(&self, module: &ModuleBytes) -> Result<Component, String> {
+    pub async fn component(&self, module: &ModuleBytes) -> Result<Component, HookError> {
         let artifact =
             self.settings.cache_dir.join("compiled").join(format!("{}-{}.cwasm", module.sha256, self.compat));
         let checksum = artifact.with_extension("cwasm.sha256");
@@ -143,8 +145,8 @@ impl HookRuntime {
         let origin = module.origin.clone();
         let compiled = tokio::task::spawn_blocking(move || engine.precompile_component(&bytes))
             .await
-            .map_err(|e| format!("compiling module {origin} failed: {e}"))?
-            .map_err(|e| format!("module {} is not a valid WebAssembly component: {e:#}", module.origin))?;
+            .map_err(|source| HookError::CompileTask { module: origin, source })?
+            .map_err(|source| HookError::CompileComponent { module: module.origin.clone(), source })?;
         tracing::info!(module = %module.origin, sha256 = %module.sha256, ms = started.elapsed().as_millis(), "hook module compiled");
         let sum = sha256_hex(&compiled);
         let stored = async {
@@ -158,7 +160,7 @@ impl HookRuntime {
             }
         }
         self.deserialize(&compiled)
-            .map_err(|e| format!("loading the compiled module {} failed: {e:#}", module.origin))
+            .map_err(|source| HookError::LoadCompiled { module: module.origin.clone(), source })
     }
 
     /// Removes artifacts this engine can never load (another wasmtime version or settings), and all but the
@@ -218,7 +220,7 @@ impl HookRuntime {
         keyspace: &ValidKeyspace,
         hook: &HookSpec,
         base_dir: &Path,
-    ) -> Result<Arc<HookSource>, String> {
+    ) -> Result<Arc<HookSource>, HookError> {
         let module =
             module::load(&hook.module, base_dir, &self.settings.config_map_dir, &self.settings.cache_dir)
                 .await?;
@@ -235,26 +237,22 @@ impl HookRuntime {
             }
         }
         let component = self.component(&module).await?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            format!(
-                "module {} cannot run here: {e:#} (it must target the distcache:hook/data-source world)",
-                module.origin
-            )
-        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|source| HookError::LinkImports { module: module.origin.clone(), source })?;
         let pre = DataSourcePre::new(pre)
-            .map_err(|e| format!("module {} does not export the data-source world: {e:#}", module.origin))?;
+            .map_err(|source| HookError::BindExports { module: module.origin.clone(), source })?;
         let limits = HookLimits::new(keyspace, hook);
-        let source = HookSource::new(
-            keyspace.name.clone(),
-            pre,
-            hook,
-            limits,
-            module.sha256.clone(),
-            Arc::clone(&self.metrics),
-        )?;
+        let source =
+            HookSource::new(keyspace, pre, hook, limits, module.sha256.clone(), Arc::clone(&self.metrics))
+                .map_err(HookError::BuildHttpClient)?;
         // One instance now: a module that cannot be instantiated or refuses its config is refused here, and
         // the first miss finds a warm instance.
-        source.warm_up().await.map_err(|e| format!("hook of keyspace {:?}: {e}", keyspace.name))?;
+        source
+            .warm_up()
+            .await
+            .map_err(|source| HookError::InitHook { module: module.origin.clone(), source })?;
         tracing::info!(keyspace = %keyspace.name, module = %module.origin, sha256 = %module.sha256, "hook ready");
         self.built.lock().insert(
             keyspace.name.clone(),
@@ -291,15 +289,21 @@ impl SourceFactory for HookRuntime {
         keyspace: &ValidKeyspace,
         base_dir: &Path,
     ) -> Result<Option<Arc<dyn DataSource>>, String> {
+        self.build_source(keyspace, base_dir)
+            .await
+            .map_err(|e| format!("keyspace {:?}: {}", keyspace.name, error_chain(&e)))
+    }
+
+    async fn build_source(
+        &self,
+        keyspace: &ValidKeyspace,
+        base_dir: &Path,
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
         let Some(hook) = &keyspace.spec.hook else {
             self.built.lock().remove(&keyspace.name);
             return Ok(None);
         };
-        let source = self
-            .build_hook(keyspace, hook, base_dir)
-            .await
-            .map_err(|e| format!("keyspace {:?}: {e}", keyspace.name))?;
-        Ok(Some(source))
+        Ok(Some(self.build_hook(keyspace, hook, base_dir).await?))
     }
 
     fn watch_paths(&self, keyspace: &ValidKeyspace, base_dir: &Path) -> Vec<PathBuf> {
@@ -310,5 +314,95 @@ impl SourceFactory for HookRuntime {
             .and_then(|h| module::local_file(&h.module, base_dir, &self.settings.config_map_dir))
             .into_iter()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use distcache_api::{KeyspacesFile, validate_keyspaces};
+
+    use super::*;
+    use crate::hooks::ModuleError;
+
+    fn runtime(cache: &Path) -> Arc<HookRuntime> {
+        let settings = HookSettings {
+            cache_dir: cache.join("cache"),
+            config_map_dir: cache.join("mounts"),
+            max_instances: 2,
+        };
+        HookRuntime::new(settings, Arc::new(Metrics::new())).expect("the engine starts")
+    }
+
+    fn keyspace(module: &str) -> ValidKeyspace {
+        let yaml = format!("keyspaces:\n  - {{ name: ks, maxBytes: 1Mi, hook: {{ module: {module} }} }}\n");
+        let file: KeyspacesFile = serde_yaml::from_str(&yaml).expect("fixture parses");
+        validate_keyspaces(&file.keyspaces).expect("fixture is valid").remove(0)
+    }
+
+    async fn build_error(runtime: &HookRuntime, keyspace: &ValidKeyspace, base: &Path) -> BuildSourceError {
+        match runtime.build_source(keyspace, base).await {
+            Ok(_) => panic!("the hook of {keyspace:?} must fail to build"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_garbage_module_is_a_permanent_compile_error() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runtime = runtime(dir.path());
+        std::fs::write(dir.path().join("garbage.wasm"), b"\0asm but not really a component").expect("write");
+        let error = build_error(&runtime, &keyspace("{ path: garbage.wasm }"), dir.path()).await;
+        assert!(
+            matches!(&error, BuildSourceError::BuildHook(HookError::CompileComponent { module, .. }) if module.ends_with("garbage.wasm")),
+            "{error:?}"
+        );
+        assert!(!error.is_transient());
+        let shown = error_chain(&error);
+        assert!(
+            shown.starts_with("hook module ") && shown.contains("is not a valid WebAssembly component: "),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_module_not_mounted_yet_is_transient() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runtime = runtime(dir.path());
+        let keyspace = keyspace("{ configMap: { name: late, key: hook.wasm } }");
+        let error = build_error(&runtime, &keyspace, dir.path()).await;
+        assert!(
+            matches!(
+                &error,
+                BuildSourceError::BuildHook(HookError::LoadModule(ModuleError::ReadModule { .. }))
+            ),
+            "{error:?}"
+        );
+        assert!(error.is_transient());
+        assert_eq!(
+            runtime.watch_paths(&keyspace, dir.path()),
+            vec![dir.path().join("mounts/late/hook.wasm")]
+        );
+        let message = runtime.build(&keyspace, dir.path()).await.err().expect("fails");
+        assert!(
+            message.starts_with("keyspace \"ks\": failed to read hook module ConfigMap late/hook.wasm"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_checksum_mismatch_is_permanent() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runtime = runtime(dir.path());
+        std::fs::write(dir.path().join("hook.wasm"), b"bytes").expect("write");
+        let keyspace = keyspace(&format!("{{ path: hook.wasm, sha256: \"{}\" }}", "ab".repeat(32)));
+        let error = build_error(&runtime, &keyspace, dir.path()).await;
+        assert!(
+            matches!(
+                &error,
+                BuildSourceError::BuildHook(HookError::LoadModule(ModuleError::ChecksumMismatch { .. }))
+            ),
+            "{error:?}"
+        );
+        assert!(!error.is_transient());
     }
 }
