@@ -17,10 +17,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use distcache_api::{KeyspaceCounters, KeyspaceReport, KeyspacesReport, LocalNode, PeerReport, PeersReport};
+use distcache_api::{KeyspaceReport, KeyspacesReport, LocalNode, PeerReport, PeersReport};
 use serde::Serialize;
 
-use crate::engine::{Engine, KeyspaceStats};
+use crate::engine::Engine;
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -130,34 +130,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The engine's counters as the report carries them; destructured so that a new counter is not forgotten here.
-fn counters(stats: &KeyspaceStats) -> KeyspaceCounters {
-    let KeyspaceStats {
-        name,
-        hits,
-        hot_hits,
-        misses,
-        source_fetches,
-        entries,
-        bytes,
-        evictions,
-        forwarded,
-        owner_fallbacks,
-    } = stats;
-    KeyspaceCounters {
-        name: name.clone(),
-        hits: *hits,
-        hot_hits: *hot_hits,
-        misses: *misses,
-        source_fetches: *source_fetches,
-        entries: *entries,
-        bytes: *bytes,
-        evictions: *evictions,
-        forwarded: *forwarded,
-        owner_fallbacks: *owner_fallbacks,
-    }
-}
-
 async fn keyspaces(State(s): State<Arc<AdminState>>) -> Response {
     let ks = s.engine.keyspaces();
     let stats = s.engine.stats(None).unwrap_or_default();
@@ -177,7 +149,7 @@ async fn keyspaces(State(s): State<Arc<AdminState>>) -> Response {
                 // A source with nothing to say describes itself as null, which the report writes as null too.
                 hook: rt.source.as_ref().map(|s| s.describe()).filter(|d| !d.is_null()),
                 spec: c.spec.clone(),
-                stats: stats.iter().find(|st| st.name == c.name).map(counters),
+                stats: stats.iter().find(|st| st.name == c.name).cloned(),
             }
         })
         .collect();

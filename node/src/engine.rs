@@ -31,8 +31,6 @@ mod tests;
 
 use std::{sync::Arc, time::Duration};
 
-pub use admin::KeyspaceStats;
-
 #[cfg(doc)]
 use crate::store::HOT_MAX_TTL;
 use crate::{

@@ -263,7 +263,7 @@ impl Keyspaces {
             let source = match &old {
                 Some(old) if !rebuild && old.config == config => old.source.clone(),
                 Some(old) if !rebuild && same_source_inputs(&old.config, &config) => old.source.clone(),
-                _ => match self.factory.build_source(&config, base_dir).await {
+                _ => match self.factory.build(&config, base_dir).await {
                     Ok(source) => source,
                     // Only a keyspace not served yet is left out: a served one keeps serving as it is, and
                     // the change is refused.
@@ -543,14 +543,6 @@ mod tests {
     #[async_trait]
     impl SourceFactory for Flaky {
         async fn build(
-            &self,
-            keyspace: &ValidKeyspace,
-            base: &Path,
-        ) -> Result<Option<Arc<dyn DataSource>>, String> {
-            self.build_source(keyspace, base).await.map_err(|e| error_chain(&e))
-        }
-
-        async fn build_source(
             &self,
             keyspace: &ValidKeyspace,
             _base: &Path,

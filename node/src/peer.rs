@@ -38,6 +38,11 @@ pub struct PeerError {
     pub timed_out: bool,
 }
 
+/// The keys of a peer call as the Peer service takes them.
+fn key_names(keys: &[Arc<str>]) -> Vec<String> {
+    keys.iter().map(ToString::to_string).collect()
+}
+
 /// Per-key outcomes of a batch sent to a peer.
 pub type KeyResults<T> = Vec<Result<T, EngineError>>;
 

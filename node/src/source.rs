@@ -76,7 +76,7 @@ pub enum BuildSourceError {
          keyspace"
     )]
     NoHookRuntime,
-    /// A factory that reports its failures as messages ([`SourceFactory::build`]).
+    /// A factory's own failure, as a message (the factories of embedders and tests); treated as transient.
     #[error("{0}")]
     Factory(String),
 }
@@ -112,22 +112,13 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 pub trait SourceFactory: Send + Sync + 'static {
     /// `Ok(None)` for a keyspace without a hook (pure cache-aside). `base_dir` is the keyspaces file's directory,
     /// against which relative module paths resolve. A factory may return the source it built before when
-    /// nothing it depends on changed (so warm state survives an unrelated change).
+    /// nothing it depends on changed (so warm state survives an unrelated change). The error says whether a
+    /// retry may succeed ([`BuildSourceError::is_transient`]): the keyspaces loader retries only those.
     async fn build(
         &self,
         keyspace: &ValidKeyspace,
         base_dir: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, String>;
-
-    /// Like [`SourceFactory::build`], with an error that says whether a retry may succeed; what the keyspaces
-    /// loader calls. The default takes `build`'s message as a [`BuildSourceError::Factory`] (retried).
-    async fn build_source(
-        &self,
-        keyspace: &ValidKeyspace,
-        base_dir: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
-        self.build(keyspace, base_dir).await.map_err(BuildSourceError::Factory)
-    }
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError>;
 
     /// Files the source of `keyspace` is built from (a hook's module file): when one of them changes, the
     /// keyspace is rebuilt although the keyspaces file did not change.
@@ -151,21 +142,10 @@ impl SourceFactory for Layered {
         &self,
         keyspace: &ValidKeyspace,
         base_dir: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, String> {
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
         match self.first.build(keyspace, base_dir).await? {
             Some(source) => Ok(Some(source)),
             None => self.then.build(keyspace, base_dir).await,
-        }
-    }
-
-    async fn build_source(
-        &self,
-        keyspace: &ValidKeyspace,
-        base_dir: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
-        match self.first.build_source(keyspace, base_dir).await? {
-            Some(source) => Ok(Some(source)),
-            None => self.then.build_source(keyspace, base_dir).await,
         }
     }
 
@@ -184,16 +164,6 @@ pub struct NoHooks;
 #[async_trait]
 impl SourceFactory for NoHooks {
     async fn build(
-        &self,
-        keyspace: &ValidKeyspace,
-        base_dir: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, String> {
-        self.build_source(keyspace, base_dir)
-            .await
-            .map_err(|e| format!("keyspace {:?}: {}", keyspace.name, error_chain(&e)))
-    }
-
-    async fn build_source(
         &self,
         keyspace: &ValidKeyspace,
         _base_dir: &Path,

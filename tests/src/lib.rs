@@ -24,7 +24,7 @@ use distcache_node::{
     NodeConfig, NodeOptions, RunningNode,
     config::{DiscoveryConfig, StaticDiscovery},
     engine::Engine,
-    source::{DataSource, FetchError, Fetched, SourceFactory},
+    source::{BuildSourceError, DataSource, FetchError, Fetched, SourceFactory},
 };
 use distcache_proto::v1::cache_client::CacheClient;
 use tonic::transport::Channel;
@@ -115,7 +115,7 @@ impl SourceFactory for TestSources {
         &self,
         keyspace: &ValidKeyspace,
         _base: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, String> {
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
         if keyspace.name.starts_with("rt") {
             Ok(Some(self.0.clone() as Arc<dyn DataSource>))
         } else {

@@ -1,32 +1,10 @@
-//! Whole-keyspace operations: purge (local and cluster-wide) and the per-keyspace counters.
+//! Whole-keyspace operations: purge (local and cluster-wide) and the per-keyspace counters (the type
+//! `/admin/keyspaces` reports and the `Stats` RPC carries).
+
+use distcache_api::KeyspaceCounters;
 
 use super::Engine;
 use crate::error::{Code, EngineError};
-
-/// Counters of one keyspace on this node.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct KeyspaceStats {
-    /// Keyspace name.
-    pub name: String,
-    /// Main-tier hits.
-    pub hits: u64,
-    /// Hot-tier hits.
-    pub hot_hits: u64,
-    /// Misses.
-    pub misses: u64,
-    /// Data-source fetches by this node.
-    pub source_fetches: u64,
-    /// Entries held.
-    pub entries: u64,
-    /// Bytes held.
-    pub bytes: u64,
-    /// Size evictions.
-    pub evictions: u64,
-    /// Requests forwarded to owners.
-    pub forwarded: u64,
-    /// Loads done because the owner was unreachable.
-    pub owner_fallbacks: u64,
-}
 
 impl Engine {
     /// Drops every entry of a keyspace on this node.
@@ -84,7 +62,7 @@ impl Engine {
     }
 
     /// Per-keyspace counters of this node.
-    pub fn stats(&self, keyspace: Option<&str>) -> Result<Vec<KeyspaceStats>, EngineError> {
+    pub fn stats(&self, keyspace: Option<&str>) -> Result<Vec<KeyspaceCounters>, EngineError> {
         let list = match keyspace {
             Some(name) if !name.is_empty() => vec![self.keyspace(name)?],
             _ => self.keyspaces.all(),
@@ -94,7 +72,7 @@ impl Engine {
             .map(|ks| {
                 ks.store.sync();
                 let m = &ks.metrics;
-                KeyspaceStats {
+                KeyspaceCounters {
                     name: ks.config.name.clone(),
                     hits: m.hits_main.get(),
                     hot_hits: m.hits_hot.get(),

@@ -25,7 +25,7 @@ use crate::{
     metrics::Metrics,
     peer::local::{Fault, LocalNetwork, Op},
     ring::{Member, Ring, key_hash},
-    source::{DataSource, FetchError, Fetched, SourceFactory},
+    source::{BuildSourceError, DataSource, FetchError, Fetched, SourceFactory},
     store::Tier,
 };
 
@@ -84,7 +84,7 @@ impl SourceFactory for Sources {
         &self,
         keyspace: &ValidKeyspace,
         _base_dir: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, String> {
+    ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
         Ok((keyspace.name == RT).then(|| Arc::clone(&self.0) as Arc<dyn DataSource>))
     }
 }

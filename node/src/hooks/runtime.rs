@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     metrics::Metrics,
-    source::{BuildSourceError, DataSource, SourceFactory, error_chain},
+    source::{BuildSourceError, DataSource, SourceFactory},
 };
 
 /// Node-wide settings of the hook runtime.
@@ -288,16 +288,6 @@ impl SourceFactory for HookRuntime {
         &self,
         keyspace: &ValidKeyspace,
         base_dir: &Path,
-    ) -> Result<Option<Arc<dyn DataSource>>, String> {
-        self.build_source(keyspace, base_dir)
-            .await
-            .map_err(|e| format!("keyspace {:?}: {}", keyspace.name, error_chain(&e)))
-    }
-
-    async fn build_source(
-        &self,
-        keyspace: &ValidKeyspace,
-        base_dir: &Path,
     ) -> Result<Option<Arc<dyn DataSource>>, BuildSourceError> {
         let Some(hook) = &keyspace.spec.hook else {
             self.built.lock().remove(&keyspace.name);
@@ -322,7 +312,7 @@ mod tests {
     use distcache_api::{KeyspacesFile, validate_keyspaces};
 
     use super::*;
-    use crate::hooks::ModuleError;
+    use crate::{hooks::ModuleError, source::error_chain};
 
     fn runtime(cache: &Path) -> Arc<HookRuntime> {
         let settings = HookSettings {
@@ -340,7 +330,7 @@ mod tests {
     }
 
     async fn build_error(runtime: &HookRuntime, keyspace: &ValidKeyspace, base: &Path) -> BuildSourceError {
-        match runtime.build_source(keyspace, base).await {
+        match runtime.build(keyspace, base).await {
             Ok(_) => panic!("the hook of {keyspace:?} must fail to build"),
             Err(e) => e,
         }
@@ -382,11 +372,8 @@ mod tests {
             runtime.watch_paths(&keyspace, dir.path()),
             vec![dir.path().join("mounts/late/hook.wasm")]
         );
-        let message = runtime.build(&keyspace, dir.path()).await.err().expect("fails");
-        assert!(
-            message.starts_with("keyspace \"ks\": failed to read hook module ConfigMap late/hook.wasm"),
-            "{message}"
-        );
+        let message = error_chain(&error);
+        assert!(message.starts_with("failed to read hook module ConfigMap late/hook.wasm"), "{message}");
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use distcache_proto::v1::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use super::{KeyResults, PeerError, PeerTransport, WriteEntry};
+use super::{KeyResults, PeerError, PeerTransport, WriteEntry, key_names};
 use crate::{error::EngineError, keyspace::Value, ring::Member};
 
 /// gRPC peer client pool.
@@ -111,10 +111,6 @@ pub fn value_result(r: pb::KeyResult) -> Result<Value, EngineError> {
     }
 }
 
-fn names(keys: &[Arc<str>]) -> Vec<String> {
-    keys.iter().map(ToString::to_string).collect()
-}
-
 #[async_trait]
 impl PeerTransport for GrpcPeers {
     async fn load(
@@ -127,7 +123,7 @@ impl PeerTransport for GrpcPeers {
         let n = keys.len();
         let req = LoadRequest {
             keyspace: keyspace.to_owned(),
-            keys: names(&keys),
+            keys: key_names(&keys),
             from: self.local.clone(),
             from_address: self.local_address.clone(),
         };
@@ -179,7 +175,7 @@ impl PeerTransport for GrpcPeers {
     ) -> Result<KeyResults<()>, PeerError> {
         let n = keys.len();
         let req =
-            RemoveRequest { keyspace: keyspace.to_owned(), keys: names(&keys), from: self.local.clone() };
+            RemoveRequest { keyspace: keyspace.to_owned(), keys: key_names(&keys), from: self.local.clone() };
         let resp = self
             .client(&peer.address)?
             .remove(request(req, self.timeout * 2))
@@ -190,8 +186,11 @@ impl PeerTransport for GrpcPeers {
     }
 
     async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError> {
-        let req =
-            InvalidateRequest { keyspace: keyspace.to_owned(), keys: names(&keys), from: self.local.clone() };
+        let req = InvalidateRequest {
+            keyspace: keyspace.to_owned(),
+            keys: key_names(&keys),
+            from: self.local.clone(),
+        };
         self.client(&peer.address)?
             .invalidate(request(req, self.timeout))
             .await

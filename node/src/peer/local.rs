@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{KeyResults, PeerError, PeerTransport, WriteEntry};
+use super::{KeyResults, PeerError, PeerTransport, WriteEntry, key_names};
 use crate::{engine::Engine, error::EngineError, keyspace::Value, ring::Member};
 
 /// A fault injected on calls *to* a member.
@@ -120,10 +120,6 @@ fn per_key<T>(n: usize, r: Result<KeyResults<T>, EngineError>) -> KeyResults<T> 
     r.unwrap_or_else(|e| (0..n).map(|_| Err(e.clone())).collect())
 }
 
-fn names(keys: &[Arc<str>]) -> Vec<String> {
-    keys.iter().map(ToString::to_string).collect()
-}
-
 #[async_trait]
 impl PeerTransport for LocalTransport {
     async fn load(
@@ -135,7 +131,7 @@ impl PeerTransport for LocalTransport {
     ) -> Result<KeyResults<Value>, PeerError> {
         let engine = self.network.reach(peer, Op::Load, timeout).await?;
         let from = Some(self.local.clone());
-        Ok(per_key(keys.len(), engine.load_for_peer(keyspace, &names(&keys), from).await))
+        Ok(per_key(keys.len(), engine.load_for_peer(keyspace, &key_names(&keys), from).await))
     }
 
     async fn store(
@@ -156,13 +152,13 @@ impl PeerTransport for LocalTransport {
         keys: Vec<Arc<str>>,
     ) -> Result<KeyResults<()>, PeerError> {
         let engine = self.network.reach(peer, Op::Remove, self.timeout * 2).await?;
-        Ok(per_key(keys.len(), engine.remove_for_peer(keyspace, &names(&keys)).await))
+        Ok(per_key(keys.len(), engine.remove_for_peer(keyspace, &key_names(&keys)).await))
     }
 
     async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError> {
         let engine = self.network.reach(peer, Op::Invalidate, self.timeout).await?;
         // An unknown keyspace holds no copies: nothing to invalidate is success (as on the Peer service).
-        let _ = engine.invalidate(keyspace, &names(&keys));
+        let _ = engine.invalidate(keyspace, &key_names(&keys));
         Ok(())
     }
 
