@@ -49,7 +49,8 @@ DEMO_ARGS ?=
 RELEASE_PACKAGES := -p distcache-node -p distcache-client -p distcache-tests
 # The hooks workspace (hooks/Cargo.toml) builds into its own target dir; the tests find the .wasm files there.
 HOOKS_TARGET := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/hooks
-HOOKS_CARGO := $(CARGO) --config 'build.target-dir="$(HOOKS_TARGET)"'
+# As an environment variable: it must override a CARGO_TARGET_DIR of the caller (CI sets one), which `--config` does not.
+HOOKS_CARGO := CARGO_TARGET_DIR=$(HOOKS_TARGET) $(CARGO)
 HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
 .PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench \
