@@ -53,8 +53,8 @@ HOOKS_TARGET := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/hooks
 HOOKS_CARGO := CARGO_TARGET_DIR=$(HOOKS_TARGET) $(CARGO)
 HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
-.PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks hooks-test nextest doctest build demo bench \
-	clean-demo generate verify chart-check \
+.PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks wasm-target hooks-test nextest doctest build \
+	demo bench clean-demo generate verify chart-check \
 	testbed-up testbed-down testbed-crd-up testbed-crd-down
 
 help:
@@ -94,8 +94,15 @@ clippy:
 	$(HOOKS_CARGO) clippy --release --target wasm32-wasip2 $(HOOKS_MANIFEST) -- -D warnings
 
 # Guest code, compiled to WebAssembly components from source (the tests never use checked-in binaries).
-hooks:
+hooks: wasm-target
 	$(HOOKS_CARGO) build --release --target wasm32-wasip2 $(HOOKS_MANIFEST)
+
+# rustup adds the targets of rust-toolchain.toml when it installs the toolchain, not to a toolchain that was
+# there before: add wasm32-wasip2 when it is missing, so `make demo` works as a first command (nothing to do, and
+# no network, when it is present; without rustup, cargo reports what is missing).
+wasm-target:
+	@if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -x wasm32-wasip2 >/dev/null; then \
+	  rustup target add wasm32-wasip2; fi
 
 # Unit tests of the SDK and the example hook's pure logic, on the host.
 hooks-test:
