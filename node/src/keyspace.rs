@@ -574,6 +574,9 @@ mod tests {
     }
 
     /// Watches `file` with 10 ms ticks (a retry every 300 ms) for `run`, writing `change` into it after 100 ms.
+    /// The tests run on tokio's paused clock: `run` is virtual time, and the runtime finishes every tick's work
+    /// (file reads included: blocking tasks hold the clock) before the clock moves on, so the number of ticks
+    /// and retries in `run` is exact, not a hope about how fast this machine is.
     async fn watch_for(
         keyspaces: &Arc<Keyspaces>,
         metrics: &Arc<Metrics>,
@@ -604,7 +607,7 @@ mod tests {
         keyspaces.status().last_error.unwrap_or_default()
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_keyspace_left_out_at_start_is_retried_only_when_it_can_heal() {
         for transient in [true, false] {
             let dir = tempfile::tempdir().expect("temp dir");
@@ -658,7 +661,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_refused_reload_is_retried_only_when_it_can_heal() {
         for transient in [true, false] {
             let dir = tempfile::tempdir().expect("temp dir");
