@@ -30,6 +30,7 @@ DATA_DIR="$ROOT/examples/data"
 NODES=(node-1 node-2 node-3)
 GRPC_PORTS=(7420 7430 7440)
 ADMIN_PORTS=(7421 7431 7441)
+PEER_PORTS=(7422 7432 7442)
 # The origin's address is also in examples/local-cluster/keyspaces.yaml (baseUrl and allowedHosts of `users`).
 ORIGIN_PORT=7450
 CLI_TIMEOUT=30 # seconds; bounds every CLI call of the scripted session
@@ -44,7 +45,7 @@ for node in "${NODES[@]}"; do
   [[ -f $EXAMPLE_DIR/$node.yaml ]] || die "missing $EXAMPLE_DIR/$node.yaml"
 done
 [[ -d $DATA_DIR/users ]] || die "missing $DATA_DIR/users (the origin's data)"
-require_free_ports "${GRPC_PORTS[@]}" "${ADMIN_PORTS[@]}" "$ORIGIN_PORT"
+require_free_ports "${GRPC_PORTS[@]}" "${PEER_PORTS[@]}" "${ADMIN_PORTS[@]}" "$ORIGIN_PORT"
 
 LOG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/distcache-demo.XXXXXX")
 record_owner "$LOG_DIR/pids"

@@ -63,6 +63,61 @@ pub struct KeyspaceSpec {
     /// miss is NOT_FOUND and values arrive only through Put.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<HookSpec>,
+    /// Which clients may read and write this keyspace, by the identities of their TLS client certificates (a
+    /// subject alternative name or the common name). Needs the node's `tls.clientAuth: required` (the operator's
+    /// `spec.tls.clientAuth`): a caller without a certificate has no identity and is refused. Absent: every
+    /// client may read and write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessSpec>,
+}
+
+/// The callers allowed per operation. A call outside its list fails with PERMISSION_DENIED, naming the keyspace
+/// and the operation (never the list).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessSpec {
+    /// Identities allowed to Get and GetMany. Absent: every client may read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub read: Option<Vec<String>>,
+    /// Identities allowed to Put, Delete (and their batch forms) and PurgeKeySpace. Absent: every client may
+    /// write. An empty list: nobody may write (a read-through-only keyspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub write: Option<Vec<String>>,
+}
+
+impl AccessSpec {
+    /// Whether a caller with `identities` may do `op`; `None` identities = no client certificate.
+    pub fn allows(&self, op: AccessOp, identities: &[String]) -> bool {
+        let list = match op {
+            AccessOp::Read => &self.read,
+            AccessOp::Write => &self.write,
+        };
+        match list {
+            None => true,
+            Some(allowed) => identities.iter().any(|id| allowed.iter().any(|a| a == id)),
+        }
+    }
+}
+
+/// The two kinds of operation an [`AccessSpec`] controls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessOp {
+    /// Get, GetMany.
+    Read,
+    /// Put, PutMany, Delete, DeleteMany, PurgeKeySpace.
+    Write,
+}
+
+impl AccessOp {
+    /// "read" or "write", for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+        }
+    }
 }
 
 /// A WebAssembly data-source hook and its sandbox.
@@ -371,6 +426,18 @@ pub fn validate_keyspaces(specs: &[KeyspaceSpec]) -> Result<Vec<ValidKeyspace>, 
         };
         let allowed_hosts =
             spec.hook.as_ref().map(|hook| validate_hook(&mut c, &at, hook)).unwrap_or_default();
+        if let Some(access) = &spec.access {
+            for (op, list) in [("read", &access.read), ("write", &access.write)] {
+                for (j, id) in list.iter().flatten().enumerate() {
+                    if id.trim().is_empty() || id.len() > 253 || id.chars().any(char::is_whitespace) {
+                        c.push(
+                            format!("{at}.access.{op}[{j}]"),
+                            format!("{id:?} is not an identity: a certificate's SAN or CN, without spaces"),
+                        );
+                    }
+                }
+            }
+        }
         valid.push(ValidKeyspace {
             name: spec.name.clone(),
             max_bytes,

@@ -3,6 +3,7 @@
 //! `distcache-api`, which the operator reads with the same types).
 
 use std::{
+    fmt::Write as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -34,6 +35,38 @@ pub struct AdminState {
     pub keyspaces_loaded: AtomicBool,
     /// Set when the node starts stopping (it then reports not ready so traffic drains).
     pub stopping: AtomicBool,
+    /// The TLS material, when configured (its state and last reload are reported on `/readyz`).
+    pub tls: Option<Arc<distcache_tls::Tls>>,
+}
+
+impl AdminState {
+    /// One line on the TLS material in use and its last reload, for `/readyz`.
+    pub fn tls_report(&self) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        let current = tls.current();
+        let id = &current.material.identity;
+        let days = current.material.expires_in() / 86_400.0;
+        let mut line = format!(
+            "tls: certificate serial {} ({}), expires in {days:.1} days",
+            id.serial,
+            id.sans.join(", ")
+        );
+        if let Some(r) = tls.last_reload() {
+            let ago = r.at.elapsed().map_or(0, |d| d.as_secs());
+            match r.error {
+                None => {
+                    let _ = write!(line, "; last reload applied {ago} s ago");
+                }
+                Some(e) => {
+                    let _ = write!(
+                        line,
+                        "; last reload refused {ago} s ago, the certificate above keeps serving: {e}"
+                    );
+                }
+            }
+        }
+        Some(line)
+    }
 }
 
 impl AdminState {
@@ -66,21 +99,29 @@ pub fn router(state: Arc<AdminState>) -> Router {
 }
 
 async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    let (status, mut text) = readiness(&s);
+    if let Some(tls) = s.tls_report() {
+        text.push_str(&tls);
+        text.push('\n');
+    }
+    (status, text).into_response()
+}
+
+fn readiness(s: &AdminState) -> (StatusCode, String) {
     match s.not_ready_reason() {
         // Ready with the last known members even when discovery has lost its source: taking every node out of
         // service because the API server or NATS blinked would be worse than a membership that lags.
         None => match s.discovery_status.current() {
-            None => (StatusCode::OK, "ready\n").into_response(),
+            None => (StatusCode::OK, "ready\n".to_owned()),
             Some(problem) => (
                 StatusCode::OK,
                 format!(
                     "ready (warning: discovery {}: {problem}; serving the last known members)\n",
                     s.discovery
                 ),
-            )
-                .into_response(),
+            ),
         },
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response(),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Node configuration: a YAML file (`--config`) whose every field can be overridden by an environment variable
 //! `DISTCACHE_<FIELD>` (nested fields joined by `__`, values in YAML syntax), as pods set them:
-//! `DISTCACHE_NAME=node-0`, `DISTCACHE_ADVERTISE=10.0.0.7:7420`,
-//! `DISTCACHE_DISCOVERY__STATIC__PEERS='["10.0.0.7:7420","10.0.0.8:7420"]'`.
+//! `DISTCACHE_NAME=node-0`, `DISTCACHE_ADVERTISE=10.0.0.7:7422`,
+//! `DISTCACHE_DISCOVERY__STATIC__PEERS='["10.0.0.7:7422","10.0.0.8:7422"]'`.
 
 use std::{
     net::SocketAddr,
@@ -13,8 +13,10 @@ use distcache_api::{ByteSize, DurationString};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
-/// Default gRPC port.
+/// Default client gRPC port (Cache, health, reflection).
 pub const GRPC_PORT: u16 = 7420;
+/// Default peer gRPC port (the internal Peer service).
+pub const PEER_PORT: u16 = 7422;
 /// Default admin HTTP port.
 pub const ADMIN_PORT: u16 = 7421;
 
@@ -25,15 +27,28 @@ pub struct NodeConfig {
     /// Unique member name; default: the hostname.
     #[serde(default)]
     pub name: Option<String>,
-    /// gRPC listen address.
+    /// Client gRPC listen address: the Cache service, gRPC health and reflection.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Address peers dial; default: `listen`, with 127.0.0.1 when `listen` is unspecified (0.0.0.0).
+    /// Peer gRPC listen address: the internal Peer service only (mutual TLS when `tls` is set). Keep it off
+    /// client networks: the operator exposes it only on the headless peer Service, behind a NetworkPolicy.
+    #[serde(default = "default_peer_listen")]
+    pub peer_listen: SocketAddr,
+    /// Address peers dial (the peer port); default: `peerListen`, with 127.0.0.1 when it is unspecified
+    /// (0.0.0.0).
     #[serde(default)]
     pub advertise: Option<String>,
-    /// Admin HTTP listen address.
-    #[serde(default = "default_admin")]
-    pub admin: SocketAddr,
+    /// Admin HTTP: `host:port`, or `{ listen: host:port, tls: true }` to serve it over TLS with the node's
+    /// certificate (probes then use HTTPS). Default plain, so that `/metrics` scrapers and HTTP probes work.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// TLS: `{ certFile, keyFile, caFile, clientAuth: none|optional|required, peerIdentities: [...] }`. The client
+    /// port then serves TLS and the peer port requires mutual TLS with a certificate that chains to `caFile` and
+    /// carries one of `peerIdentities` (default: the SANs of this node's certificate). The files are re-read
+    /// when they change; bad material is refused and the last good one keeps serving. Paths are relative to the
+    /// config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<distcache_tls::TlsSettings>,
     /// How members find each other.
     #[serde(default)]
     pub discovery: DiscoveryConfig,
@@ -65,6 +80,50 @@ pub struct NodeConfig {
     /// The WebAssembly hook runtime.
     #[serde(default)]
     pub hooks: HooksConfig,
+}
+
+/// The admin HTTP listener.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(from = "AdminField")]
+pub struct AdminConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Serve HTTPS with the node's certificate (needs `tls`).
+    pub tls: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: default_admin(), tls: false }
+    }
+}
+
+impl From<SocketAddr> for AdminConfig {
+    fn from(listen: SocketAddr) -> Self {
+        Self { listen, tls: false }
+    }
+}
+
+/// The two spellings of `admin`.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "admin: host:port, or { listen: host:port, tls: true|false }")]
+enum AdminField {
+    Address(SocketAddr),
+    Full {
+        #[serde(default = "default_admin")]
+        listen: SocketAddr,
+        #[serde(default)]
+        tls: bool,
+    },
+}
+
+impl From<AdminField> for AdminConfig {
+    fn from(f: AdminField) -> Self {
+        match f {
+            AdminField::Address(listen) => Self { listen, tls: false },
+            AdminField::Full { listen, tls } => Self { listen, tls },
+        }
+    }
 }
 
 /// Settings of the hook runtime (per node; per-keyspace limits live in the keyspaces file).
@@ -254,8 +313,8 @@ impl From<DiscoveryConfig> for DiscoveryFields {
 pub struct DnsDiscovery {
     /// The name: SRV records first, A/AAAA otherwise.
     pub name: String,
-    /// Port for A/AAAA answers.
-    #[serde(default = "default_grpc_port")]
+    /// Peer port for A/AAAA answers (SRV answers carry their own).
+    #[serde(default = "default_peer_port")]
     pub port: u16,
     /// Longest time between two resolutions (sooner when the records' TTL ends).
     #[serde(default = "default_dns_interval")]
@@ -271,8 +330,8 @@ pub struct DnsDiscovery {
     pub failure_threshold: u32,
 }
 
-fn default_grpc_port() -> u16 {
-    GRPC_PORT
+fn default_peer_port() -> u16 {
+    PEER_PORT
 }
 fn default_dns_interval() -> DurationString {
     DurationString(Duration::from_secs(5))
@@ -287,7 +346,7 @@ pub struct KubernetesDiscovery {
     pub namespace: Option<String>,
     /// Label selector of the node pods, e.g. `app.kubernetes.io/instance=demo`.
     pub label_selector: String,
-    /// Name of the container port peers dial.
+    /// Name of the container port peers dial (the peer port).
     #[serde(default = "default_port_name")]
     pub port_name: String,
 }
@@ -309,7 +368,7 @@ pub struct NatsDiscovery {
 }
 
 fn default_port_name() -> String {
-    "grpc".into()
+    "peer".into()
 }
 fn default_heartbeat() -> DurationString {
     DurationString(Duration::from_secs(2))
@@ -336,6 +395,9 @@ pub struct StaticDiscovery {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], GRPC_PORT))
+}
+fn default_peer_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], PEER_PORT))
 }
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))
@@ -367,8 +429,10 @@ impl Default for NodeConfig {
         Self {
             name: None,
             listen: default_listen(),
+            peer_listen: default_peer_listen(),
             advertise: None,
-            admin: default_admin(),
+            admin: AdminConfig::default(),
+            tls: None,
             discovery: DiscoveryConfig::default(),
             keyspaces_file: None,
             keyspaces_poll_interval: default_poll(),
@@ -505,15 +569,32 @@ impl NodeConfig {
             .map_err(|e| ConfigError::Invalid { origin, message: e.to_string() })?;
         if let Some(dir) = path.and_then(Path::parent) {
             let hooks = &mut config.hooks;
-            for file in
-                [config.keyspaces_file.as_mut(), hooks.cache_dir.as_mut(), Some(&mut hooks.config_map_dir)]
-                    .into_iter()
-                    .flatten()
+            let tls = config.tls.as_mut().map(|t| &mut t.files);
+            let (cert, key, ca) = match tls {
+                Some(f) => (Some(&mut f.cert_file), Some(&mut f.key_file), Some(&mut f.ca_file)),
+                None => (None, None, None),
+            };
+            for file in [
+                config.keyspaces_file.as_mut(),
+                hooks.cache_dir.as_mut(),
+                Some(&mut hooks.config_map_dir),
+                cert,
+                key,
+                ca,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if file.is_relative() {
                     *file = dir.join(&*file);
                 }
             }
+        }
+        if config.admin.tls && config.tls.is_none() {
+            return Err(ConfigError::Invalid {
+                origin: "config".into(),
+                message: "admin.tls is true but tls (certFile, keyFile, caFile) is not set".into(),
+            });
         }
         if !(1..=100_000).contains(&config.hooks.max_instances) {
             return Err(ConfigError::Invalid {
@@ -531,7 +612,7 @@ impl NodeConfig {
         })
     }
 
-    /// The address peers dial, given the bound gRPC address.
+    /// The address peers dial, given the bound peer address.
     pub fn advertise_address(&self, bound: SocketAddr) -> String {
         match &self.advertise {
             Some(a) => a.clone(),
@@ -695,5 +776,32 @@ mod tests {
             serde_yaml::to_string(&DiscoveryConfig::Standalone).expect("serialize"),
             "standalone: {}\n"
         );
+    }
+
+    #[test]
+    fn admin_takes_an_address_or_a_mapping_and_tls_paths_resolve_against_the_file() {
+        let c = load_yaml("admin: 127.0.0.1:9000\n").expect("address");
+        assert_eq!(c.admin, AdminConfig { listen: "127.0.0.1:9000".parse().expect("addr"), tls: false });
+        let c = load_yaml(
+            "admin: { listen: 127.0.0.1:9001, tls: true }\n\
+             tls: { certFile: tls/tls.crt, keyFile: tls/tls.key, caFile: /etc/ca.crt, clientAuth: required }\n",
+        )
+        .expect("mapping");
+        assert!(c.admin.tls);
+        let tls = c.tls.expect("tls");
+        assert!(tls.files.cert_file.is_absolute() && tls.files.cert_file.ends_with("tls/tls.crt"));
+        assert_eq!(tls.files.ca_file, PathBuf::from("/etc/ca.crt"));
+        assert_eq!(tls.client_auth, distcache_tls::ClientAuth::Required);
+        let err =
+            load_yaml("admin: { listen: 127.0.0.1:9001, tls: true }\n").expect_err("no material").to_string();
+        assert!(err.contains("admin.tls"), "{err}");
+        let err = load_yaml("tls: { certFile: a, keyFile: b, caFile: c, clientAuth: maybe }\n")
+            .expect_err("bad clientAuth")
+            .to_string();
+        assert!(err.contains("maybe"), "{err}");
+        // The peer port's defaults: its own port, and what discovery dials.
+        let c = NodeConfig::default();
+        assert_eq!(c.peer_listen.port(), PEER_PORT);
+        assert_eq!(c.advertise_address(SocketAddr::from(([0, 0, 0, 0], PEER_PORT))), "127.0.0.1:7422");
     }
 }

@@ -161,6 +161,33 @@ impl Engine {
         &self.metrics
     }
 
+    /// Checks the keyspace's `access` lists for a caller with `identities` (the SANs and CN of its client
+    /// certificate; empty without one). A refusal is counted under `op` with `code="permission_denied"` and
+    /// names the keyspace and the operation, never the lists. An unknown keyspace passes: the operation itself
+    /// reports it.
+    pub fn authorize(
+        &self,
+        keyspace: &str,
+        op: &'static str,
+        access: distcache_api::AccessOp,
+        identities: &[String],
+    ) -> Result<(), EngineError> {
+        let Some(ks) = self.keyspaces.get(keyspace) else {
+            return Ok(());
+        };
+        match &ks.config.spec.access {
+            Some(lists) if !lists.allows(access, identities) => {
+                self.metrics.request(op, keyspace, crate::error::Code::PermissionDenied);
+                let why = if identities.is_empty() { " (no client certificate was presented)" } else { "" };
+                Err(EngineError::PermissionDenied(format!(
+                    "keyspace {keyspace:?}: this client may not {} ({op}){why}",
+                    access.as_str()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn keyspace(&self, name: &str) -> Result<Arc<KeyspaceRuntime>, EngineError> {
         self.keyspaces.get(name).ok_or_else(|| EngineError::UnknownKeyspace {
             name: name.to_owned(),

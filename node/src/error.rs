@@ -17,6 +17,8 @@ pub enum Code {
     DeadlineExceeded = 4,
     /// No value for the key.
     NotFound = 5,
+    /// The caller may not do this operation on this keyspace.
+    PermissionDenied = 7,
     /// Rate limited.
     ResourceExhausted = 8,
     /// Unknown keyspace.
@@ -36,6 +38,7 @@ impl Code {
             3 => Self::InvalidArgument,
             4 => Self::DeadlineExceeded,
             5 => Self::NotFound,
+            7 => Self::PermissionDenied,
             8 => Self::ResourceExhausted,
             9 => Self::FailedPrecondition,
             14 => Self::Unavailable,
@@ -51,6 +54,7 @@ impl Code {
             Self::InvalidArgument => "invalid_argument",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::NotFound => "not_found",
+            Self::PermissionDenied => "permission_denied",
             Self::ResourceExhausted => "resource_exhausted",
             Self::FailedPrecondition => "failed_precondition",
             Self::Internal => "internal",
@@ -93,6 +97,9 @@ pub enum EngineError {
     /// Rate limited.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The keyspace's `access` lists do not name the caller.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Unexpected failure.
     #[error("{0}")]
     Internal(String),
@@ -116,6 +123,7 @@ impl EngineError {
             Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded { .. } | Self::SourceTimedOut(_) => Code::DeadlineExceeded,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Internal(_) => Code::Internal,
             Self::Remote { code, .. } => *code,
         }

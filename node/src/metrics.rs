@@ -81,6 +81,10 @@ pub struct Metrics {
     pub peer_errors: Counter,
     /// Failures of the discovery backend to reach its source (API server, NATS, DNS).
     pub discovery_errors: Counter,
+    /// TLS material reloads by result (registered only when TLS is configured).
+    tls_reloads: Family<OutcomeLabel, Counter>,
+    /// Seconds until the served certificate expires (registered only when TLS is configured).
+    pub tls_cert_expiry_seconds: Gauge,
 }
 
 impl Default for Metrics {
@@ -90,9 +94,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every family.
-    #[allow(clippy::too_many_lines, reason = "one line per metric family; splitting the list would hide it")]
+    /// Creates and registers every family (without the TLS ones).
     pub fn new() -> Self {
+        Self::with_tls(false)
+    }
+
+    /// Creates and registers every family; the TLS ones when `tls`.
+    #[allow(clippy::too_many_lines, reason = "one line per metric family; splitting the list would hide it")]
+    pub fn with_tls(tls: bool) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let hits = Family::<TierLabels, Counter>::default();
@@ -112,7 +121,21 @@ impl Metrics {
         let members = Gauge::default();
         let peer_errors = Counter::default();
         let discovery_errors = Counter::default();
+        let tls_reloads = Family::<OutcomeLabel, Counter>::default();
+        let tls_cert_expiry_seconds = Gauge::default();
         let r = &mut registry;
+        if tls {
+            r.register(
+                "distcache_tls_reloads",
+                "Reloads of the TLS certificate, key and CA files by result (applied, refused)",
+                tls_reloads.clone(),
+            );
+            r.register(
+                "distcache_tls_cert_expiry_seconds",
+                "Seconds until the certificate the node serves expires (negative once it has)",
+                tls_cert_expiry_seconds.clone(),
+            );
+        }
         r.register(
             "distcache_requests",
             "Cache API requests by operation, keyspace and status code",
@@ -176,6 +199,8 @@ impl Metrics {
             members,
             peer_errors,
             discovery_errors,
+            tls_reloads,
+            tls_cert_expiry_seconds,
         }
     }
 
@@ -243,6 +268,11 @@ impl Metrics {
     /// Counts a keyspaces reload (`applied`, `refused`, `unchanged` is not counted).
     pub fn reload(&self, result: &'static str) {
         self.reloads.get_or_create(&OutcomeLabel { result }).inc();
+    }
+
+    /// Counts a TLS material reload by result.
+    pub fn tls_reload(&self, result: &'static str) {
+        self.tls_reloads.get_or_create(&OutcomeLabel { result }).inc();
     }
 
     /// Number of reloads with this result so far.

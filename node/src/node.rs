@@ -1,5 +1,5 @@
-//! Assembles a node: keyspaces, membership, engine, discovery, the gRPC server (Cache, Peer, health,
-//! reflection on one port) and the admin HTTP server, and stops them in order.
+//! Assembles a node: keyspaces, membership, engine, discovery, TLS, the client gRPC server (Cache, health,
+//! reflection), the peer gRPC server (Peer, on its own port) and the admin HTTP server, and stops them in order.
 //!
 //! Listeners can be passed in already bound (tests bind port 0 and learn the address before configuring peers);
 //! the node runs until its [`RunningNode::shutdown`] token is cancelled.
@@ -58,6 +58,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("failed to build the gRPC reflection service: {0}")]
     Reflection(String),
+    /// The TLS material is unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] distcache_tls::LoadError),
 }
 
 /// How to start a node.
@@ -69,6 +72,8 @@ pub struct NodeOptions {
     pub sources: Option<Arc<dyn SourceFactory>>,
     /// A bound gRPC listener to use instead of binding `config.listen`.
     pub grpc_listener: Option<TcpListener>,
+    /// A bound peer listener to use instead of binding `config.peer_listen`.
+    pub peer_listener: Option<TcpListener>,
     /// A bound admin listener to use instead of binding `config.admin`.
     pub admin_listener: Option<TcpListener>,
     /// A discovery backend to use instead of the configured one.
@@ -78,7 +83,14 @@ pub struct NodeOptions {
 impl NodeOptions {
     /// Options with the configured listeners and discovery, and no hook runtime.
     pub fn new(config: NodeConfig) -> Self {
-        Self { config, sources: None, grpc_listener: None, admin_listener: None, discovery: None }
+        Self {
+            config,
+            sources: None,
+            grpc_listener: None,
+            peer_listener: None,
+            admin_listener: None,
+            discovery: None,
+        }
     }
 }
 
@@ -86,8 +98,10 @@ impl NodeOptions {
 pub struct RunningNode {
     /// Member name.
     pub name: String,
-    /// Bound gRPC address.
+    /// Bound client gRPC address.
     pub grpc_addr: SocketAddr,
+    /// Bound peer gRPC address.
+    pub peer_addr: SocketAddr,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
     /// Address peers dial.
@@ -109,6 +123,40 @@ async fn bind(
     match given {
         Some(l) => Ok(l),
         None => TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what, addr, source }),
+    }
+}
+
+/// The node's three listeners, bound.
+struct Listeners {
+    grpc: TcpListener,
+    grpc_addr: SocketAddr,
+    peer: TcpListener,
+    peer_addr: SocketAddr,
+    admin: TcpListener,
+    admin_addr: SocketAddr,
+}
+
+impl Listeners {
+    async fn bind(
+        config: &NodeConfig,
+        grpc: Option<TcpListener>,
+        peer: Option<TcpListener>,
+        admin: Option<TcpListener>,
+    ) -> Result<Self, StartError> {
+        let grpc = bind(grpc, config.listen, "client gRPC").await?;
+        let peer = bind(peer, config.peer_listen, "peer gRPC").await?;
+        let admin = bind(admin, config.admin.listen, "admin HTTP").await?;
+        let local = |l: &TcpListener, what, addr| {
+            l.local_addr().map_err(|source| StartError::Bind { what, addr, source })
+        };
+        Ok(Self {
+            grpc_addr: local(&grpc, "client gRPC", config.listen)?,
+            peer_addr: local(&peer, "peer gRPC", config.peer_listen)?,
+            admin_addr: local(&admin, "admin HTTP", config.admin.listen)?,
+            grpc,
+            peer,
+            admin,
+        })
     }
 }
 
@@ -153,26 +201,24 @@ fn discovery_from(config: &DiscoveryConfig) -> Result<Box<dyn Discovery>, Discov
 
 /// Starts a node.
 pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
-    let NodeOptions { config, sources, grpc_listener, admin_listener, discovery } = opts;
+    let NodeOptions { config, sources, grpc_listener, peer_listener, admin_listener, discovery } = opts;
     // Before anything is bound or loaded: a bad setting is a start error, not a node that runs alone.
     let discovery = match discovery {
         Some(given) => given,
         None => discovery_from(&config.discovery)?,
     };
-    let grpc = bind(grpc_listener, config.listen, "gRPC").await?;
-    let admin_l = bind(admin_listener, config.admin, "admin HTTP").await?;
-    let grpc_addr =
-        grpc.local_addr().map_err(|source| StartError::Bind { what: "gRPC", addr: config.listen, source })?;
-    let admin_addr = admin_l.local_addr().map_err(|source| StartError::Bind {
-        what: "admin HTTP",
-        addr: config.admin,
-        source,
-    })?;
+    // Bad TLS material is a start error; once running, bad material is refused and the last good one serves.
+    let tls = match config.tls.clone() {
+        Some(settings) => Some(Arc::new(distcache_tls::Tls::load(settings)?)),
+        None => None,
+    };
+    let Listeners { grpc, grpc_addr, peer, peer_addr, admin: admin_l, admin_addr } =
+        Listeners::bind(&config, grpc_listener, peer_listener, admin_listener).await?;
     let name = config.member_name();
-    let advertise = config.advertise_address(grpc_addr);
+    let advertise = config.advertise_address(peer_addr);
     let max_message = usize::try_from(config.max_message_bytes.bytes()).unwrap_or(usize::MAX);
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_tls(tls.is_some()));
     let hooks: Arc<dyn SourceFactory> =
         HookRuntime::new(HookSettings::from_config(&config.hooks), Arc::clone(&metrics))?;
     let sources = match sources {
@@ -182,8 +228,8 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let keyspaces = Arc::new(Keyspaces::new(sources, Arc::clone(&metrics)));
     let retry_pending = load_initial_keyspaces(&keyspaces, &config, &metrics).await?;
     let membership = Arc::new(Membership::new(Member::new(name.clone(), advertise.clone())));
-    let transport: Arc<dyn PeerTransport> =
-        Arc::new(GrpcPeers::new(membership.local(), config.peer_timeout.get(), max_message));
+    let peers = GrpcPeers::with_tls(membership.local(), config.peer_timeout.get(), max_message, tls.clone());
+    let transport: Arc<dyn PeerTransport> = Arc::new(peers);
     let engine = Engine::new(
         Arc::clone(&keyspaces),
         Arc::clone(&membership),
@@ -201,6 +247,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         discovery_status: Arc::clone(&discovery_status),
         keyspaces_loaded: true.into(),
         stopping: false.into(),
+        tls: tls.clone(),
     });
 
     // Discovery → engine.
@@ -230,21 +277,23 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         )));
     }
 
-    tasks.push(spawn_grpc(grpc, health_service, &engine, advertise.clone(), max_message, shutdown.clone())?);
+    let poll = config.keyspaces_poll_interval.get();
+    tasks.extend(
+        tls.clone().map(|t| tokio::spawn(watch_tls(t, Arc::clone(&metrics), poll, shutdown.clone()))),
+    );
 
-    let admin_shutdown = shutdown.clone();
-    let router = admin::router(Arc::clone(&admin_state));
-    tasks.push(tokio::spawn(async move {
-        let serve = axum::serve(admin_l, router)
-            .with_graceful_shutdown(async move { admin_shutdown.cancelled().await });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "admin server failed");
-        }
-    }));
-    tracing::info!(name = %name, grpc = %grpc_addr, advertise = %advertise, admin = %admin_addr, "node started");
+    tasks.push(spawn_client_grpc(grpc, health_service, &engine, max_message, tls.clone(), shutdown.clone())?);
+    tasks.push(spawn_peer_grpc(peer, &engine, advertise.clone(), max_message, tls.clone(), shutdown.clone()));
+
+    let (admin_tls, router) =
+        (tls.clone().filter(|_| config.admin.tls), admin::router(Arc::clone(&admin_state)));
+    tasks.push(spawn_admin(admin_l, admin_addr, router, admin_tls, shutdown.clone()));
+    tracing::info!(name = %name, grpc = %grpc_addr, peer = %peer_addr, advertise = %advertise, admin = %admin_addr,
+        tls = tls.is_some(), "node started");
     Ok(RunningNode {
         name,
         grpc_addr,
+        peer_addr,
         admin_addr,
         advertise,
         engine,
@@ -299,41 +348,186 @@ fn spawn_membership(
     })
 }
 
-/// Serves Cache, Peer, health and reflection on one port until `shutdown`.
-fn spawn_grpc(
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Re-reads the TLS files every `interval` (as the keyspaces file is watched): new material that passes the
+/// checks is used for new connections, anything else is refused and reported; the expiry gauge follows the
+/// material in use.
+async fn watch_tls(
+    tls: Arc<distcache_tls::Tls>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    metrics.tls_cert_expiry_seconds.set(tls.current().material.identity.not_after - unix_now());
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let check = Arc::clone(&tls);
+        let outcome = match tokio::task::spawn_blocking(move || check.reload()).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload check failed");
+                continue;
+            }
+        };
+        match outcome {
+            distcache_tls::Reload::Unchanged => {}
+            distcache_tls::Reload::Applied => {
+                let id = &tls.current().material.identity;
+                metrics.tls_reload("applied");
+                tracing::info!(serial = %id.serial, sans = ?id.sans, "TLS material reloaded; new connections use it");
+            }
+            distcache_tls::Reload::Refused(error) => {
+                metrics.tls_reload("refused");
+                tracing::warn!(%error, "TLS material refused; the previous certificate keeps serving");
+            }
+        }
+        metrics.tls_cert_expiry_seconds.set(tls.current().material.identity.not_after - unix_now());
+    }
+}
+
+/// Which server config of the current material a listener uses.
+type PickConfig = fn(&distcache_tls::Configs) -> Arc<rustls::ServerConfig>;
+
+/// Serves a gRPC router on `listener` until `shutdown`: plain, or TLS with the config `pick` takes from the
+/// current material (so reloaded material applies to new connections).
+fn serve_grpc(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<(Arc<distcache_tls::Tls>, PickConfig)>,
+    port: &'static str,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let signal = async move { shutdown.cancelled().await };
+        let served = match tls {
+            None => {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            Some((tls, pick)) => {
+                let accepted = distcache_tls::accept_loop(listener, move || pick(&tls.current()), port);
+                router.serve_with_incoming_shutdown(distcache_tls::incoming(accepted), signal).await
+            }
+        };
+        if let Err(e) = served {
+            tracing::error!(error = %e, port, "gRPC server failed");
+        }
+    })
+}
+
+/// Serves Cache, health and reflection on the client port until `shutdown`. A Peer call there gets
+/// UNIMPLEMENTED: the Peer service exists only on the peer port.
+fn spawn_client_grpc(
     grpc: TcpListener,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
     engine: &Arc<Engine>,
-    advertise: String,
     max_message: usize,
+    tls: Option<Arc<distcache_tls::Tls>>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, StartError> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(distcache_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Only what this port serves: the descriptor set also holds the Peer service, which lives on the peer port.
+        .with_service_name("distcache.v1.Cache")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
     let cache = CacheServer::new(CacheService::new(Arc::clone(engine)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let peer = PeerServer::new(PeerService::new(Arc::clone(engine), advertise))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(cache)
-        .add_service(peer)
-        .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await });
-    Ok(tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "gRPC server failed");
+        .add_service(cache);
+    let tls = tls.map(|t| (t, (|c: &distcache_tls::Configs| Arc::clone(&c.client_port)) as PickConfig));
+    Ok(serve_grpc(router, grpc, tls, "client", shutdown))
+}
+
+/// Serves the Peer service on the peer port until `shutdown` (mutual TLS with peer identities when `tls`).
+fn spawn_peer_grpc(
+    peer: TcpListener,
+    engine: &Arc<Engine>,
+    advertise: String,
+    max_message: usize,
+    tls: Option<Arc<distcache_tls::Tls>>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let service = PeerServer::new(PeerService::new(Arc::clone(engine), advertise))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(service);
+    let tls = tls.map(|t| (t, (|c: &distcache_tls::Configs| Arc::clone(&c.peer_server)) as PickConfig));
+    serve_grpc(router, peer, tls, "peer", shutdown)
+}
+
+/// Accepted TLS connections as an axum listener.
+struct TlsListener {
+    accepted: tokio::sync::mpsc::Receiver<distcache_tls::TlsConn>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = distcache_tls::TlsConn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.accepted.recv().await {
+            Some(conn) => {
+                let remote = conn.info().remote.unwrap_or(self.local);
+                (conn, remote)
+            }
+            // The accept loop ends only when this listener is dropped.
+            None => std::future::pending().await,
         }
-    }))
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// Serves the admin router (plain, or HTTPS with the node's certificate) until `shutdown`.
+fn spawn_admin(
+    listener: TcpListener,
+    local: SocketAddr,
+    router: axum::Router,
+    tls: Option<Arc<distcache_tls::Tls>>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let signal = async move { shutdown.cancelled().await };
+        let served = match tls {
+            None => axum::serve(listener, router).with_graceful_shutdown(signal).await,
+            Some(tls) => {
+                let accepted = distcache_tls::accept_loop(
+                    listener,
+                    move || Arc::clone(&tls.current().admin_port),
+                    "admin",
+                );
+                axum::serve(TlsListener { accepted, local }, router).with_graceful_shutdown(signal).await
+            }
+        };
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    })
 }
 
 impl RunningNode {
@@ -396,7 +590,8 @@ mod tests {
     async fn an_invalid_discovery_built_in_code_does_not_start_standalone() {
         let config = NodeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)).into(),
             discovery: DiscoveryConfig::Nats(NatsDiscovery {
                 url: String::new(),
                 subject: "distcache.test".into(),

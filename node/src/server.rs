@@ -3,6 +3,7 @@
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
+use distcache_api::AccessOp;
 use distcache_proto::v1::{
     self as pb, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse, GetManyRequest,
     GetManyResponse, GetRequest, GetResponse, InvalidateRequest, InvalidateResponse, KeyResult, KeySpaceInfo,
@@ -35,6 +36,7 @@ impl From<EngineError> for Status {
             Code::DeadlineExceeded => tonic::Code::DeadlineExceeded,
             Code::NotFound => tonic::Code::NotFound,
             Code::ResourceExhausted => tonic::Code::ResourceExhausted,
+            Code::PermissionDenied => tonic::Code::PermissionDenied,
             Code::FailedPrecondition => tonic::Code::FailedPrecondition,
             Code::Internal => tonic::Code::Internal,
             Code::Unavailable => tonic::Code::Unavailable,
@@ -108,6 +110,14 @@ fn write_entries(entries: Vec<pb::Entry>) -> (Vec<String>, Vec<Result<WriteEntry
     (keys, parsed)
 }
 
+/// The identities of the caller's client certificate (empty on a plain connection or without a certificate).
+fn identities<T>(request: &Request<T>) -> Arc<[String]> {
+    request
+        .extensions()
+        .get::<distcache_tls::TlsConnectInfo>()
+        .map_or_else(|| Arc::from(Vec::new()), |info| Arc::clone(&info.identities))
+}
+
 /// The `Cache` service.
 #[derive(Clone)]
 pub struct CacheService {
@@ -130,26 +140,34 @@ fn pb_member(m: &Member, local: &str) -> pb::Member {
 #[tonic::async_trait]
 impl pb::cache_server::Cache for CacheService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let who = identities(&request);
         let req = request.into_inner();
+        self.engine.authorize(&req.keyspace, "get", AccessOp::Read, &who)?;
         let v = self.engine.get(&req.keyspace, &req.key).await?;
         Ok(Response::new(get_response(v)))
     }
 
     async fn get_many(&self, request: Request<GetManyRequest>) -> Result<Response<GetManyResponse>, Status> {
+        let who = identities(&request);
         let req = request.into_inner();
+        self.engine.authorize(&req.keyspace, "get_many", AccessOp::Read, &who)?;
         let results = self.engine.get_many(&req.keyspace, &req.keys).await?;
         Ok(Response::new(GetManyResponse { results: value_results(req.keys, results) }))
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let who = identities(&request);
         let req = request.into_inner();
+        self.engine.authorize(&req.keyspace, "put", AccessOp::Write, &who)?;
         let ttl = parse_ttl(req.ttl.as_ref())?;
         self.engine.put(&req.keyspace, &req.key, req.value, ttl).await?;
         Ok(Response::new(PutResponse {}))
     }
 
     async fn put_many(&self, request: Request<PutManyRequest>) -> Result<Response<PutManyResponse>, Status> {
+        let who = identities(&request);
         let req = request.into_inner();
+        self.engine.authorize(&req.keyspace, "put_many", AccessOp::Write, &who)?;
         let (keys, parsed) = write_entries(req.entries);
         let mut batch = Batch::new(keys.len());
         let (positions, entries): (Vec<usize>, Vec<WriteEntry>) =
@@ -160,7 +178,9 @@ impl pb::cache_server::Cache for CacheService {
     }
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let who = identities(&request);
         let req = request.into_inner();
+        self.engine.authorize(&req.keyspace, "delete", AccessOp::Write, &who)?;
         self.engine.delete(&req.keyspace, &req.key).await?;
         Ok(Response::new(DeleteResponse {}))
     }
@@ -169,7 +189,9 @@ impl pb::cache_server::Cache for CacheService {
         &self,
         request: Request<DeleteManyRequest>,
     ) -> Result<Response<DeleteManyResponse>, Status> {
+        let who = identities(&request);
         let req = request.into_inner();
+        self.engine.authorize(&req.keyspace, "delete_many", AccessOp::Write, &who)?;
         let results = self.engine.delete_many(&req.keyspace, &req.keys).await?;
         Ok(Response::new(DeleteManyResponse { results: unit_results(req.keys, results) }))
     }
@@ -200,7 +222,10 @@ impl pb::cache_server::Cache for CacheService {
         &self,
         request: Request<PurgeKeySpaceRequest>,
     ) -> Result<Response<PurgeKeySpaceResponse>, Status> {
-        let nodes = self.engine.purge(&request.into_inner().keyspace).await?;
+        let who = identities(&request);
+        let keyspace = request.into_inner().keyspace;
+        self.engine.authorize(&keyspace, "purge", AccessOp::Write, &who)?;
+        let nodes = self.engine.purge(&keyspace).await?;
         Ok(Response::new(PurgeKeySpaceResponse { nodes }))
     }
 

@@ -16,6 +16,7 @@ pub mod nats;
 pub mod operator;
 pub mod origin;
 pub mod testbed;
+pub mod tls;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -136,8 +137,10 @@ pub const KEYSPACES: &str = "keyspaces:
 pub struct TestNode {
     /// Member name.
     pub name: String,
-    /// gRPC address.
+    /// Client gRPC address.
     pub grpc: SocketAddr,
+    /// Peer gRPC address (what other members dial).
+    pub peer: SocketAddr,
     /// Admin address.
     pub admin: SocketAddr,
     /// Its counting source.
@@ -184,29 +187,46 @@ impl Drop for TestNode {
 
 /// Where a node's listeners are, chosen before any node starts so static peer lists can name them.
 pub struct Slot {
-    /// gRPC listener.
+    /// Client gRPC listener.
     pub grpc: std::net::TcpListener,
+    /// Peer gRPC listener.
+    pub peer: std::net::TcpListener,
     /// Admin listener.
     pub admin: std::net::TcpListener,
 }
 
 impl Slot {
-    /// Binds both listeners on 127.0.0.1, port 0.
+    /// Binds the three listeners on 127.0.0.1, port 0.
     pub fn bind() -> anyhow::Result<Self> {
+        Self::bind_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// Binds the three listeners on `ip`, port 0.
+    pub fn bind_on(ip: std::net::Ipv4Addr) -> anyhow::Result<Self> {
         Ok(Self {
-            grpc: std::net::TcpListener::bind("127.0.0.1:0")?,
-            admin: std::net::TcpListener::bind("127.0.0.1:0")?,
+            grpc: std::net::TcpListener::bind((ip, 0))?,
+            peer: std::net::TcpListener::bind((ip, 0))?,
+            admin: std::net::TcpListener::bind((ip, 0))?,
         })
     }
 
-    /// Binds both listeners on given addresses (to restart a node where it was).
-    pub fn bind_at(grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
-        Ok(Self { grpc: std::net::TcpListener::bind(grpc)?, admin: std::net::TcpListener::bind(admin)? })
+    /// Binds the listeners on given addresses (to restart a node where it was).
+    pub fn bind_at(grpc: SocketAddr, peer: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
+        Ok(Self {
+            grpc: std::net::TcpListener::bind(grpc)?,
+            peer: std::net::TcpListener::bind(peer)?,
+            admin: std::net::TcpListener::bind(admin)?,
+        })
     }
 
-    /// The gRPC address.
+    /// The client gRPC address.
     pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
         Ok(self.grpc.local_addr()?)
+    }
+
+    /// The peer gRPC address (what static peer lists and discovery name).
+    pub fn peer_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.peer.local_addr()?)
     }
 }
 
@@ -218,14 +238,17 @@ pub async fn start_node(
     source: Arc<CountingSource>,
 ) -> anyhow::Result<TestNode> {
     let grpc = slot.grpc.local_addr()?;
+    let peer = slot.peer.local_addr()?;
     let admin = slot.admin.local_addr()?;
     config.name = Some(name.to_owned());
     config.listen = grpc;
-    config.admin = admin;
-    config.advertise = Some(grpc.to_string());
+    config.peer_listen = peer;
+    config.admin.listen = admin;
+    config.advertise = Some(peer.to_string());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    slot.grpc.set_nonblocking(true)?;
-    slot.admin.set_nonblocking(true)?;
+    for l in [&slot.grpc, &slot.peer, &slot.admin] {
+        l.set_nonblocking(true)?;
+    }
     let sources = Arc::new(TestSources(source.clone()));
     let node = runtime
         .spawn(async move {
@@ -233,6 +256,7 @@ pub async fn start_node(
                 config,
                 sources: Some(sources),
                 grpc_listener: Some(tokio::net::TcpListener::from_std(slot.grpc)?),
+                peer_listener: Some(tokio::net::TcpListener::from_std(slot.peer)?),
                 admin_listener: Some(tokio::net::TcpListener::from_std(slot.admin)?),
                 discovery: None,
             };
@@ -249,7 +273,15 @@ pub async fn start_node(
             return Err(e);
         }
     };
-    Ok(TestNode { name: name.to_owned(), grpc, admin, source, runtime: Some(runtime), node: Some(node) })
+    Ok(TestNode {
+        name: name.to_owned(),
+        grpc,
+        peer,
+        admin,
+        source,
+        runtime: Some(runtime),
+        node: Some(node),
+    })
 }
 
 /// A cluster of in-process nodes with static discovery over each other.
@@ -295,7 +327,7 @@ impl Cluster {
         let keyspaces_file = dir.path().join("keyspaces.yaml");
         std::fs::write(&keyspaces_file, keyspaces)?;
         let slots: Vec<Slot> = (0..n).map(|_| Slot::bind()).collect::<anyhow::Result<_>>()?;
-        let peers: Vec<SocketAddr> = slots.iter().map(Slot::grpc_addr).collect::<anyhow::Result<_>>()?;
+        let peers: Vec<SocketAddr> = slots.iter().map(Slot::peer_addr).collect::<anyhow::Result<_>>()?;
         let mut nodes = Vec::with_capacity(n);
         for (i, slot) in slots.into_iter().enumerate() {
             let name = format!("node-{}", i + 1);

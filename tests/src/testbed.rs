@@ -278,11 +278,13 @@ pub fn node_statefulset(name: &str, replicas: i32, service_account: Option<&str>
                             { "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
                             { "name": "DISTCACHE_NAME", "value": "$(POD_NAME)" },
                             { "name": "DISTCACHE_LISTEN", "value": "$(POD_IP):7420" },
-                            { "name": "DISTCACHE_ADVERTISE", "value": "$(POD_IP):7420" },
+                            { "name": "DISTCACHE_PEER_LISTEN", "value": "$(POD_IP):7422" },
+                            { "name": "DISTCACHE_ADVERTISE", "value": "$(POD_IP):7422" },
                             { "name": "DISTCACHE_ADMIN", "value": "$(POD_IP):7421" }
                         ],
                         "ports": [
                             { "name": "grpc", "containerPort": 7420 },
+                            { "name": "peer", "containerPort": 7422 },
                             { "name": "admin", "containerPort": 7421 }
                         ],
                         "readinessProbe": { "httpGet": { "path": "/readyz", "port": "admin" }, "periodSeconds": 1 },

@@ -286,13 +286,13 @@ async fn with_one_of_three_nodes_killed_the_others_serve_every_key_within_5s() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_peer_that_stops_answering_leaves_and_rejoins() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, KEYSPACES, Duration::ZERO).await?;
-    let (grpc, admin) = (cluster.nodes[1].grpc, cluster.nodes[1].admin);
+    let (grpc, peer, admin) = (cluster.nodes[1].grpc, cluster.nodes[1].peer, cluster.nodes[1].admin);
     cluster.nodes[1].kill();
     let t = std::time::Instant::now();
     cluster.wait_members(2, Duration::from_secs(5)).await?;
     println!("dead peer left the ring after {:?}", t.elapsed());
-    let peers: Vec<_> = cluster.nodes.iter().map(|n| n.grpc).collect();
-    let slot = distcache_tests::Slot::bind_at(grpc, admin)?;
+    let peers: Vec<_> = cluster.nodes.iter().map(|n| n.peer).collect();
+    let slot = distcache_tests::Slot::bind_at(grpc, peer, admin)?;
     let config = distcache_tests::static_config(&peers, &cluster.keyspaces_file);
     cluster.nodes[1] = distcache_tests::start_node(
         "node-2",
@@ -312,7 +312,7 @@ async fn nodes_with_different_member_lists_complete_requests() -> anyhow::Result
     let file = dir.path().join("keyspaces.yaml");
     std::fs::write(&file, KEYSPACES)?;
     let (a, b) = (Slot::bind()?, Slot::bind()?);
-    let (a_addr, b_addr) = (a.grpc_addr()?, b.grpc_addr()?);
+    let (a_addr, b_addr) = (a.peer_addr()?, b.peer_addr()?);
     // A knows B; B knows A and a third address where nothing runs (so B's ring differs from A's once the ghost
     // is dropped, and B and A disagree on owners while they differ).
     let ghost = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -472,7 +472,7 @@ async fn a_write_invalidates_copies_on_a_node_the_owner_does_not_list() -> anyho
     let file = dir.path().join("keyspaces.yaml");
     std::fs::write(&file, KEYSPACES)?;
     let (a, b, c) = (Slot::bind()?, Slot::bind()?, Slot::bind()?);
-    let (a_addr, b_addr, c_addr) = (a.grpc_addr()?, b.grpc_addr()?, c.grpc_addr()?);
+    let (a_addr, b_addr, c_addr) = (a.peer_addr()?, b.peer_addr()?, c.peer_addr()?);
     // A and B list only each other; C lists all three. A never learns about C.
     let node_a =
         start_node("a", a, static_config(&[b_addr], &file), CountingSource::new("a", Duration::ZERO)).await?;

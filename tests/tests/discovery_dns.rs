@@ -47,7 +47,7 @@ async fn nodes_follow_the_srv_records_of_a_name() -> anyhow::Result<()> {
     let file = dir.path().join("keyspaces.yaml");
     std::fs::write(&file, KEYSPACES)?;
     let slots: Vec<Slot> = (0..4).map(|_| Slot::bind()).collect::<anyhow::Result<_>>()?;
-    let addrs: Vec<SocketAddr> = slots.iter().map(Slot::grpc_addr).collect::<anyhow::Result<_>>()?;
+    let addrs: Vec<SocketAddr> = slots.iter().map(Slot::peer_addr).collect::<anyhow::Result<_>>()?;
     for i in 0..addrs.len() {
         dns.set_a(&dns.fqdn(&format!("node-{}", i + 1)), &[std::net::Ipv4Addr::LOCALHOST], 1).await?;
     }
@@ -127,7 +127,8 @@ async fn without_srv_records_a_records_and_the_configured_port_are_used() -> any
     let ips = [std::net::Ipv4Addr::new(127, 0, 0, 2), std::net::Ipv4Addr::new(127, 0, 0, 3)];
     let mut nodes = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
-        let slot = Slot::bind_at(SocketAddr::new((*ip).into(), port), SocketAddr::new((*ip).into(), 0))?;
+        let any = SocketAddr::new((*ip).into(), 0);
+        let slot = Slot::bind_at(any, SocketAddr::new((*ip).into(), port), any)?;
         let mut config = dns_config(dns.addr, &flat, &file);
         if let DiscoveryConfig::Dns(d) = &mut config.discovery {
             d.port = port;

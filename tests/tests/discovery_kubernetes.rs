@@ -25,7 +25,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 
-const NODE_YAML: &str = "discovery:\n  kubernetes: { labelSelector: \"app=kd\", portName: grpc }\n\
+const NODE_YAML: &str = "discovery:\n  kubernetes: { labelSelector: \"app=kd\", portName: peer }\n\
 keyspacesFile: keyspaces.yaml\nkeyspacesPollInterval: 200ms\npeerTimeout: 1s\n";
 const KEYSPACES_YAML: &str = "keyspaces:\n  - name: rt\n    maxBytes: 4Mi\n    hook:\n      module: { path: hook.wasm }\n      \
 config: { mode: echo, prefix: \"v:\" }\n";

@@ -14,6 +14,15 @@ use distcache_tests::{built_binary, http_get, wait_for};
 struct NodeProcess {
     child: Child,
     grpc: SocketAddr,
+    peer: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// A node's client, peer and admin addresses.
+#[derive(Clone, Copy)]
+struct Addrs {
+    grpc: SocketAddr,
+    peer: SocketAddr,
     admin: SocketAddr,
 }
 
@@ -28,19 +37,20 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-fn write_configs(dir: &Path, n: usize) -> anyhow::Result<Vec<(SocketAddr, SocketAddr)>> {
-    let addrs: Vec<(SocketAddr, SocketAddr)> =
-        (0..n).map(|_| Ok((free_addr()?, free_addr()?))).collect::<anyhow::Result<_>>()?;
-    let peers: Vec<String> = addrs.iter().map(|(g, _)| format!("\"{g}\"")).collect();
+fn write_configs(dir: &Path, n: usize) -> anyhow::Result<Vec<Addrs>> {
+    let addrs: Vec<Addrs> = (0..n)
+        .map(|_| Ok(Addrs { grpc: free_addr()?, peer: free_addr()?, admin: free_addr()? }))
+        .collect::<anyhow::Result<_>>()?;
+    let peers: Vec<String> = addrs.iter().map(|a| format!("\"{}\"", a.peer)).collect();
     std::fs::write(
         dir.join("keyspaces.yaml"),
         "keyspaces:\n  - { name: users, maxBytes: 16Mi, ttl: 5m }\n  - { name: sessions, maxBytes: 1Mi, maxValueBytes: 1Ki }\n",
     )?;
-    for (i, (grpc, admin)) in addrs.iter().enumerate() {
+    for (i, Addrs { grpc, peer, admin }) in addrs.iter().enumerate() {
         std::fs::write(
             dir.join(format!("node-{}.yaml", i + 1)),
             format!(
-                "name: node-{}\nlisten: {grpc}\nadvertise: {grpc}\nadmin: {admin}\n\
+                "name: node-{}\nlisten: {grpc}\npeerListen: {peer}\nadvertise: {peer}\nadmin: {admin}\n\
                  discovery:\n  static: {{ peers: [{}], probeInterval: 250ms }}\n\
                  keyspacesFile: ./keyspaces.yaml\nkeyspacesPollInterval: 100ms\n",
                 i + 1,
@@ -51,7 +61,7 @@ fn write_configs(dir: &Path, n: usize) -> anyhow::Result<Vec<(SocketAddr, Socket
     Ok(addrs)
 }
 
-fn spawn_node(dir: &Path, i: usize, grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<NodeProcess> {
+fn spawn_node(dir: &Path, i: usize, Addrs { grpc, peer, admin }: Addrs) -> anyhow::Result<NodeProcess> {
     let log = std::fs::File::create(dir.join(format!("node-{}.log", i + 1)))?;
     let child = Command::new(built_binary("distcache-node")?)
         .arg("--config")
@@ -61,7 +71,7 @@ fn spawn_node(dir: &Path, i: usize, grpc: SocketAddr, admin: SocketAddr) -> anyh
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
-    Ok(NodeProcess { child, grpc, admin })
+    Ok(NodeProcess { child, grpc, peer, admin })
 }
 
 /// Waits until every node is ready and sees `n` members, reading the node logs into the error on timeout.
@@ -113,8 +123,8 @@ async fn three_node_processes_serve_the_cli() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let addrs = write_configs(dir.path(), 3)?;
     let mut nodes = Vec::new();
-    for (i, (grpc, admin)) in addrs.iter().enumerate() {
-        nodes.push(spawn_node(dir.path(), i, *grpc, *admin)?);
+    for (i, a) in addrs.iter().enumerate() {
+        nodes.push(spawn_node(dir.path(), i, *a)?);
     }
     wait_cluster(dir.path(), &nodes, 3).await?;
     let (n1, n2, n3) = (nodes[0].grpc, nodes[1].grpc, nodes[2].grpc);
@@ -177,18 +187,7 @@ async fn three_node_processes_serve_the_cli() -> anyhow::Result<()> {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
 
-    // gRPC health and reflection answer on the gRPC port (so grpcurl works without the .proto files).
-    let channel = tonic::transport::Channel::from_shared(format!("http://{n1}"))?.connect().await?;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let serving = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "distcache.v1.Cache".into() })
-        .await?
-        .into_inner();
-    assert_eq!(serving.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-    let services = reflection_services(channel).await?;
-    for s in ["distcache.v1.Cache", "distcache.v1.Peer", "grpc.health.v1.Health"] {
-        assert!(services.iter().any(|x| x == s), "{s} not listed by reflection: {services:?}");
-    }
+    client_port_serves_only_client_services(n1, nodes[0].peer).await?;
 
     // An invalid keyspaces edit is refused; the nodes keep serving the old keyspaces.
     cli(n1, &["put", "users", "bob", "b"])?;
@@ -218,6 +217,36 @@ async fn three_node_processes_serve_the_cli() -> anyhow::Result<()> {
         .await?;
         assert!(exit.is_some_and(|s| s.success()), "node exited with {exit:?}");
     }
+    Ok(())
+}
+
+/// gRPC health and reflection answer on the client port (so grpcurl works without the .proto files); the
+/// internal Peer service is not there (UNIMPLEMENTED, not listed), only on the peer port.
+async fn client_port_serves_only_client_services(n1: SocketAddr, peer: SocketAddr) -> anyhow::Result<()> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{n1}"))?.connect().await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "distcache.v1.Cache".into() })
+        .await?
+        .into_inner();
+    assert_eq!(serving.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let services = reflection_services(channel.clone()).await?;
+    for s in ["distcache.v1.Cache", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|x| x == s), "{s} not listed by reflection: {services:?}");
+    }
+    assert!(
+        !services.iter().any(|x| x == "distcache.v1.Peer"),
+        "Peer listed on the client port: {services:?}"
+    );
+    let purge =
+        distcache_proto::v1::PurgeRequest { keyspace: "users".into(), from: "x".into(), hot_only: false };
+    let refused = distcache_proto::v1::peer_client::PeerClient::new(channel).purge(purge).await;
+    assert_eq!(refused.map(|_| ()).map_err(|s| s.code()), Err(tonic::Code::Unimplemented));
+    let peer_channel = tonic::transport::Channel::from_shared(format!("http://{peer}"))?.connect().await?;
+    let mut peer_client = distcache_proto::v1::peer_client::PeerClient::new(peer_channel);
+    let pong = peer_client.ping(distcache_proto::v1::PingRequest { from: "test".into() }).await?.into_inner();
+    assert_eq!((pong.name.as_str(), pong.address.as_str()), ("node-1", peer.to_string().as_str()));
+
     Ok(())
 }
 

@@ -58,8 +58,8 @@ impl Default for LeafOptions<'_> {
             sans: &[],
             common_name: "distcache",
             usage: Usage::Both,
-            valid_since: Duration::from_secs(3600),
-            valid_for: Duration::from_secs(30 * 24 * 3600),
+            valid_since: Duration::from_hours(1),
+            valid_for: Duration::from_hours(30 * 24),
             expired: false,
         }
     }

@@ -196,14 +196,18 @@ impl Engine {
     }
 
     /// Owner-side load of keys for a peer: served here whatever the ring says (never forwarded again).
-    /// `from` is the calling node; it is remembered as a holder of copies (see [`Engine::set_members`]).
+    /// `from` is the calling node; it is remembered as a holder of copies (see [`Engine::set_members`]) only
+    /// when it is a current member under that name and address: a caller cannot make the owner dial an address
+    /// of its choosing, nor grow the holders map with made-up names.
     pub async fn load_for_peer(
         self: &Arc<Self>,
         keyspace: &str,
         keys: &[String],
         from: Option<Member>,
     ) -> Result<KeyResults<Value>, EngineError> {
-        if let Some(m) = from {
+        if let Some(m) = from
+            && self.membership.ring().members().iter().any(|r| r.name == m.name && r.address == m.address)
+        {
             // One insert: a `match` on `get_mut` keeps the shard locked through its arms (the scrutinee lives
             // until the match ends), and inserting from an arm then deadlocks on that lock — which happened for
             // every peer that came back under its name with a new address (a recreated pod).

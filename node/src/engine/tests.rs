@@ -396,3 +396,18 @@ async fn batch_results_are_per_key_and_a_single_key_write_reports_its_own_error(
     let err = a.engine.delete(ASIDE, "").await.expect_err("empty key");
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn only_current_members_are_recorded_as_holders_of_copies() {
+    let c = Cluster::new(&["node-x", "node-y"]).await;
+    let (x, y) = (c.node("node-x"), c.node("node-y"));
+    let key = c.key_owned_by("node-y", &["node-x", "node-y"], "held-");
+    // A made-up caller, and a member's name with another address: neither is remembered, so no later write
+    // dials an address a caller chose, and made-up names cannot grow the map.
+    for from in [Member::new("intruder", "203.0.113.9:7422"), Member::new("node-x", "203.0.113.9:7422")] {
+        y.engine.load_for_peer(RT, std::slice::from_ref(&key), Some(from)).await.expect("load");
+    }
+    assert!(y.engine.copy_holders.is_empty(), "a non-member was recorded");
+    y.engine.load_for_peer(RT, std::slice::from_ref(&key), Some(x.member.clone())).await.expect("load");
+    assert_eq!(y.engine.copy_holders.len(), 1, "the member that loaded is recorded");
+}

@@ -1,6 +1,7 @@
 //! [`PeerTransport`] over the `distcache.v1.Peer` gRPC service: one lazily connected HTTP/2 channel per peer
 //! address (tonic reconnects it after failures). Every call carries its own deadline (a connect timeout bounds
-//! dialling a dead peer), so a dead peer costs at most the deadline, never a hang.
+//! dialling a dead peer), so a dead peer costs at most the deadline, never a hang. With TLS, each new connection
+//! authenticates with the node's current certificate and checks the peer's (mutual TLS, `distcache-tls`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,13 +23,25 @@ pub struct GrpcPeers {
     timeout: Duration,
     connect_timeout: Duration,
     max_message_bytes: usize,
+    tls: Option<Arc<distcache_tls::Tls>>,
     channels: DashMap<String, PeerClient<Channel>>,
 }
 
 impl GrpcPeers {
     /// A pool for the node named `local`; `timeout` bounds every peer call (forwarded writes get twice as long).
     pub fn new(local: &Member, timeout: Duration, max_message_bytes: usize) -> Self {
+        Self::with_tls(local, timeout, max_message_bytes, None)
+    }
+
+    /// A pool that dials peers over mutual TLS with `tls`'s current material (plain without).
+    pub fn with_tls(
+        local: &Member,
+        timeout: Duration,
+        max_message_bytes: usize,
+        tls: Option<Arc<distcache_tls::Tls>>,
+    ) -> Self {
         Self {
+            tls,
             local: local.name.clone(),
             local_address: local.address.clone(),
             timeout,
@@ -53,7 +66,20 @@ impl GrpcPeers {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let client = PeerClient::new(endpoint.connect_lazy())
+        let channel = match &self.tls {
+            None => endpoint.connect_lazy(),
+            Some(tls) => {
+                let tls = Arc::clone(tls);
+                let config: distcache_tls::connect::ConfigSource =
+                    Arc::new(move || Arc::clone(&tls.current().peer_client));
+                endpoint.connect_with_connector_lazy(distcache_tls::Connector::new(
+                    config,
+                    None,
+                    self.connect_timeout,
+                ))
+            }
+        };
+        let client = PeerClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
         self.channels.insert(address.to_owned(), client.clone());
