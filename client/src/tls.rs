@@ -9,15 +9,18 @@
 
 use std::{
     error::Error as StdError,
+    future::Future,
     io,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use distcache_tls::{
     Connector,
-    rustls::{self, AlertDescription, ClientConfig, RootCertStore, sign::CertifiedKey},
+    rustls::{self, AlertDescription, ClientConfig, ProtocolVersion, RootCertStore, sign::CertifiedKey},
     rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
 };
 use tokio::{
@@ -129,9 +132,14 @@ impl Target {
     }
 
     /// The connector of an `https://` target.
-    pub(crate) fn connector(tls: &TlsTarget, connect_timeout: Duration) -> Connector {
+    pub(crate) fn connector(tls: &TlsTarget, connect_timeout: Duration) -> SettledConnector {
         let config = Arc::clone(&tls.config);
-        Connector::new(Arc::new(move || Arc::clone(&config)), Some(tls.server_name.clone()), connect_timeout)
+        let inner = Connector::new(
+            Arc::new(move || Arc::clone(&config)),
+            Some(tls.server_name.clone()),
+            connect_timeout,
+        );
+        SettledConnector { inner, settle_timeout: connect_timeout }
     }
 
     /// What a failed connection attempt or call means, when it is about TLS: a TLS error from the handshake or
@@ -245,6 +253,90 @@ fn load_identity(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, Erro
             key_file.display()
         ))
     })
+}
+
+/// The TLS connector of the client: [`Connector`], then, with TLS 1.3, a wait for the server's first record
+/// after the handshake.
+///
+/// In TLS 1.3 the client's side of the handshake ends before the server has checked the client's certificate
+/// (or its absence): a refusal (`certificate_required`, `unknown_ca`, …) is an alert that arrives after it. If
+/// the connection were handed to HTTP/2 at once, the client's first writes would race with the server closing
+/// the connection, and the call could fail with a broken pipe that has lost the alert. Waiting for the server's
+/// first record (a session ticket or its HTTP/2 SETTINGS, which an HTTP/2 server sends first) settles it: the
+/// alert, read by rustls, fails the connection with the `rustls::Error` that explains it. The wait is bounded
+/// by the connect timeout; a server that sends nothing first only delays the connection by that much.
+#[derive(Clone)]
+pub(crate) struct SettledConnector {
+    inner: Connector,
+    settle_timeout: Duration,
+}
+
+type TlsIo = <Connector as tower_service::Service<Uri>>::Response;
+
+impl tower_service::Service<Uri> for SettledConnector {
+    type Response = TlsIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TlsIo>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let settle_timeout = self.settle_timeout;
+        Box::pin(async move {
+            let mut io = connecting.await?;
+            match tokio::time::timeout(settle_timeout, settle(&mut io)).await {
+                Ok(settled) => settled.map(|()| io),
+                // Nothing from the server yet: let HTTP/2 go on (and report whatever comes).
+                Err(_) => Ok(io),
+            }
+        })
+    }
+}
+
+/// Reads TLS records (never application data: rustls keeps it for HTTP/2) until the server has sent one after
+/// the handshake, or has refused the connection.
+async fn settle(io: &mut TlsIo) -> io::Result<()> {
+    let (tcp, conn) = io.inner_mut().get_mut();
+    if conn.protocol_version() != Some(ProtocolVersion::TLSv1_3) {
+        // Before TLS 1.3 the server's Finished, which the client's handshake waited for, came after its check.
+        return Ok(());
+    }
+    loop {
+        let state = conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if state.plaintext_bytes_to_read() > 0 || conn.tls13_tickets_received() > 0 {
+            return Ok(());
+        }
+        if state.peer_has_closed() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection right after the TLS handshake",
+            ));
+        }
+        tcp.readable().await?;
+        match conn.read_tls(&mut TryRead(tcp)) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection right after the TLS handshake",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A non-blocking `std::io::Read` over a tokio TCP stream, for rustls's `read_tls`.
+struct TryRead<'a>(&'a TcpStream);
+
+impl io::Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
 }
 
 /// The TLS alert a failed call received, from the text of its error. An alert after the handshake (TLS 1.3's
