@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of a one-node DistCache against Redis, in one run, on this machine's loopback: the hit path
-# (GET) and the miss path (a DistCache Get that loads the value through a hook, beside a Redis SET).
+# (GET) and the miss path (a DistCache Get that loads the value through a hook, beside a Redis SET); and the cost
+# of TLS on the hit path (the same Get run against a second node that serves its client port over TLS).
 # Called by `make bench` (which builds the release binaries and the hooks first).
 #
-# Both servers are started here (free ports, PIDs recorded) and stopped on every exit path. Both get the same data:
-# 100,000 keys of 100 B. Then six runs of BENCH_SECONDS each (default 10):
+# The servers are started here (free ports, PIDs recorded) and stopped on every exit path: redis-server, a plain
+# node and a TLS node (its certificate, for IP 127.0.0.1 from a throwaway CA, made here with openssl). All get the
+# same data: 100,000 keys of 100 B. Then seven runs of BENCH_SECONDS each (default 10):
 #   redis GET P1           redis-benchmark -t get -d 100 -c 50 -P 1 -r 100000
 #   distcache Get c50      distcache bench --op get --concurrency 50 --value-size 100 --keys 100000
+#   distcache Get c50 TLS  the same against the TLS node (https://, --tls-ca; no client certificate)
 #   redis GET P16          redis-benchmark ... -P 16               (ops/s of pipelined GETs = keys/s)
 #   distcache GetMany(16)  distcache bench ... --batch 16          (keys/s)
 #   redis SET P1           redis-benchmark -t set -d 100 -c 50 -P 1 -r 1000000000   (nearly every SET a new key)
@@ -16,8 +19,8 @@
 # answers prefix + key without I/O: the cost measured is the node's miss path, not an origin's) and stores the value.
 # The node's counters are checked around that run: no hit, one hook fetch per Get.
 # Server CPU per request (per key for batches) comes from utime+stime in /proc/PID/stat of the server process,
-# sampled around the measured window. The table and the ratios (distcache ÷ redis) go to stdout, every raw number
-# to ${CARGO_TARGET_DIR:-target}/bench/results.json.
+# sampled around the measured window. The table and the ratios (distcache ÷ redis, and TLS ÷ plain Get, whose goal
+# is ≥ 0.85 for ops/s) go to stdout, every raw number to ${CARGO_TARGET_DIR:-target}/bench/results.json.
 #
 # Environment: BENCH_SECONDS (default 10), BENCH_CONNECTIONS (passed to `distcache bench --connections` when set),
 # RUST_LOG for the node (default warn).
@@ -48,6 +51,7 @@ for tool in redis-server redis-benchmark redis-cli; do
     die "$tool not found; install Redis first: apt-get install redis-server redis-tools"
 done
 command -v python3 >/dev/null 2>&1 || die "python3 not found; install it: apt-get install python3"
+command -v openssl >/dev/null 2>&1 || die "openssl not found (it makes the TLS node's certificate); install it: apt-get install openssl"
 require_release_bins
 # The miss path's data source, built from hooks/testing/test-hook by `make hooks`.
 TEST_HOOK="$(target_dir)/hooks/wasm32-wasip2/release/distcache_test_hook.wasm"
@@ -99,22 +103,48 @@ rss_kib() {
 
 # --- servers ---------------------------------------------------------------------------------------------------
 
-read -r REDIS_PORT GRPC_PORT ADMIN_PORT < <(
+read -r REDIS_PORT GRPC_PORT PEER_PORT ADMIN_PORT TLS_GRPC_PORT TLS_PEER_PORT TLS_ADMIN_PORT < <(
   python3 -c '
 import socket
-socks = [socket.socket() for _ in range(3)]
+socks = [socket.socket() for _ in range(7)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
 '
 )
 ENDPOINT="http://127.0.0.1:$GRPC_PORT"
+TLS_ENDPOINT="https://127.0.0.1:$TLS_GRPC_PORT"
 
-cat >"$WORK/node.yaml" <<EOF
-name: bench-node
-listen: 127.0.0.1:$GRPC_PORT
-advertise: 127.0.0.1:$GRPC_PORT
-admin: 127.0.0.1:$ADMIN_PORT
+# The TLS node's material: a CA and a certificate for 127.0.0.1 (serverAuth for the client port, clientAuth because
+# a node is also a client of its peers), ECDSA P-256 like cert-manager's default for ECDSA.
+TLS_DIR="$WORK/tls"
+mkdir -p "$TLS_DIR"
+make_tls_material() {
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TLS_DIR/ca.key"
+  openssl req -x509 -new -key "$TLS_DIR/ca.key" -sha256 -days 2 -subj "/CN=distcache bench CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -out "$TLS_DIR/ca.crt"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TLS_DIR/tls.key"
+  openssl req -new -key "$TLS_DIR/tls.key" -subj "/CN=bench-node-tls" -out "$TLS_DIR/tls.csr"
+  printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost" >"$TLS_DIR/leaf.ext"
+  openssl x509 -req -in "$TLS_DIR/tls.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
+    -set_serial "0x$(openssl rand -hex 8)" -days 2 -sha256 -extfile "$TLS_DIR/leaf.ext" -out "$TLS_DIR/tls.crt"
+}
+make_tls_material >"$WORK/openssl.log" 2>&1 || {
+  sed 's/^/  | /' "$WORK/openssl.log" >&2
+  die "openssl failed to make the TLS node's certificate"
+}
+TLS_CLI_ARGS=(--tls-ca "$TLS_DIR/ca.crt")
+
+# node_config NAME GRPC_PORT PEER_PORT ADMIN_PORT [TLS_YAML]: a one-node configuration (its peer port is unused, but
+# on a port of its own so that the two nodes do not collide).
+node_config() {
+  cat <<EOF
+name: $1
+listen: 127.0.0.1:$2
+peerListen: 127.0.0.1:$3
+admin: 127.0.0.1:$4
 discovery:
   standalone: {}
 keyspacesFile: ./keyspaces.yaml
@@ -122,7 +152,12 @@ keyspacesFile: ./keyspaces.yaml
 # load generator runs one thread too (distcache bench --threads 1, its default). On a 2-core machine a second
 # worker on either side takes the core the other process needs.
 workerThreads: ${BENCH_SERVER_THREADS:-1}
+${5:-}
 EOF
+}
+node_config bench-node "$GRPC_PORT" "$PEER_PORT" "$ADMIN_PORT" >"$WORK/node.yaml"
+node_config bench-node-tls "$TLS_GRPC_PORT" "$TLS_PEER_PORT" "$TLS_ADMIN_PORT" \
+  "tls: { certFile: ./tls/tls.crt, keyFile: ./tls/tls.key, caFile: ./tls/ca.crt }" >"$WORK/node-tls.yaml"
 # The miss keyspace: value = prefix + key from the echo hook, so values are VALUE_SIZE bytes plus the key (about
 # 27 B of `distcache bench --unique-keys`). maxBytes is large enough that a run never evicts, and the pool has an
 # instance for every request in flight, so no miss waits for a free instance.
@@ -140,17 +175,20 @@ keyspaces:
       limits: { poolSize: $CONCURRENCY }
 EOF
 
-phase "starting redis-server on 127.0.0.1:$REDIS_PORT and distcache-node on $ENDPOINT (admin :$ADMIN_PORT)"
+phase "starting redis-server on 127.0.0.1:$REDIS_PORT, distcache-node on $ENDPOINT (admin :$ADMIN_PORT) and on $TLS_ENDPOINT (admin :$TLS_ADMIN_PORT)"
 start_bg redis-server "$WORK/redis.log" \
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no --dir "$WORK"
 REDIS_PID=$LAST_PID
 export RUST_LOG=${RUST_LOG:-warn}
 start_bg distcache-node "$WORK/node.log" "$NODE_BIN" --config "$WORK/node.yaml"
 NODE_PID=$LAST_PID
+start_bg distcache-node-tls "$WORK/node-tls.log" "$NODE_BIN" --config "$WORK/node-tls.yaml"
+TLS_NODE_PID=$LAST_PID
 
 redis_ping() { [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
 wait_ready "$REDIS_PID" 30 "redis PING" redis_ping
 wait_http_ready "$NODE_PID" 127.0.0.1 "$ADMIN_PORT" /readyz 30
+wait_http_ready "$TLS_NODE_PID" 127.0.0.1 "$TLS_ADMIN_PORT" /readyz 30
 
 # --- data ------------------------------------------------------------------------------------------------------
 
@@ -171,12 +209,20 @@ redis_keys=$(redis-cli -p "$REDIS_PORT" dbsize)
 DC_COMMON=(--concurrency "$CONCURRENCY" --value-size "$VALUE_SIZE" --keys "$KEYS")
 [[ -z $BENCH_CONNECTIONS ]] || DC_COMMON+=(--connections "$BENCH_CONNECTIONS")
 
-phase "loading $KEYS keys of $VALUE_SIZE B into distcache (distcache bench preload)"
-timeout --foreground 300 "$CLI_BIN" --endpoint "$ENDPOINT" bench --op get --keyspace "$KEYSPACE" "${DC_COMMON[@]}" \
-  --duration 2s --warmup 1s --json >"$WORK/dc-preload.json" 2>"$WORK/dc-preload.err" || {
-  sed 's/^/  | /' "$WORK/dc-preload.err" >&2
-  die "distcache bench preload failed"
+# dc_preload NAME CLI_ARGS...: writes every key into a node (the preload of `distcache bench`, then a short run).
+dc_preload() {
+  local name=$1
+  shift
+  timeout --foreground 300 "$CLI_BIN" "$@" bench --op get --keyspace "$KEYSPACE" "${DC_COMMON[@]}" \
+    --duration 2s --warmup 1s --json >"$WORK/$name.json" 2>"$WORK/$name.err" || {
+    sed 's/^/  | /' "$WORK/$name.err" >&2
+    die "distcache bench preload ($name) failed"
+  }
 }
+phase "loading $KEYS keys of $VALUE_SIZE B into distcache (distcache bench preload)"
+dc_preload dc-preload --endpoint "$ENDPOINT"
+phase "loading $KEYS keys of $VALUE_SIZE B into the TLS node (distcache bench preload over TLS)"
+dc_preload dc-preload-tls --endpoint "$TLS_ENDPOINT" "${TLS_CLI_ARGS[@]}"
 
 # --- runs ------------------------------------------------------------------------------------------------------
 
@@ -232,11 +278,12 @@ redis_run() {
     >"$WORK/$name.meta.json"
 }
 
-# node_counters KEYSPACE: the node's hits (main + hot tier), misses and data-source fetches (ok, and any other
-# result) of KEYSPACE, as one line of four numbers, from its /metrics.
+# node_counters ADMIN_PORT KEYSPACE: the node's hits (main + hot tier), misses and data-source fetches (ok, and any
+# other result) of KEYSPACE, as one line of four numbers, from its /metrics.
 node_counters() {
   local text
-  text=$(http_get 127.0.0.1 "$ADMIN_PORT" /metrics) || die "the node does not answer GET /metrics on :$ADMIN_PORT"
+  text=$(http_get 127.0.0.1 "$1" /metrics) || die "the node does not answer GET /metrics on :$1"
+  shift
   awk -v ks="keyspace=\"$1\"" '
     index($1, "{" ks ",") || index($1, "{" ks "}") {
       if ($1 ~ /^distcache_cache_hits_total\{/) hits += $2
@@ -247,9 +294,12 @@ node_counters() {
     END { printf "%d %d %d %d\n", hits, misses, ok, other }' <<<"$text"
 }
 
-# distcache_run NAME BATCH KEYSPACE [EXTRA_BENCH_ARGS...]: one `distcache bench` run; the server's CPU (and the
+# distcache_run NAME BATCH KEYSPACE [EXTRA_BENCH_ARGS...]: one `distcache bench` run against the node of
+# RUN_ENDPOINT, RUN_NODE_PID and RUN_ADMIN_PORT (with the CLI options RUN_CLI_ARGS); the server's CPU (and the
 # node's counters of KEYSPACE) are sampled from the end of the warm-up to the end of the run, so they cover the
 # measured window only.
+RUN_ENDPOINT=$ENDPOINT RUN_NODE_PID=$NODE_PID RUN_ADMIN_PORT=$ADMIN_PORT
+RUN_CLI_ARGS=()
 distcache_run() {
   local name=$1 batch=$2 keyspace=$3
   shift 3
@@ -260,18 +310,18 @@ distcache_run() {
   # The load generator bounds itself (--warmup + --duration); `timeout` is the backstop. While it runs, this script
   # only sleeps and waits, so no polling takes CPU from the two processes under test.
   start_bg_split "distcache bench ($name)" "$WORK/$name.json" "$WORK/$name.err" \
-    timeout $((BENCH_SECONDS + WARMUP_SECONDS + 60)) "$CLI_BIN" --endpoint "$ENDPOINT" "${args[@]}"
+    timeout $((BENCH_SECONDS + WARMUP_SECONDS + 60)) "$CLI_BIN" --endpoint "$RUN_ENDPOINT" "${RUN_CLI_ARGS[@]}" "${args[@]}"
   pid=$LAST_PID
   # The CPU window starts when the warm-up phase ends.
   sleep "$WARMUP_SECONDS"
-  cpu0=$(cpu_ticks "$NODE_PID")
+  cpu0=$(cpu_ticks "$RUN_NODE_PID")
   t0=$(now_us)
-  c0=$(node_counters "$keyspace")
+  c0=$(node_counters "$RUN_ADMIN_PORT" "$keyspace")
   wait "$pid" || rc=$?
   forget_pid "$pid"
   t1=$(now_us)
-  cpu1=$(cpu_ticks "$NODE_PID")
-  c1=$(node_counters "$keyspace")
+  cpu1=$(cpu_ticks "$RUN_NODE_PID")
+  c1=$(node_counters "$RUN_ADMIN_PORT" "$keyspace")
   if ((rc != 0)); then
     sed 's/^/  | /' "$WORK/$name.err" >&2
     die "distcache bench ($name) exited with status $rc"
@@ -279,13 +329,17 @@ distcache_run() {
   local h0 m0 ok0 other0 h1 m1 ok1 other1
   read -r h0 m0 ok0 other0 <<<"$c0"
   read -r h1 m1 ok1 other1 <<<"$c1"
-  printf '{"kind":"distcache","name":"%s","batch":%d,"keyspace":"%s","cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"rss_kib":%d,"node_hits":%d,"node_misses":%d,"node_fetches_ok":%d,"node_fetches_failed":%d}\n' \
-    "$name" "$batch" "$keyspace" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) "$(rss_kib "$NODE_PID")" \
+  printf '{"kind":"distcache","name":"%s","endpoint":"%s","batch":%d,"keyspace":"%s","cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"rss_kib":%d,"node_hits":%d,"node_misses":%d,"node_fetches_ok":%d,"node_fetches_failed":%d}\n' \
+    "$name" "$RUN_ENDPOINT" "$batch" "$keyspace" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) "$(rss_kib "$RUN_NODE_PID")" \
     $((h1 - h0)) $((m1 - m0)) $((ok1 - ok0)) $((other1 - other0)) >"$WORK/$name.meta.json"
 }
 
 redis_run redis-get-p1 1
 distcache_run distcache-get-c50 1 "$KEYSPACE"
+# The TLS node right after the plain one, so that both Get runs see the same machine state.
+RUN_ENDPOINT=$TLS_ENDPOINT RUN_NODE_PID=$TLS_NODE_PID RUN_ADMIN_PORT=$TLS_ADMIN_PORT RUN_CLI_ARGS=("${TLS_CLI_ARGS[@]}")
+distcache_run distcache-get-c50-tls 1 "$KEYSPACE"
+RUN_ENDPOINT=$ENDPOINT RUN_NODE_PID=$NODE_PID RUN_ADMIN_PORT=$ADMIN_PORT RUN_CLI_ARGS=()
 redis_run redis-get-p16 "$BATCH"
 distcache_run distcache-getmany-16 "$BATCH" "$KEYSPACE"
 redis_run redis-set-p1 1 set "$SET_KEY_RANGE"
@@ -383,6 +437,7 @@ rows = [
     distcache_row("distcache-getmany-16", f"distcache GetMany({batch})"),
     redis_row("redis-set-p1", "redis SET P1"),
     distcache_row("distcache-get-miss", f"distcache Get miss c{concurrency}"),
+    distcache_row("distcache-get-c50-tls", f"distcache Get c{concurrency} TLS"),
 ]
 ratios = []
 for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5])):
@@ -394,9 +449,31 @@ for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5])):
         "server_cpu_us_per_key": ratio(dc["server_cpu_us_per_key"], redis["server_cpu_us_per_key"]),
     })
 
+# TLS ÷ plain, the same Get run against the TLS node right after the plain one. Goal: ops/s ≥ 0.85 of plain.
+TLS_GOAL = 0.85
+plain_get, tls_get = rows[1], rows[6]
+tls_ratio = {
+    "label": "  ratio TLS ÷ plain",
+    "ops_per_sec": ratio(tls_get["ops_per_sec"], plain_get["ops_per_sec"]),
+    "p50_us": ratio(tls_get["p50_us"], plain_get["p50_us"]),
+    "p99_us": ratio(tls_get["p99_us"], plain_get["p99_us"]),
+    "server_cpu_us_per_key": ratio(tls_get["server_cpu_us_per_key"], plain_get["server_cpu_us_per_key"]),
+}
+tls_summary = {
+    "ops_per_sec_ratio": tls_ratio["ops_per_sec"],
+    "goal_ops_per_sec_ratio": TLS_GOAL,
+    "goal_met": tls_ratio["ops_per_sec"] is not None and tls_ratio["ops_per_sec"] >= TLS_GOAL,
+    "plain": {"ops_per_sec": plain_get["ops_per_sec"], "server_cpu_us_per_req": plain_get["server_cpu_us_per_key"],
+              "p50_us": plain_get["p50_us"], "p99_us": plain_get["p99_us"]},
+    "tls": {"ops_per_sec": tls_get["ops_per_sec"], "server_cpu_us_per_req": tls_get["server_cpu_us_per_key"],
+            "p50_us": tls_get["p50_us"], "p99_us": tls_get["p99_us"]},
+    "server_cpu_us_per_req_ratio": tls_ratio["server_cpu_us_per_key"],
+    "setup": "TLS 1.3 (rustls, ring), ECDSA P-256 certificate, server authentication only",
+}
+
 cols = [("ops/s (keys/s)", "ops_per_sec"), ("p50 µs", "p50_us"), ("p99 µs", "p99_us"),
         ("server CPU µs/req", "server_cpu_us_per_key")]
-width = max(len(r["label"]) for r in rows + ratios) + 2
+width = max(len(r["label"]) for r in rows + ratios + [tls_ratio]) + 2
 
 
 def fmt(value, key, is_ratio):
@@ -419,12 +496,19 @@ print(f"GET, {value_size} B values, {keys:,} keys, {concurrency} concurrent clie
       f"to random keys of a 10^9 range (nearly all new).")
 print()
 print("".ljust(width) + "".join(c.rjust(20) for c, _ in cols))
-for group in ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1]), (rows[4], rows[5], ratios[2])):
+groups = ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1]), (rows[4], rows[5], ratios[2]),
+          (rows[1], rows[6], tls_ratio))
+for group in groups:
     for r in group:
         is_ratio = r["label"].strip().startswith("ratio")
         print(r["label"].ljust(width) + "".join(fmt(r[k], k, is_ratio).rjust(20) for _, k in cols))
     print()
 print("ops/s with pipelining/batching count keys; CPU is the server process's utime+stime per request (per key).")
+tls_ops = tls_ratio["ops_per_sec"]
+print(f"TLS: Get ops/s TLS ÷ plain = {fmt(tls_ops, 'ops_per_sec', True)} (goal ≥ {TLS_GOAL:.2f}: "
+      f"{'met' if tls_summary['goal_met'] else 'NOT met'}); server CPU µs/req "
+      f"{fmt(plain_get['server_cpu_us_per_key'], 'server_cpu_us_per_key', False)} plain, "
+      f"{fmt(tls_get['server_cpu_us_per_key'], 'server_cpu_us_per_key', False)} TLS")
 
 warnings = []
 for r in rows:
@@ -451,6 +535,8 @@ if miss_meta["node_fetches_failed"]:
 # requests in flight at either edge.
 if abs(miss_meta["node_fetches_ok"] - miss["requests"]) > max(2 * concurrency, miss["requests"] // 100):
     warnings.append(f"{rows[5]['label']}: {miss_meta['node_fetches_ok']} hook loads for {miss['requests']} Gets")
+if not tls_summary["goal_met"]:
+    warnings.append(f"TLS Get ops/s is {fmt(tls_ops, 'ops_per_sec', True)} of plain, below the goal {TLS_GOAL:.2f}")
 for w in warnings:
     print(f"warning: {w}")
 
@@ -461,8 +547,10 @@ result = {
                "batch": batch, "distcache_warmup_s": warmup},
     "versions": {"redis": read("redis-version.txt"), "distcache": read("distcache-version.txt")},
     "rows": rows,
-    "ratios": ratios,
+    "ratios": ratios + [tls_ratio],
+    "tls": tls_summary,
     "distcache_preload": last_json_object(read("dc-preload.json")) if read("dc-preload.json") else None,
+    "distcache_tls_preload": last_json_object(read("dc-preload-tls.json")) if read("dc-preload-tls.json") else None,
     "distcache_stats_after": read("distcache-stats.txt"),
     "distcache_miss_stats_after": read("distcache-miss-stats.txt"),
     "miss_path_check": miss_check,

@@ -2,6 +2,7 @@
 
 use std::{
     fmt,
+    path::PathBuf,
     pin::Pin,
     sync::{
         Arc,
@@ -22,12 +23,16 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use crate::Error;
+use crate::{
+    Error,
+    tls::{Target, TlsOptions},
+};
 
 /// The endpoint the CLI and examples use when none is given: a node on this machine, default gRPC port.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7420";
 
-/// How long [`ClientBuilder::connect`] waits for a TCP connection unless told otherwise.
+/// How long [`ClientBuilder::connect`] waits for a TCP connection (and then for the node's first answer) unless
+/// told otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest response the client decodes. tonic's default (4 MiB) is below the server's default largest value
@@ -224,6 +229,7 @@ pub struct ClientBuilder {
     connections: usize,
     timeout: Option<Duration>,
     connect_timeout: Duration,
+    tls: TlsOptions,
 }
 
 impl ClientBuilder {
@@ -244,28 +250,77 @@ impl ClientBuilder {
         self
     }
 
-    /// How long to wait for each TCP connection; default [`DEFAULT_CONNECT_TIMEOUT`].
+    /// How long to wait for each TCP connection (with its TLS handshake), and then for the node's answer to the
+    /// first call; default [`DEFAULT_CONNECT_TIMEOUT`].
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Opens the connections now, so an unreachable endpoint fails here with [`Error::Connect`] rather than on
-    /// the first call. Broken connections are re-established by tonic on later calls.
+    /// PEM bundle of the CA certificates the server's certificate must chain to. Required for an `https://`
+    /// endpoint (there are no built-in roots: a cluster's certificates come from its own CA); an error with an
+    /// `http://` one.
+    #[must_use]
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// PEM file of the client certificate (then any intermediates), for nodes that ask clients for one
+    /// (`clientAuth: optional|required`). Needs [`ClientBuilder::tls_key_file`] too.
+    #[must_use]
+    pub fn tls_cert_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.cert_file = Some(path.into());
+        self
+    }
+
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[must_use]
+    pub fn tls_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.key_file = Some(path.into());
+        self
+    }
+
+    /// The name the server's certificate must be valid for, instead of the endpoint's host: for a node dialled
+    /// by an address its certificate does not carry (a port-forward, a load balancer's IP).
+    #[must_use]
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls.server_name = Some(name.into());
+        self
+    }
+
+    /// Opens the connections now and makes one call (`ListKeySpaces`) on the first, so an unreachable endpoint,
+    /// a TLS failure or a node that does not answer fails here with [`Error::Connect`], [`Error::Tls`] or
+    /// [`Error::Unavailable`] rather than on the first call. Options that cannot work fail with
+    /// [`Error::Config`] before anything is sent. Broken connections are re-established by tonic on later calls.
+    ///
+    /// The call is needed for TLS 1.3: a server that requires a client certificate accepts the handshake and
+    /// sends its refusal (`certificate_required`) right after it, so only a first request sees it.
     pub async fn connect(self) -> Result<Client, Error> {
-        let endpoint = normalize_endpoint(&self.endpoint);
-        let connect_error = |source| Error::Connect { endpoint: endpoint.clone(), source };
-        let target = Endpoint::from_shared(endpoint.clone())
+        let target = Target::resolve(&self.endpoint, &self.tls)?;
+        let connect_error = |source| Error::Connect { endpoint: target.endpoint.clone(), source };
+        let endpoint = Endpoint::from_shared(target.dial.clone())
             .map_err(connect_error)?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
         // Separate `connect` calls give separate connections; `Channel::balance_list` would not reliably keep
         // N connections to one identical address.
-        let channels = futures::future::try_join_all((0..self.connections).map(|_| target.connect()))
-            .await
-            .map_err(connect_error)?;
-        Ok(Client::with_channels(channels, self.timeout))
+        let dial = |_| async {
+            match &target.tls {
+                Some(tls) => {
+                    endpoint.connect_with_connector(Target::connector(tls, self.connect_timeout)).await
+                }
+                None => endpoint.connect().await,
+            }
+        };
+        let channels = match futures::future::try_join_all((0..self.connections).map(dial)).await {
+            Ok(channels) => channels,
+            Err(err) => return Err(target.explain(&err, true).unwrap_or_else(|| connect_error(err))),
+        };
+        let client = Client::with_channels(channels, self.timeout, Some(target));
+        client.probe(self.connect_timeout).await?;
+        Ok(client)
     }
 }
 
@@ -297,6 +352,8 @@ struct Inner {
     clients: Box<[CacheClient<Channel>]>,
     next: AtomicUsize,
     timeout: Option<Duration>,
+    /// The endpoint connected to, to explain TLS failures of later calls (none for [`Client::from_channel`]).
+    target: Option<Target>,
 }
 
 impl fmt::Debug for Client {
@@ -309,18 +366,20 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Starts configuring a client for `endpoint` (`http://host:port` or `host:port`): connections, timeouts.
+    /// Starts configuring a client for `endpoint`: connections, timeouts, TLS. `https://host:port` is TLS (give
+    /// the CA bundle with [`ClientBuilder::tls_ca_file`]); `http://host:port` and `host:port` are plain.
     pub fn builder(endpoint: impl AsRef<str>) -> ClientBuilder {
         ClientBuilder {
             endpoint: endpoint.as_ref().to_owned(),
             connections: 1,
             timeout: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: TlsOptions::default(),
         }
     }
 
-    /// Connects to one node over a single HTTP/2 connection, enough for most applications.
-    /// `endpoint` is `http://host:port` or just `host:port`.
+    /// Connects to one node over a single plain HTTP/2 connection, enough for most applications.
+    /// `endpoint` is `http://host:port` or just `host:port`; for TLS use [`Client::builder`].
     pub async fn connect(endpoint: impl AsRef<str>) -> Result<Self, Error> {
         Self::builder(endpoint).connect().await
     }
@@ -333,15 +392,56 @@ impl Client {
 
     /// Wraps a channel configured elsewhere (TLS, custom connector, a balanced channel over several nodes).
     pub fn from_channel(channel: Channel) -> Self {
-        Self::with_channels(vec![channel], None)
+        Self::with_channels(vec![channel], None, None)
     }
 
-    fn with_channels(channels: Vec<Channel>, timeout: Option<Duration>) -> Self {
+    fn with_channels(channels: Vec<Channel>, timeout: Option<Duration>, target: Option<Target>) -> Self {
         let clients = channels
             .into_iter()
             .map(|channel| CacheClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
             .collect();
-        Self { inner: Arc::new(Inner { clients, next: AtomicUsize::new(0), timeout }) }
+        Self { inner: Arc::new(Inner { clients, next: AtomicUsize::new(0), timeout, target }) }
+    }
+
+    /// The first call of [`ClientBuilder::connect`]: any answer of the server, even an error status, shows that
+    /// the connection works; a failure of the connection itself is explained when it is about TLS.
+    async fn probe(&self, timeout: Duration) -> Result<(), Error> {
+        let mut request = tonic::Request::new(pb::ListKeySpacesRequest {});
+        request.set_timeout(timeout);
+        let Err(status) = self.inner.clients[0].clone().list_key_spaces(request).await else {
+            return Ok(());
+        };
+        // A status the server sent has no source; one made from a transport failure has its cause.
+        if std::error::Error::source(&status).is_none() {
+            return Ok(());
+        }
+        let Some(target) = &self.inner.target else {
+            return Err(Error::from_status(status));
+        };
+        if let Some(explained) = target.explain(&status, false) {
+            return Err(explained);
+        }
+        if crate::error::caused_by_timeout(&status) {
+            return Err(Error::DeadlineExceeded(format!(
+                "{} accepted the connection but did not answer within {timeout:?}",
+                target.endpoint
+            )));
+        }
+        if let Some(explained) = target.explain_plain(timeout).await {
+            return Err(explained);
+        }
+        Err(Error::Unavailable(format!("{}: {}", target.endpoint, Error::from_status(status))))
+    }
+
+    /// Maps the status of a failed call; a TLS failure (a reconnection refused after a certificate rotation, an
+    /// alert from the server) is explained like at connect time.
+    fn error(&self, status: tonic::Status) -> Error {
+        if std::error::Error::source(&status).is_some()
+            && let Some(explained) = self.inner.target.as_ref().and_then(|t| t.explain(&status, false))
+        {
+            return explained;
+        }
+        Error::from_status(status)
     }
 
     /// Number of HTTP/2 connections calls are spread over.
@@ -379,7 +479,7 @@ impl Client {
         match self.raw().get(request).await {
             Ok(response) => Ok(Some(response.into_inner().into())),
             Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(Error::from_status(status)),
+            Err(status) => Err(self.error(status)),
         }
     }
 
@@ -401,7 +501,8 @@ impl Client {
         }
         let expected = keys.len();
         let request = self.request(pb::GetManyRequest { keyspace: keyspace.into(), keys });
-        let results = self.raw().get_many(request).await.map_err(Error::from_status)?.into_inner().results;
+        let results =
+            self.raw().get_many(request).await.map_err(|status| self.error(status))?.into_inner().results;
         check_count(expected, results.len())?;
         Ok(results
             .into_iter()
@@ -433,7 +534,7 @@ impl Client {
             value: value.into(),
             ttl: ttl.map(from_std_duration),
         });
-        self.raw().put(request).await.map_err(Error::from_status)?;
+        self.raw().put(request).await.map_err(|status| self.error(status))?;
         Ok(())
     }
 
@@ -452,7 +553,8 @@ impl Client {
         }
         let expected = entries.len();
         let request = self.request(pb::PutManyRequest { keyspace: keyspace.into(), entries });
-        let results = self.raw().put_many(request).await.map_err(Error::from_status)?.into_inner().results;
+        let results =
+            self.raw().put_many(request).await.map_err(|status| self.error(status))?.into_inner().results;
         check_count(expected, results.len())?;
         Ok(results.into_iter().map(|result| unit_outcome("PutMany", result)).collect())
     }
@@ -461,7 +563,7 @@ impl Client {
     /// read-through keyspace fetches the key again.
     pub async fn delete(&self, keyspace: impl Into<String>, key: impl Into<String>) -> Result<(), Error> {
         let request = self.request(pb::DeleteRequest { keyspace: keyspace.into(), key: key.into() });
-        self.raw().delete(request).await.map_err(Error::from_status)?;
+        self.raw().delete(request).await.map_err(|status| self.error(status))?;
         Ok(())
     }
 
@@ -480,7 +582,8 @@ impl Client {
         }
         let expected = keys.len();
         let request = self.request(pb::DeleteManyRequest { keyspace: keyspace.into(), keys });
-        let results = self.raw().delete_many(request).await.map_err(Error::from_status)?.into_inner().results;
+        let results =
+            self.raw().delete_many(request).await.map_err(|status| self.error(status))?.into_inner().results;
         check_count(expected, results.len())?;
         Ok(results.into_iter().map(|result| unit_outcome("DeleteMany", result)).collect())
     }
@@ -488,20 +591,21 @@ impl Client {
     /// Lists the keyspaces the node serves, with their effective settings.
     pub async fn keyspaces(&self) -> Result<Vec<KeyspaceInfo>, Error> {
         let request = self.request(pb::ListKeySpacesRequest {});
-        let response = self.raw().list_key_spaces(request).await.map_err(Error::from_status)?.into_inner();
+        let response =
+            self.raw().list_key_spaces(request).await.map_err(|status| self.error(status))?.into_inner();
         Ok(response.keyspaces.into_iter().map(KeyspaceInfo::from).collect())
     }
 
     /// Drops every entry of a keyspace on every node; returns how many nodes purged (the answering one included).
     pub async fn purge(&self, keyspace: impl Into<String>) -> Result<u32, Error> {
         let request = self.request(pb::PurgeKeySpaceRequest { keyspace: keyspace.into() });
-        Ok(self.raw().purge_key_space(request).await.map_err(Error::from_status)?.into_inner().nodes)
+        Ok(self.raw().purge_key_space(request).await.map_err(|status| self.error(status))?.into_inner().nodes)
     }
 
     /// Counters of the answering node, for all keyspaces or only `keyspace`.
     pub async fn stats(&self, keyspace: Option<&str>) -> Result<Stats, Error> {
         let request = self.request(pb::StatsRequest { keyspace: keyspace.unwrap_or_default().to_owned() });
-        let response = self.raw().stats(request).await.map_err(Error::from_status)?.into_inner();
+        let response = self.raw().stats(request).await.map_err(|status| self.error(status))?.into_inner();
         Ok(Stats {
             node: response.node,
             members: response.members,
@@ -514,7 +618,8 @@ impl Client {
     pub async fn watch_members(&self) -> Result<MemberEvents, Error> {
         // No deadline: the stream is meant to stay open.
         let request = tonic::Request::new(pb::WatchMembersRequest {});
-        let inner = self.raw().watch_members(request).await.map_err(Error::from_status)?.into_inner();
+        let inner =
+            self.raw().watch_members(request).await.map_err(|status| self.error(status))?.into_inner();
         Ok(MemberEvents { inner })
     }
 
@@ -573,12 +678,6 @@ fn unit_outcome(call: &str, result: pb::KeyResult) -> Result<(), Error> {
             Err(Error::Protocol(format!("{call} result for key {:?} is neither ok nor an error", result.key)))
         }
     }
-}
-
-/// Accepts `host:port` as well as a full URI, because that is how people type addresses.
-fn normalize_endpoint(endpoint: &str) -> String {
-    let endpoint = endpoint.trim();
-    if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") }
 }
 
 #[cfg(test)]

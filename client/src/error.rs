@@ -28,7 +28,7 @@ pub enum Error {
     /// The data source or the call's own deadline expired (`DEADLINE_EXCEEDED`, or the client-side timeout).
     #[error("{}", describe(.0, "deadline exceeded"))]
     DeadlineExceeded(String),
-    /// The client could not reach the endpoint, or the endpoint was not a valid URI.
+    /// The client could not reach the endpoint.
     #[error("failed to connect to {endpoint}")]
     Connect {
         /// The endpoint as the client tried it (`http://host:port`).
@@ -37,6 +37,21 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The connection failed because of TLS, and the message says what: the server's certificate is signed by an
+    /// unknown CA or is not valid for the name dialled, the server requires a client certificate and none was
+    /// given (or refused the one given), or one side speaks TLS and the other does not.
+    #[error("TLS failure with {endpoint}: {reason}")]
+    Tls {
+        /// The endpoint as the client tried it (`https://host:port` or `http://host:port`).
+        endpoint: String,
+        /// What failed and what to do about it.
+        reason: String,
+    },
+    /// The client's own options cannot work: an invalid endpoint, an `https://` endpoint without a CA bundle, a
+    /// client certificate without its key (or the reverse), an unreadable or mismatched PEM file, TLS options
+    /// for a plain `http://` endpoint. Nothing was sent.
+    #[error("{0}")]
+    Config(String),
     /// The server answered something that breaks the API contract (e.g. a batch with the wrong number of
     /// results); a client/server version mismatch is the usual cause.
     #[error("unexpected response from server: {0}")]
@@ -89,9 +104,9 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Self::NotFound(_) => Code::NotFound,
-            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::InvalidArgument(_) | Self::Config(_) => Code::InvalidArgument,
             Self::UnknownKeyspace(_) => Code::FailedPrecondition,
-            Self::Unavailable(_) | Self::Connect { .. } => Code::Unavailable,
+            Self::Unavailable(_) | Self::Connect { .. } | Self::Tls { .. } => Code::Unavailable,
             Self::RateLimited(_) => Code::ResourceExhausted,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Protocol(_) => Code::Internal,
@@ -124,7 +139,7 @@ fn describe_status(status: &tonic::Status) -> String {
     }
 }
 
-fn caused_by_timeout(status: &tonic::Status) -> bool {
+pub(crate) fn caused_by_timeout(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(err) = source {
         if err.is::<tonic::TimeoutExpired>() {

@@ -3,6 +3,7 @@
 
 use std::{
     io::{self, Read, Write},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
@@ -12,7 +13,7 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use distcache_api::ByteSize;
 use distcache_client::{
-    Client, DEFAULT_ENDPOINT, Error, KeyspaceInfo, Member, MemberEvent, Stats, Value,
+    Client, ClientBuilder, DEFAULT_ENDPOINT, Error, KeyspaceInfo, Member, MemberEvent, Stats, Value,
     bench::{self, BenchConfig, Phase},
 };
 use distcache_duration::format_duration;
@@ -30,15 +31,32 @@ Exit codes:
   0  success
   1  error (connection failure, server error, invalid argument, ...)
   2  usage error (invalid command line)
-  3  key not found (get, delete)";
+  3  key not found (get, delete)
+
+TLS: an https:// endpoint needs --tls-ca (the PEM bundle of the CA that signed the
+node's certificate, e.g. the ca.crt of the cluster's TLS Secret); add --tls-cert and
+--tls-key when the node requires client certificates. http:// and host:port are plain,
+and TLS options with them are an error.";
 
 /// Command-line client of distcache, the distributed read-through cache.
 #[derive(Debug, Parser)]
 #[command(name = "distcache", version, after_help = AFTER_HELP)]
 struct Cli {
-    /// gRPC endpoint of any distcache node (http://host:port or host:port).
+    /// gRPC endpoint of any distcache node: https://host:port (TLS), http://host:port or host:port (plain).
     #[arg(long, global = true, env = "DISTCACHE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     endpoint: String,
+    /// PEM bundle of the CA(s) the node's certificate must chain to; required for https:// endpoints.
+    #[arg(long, global = true, env = "DISTCACHE_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for nodes that ask for one (with --tls-key).
+    #[arg(long, global = true, env = "DISTCACHE_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate (with --tls-cert).
+    #[arg(long, global = true, env = "DISTCACHE_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Name the node's certificate must be valid for [default: the endpoint's host].
+    #[arg(long, global = true, env = "DISTCACHE_TLS_SERVER_NAME", value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Print JSON instead of text (one document; one object per line for `members --watch`).
     #[arg(long, global = true)]
     json: bool,
@@ -242,16 +260,35 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
         .any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
 }
 
+impl Cli {
+    /// The client the command uses: the endpoint and the TLS options of the global flags.
+    fn client_builder(&self, connections: usize, timeout: Option<Duration>) -> ClientBuilder {
+        let mut builder = Client::builder(&self.endpoint).connections(connections);
+        if let Some(timeout) = timeout {
+            builder = builder.timeout(timeout);
+        }
+        if let Some(ca) = &self.tls_ca {
+            builder = builder.tls_ca_file(ca);
+        }
+        if let Some(cert) = &self.tls_cert {
+            builder = builder.tls_cert_file(cert);
+        }
+        if let Some(key) = &self.tls_key {
+            builder = builder.tls_key_file(key);
+        }
+        if let Some(name) = &self.tls_server_name {
+            builder = builder.tls_server_name(name);
+        }
+        builder
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (connections, timeout) = match &cli.command {
         Command::Bench(args) => (args.connections(), cli.timeout),
         _ => (1, Some(cli.timeout.unwrap_or(DEFAULT_TIMEOUT))),
     };
-    let mut builder = Client::builder(&cli.endpoint).connections(connections);
-    if let Some(timeout) = timeout {
-        builder = builder.timeout(timeout);
-    }
-    let client = builder.connect().await?;
+    let client = cli.client_builder(connections, timeout).connect().await?;
     let json = cli.json;
     match cli.command {
         Command::Get { keyspace, key } => get(&client, json, &keyspace, &key).await,
@@ -685,6 +722,30 @@ mod tests {
         assert_eq!(parse(&["delete", "users"]).expect_err("no key").exit_code(), 2);
         let cli = parse(&["delete", "users", "a", "b"]).expect("valid");
         assert!(matches!(cli.command, Command::Delete { keys, .. } if keys == ["a", "b"]));
+    }
+
+    #[test]
+    fn tls_flags_are_global() {
+        use std::path::Path;
+        let cli = parse(&[
+            "--tls-ca",
+            "ca.crt",
+            "bench",
+            "--tls-cert",
+            "app.crt",
+            "--tls-key",
+            "app.key",
+            "--tls-server-name",
+            "node-0.cache",
+        ])
+        .expect("valid");
+        assert!(matches!(cli.command, Command::Bench(_)));
+        assert_eq!(cli.tls_ca.as_deref(), Some(Path::new("ca.crt")));
+        assert_eq!(cli.tls_cert.as_deref(), Some(Path::new("app.crt")));
+        assert_eq!(cli.tls_key.as_deref(), Some(Path::new("app.key")));
+        assert_eq!(cli.tls_server_name.as_deref(), Some("node-0.cache"));
+        let cli = parse(&["get", "users", "42", "--tls-ca", "ca.crt"]).expect("valid");
+        assert_eq!(cli.tls_ca.as_deref(), Some(Path::new("ca.crt")));
     }
 
     #[test]

@@ -209,3 +209,22 @@ pub(crate) async fn serve() -> (SocketAddr, std::sync::Arc<FakeCache>) {
     );
     (addr, fake)
 }
+
+/// Serves a fresh fake over TLS, the way a node serves its client port: the certificate, key and CA bundle of
+/// `settings`, client certificates as `settings.client_auth` says.
+pub(crate) async fn serve_tls(
+    settings: distcache_tls::TlsSettings,
+) -> (SocketAddr, std::sync::Arc<FakeCache>) {
+    let tls = std::sync::Arc::new(distcache_tls::Tls::load(settings).expect("test TLS material loads"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("bound address");
+    let fake = std::sync::Arc::new(FakeCache::default());
+    let service = cache_server::CacheServer::from_arc(std::sync::Arc::clone(&fake));
+    let accepted = distcache_tls::accept_loop(listener, move || tls.current().client_port.clone(), "client");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(distcache_tls::incoming(accepted)),
+    );
+    (addr, fake)
+}

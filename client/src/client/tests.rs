@@ -1,5 +1,8 @@
 use super::*;
-use crate::testing::{self, KEYSPACE};
+use crate::{
+    testing::{self, KEYSPACE},
+    tls::normalize_endpoint,
+};
 
 fn member(name: &str, address: &str) -> Member {
     Member { name: name.to_owned(), address: address.to_owned(), local: false }
