@@ -11,8 +11,11 @@ use k8s_openapi::{
         core::v1::{
             Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
             EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-            PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
-            ServiceSpec, Volume, VolumeMount,
+            PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+            ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+        },
+        networking::v1::{
+            NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
@@ -23,11 +26,20 @@ use k8s_openapi::{
     },
 };
 
-use super::validate::{Discovery, Image, PdbPolicy, ValidSpec};
+use kube::api::{ApiResource, DynamicObject};
+
+use super::validate::{CertManager, Discovery, Image, PdbPolicy, TlsSource, ValidSpec};
 use crate::labels;
 
-/// gRPC port of the nodes (Cache, Peer, health, reflection).
+/// Client gRPC port of the nodes (Cache, health, reflection): the client Service's port.
 pub const GRPC_PORT: i32 = 7420;
+/// Peer gRPC port of the nodes (the internal Peer service, mutual TLS when TLS is on): only on the headless
+/// Service `<name>-peers`, and only node pods of the same DistCache may reach it (the NetworkPolicy).
+pub const PEER_PORT: i32 = 7422;
+/// Where the TLS Secret is mounted in the node container (`tls.crt`, `tls.key`, `ca.crt`).
+pub const TLS_DIR: &str = "/etc/distcache/tls";
+/// The keys a TLS Secret must hold.
+pub const TLS_KEYS: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 /// Admin HTTP port of the nodes (`/readyz`, `/metrics`, `/admin/...`).
 pub const ADMIN_PORT: i32 = 7421;
 /// Data key of the keyspaces ConfigMap, the file the nodes watch.
@@ -86,6 +98,52 @@ pub struct Objects {
     pub stateful_set: StatefulSet,
     /// `<name>`, when enabled (written as policy/v1; the applier converts it for older servers).
     pub pod_disruption_budget: Option<PodDisruptionBudget>,
+    /// `<name>`, when enabled: the peer port only from this DistCache's pods.
+    pub network_policy: Option<NetworkPolicy>,
+    /// `<name>-tls`, a cert-manager.io/v1 Certificate, when `spec.tls.certManager` is set.
+    pub certificate: Option<DynamicObject>,
+}
+
+/// The cert-manager Certificate resource (cert-manager.io/v1).
+pub fn certificate_resource() -> ApiResource {
+    ApiResource {
+        group: "cert-manager.io".to_owned(),
+        version: "v1".to_owned(),
+        api_version: "cert-manager.io/v1".to_owned(),
+        kind: "Certificate".to_owned(),
+        plural: "certificates".to_owned(),
+    }
+}
+
+/// The DNS names the nodes' certificate covers: the client Service `<name>` in its short, namespaced, `.svc` and
+/// cluster-domain forms, the headless Service `<name>-peers` (`.svc` and cluster-domain forms), and every pod as
+/// a wildcard on the headless Service (`<pod>.<name>-peers.<namespace>.svc`, the names the StatefulSet's pods
+/// have). Peers dial each other by IP and check that a peer's certificate carries the SANs of their own, so one
+/// certificate for every pod needs no pod IPs.
+pub fn certificate_dns_names(name: &str, namespace: &str, cluster_domain: &str) -> Vec<String> {
+    let peers = format!("{name}-peers.{namespace}.svc");
+    vec![
+        name.to_owned(),
+        format!("{name}.{namespace}"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.{cluster_domain}"),
+        peers.clone(),
+        format!("{peers}.{cluster_domain}"),
+        format!("*.{peers}"),
+        format!("*.{peers}.{cluster_domain}"),
+    ]
+}
+
+/// The key usages of the nodes' certificate: a node serves with it (server auth) and presents it to the peers it
+/// dials (client auth, mutual TLS on the peer port).
+pub const CERTIFICATE_USAGES: [&str; 4] =
+    ["server auth", "client auth", "digital signature", "key encipherment"];
+
+/// A duration as Go writes it (`2160h0m0s`), which cert-manager's `duration` and `renewBefore` parse (Go's
+/// `time.ParseDuration` has no day unit). Whole seconds: cert-manager works in seconds.
+pub fn go_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    format!("{}h{}m{}s", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// The pod selector of a DistCache's nodes.
@@ -191,6 +249,8 @@ pub fn build(valid: &ValidSpec, config: &BuildConfig) -> Objects {
         client_service: client_service(valid),
         stateful_set: stateful_set(valid, config),
         pod_disruption_budget: pod_disruption_budget(valid),
+        network_policy: network_policy(valid),
+        certificate: certificate(valid, config),
     }
 }
 
@@ -209,11 +269,11 @@ fn keyspaces_config_map(valid: &ValidSpec) -> ConfigMap {
     }
 }
 
-fn grpc_port() -> ServicePort {
+fn service_port(name: &str, port: i32) -> ServicePort {
     ServicePort {
-        name: Some("grpc".to_owned()),
-        port: GRPC_PORT,
-        target_port: Some(IntOrString::String("grpc".to_owned())),
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(IntOrString::String(name.to_owned())),
         // Server-side apply on 1.20 requires the protocol (it is part of the list's merge key).
         protocol: Some("TCP".to_owned()),
         ..ServicePort::default()
@@ -227,7 +287,8 @@ fn peers_service(valid: &ValidSpec) -> Service {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(false),
             selector: Some(selector_labels(&valid.name)),
-            ports: Some(vec![grpc_port()]),
+            // The peer port only: it is what DNS discovery resolves, and peers dial nothing else.
+            ports: Some(vec![service_port("peer", PEER_PORT)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -244,7 +305,8 @@ fn client_service(valid: &ValidSpec) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(valid.service.type_.as_str().to_owned()),
             selector: Some(selector_labels(&valid.name)),
-            ports: Some(vec![grpc_port()]),
+            // The client port only: the Peer service is never behind the client Service.
+            ports: Some(vec![service_port("grpc", GRPC_PORT)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -270,6 +332,76 @@ fn pod_disruption_budget(valid: &ValidSpec) -> Option<PodDisruptionBudget> {
         }),
         ..PodDisruptionBudget::default()
     })
+}
+
+/// Ingress to the node pods: the peer port only from node pods of this DistCache (same namespace, the selector
+/// labels), the client and admin ports from anywhere (applications, probes, Prometheus, the operator). Egress is
+/// not restricted: nodes reach the API server, NATS, DNS and their hooks' origins.
+fn network_policy(valid: &ValidSpec) -> Option<NetworkPolicy> {
+    if !valid.network_policy {
+        return None;
+    }
+    let port = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_owned()),
+        ..NetworkPolicyPort::default()
+    };
+    let nodes =
+        LabelSelector { match_labels: Some(selector_labels(&valid.name)), ..LabelSelector::default() };
+    Some(NetworkPolicy {
+        metadata: metadata(valid, valid.name.clone()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(nodes.clone()),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(nodes),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![port(PEER_PORT)]),
+                },
+                // No `from`: any source.
+                NetworkPolicyIngressRule { from: None, ports: Some(vec![port(GRPC_PORT), port(ADMIN_PORT)]) },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    })
+}
+
+/// The cert-manager Certificate `<name>-tls`, issued into the Secret `<name>-tls` that the nodes mount.
+fn certificate(valid: &ValidSpec, config: &BuildConfig) -> Option<DynamicObject> {
+    let tls = valid.tls.as_ref()?;
+    let TlsSource::CertManager(CertManager {
+        issuer_name,
+        issuer_kind,
+        issuer_group,
+        duration,
+        renew_before,
+    }) = &tls.source
+    else {
+        return None;
+    };
+    let name = format!("{}-tls", valid.name);
+    let mut spec = serde_json::json!({
+        "secretName": tls.secret_name(&valid.name),
+        "issuerRef": { "name": issuer_name, "kind": issuer_kind, "group": issuer_group },
+        "dnsNames": certificate_dns_names(&valid.name, &valid.namespace, &config.cluster_domain),
+        "usages": CERTIFICATE_USAGES,
+        // A new private key with every renewal (cert-manager before 1.18 keeps the old one by default).
+        "privateKey": { "rotationPolicy": "Always" },
+    });
+    if let Some(d) = duration {
+        spec["duration"] = go_duration(*d).into();
+    }
+    if let Some(r) = renew_before {
+        spec["renewBefore"] = go_duration(*r).into();
+    }
+    let mut object = DynamicObject::new(&name, &certificate_resource())
+        .within(&valid.namespace)
+        .data(serde_json::json!({ "spec": spec }));
+    object.metadata = metadata(valid, name);
+    Some(object)
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -298,7 +430,7 @@ fn discovery_env(valid: &ValidSpec, config: &BuildConfig) -> String {
         Discovery::Dns { interval } => {
             let mut v = serde_json::json!({ "dns": {
                 "name": format!("{name}-peers.{namespace}.svc.{}", config.cluster_domain),
-                "port": GRPC_PORT,
+                "port": PEER_PORT,
             }});
             if let Some(interval) = interval {
                 v["dns"]["interval"] = interval.to_string().into();
@@ -308,13 +440,14 @@ fn discovery_env(valid: &ValidSpec, config: &BuildConfig) -> String {
         Discovery::Kubernetes => serde_json::json!({ "kubernetes": {
             "namespace": namespace,
             "labelSelector": selector_string(name),
-            "portName": "grpc",
+            "portName": "peer",
         }}),
     };
     value.to_string()
 }
 
-/// The node pod's volumes and the container's mounts: keyspaces file, hook cache, one per module ConfigMap.
+/// The node pod's volumes and the container's mounts: keyspaces file, hook cache, the TLS Secret, one per module
+/// ConfigMap.
 fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
     let name = &valid.name;
     let mut volumes = vec![
@@ -345,6 +478,26 @@ fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         },
     ];
+    if let Some(tls) = &valid.tls {
+        volumes.push(Volume {
+            name: "tls".to_owned(),
+            // Not optional: a node of a DistCache with TLS never starts without its certificate (the pod waits
+            // for the Secret; TLSReady says why). Only the Secret's name is in the pod template: a new
+            // certificate in the same Secret reaches the running nodes, which reload it, without a roll.
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls.secret_name(name)),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "tls".to_owned(),
+            mount_path: TLS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     for cm in module_config_maps(valid) {
         let volume = module_volume_name(&cm);
         volumes.push(Volume {
@@ -374,39 +527,44 @@ fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMou
         port: IntOrString::String("admin".to_owned()),
         ..HTTPGetAction::default()
     };
+    let mut env_vars = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        env("DISTCACHE_NAME", "$(POD_NAME)"),
+        env("DISTCACHE_LISTEN", format!("{bind}:{GRPC_PORT}")),
+        env("DISTCACHE_PEER_LISTEN", format!("{bind}:{PEER_PORT}")),
+        env("DISTCACHE_ADVERTISE", format!("$(POD_IP):{PEER_PORT}")),
+        env("DISTCACHE_ADMIN", format!("{bind}:{ADMIN_PORT}")),
+        env("DISTCACHE_DISCOVERY", discovery_env(valid, config)),
+        env("DISTCACHE_KEYSPACES_FILE", format!("{KEYSPACES_DIR}/{KEYSPACES_KEY}")),
+        env("DISTCACHE_HOOKS__CACHE_DIR", HOOK_CACHE_DIR),
+        env("DISTCACHE_HOOKS__CONFIG_MAP_DIR", MODULES_DIR),
+        env("DISTCACHE_SHUTDOWN_DELAY", format!("{}s", config.shutdown_delay_seconds)),
+        env("DISTCACHE_SHUTDOWN_GRACE", "20s"),
+    ];
+    if let Some(tls) = &valid.tls {
+        // The node's `tls` setting, one field per variable (each value a plain path, as Kubernetes users read
+        // them; peerIdentities defaults to the SANs of the certificate itself).
+        env_vars.extend([
+            env("DISTCACHE_TLS__CERT_FILE", format!("{TLS_DIR}/tls.crt")),
+            env("DISTCACHE_TLS__KEY_FILE", format!("{TLS_DIR}/tls.key")),
+            env("DISTCACHE_TLS__CA_FILE", format!("{TLS_DIR}/ca.crt")),
+            env("DISTCACHE_TLS__CLIENT_AUTH", tls.client_auth.as_str()),
+        ]);
+    }
+    let port = |name: &str, port: i32| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    };
     Container {
         name: CONTAINER.to_owned(),
         image: Some(node_image(&valid.image, config)),
         image_pull_policy: valid.image.pull_policy.map(|p| p.as_str().to_owned()),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env("POD_IP", "status.podIP"),
-            env("DISTCACHE_NAME", "$(POD_NAME)"),
-            env("DISTCACHE_LISTEN", format!("{bind}:{GRPC_PORT}")),
-            env("DISTCACHE_ADVERTISE", format!("$(POD_IP):{GRPC_PORT}")),
-            env("DISTCACHE_ADMIN", format!("{bind}:{ADMIN_PORT}")),
-            env("DISTCACHE_DISCOVERY", discovery_env(valid, config)),
-            env("DISTCACHE_KEYSPACES_FILE", format!("{KEYSPACES_DIR}/{KEYSPACES_KEY}")),
-            env("DISTCACHE_HOOKS__CACHE_DIR", HOOK_CACHE_DIR),
-            env("DISTCACHE_HOOKS__CONFIG_MAP_DIR", MODULES_DIR),
-            env("DISTCACHE_SHUTDOWN_DELAY", format!("{}s", config.shutdown_delay_seconds)),
-            env("DISTCACHE_SHUTDOWN_GRACE", "20s"),
-        ]),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("grpc".to_owned()),
-                container_port: GRPC_PORT,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("admin".to_owned()),
-                container_port: ADMIN_PORT,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-        ]),
+        env: Some(env_vars),
+        ports: Some(vec![port("grpc", GRPC_PORT), port("peer", PEER_PORT), port("admin", ADMIN_PORT)]),
         readiness_probe: Some(Probe {
             http_get: Some(admin_probe("/readyz")),
             period_seconds: Some(2),
