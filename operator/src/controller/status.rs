@@ -559,6 +559,88 @@ spec:
         assert_eq!(cond(&no_pdb, DEGRADED).reason, "PodDisruptionBudgetUnsupported");
     }
 
+    fn secret(keys: &[(&str, &[u8])]) -> Secret {
+        Secret {
+            data: Some(
+                keys.iter().map(|(k, v)| ((*k).to_owned(), k8s_openapi::ByteString(v.to_vec()))).collect(),
+            ),
+            type_: Some("kubernetes.io/tls".to_owned()),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn tls_state_follows_the_secrets_keys() {
+        let name = || "demo-certs".to_owned();
+        assert_eq!(
+            tls_state(name(), false, None),
+            TlsState::SecretMissing { secret: name(), cert_manager: false }
+        );
+        let full = secret(&[("tls.crt", b"c"), ("tls.key", b"k"), ("ca.crt", b"a")]);
+        assert_eq!(tls_state(name(), false, Some(&full)), TlsState::Ready { secret: name() });
+        let no_ca = secret(&[("tls.crt", b"c"), ("tls.key", b"k")]);
+        assert_eq!(
+            tls_state(name(), true, Some(&no_ca)),
+            TlsState::KeyMissing { secret: name(), keys: vec!["ca.crt"] }
+        );
+        let empty_key = secret(&[("tls.crt", b"c"), ("tls.key", b""), ("ca.crt", b"a")]);
+        assert_eq!(
+            tls_state(name(), false, Some(&empty_key)),
+            TlsState::KeyMissing { secret: name(), keys: vec!["tls.key"] }
+        );
+    }
+
+    #[test]
+    fn tls_ready_and_degraded_say_what_the_tls_material_lacks() {
+        let dc = dc();
+        let sts = set(3, 3, 3, true);
+        let with = |tls: Option<TlsState>| {
+            compute(
+                &dc,
+                &Observed {
+                    stateful_set: &sts,
+                    pdb: PdbOutcome::Applied("policy/v1"),
+                    keyspaces: vec![],
+                    tls,
+                },
+            )
+        };
+        let plain = with(None);
+        assert!(plain.conditions.iter().all(|c| c.type_ != TLS_READY), "no TLSReady without spec.tls");
+
+        let ready = with(Some(TlsState::Ready { secret: "demo-certs".to_owned() }));
+        let c = cond(&ready, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "SecretReady"));
+        assert_eq!(cond(&ready, DEGRADED).status, "False");
+
+        let missing =
+            with(Some(TlsState::SecretMissing { secret: "demo-certs".to_owned(), cert_manager: false }));
+        let c = cond(&missing, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "SecretMissing"));
+        assert!(c.message.contains("Secret demo-certs not found"), "{}", c.message);
+        let issuing =
+            with(Some(TlsState::SecretMissing { secret: "demo-tls".to_owned(), cert_manager: true }));
+        assert!(cond(&issuing, TLS_READY).message.contains("waiting for cert-manager"));
+
+        let key = with(Some(TlsState::KeyMissing { secret: "demo-certs".to_owned(), keys: vec!["ca.crt"] }));
+        let c = cond(&key, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "KeyMissing"));
+        assert!(c.message.contains("no (or an empty) ca.crt"), "{}", c.message);
+
+        let absent = with(Some(TlsState::CertManagerMissing { secret: "demo-tls".to_owned() }));
+        let c = cond(&absent, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "CertManagerMissing"));
+        let d = cond(&absent, DEGRADED);
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "CertManagerMissing"));
+        assert!(
+            d.message.starts_with(
+                "spec.tls.certManager is set but cert-manager is not installed (no cert-manager.io/v1 Certificate API)"
+            ),
+            "{}",
+            d.message
+        );
+    }
+
     #[test]
     fn a_failed_step_changes_only_degraded() {
         let mut dc = dc();

@@ -671,6 +671,73 @@ keyspaces:
     }
 
     #[test]
+    fn tls_and_network_policy_are_typed_with_their_defaults() {
+        let valid = check("demo", &spec("{}")).expect("valid");
+        assert_eq!(valid.tls, None, "no TLS unless asked for");
+        assert!(valid.network_policy, "the NetworkPolicy is on by default");
+        assert!(!check("demo", &spec("networkPolicy: { enabled: false }")).expect("valid").network_policy);
+
+        let tls = |yaml: &str| check("demo", &spec(yaml)).expect("valid").tls.expect("tls");
+        let secret = tls("tls: { secretName: demo-certs }");
+        assert_eq!(
+            secret,
+            Tls { source: TlsSource::Secret("demo-certs".to_owned()), client_auth: ClientAuth::None }
+        );
+        assert_eq!(secret.secret_name("demo"), "demo-certs");
+        assert_eq!(tls("tls: { secretName: c, clientAuth: required }").client_auth, ClientAuth::Required);
+        let cm = tls("tls: { certManager: { issuerRef: { name: ca } } }");
+        assert_eq!(
+            cm.source,
+            TlsSource::CertManager(CertManager {
+                issuer_name: "ca".to_owned(),
+                issuer_kind: "Issuer".to_owned(),
+                issuer_group: "cert-manager.io".to_owned(),
+                duration: None,
+                renew_before: None,
+            })
+        );
+        assert_eq!(cm.secret_name("demo"), "demo-tls", "the Secret cert-manager issues into");
+        let cm = tls(
+            "tls: { certManager: { issuerRef: { name: ca, kind: ClusterIssuer }, duration: 48h, renewBefore: 12h } }",
+        );
+        let TlsSource::CertManager(cm) = cm.source else { panic!("certManager") };
+        assert_eq!(cm.issuer_kind, "ClusterIssuer");
+        assert_eq!(
+            (cm.duration, cm.renew_before),
+            (Some(std::time::Duration::from_hours(48)), Some(std::time::Duration::from_hours(12)))
+        );
+    }
+
+    #[test]
+    fn tls_problems_name_their_field() {
+        let err = |yaml: &str| check("demo", &spec(yaml)).expect_err("invalid").to_string();
+        assert_eq!(err("tls: {}"), "spec.tls: set exactly one of secretName or certManager");
+        assert_eq!(
+            err("tls: { secretName: a, certManager: { issuerRef: { name: ca } } }"),
+            "spec.tls: set exactly one of secretName or certManager"
+        );
+        assert!(err("tls: { secretName: Bad_Name }").starts_with("spec.tls.secretName: \"Bad_Name\""));
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: '' } } }")
+                .contains("spec.tls.certManager.issuerRef.name: required")
+        );
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: ca }, duration: 30m } }")
+                .contains("spec.tls.certManager.duration: 30m is shorter than cert-manager's minimum of 1h")
+        );
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: ca }, duration: 2h, renewBefore: 2h } }").contains(
+                "spec.tls.certManager.renewBefore: 2h must be above 0 and shorter than the duration (2h)"
+            )
+        );
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: ca }, renewBefore: 100d } }").contains("(90d)")
+        );
+        let unknown = serde_yaml::from_str::<DistCacheSpec>("tls: { secretName: a, clientAuth: always }");
+        assert!(unknown.is_err(), "clientAuth is none, optional or required");
+    }
+
+    #[test]
     fn unknown_keyspace_fields_are_rejected_when_parsing() {
         let err = serde_yaml::from_str::<DistCacheSpec>("keyspaces: [{ name: a, maxBytes: 1Mi, tll: 5m }]")
             .expect_err("typo")
