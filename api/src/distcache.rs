@@ -297,7 +297,9 @@ pub struct TlsSpec {
     pub client_auth: Option<ClientAuth>,
 }
 
-/// Whether the client port asks clients for a certificate.
+/// Whether clients of the client port 7420 must present a certificate (chaining to `ca.crt`): none (the
+/// default), optional (verified when presented) or required. Per-keyspace access lists (`access`) need required.
+/// The peer port always requires one.
 #[derive(JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuth {

@@ -302,9 +302,18 @@ async fn apply_and_observe(
     }))
 }
 
-/// Events for what users want to hear about without watching the status: a keyspace a node refused.
+/// Events for what users want to hear about without watching the status: a keyspace a node refused, a
+/// cert-manager Certificate that cannot be made.
 async fn report_transitions(ctx: &Context, dc: &DistCache, new: &distcache_api::DistCacheStatus) {
     let old = dc.status.clone().unwrap_or_default();
+    let cert_manager_missing = |s: &distcache_api::DistCacheStatus| {
+        s.conditions.iter().find(|c| c.type_ == status::DEGRADED && c.reason == "CertManagerMissing").cloned()
+    };
+    if let Some(missing) = cert_manager_missing(new)
+        && cert_manager_missing(&old).is_none()
+    {
+        ctx.event(dc, EventType::Warning, "CertManagerMissing", missing.message).await;
+    }
     for ks in new.keyspaces.iter().filter(|k| k.hook == HookState::Failed) {
         let was_failed = old.keyspaces.iter().any(|o| o.name == ks.name && o.hook == HookState::Failed);
         if !was_failed {

@@ -108,7 +108,9 @@ fn valid(name: &str) -> Value {
                 }]
             },
             "podDisruptionBudget": { "enabled": true, "maxUnavailable": 1 },
-            "service": { "type": "ClusterIP", "annotations": { "example.com/team": "cache" } }
+            "service": { "type": "ClusterIP", "annotations": { "example.com/team": "cache" } },
+            "tls": { "secretName": "cache-certs", "clientAuth": "required" },
+            "networkPolicy": { "enabled": true }
         }
     })
 }
@@ -145,6 +147,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     const PDB: &str = "podDisruptionBudget: set minAvailable or maxUnavailable, not both";
     const DISCOVERY: &str = "discovery: set exactly one of kubernetes, dns or nats";
     const NATS: &str = "discovery.nats.url must start with nats:// or tls://";
+    const TLS: &str = "tls: set exactly one of secretName or certManager";
     const NAME: &str = "metadata.name: a DistCache name is a DNS label of at most 52 characters (lowercase letters, \
                         digits, '-', starting with a letter): it names the StatefulSet, its pods and Services";
     let module = "/spec/keyspaces/0/hook/module";
@@ -199,6 +202,18 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             NATS,
             true,
         ),
+        case(
+            "TLS from a Secret and from cert-manager",
+            with(
+                "two-tls",
+                "/spec/tls",
+                json!({ "secretName": "c", "certManager": { "issuerRef": { "name": "ca", "kind": "ClusterIssuer" },
+                        "duration": "90d", "renewBefore": "30d" } }),
+            )?,
+            TLS,
+            true,
+        ),
+        case("TLS without a source", with("no-tls", "/spec/tls", json!({ "clientAuth": "optional" }))?, TLS, true),
         case("a name too long for its pods' labels", valid(&"n".repeat(53)), NAME, true),
         case("a name with a dot", valid("demo.cache"), NAME, true),
         // Plain schema checks, which every server version enforces.
@@ -212,6 +227,12 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             "a keyspace name with capitals",
             with("capitals", "/spec/keyspaces/3/name", json!("Sessions"))?,
             "should match",
+            false,
+        ),
+        case(
+            "a clientAuth that is not none, optional or required",
+            with("client-auth", "/spec/tls/clientAuth", json!("always"))?,
+            "Unsupported value",
             false,
         ),
         case(

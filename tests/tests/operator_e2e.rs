@@ -736,9 +736,9 @@ async fn tls(env: &Env) -> anyhow::Result<()> {
         // Only the new certificate chains to CA 2 alone.
         let last = Mutex::new(String::new());
         let served = wait_for(Duration::from_mins(1), &format!("{pod} serving the new certificate"), || {
-            let last = &last;
+            let (last, ca2_file) = (&last, &ca2_file);
             async move {
-                match cli_tls(ip, &ca2_file, NAME, &["get", "sessions", "key-0"]).await {
+                match cli_tls(ip, ca2_file, NAME, &["get", "sessions", "key-0"]).await {
                     Ok(_) => Ok(true),
                     Err(e) => {
                         *last.lock().expect("not poisoned") = format!("{e:#}");
