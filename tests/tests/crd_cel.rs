@@ -147,13 +147,13 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     const PDB: &str = "podDisruptionBudget: set minAvailable or maxUnavailable, not both";
     const DISCOVERY: &str = "discovery: set exactly one of kubernetes, dns or nats";
     const NATS: &str = "discovery.nats.url must start with nats:// or tls://";
-    const TLS: &str = "tls: set exactly one of secretName or certManager";
     const NAME: &str = "metadata.name: a DistCache name is a DNS label of at most 52 characters (lowercase letters, \
                         digits, '-', starting with a letter): it names the StatefulSet, its pods and Services";
     let module = "/spec/keyspaces/0/hook/module";
     let hosts = "/spec/keyspaces/0/hook/allowedHosts";
     let case = |what, object, expect, cel| Case { what, object, expect, cel };
-    Ok(vec![
+    let mut all = tls_cases()?;
+    all.extend([
         case("a hook module without a source", with("no-source", module, json!({}))?, MODULE, true),
         case(
             "a hook module with two sources",
@@ -202,18 +202,6 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             NATS,
             true,
         ),
-        case(
-            "TLS from a Secret and from cert-manager",
-            with(
-                "two-tls",
-                "/spec/tls",
-                json!({ "secretName": "c", "certManager": { "issuerRef": { "name": "ca", "kind": "ClusterIssuer" },
-                        "duration": "90d", "renewBefore": "30d" } }),
-            )?,
-            TLS,
-            true,
-        ),
-        case("TLS without a source", with("no-tls", "/spec/tls", json!({ "clientAuth": "optional" }))?, TLS, true),
         case("a name too long for its pods' labels", valid(&"n".repeat(53)), NAME, true),
         case("a name with a dot", valid("demo.cache"), NAME, true),
         // Plain schema checks, which every server version enforces.
@@ -230,17 +218,38 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             false,
         ),
         case(
-            "a clientAuth that is not none, optional or required",
-            with("client-auth", "/spec/tls/clientAuth", json!("always"))?,
-            "Unsupported value",
-            false,
-        ),
-        case(
             "negative replicas",
             with("negative", "/spec/replicas", json!(-1))?,
             "greater than or equal to 0",
             false,
         ),
+    ]);
+    Ok(all)
+}
+
+fn tls_cases() -> anyhow::Result<Vec<Case>> {
+    const TLS: &str = "tls: set exactly one of secretName or certManager";
+    let both = json!({ "secretName": "c", "certManager": {
+        "issuerRef": { "name": "ca", "kind": "ClusterIssuer" }, "duration": "90d", "renewBefore": "30d" } });
+    Ok(vec![
+        Case {
+            what: "TLS from a Secret and from cert-manager",
+            object: with("two-tls", "/spec/tls", both)?,
+            expect: TLS,
+            cel: true,
+        },
+        Case {
+            what: "TLS without a source",
+            object: with("no-tls", "/spec/tls", json!({ "clientAuth": "optional" }))?,
+            expect: TLS,
+            cel: true,
+        },
+        Case {
+            what: "a clientAuth that is not none, optional or required",
+            object: with("client-auth", "/spec/tls/clientAuth", json!("always"))?,
+            expect: "Unsupported value",
+            cel: false,
+        },
     ])
 }
 

@@ -505,7 +505,7 @@ async fn tls_from_cert_manager(client: &Client, caches: &Api<DistCache>) -> anyh
         "certificates",
     );
     let certificates: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource);
-    wait_object(&certificates, "issued-tls", false, Duration::from_secs(60)).await?;
+    wait_object(&certificates, "issued-tls", false, Duration::from_mins(1)).await?;
     let certificate = certificates.get("issued-tls").await?;
     let spec = &certificate.data["spec"];
     assert_eq!(spec["secretName"], "issued-tls");

@@ -696,29 +696,7 @@ async fn tls(env: &Env) -> anyhow::Result<()> {
     .await?;
     let nodes = ready_nodes(env, NAME).await?;
     let before = node_pods(env, NAME).await?;
-
-    // The pods serve TLS: the CLI reads and writes through each with the CA. Keys written through one node and
-    // owned by the other travel over the peer port, which the nodes guard with mutual TLS.
-    let keys: Vec<String> = (0..8).map(|i| format!("key-{i}")).collect();
-    let ips: Vec<&String> = nodes.values().collect();
-    for (i, key) in keys.iter().enumerate() {
-        let value = format!("value-{i}");
-        cli_tls(ips[i % ips.len()], &ca1_file, NAME, &["put", "sessions", key, &value]).await?;
-    }
-    for (pod, ip) in &nodes {
-        for (i, key) in keys.iter().enumerate() {
-            let got = cli_tls(ip, &ca1_file, NAME, &["get", "sessions", key]).await?;
-            assert_eq!(
-                got.trim_end(),
-                format!("value-{i}"),
-                "`distcache get sessions {key}` through {pod} over TLS"
-            );
-        }
-        assert!(
-            cli(&format!("http://{ip}:7420"), &["get", "sessions", "key-0"]).await.is_err(),
-            "{pod} answers a plain-text client"
-        );
-    }
+    reads_over_tls(&nodes, &ca1_file).await?;
     let mut applied = BTreeMap::new();
     for (pod, ip) in &nodes {
         applied.insert(pod.clone(), tls_reloads_applied(ip).await?);
@@ -732,11 +710,67 @@ async fn tls(env: &Env) -> anyhow::Result<()> {
     std::fs::write(&ca2_file, ca2.pem())?;
     let bundle = format!("{}{}", ca1.pem(), ca2.pem());
     secrets.replace(SECRET, &PostParams::default(), &tls_secret(SECRET, &cert, &key, &bundle)?).await?;
-    for (pod, ip) in &nodes {
-        // Only the new certificate chains to CA 2 alone.
+    rotated(&nodes, &applied, &ca2_file).await?;
+    let after = node_pods(env, NAME).await?;
+    let identity = |pods: &[Pod]| -> Vec<(Option<String>, Option<String>, i32)> {
+        pods.iter().map(|p| (p.metadata.name.clone(), p.metadata.uid.clone(), restarts(p))).collect()
+    };
+    assert_eq!(
+        identity(&after),
+        identity(&before),
+        "pods (name, uid, restarts) before and after the rotation"
+    );
+    assert!(identity(&after).iter().all(|(_, _, r)| *r == 0), "no restarts: {:?}", identity(&after));
+    network_policy_of(env, NAME).await?;
+
+    api.delete(NAME, &DeleteParams::background()).await?;
+    wait_for(Duration::from_mins(1), "the TLS DistCache's pods gone", || async {
+        Ok(node_pods(env, NAME).await?.is_empty() && api.get_opt(NAME).await?.is_none())
+    })
+    .await
+}
+
+/// The pods serve TLS: the CLI reads and writes through each with the CA. Keys written through one node and
+/// owned by the other travel over the peer port, which the nodes guard with mutual TLS. A plain-text client
+/// gets nothing.
+async fn reads_over_tls(nodes: &BTreeMap<String, String>, ca: &std::path::Path) -> anyhow::Result<()> {
+    const NAME: &str = "secure";
+    let keys: Vec<String> = (0..8).map(|i| format!("key-{i}")).collect();
+    let ips: Vec<&String> = nodes.values().collect();
+    for (i, key) in keys.iter().enumerate() {
+        let value = format!("value-{i}");
+        cli_tls(ips[i % ips.len()], ca, NAME, &["put", "sessions", key, &value]).await?;
+    }
+    for (pod, ip) in nodes {
+        for (i, key) in keys.iter().enumerate() {
+            let got = cli_tls(ip, ca, NAME, &["get", "sessions", key]).await?;
+            assert_eq!(
+                got.trim_end(),
+                format!("value-{i}"),
+                "`distcache get sessions {key}` through {pod} over TLS"
+            );
+        }
+        assert!(
+            cli(&format!("http://{ip}:7420"), &["get", "sessions", "key-0"]).await.is_err(),
+            "{pod} answers a plain-text client"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until every node serves the certificate of CA 2 (only it chains to CA 2 alone), checks that each
+/// counted the reload, and that the nodes still reach each other: keys written through each node read back
+/// through all.
+async fn rotated(
+    nodes: &BTreeMap<String, String>,
+    applied: &BTreeMap<String, f64>,
+    ca2_file: &std::path::Path,
+) -> anyhow::Result<()> {
+    const NAME: &str = "secure";
+    for (pod, ip) in nodes {
         let last = Mutex::new(String::new());
         let served = wait_for(Duration::from_mins(1), &format!("{pod} serving the new certificate"), || {
-            let (last, ca2_file) = (&last, &ca2_file);
+            let last = &last;
             async move {
                 match cli_tls(ip, ca2_file, NAME, &["get", "sessions", "key-0"]).await {
                     Ok(_) => Ok(true),
@@ -756,35 +790,27 @@ async fn tls(env: &Env) -> anyhow::Result<()> {
             applied[pod]
         );
     }
-    let after = node_pods(env, NAME).await?;
-    let identity = |pods: &[Pod]| -> Vec<(Option<String>, Option<String>, i32)> {
-        pods.iter().map(|p| (p.metadata.name.clone(), p.metadata.uid.clone(), restarts(p))).collect()
-    };
-    assert_eq!(
-        identity(&after),
-        identity(&before),
-        "pods (name, uid, restarts) before and after the rotation"
-    );
-    assert!(identity(&after).iter().all(|(_, _, r)| *r == 0), "no restarts: {:?}", identity(&after));
-    // The nodes still reach each other: new keys written through each node read back through all, with CA 2.
-    for (i, ip) in ips.iter().enumerate() {
+    for (i, ip) in nodes.values().enumerate() {
         for j in 0..4 {
             let (key, value) = (format!("rotated-{i}-{j}"), format!("v-{i}-{j}"));
-            cli_tls(ip, &ca2_file, NAME, &["put", "sessions", &key, &value]).await?;
-            for (pod, reader) in &nodes {
-                let got = cli_tls(reader, &ca2_file, NAME, &["get", "sessions", &key]).await?;
+            cli_tls(ip, ca2_file, NAME, &["put", "sessions", &key, &value]).await?;
+            for (pod, reader) in nodes {
+                let got = cli_tls(reader, ca2_file, NAME, &["get", "sessions", &key]).await?;
                 assert_eq!(got.trim_end(), value, "{key} through {pod} after the rotation");
             }
         }
     }
+    Ok(())
+}
 
-    // The NetworkPolicy: the peer port only from this DistCache's pods, client and admin ports from anywhere. The
-    // bed enforces no NetworkPolicy (its pods are processes on the host's loopback, with no network plugin), so
-    // this checks the object a cluster's network plugin would enforce, not the traffic.
+/// The NetworkPolicy: the peer port only from this DistCache's pods, client and admin ports from anywhere. The
+/// bed enforces no NetworkPolicy (its pods are processes on the host's loopback, with no network plugin), so
+/// this checks the object a cluster's network plugin would enforce, not the traffic.
+async fn network_policy_of(env: &Env, name: &str) -> anyhow::Result<()> {
     let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
         Api::namespaced(env.bed.client.clone(), &env.ns);
-    let policy = policies.get(NAME).await?;
-    let own_pods = json!({ "matchLabels": { "app.kubernetes.io/name": "distcache", "app.kubernetes.io/instance": NAME } });
+    let policy = policies.get(name).await?;
+    let own_pods = json!({ "matchLabels": { "app.kubernetes.io/name": "distcache", "app.kubernetes.io/instance": name } });
     let spec =
         serde_json::to_value(policy.spec.ok_or_else(|| anyhow::anyhow!("NetworkPolicy without spec"))?)?;
     assert_eq!(spec["podSelector"], own_pods);
@@ -796,12 +822,7 @@ async fn tls(env: &Env) -> anyhow::Result<()> {
             { "ports": [{ "port": 7420, "protocol": "TCP" }, { "port": 7421, "protocol": "TCP" }] },
         ])
     );
-
-    api.delete(NAME, &DeleteParams::background()).await?;
-    wait_for(Duration::from_mins(1), "the TLS DistCache's pods gone", || async {
-        Ok(node_pods(env, NAME).await?.is_empty() && api.get_opt(NAME).await?.is_none())
-    })
-    .await
+    Ok(())
 }
 
 // ---- 9 ----------------------------------------------------------------------------------------------------

@@ -1069,9 +1069,9 @@ spec:
             | (Some("array"), Value::Array(_))
             | (Some("string"), Value::String(_))
             | (Some("boolean"), Value::Bool(_))
+            | (Some("number"), Value::Number(_))
             | (None, _) => true,
             (Some("integer"), Value::Number(n)) => n.is_i64() || n.is_u64(),
-            (Some("number"), Value::Number(_)) => true,
             _ => false,
         };
         if !type_ok {
