@@ -112,6 +112,19 @@ pub struct DistCacheSpec {
     /// The client Service `<name>` that applications connect to (gRPC port 7420).
     #[serde(default)]
     pub service: ServiceSpec,
+
+    /// TLS for the nodes: with it, the client port 7420 serves TLS and the peer port 7422 (node to node) requires
+    /// mutual TLS between the nodes of this DistCache. The certificate comes from a Secret you provide
+    /// (`secretName`) or from cert-manager (`certManager`); either way the nodes re-read it when the Secret
+    /// changes, without a restart. Default: no TLS (plain gRPC). Turning TLS on or off rolls the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    /// The NetworkPolicy `<name>` that admits the peer port 7422 only from the node pods of this DistCache (the
+    /// client port 7420 and the admin port 7421 stay open). Default: enabled. It is enforced only where the
+    /// cluster's network plugin enforces NetworkPolicies.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
 }
 
 fn default_replicas() -> i32 {
@@ -251,6 +264,118 @@ pub struct ServiceSpec {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// Where the nodes' TLS certificate comes from: exactly one of `secretName` or `certManager`.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.secretName) ? 1 : 0) + (has(self.certManager) ? 1 : 0) == 1"
+).message("tls: set exactly one of secretName or certManager"))]
+pub struct TlsSpec {
+    /// A Secret in the DistCache's namespace, of type kubernetes.io/tls, with `tls.crt` (the nodes' certificate
+    /// chain), `tls.key` (its private key) and `ca.crt` (the CA bundle that peers' and clients' certificates
+    /// must chain to). One certificate serves every node: it is both the server certificate of the client and
+    /// peer ports and the client certificate a node presents to its peers, so it needs the usages server auth
+    /// and client auth, and SANs that clients verify (for example `<name>.<namespace>.svc`). Replacing the
+    /// Secret's content rotates the certificate on the running nodes without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub secret_name: Option<String>,
+    /// Let cert-manager issue the certificate: the operator creates a cert-manager.io/v1 Certificate
+    /// `<name>-tls` that cert-manager keeps renewed in the Secret `<name>-tls`. Its SANs cover the client Service
+    /// (`<name>`, `<name>.<namespace>`, `<name>.<namespace>.svc` and the cluster-domain form) and the pods (the
+    /// wildcard `*.<name>-peers.<namespace>.svc`, and the cluster-domain form). Needs cert-manager installed;
+    /// without it the DistCache reports `Degraded` (CertManagerMissing) and the pods wait for the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_manager: Option<CertManagerSpec>,
+    /// Whether clients of the client port 7420 must present a certificate (chaining to `ca.crt`): none (the
+    /// default), optional (verified when presented) or required. Per-keyspace access lists (`access`) need
+    /// required. The peer port always requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Whether clients of the client port 7420 must present a certificate (chaining to `ca.crt`): none (the
+/// default), optional (verified when presented) or required. Per-keyspace access lists (`access`) need required.
+/// The peer port always requires one.
+#[derive(JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificate is asked for.
+    #[default]
+    None,
+    /// A client certificate is verified when the client presents one.
+    Optional,
+    /// Every client must present a certificate that chains to ca.crt.
+    Required,
+}
+
+impl ClientAuth {
+    /// The value the node's `tls.clientAuth` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+}
+
+/// A cert-manager Certificate for the nodes.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertManagerSpec {
+    /// The cert-manager Issuer or ClusterIssuer that signs the certificate. Its CA must be one the nodes trust:
+    /// the issued Secret's `ca.crt` (a CA or self-signed issuer fills it in; an ACME issuer does not, and then
+    /// TLSReady stays False).
+    pub issuer_ref: IssuerRef,
+    /// Requested lifetime of the certificate, for example `2160h` (90 days, cert-manager's default when not set).
+    /// At least 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<crate::DurationString>,
+    /// How long before expiry cert-manager renews it, for example `360h`. Shorter than duration. Default:
+    /// cert-manager's (a third of the duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_before: Option<crate::DurationString>,
+}
+
+/// A reference to a cert-manager issuer.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Name of the issuer.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Kind of the issuer: Issuer (in the DistCache's namespace, the default), ClusterIssuer, or the kind of an
+    /// external issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: Option<String>,
+    /// API group of the issuer. Default cert-manager.io (external issuers have their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub group: Option<String>,
+}
+
+/// The NetworkPolicy of the node pods.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Whether the operator creates the NetworkPolicy `<name>`: ingress to the node pods on the peer port 7422
+    /// only from node pods of this DistCache; the client port 7420 and the admin port 7421 (probes, metrics)
+    /// from anywhere; nothing else. Default true. Disabling it deletes the one the operator made.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
 /// The observed state of a DistCache, as the operator last applied and saw it.
 #[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -279,7 +404,9 @@ pub struct DistCacheStatus {
     /// Available (as many Ready nodes as spec.replicas), Progressing (a roll or scale is under way) and Degraded
     /// (the spec is invalid, an object could not be applied or belongs to someone else, a node refused a
     /// keyspace, or a feature is missing on this cluster), each with a reason and message. A failed step changes
-    /// only Degraded: the nodes that run keep serving.
+    /// only Degraded: the nodes that run keep serving. With spec.tls also TLSReady: True (SecretReady) when the
+    /// TLS Secret exists with tls.crt, tls.key and ca.crt, else False with the reason (SecretMissing,
+    /// KeyMissing, CertManagerMissing); without spec.tls there is no TLSReady condition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The state of each keyspace's data-source hook on the nodes.

@@ -1,5 +1,6 @@
 //! What the API server serves, so the operator sends only what it understands: the PodDisruptionBudget API moved
-//! from policy/v1beta1 to policy/v1 in Kubernetes 1.21 (v1beta1 is gone since 1.25).
+//! from policy/v1beta1 to policy/v1 in Kubernetes 1.21 (v1beta1 is gone since 1.25), and cert-manager's
+//! Certificate API (cert-manager.io/v1) exists only where cert-manager is installed.
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,7 @@ impl PdbApi {
 pub struct Capabilities {
     client: Client,
     cached: Mutex<Option<(Instant, PdbApi)>>,
+    cert_manager: Mutex<Option<Instant>>,
 }
 
 const REFRESH: Duration = Duration::from_mins(5);
@@ -52,7 +54,7 @@ const REFRESH: Duration = Duration::from_mins(5);
 impl Capabilities {
     /// Capabilities of the server behind `client`.
     pub fn new(client: Client) -> Self {
-        Self { client, cached: Mutex::new(None) }
+        Self { client, cached: Mutex::new(None), cert_manager: Mutex::new(None) }
     }
 
     /// The PodDisruptionBudget API; a failed discovery is an error (retried by the reconciler's backoff).
@@ -72,6 +74,25 @@ impl Capabilities {
         };
         *cached = Some((Instant::now(), api));
         Ok(api)
+    }
+
+    /// Whether the server serves cert-manager's Certificate API (group cert-manager.io, version v1, kind
+    /// Certificate). A positive answer is kept for a few minutes; a negative one is asked again every time, so
+    /// that installing cert-manager takes effect at the next reconcile.
+    pub async fn cert_manager(&self) -> Result<bool, kube::Error> {
+        let mut cached = self.cert_manager.lock().await;
+        if cached.is_some_and(|at| at.elapsed() < REFRESH) {
+            return Ok(true);
+        }
+        let served = match discovery::group(&self.client, "cert-manager.io").await {
+            Ok(group) => {
+                group.versioned_resources("v1").iter().any(|(resource, _)| resource.kind == "Certificate")
+            }
+            Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => false,
+            Err(e) => return Err(e),
+        };
+        *cached = served.then(Instant::now);
+        Ok(served)
     }
 }
 

@@ -20,16 +20,16 @@ use distcache_api::{DistCache, HookState};
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Secret, Service},
 };
 use kube::{
     Api, Client, Resource,
-    core::DeserializeGuard,
+    core::{DeserializeGuard, PartialObjectMeta},
     runtime::{
         Controller,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::ObjectRef,
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -75,8 +75,23 @@ pub enum Error {
         source: kube::Error,
     },
     /// Discovering the server's APIs failed.
-    #[error("failed to discover the API server's PodDisruptionBudget API")]
-    Discovery(#[source] kube::Error),
+    #[error("failed to discover the API server's {api} API")]
+    Discovery {
+        /// Which API was looked for.
+        api: &'static str,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading the TLS Secret failed (not: it does not exist, which the TLSReady condition reports).
+    #[error("failed to read the TLS Secret {name}")]
+    Secret {
+        /// Secret name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// Listing the node pods failed.
     #[error("failed to list the node pods of DistCache {name}")]
     Pods {
@@ -107,7 +122,8 @@ impl Error {
             Self::Apply { .. } => "ApplyFailed",
             Self::NameConflict { .. } => "NameConflict",
             Self::Delete { .. } => "DeleteFailed",
-            Self::Discovery(_) => "DiscoveryFailed",
+            Self::Discovery { .. } => "DiscoveryFailed",
+            Self::Secret { .. } => "SecretUnreadable",
             Self::Pods { .. } => "ListPodsFailed",
             Self::Status { .. } => "StatusFailed",
             Self::Invalid(_) => "InvalidObject",
@@ -237,15 +253,34 @@ async fn apply_and_observe(
     valid: &validate::ValidSpec,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    let pdb_api = ctx.capabilities.pdb_api().await.map_err(Error::Discovery)?;
+    let pdb_api = ctx
+        .capabilities
+        .pdb_api()
+        .await
+        .map_err(|source| Error::Discovery { api: "PodDisruptionBudget", source })?;
     let objects = build::build(valid, &ctx.build);
+    // Asked only when a Certificate is wanted, or may have to be removed (the DistCache had TLS, and so maybe a
+    // Certificate, at the last status): DistCaches that never had TLS never depend on cert-manager.
+    let had_tls =
+        dc.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == status::TLS_READY));
+    let cert_manager = if objects.certificate.is_some() || had_tls {
+        ctx.capabilities
+            .cert_manager()
+            .await
+            .map_err(|source| Error::Discovery { api: "cert-manager Certificate", source })?
+    } else {
+        false
+    };
     let applied =
-        apply::apply_all(&ctx.client, &valid.namespace, &valid.owner.uid, &objects, pdb_api).await?;
+        apply::apply_all(&ctx.client, &valid.namespace, &valid.owner.uid, &objects, pdb_api, cert_manager)
+            .await?;
+    let tls = status::observe_tls(&ctx.client, valid, applied.certificate).await?;
     let nodes = status::observe_nodes(&ctx.client, &ctx.http, valid).await?;
     let observed = status::Observed {
         stateful_set: &applied.stateful_set,
         pdb: applied.pod_disruption_budget,
         keyspaces: status::keyspace_statuses(&valid.keyspaces, &nodes),
+        tls,
     };
     let new = status::compute(dc, &observed);
     report_transitions(ctx, dc, &new).await;
@@ -256,18 +291,29 @@ async fn apply_and_observe(
     // nobody to ask: a scaled-to-zero cache is settled.
     let keyspaces_pending = new.ready_replicas > 0
         && new.keyspaces.iter().any(|k| matches!(k.hook, HookState::Loading | HookState::Failed));
+    // The Secret watch brings most TLS changes at once; installing cert-manager changes no watched object.
+    let tls_pending = new.conditions.iter().any(|c| c.type_ == status::TLS_READY && c.status != "True");
     Ok(Action::requeue(if progressing {
         BUSY_REQUEUE
-    } else if keyspaces_pending {
+    } else if keyspaces_pending || tls_pending {
         KEYSPACE_REQUEUE
     } else {
         SETTLED_REQUEUE
     }))
 }
 
-/// Events for what users want to hear about without watching the status: a keyspace a node refused.
+/// Events for what users want to hear about without watching the status: a keyspace a node refused, a
+/// cert-manager Certificate that cannot be made.
 async fn report_transitions(ctx: &Context, dc: &DistCache, new: &distcache_api::DistCacheStatus) {
     let old = dc.status.clone().unwrap_or_default();
+    let cert_manager_missing = |s: &distcache_api::DistCacheStatus| {
+        s.conditions.iter().find(|c| c.type_ == status::DEGRADED && c.reason == "CertManagerMissing").cloned()
+    };
+    if let Some(missing) = cert_manager_missing(new)
+        && cert_manager_missing(&old).is_none()
+    {
+        ctx.event(dc, EventType::Warning, "CertManagerMissing", missing.message).await;
+    }
     for ks in new.keyspaces.iter().filter(|k| k.hook == HookState::Failed) {
         let was_failed = old.keyspaces.iter().any(|o| o.name == ks.name && o.hook == HookState::Failed);
         if !was_failed {
@@ -313,6 +359,32 @@ fn error_policy(guard: Arc<DeserializeGuard<DistCache>>, error: &Error, ctx: Arc
     Action::requeue(delay)
 }
 
+/// The DistCaches whose nodes mount the Secret `secret` (its namespace, `spec.tls`).
+fn users_of_secret(
+    store: &Store<DeserializeGuard<DistCache>>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<DeserializeGuard<DistCache>>> {
+    let (Some(name), Some(namespace)) = (&secret.metadata.name, &secret.metadata.namespace) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|guard| {
+            let Ok(dc) = &guard.0 else { return false };
+            dc.metadata.namespace.as_ref() == Some(namespace)
+                && dc.spec.tls.as_ref().is_some_and(|tls| {
+                    let wanted = match (&tls.secret_name, &tls.cert_manager) {
+                        (Some(secret), _) => secret.clone(),
+                        (None, _) => format!("{}-tls", dc.metadata.name.as_deref().unwrap_or_default()),
+                    };
+                    &wanted == name
+                })
+        })
+        .map(|guard| ObjectRef::from_obj(guard.as_ref()))
+        .collect()
+}
+
 /// Runs the controller until `shutdown` is cancelled. `namespace` limits it to one namespace.
 pub async fn run(
     ctx: Arc<Context>,
@@ -320,26 +392,37 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let client = ctx.client.clone();
-    let (caches, sets, maps, services) = match &namespace {
+    let (caches, sets, maps, services, secrets) = match &namespace {
         Some(ns) => (
             Api::<DeserializeGuard<DistCache>>::namespaced(client.clone(), ns),
             Api::<StatefulSet>::namespaced(client.clone(), ns),
             Api::<ConfigMap>::namespaced(client.clone(), ns),
             Api::<Service>::namespaced(client.clone(), ns),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
         ),
-        None => {
-            (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client))
-        }
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
     };
     let owned = watcher::Config::default().labels(&format!(
         "{}={}",
         crate::labels::MANAGED_BY,
         crate::labels::MANAGER
     ));
-    Controller::new(caches, watcher::Config::default())
+    let controller = Controller::new(caches, watcher::Config::default());
+    let store = controller.store();
+    controller
         .owns(sets, owned.clone())
         .owns(maps, owned.clone())
         .owns(services, owned)
+        // Secrets by metadata only (an Api of PartialObjectMeta makes metadata-only requests: their content never
+        // reaches the operator through the watch): a TLS Secret that appears, changes or goes re-evaluates the
+        // DistCaches that use it (TLSReady).
+        .watches(secrets, watcher::Config::default(), move |secret| users_of_secret(&store, &secret))
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -108,7 +108,9 @@ fn valid(name: &str) -> Value {
                 }]
             },
             "podDisruptionBudget": { "enabled": true, "maxUnavailable": 1 },
-            "service": { "type": "ClusterIP", "annotations": { "example.com/team": "cache" } }
+            "service": { "type": "ClusterIP", "annotations": { "example.com/team": "cache" } },
+            "tls": { "secretName": "cache-certs", "clientAuth": "required" },
+            "networkPolicy": { "enabled": true }
         }
     })
 }
@@ -150,7 +152,8 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     let module = "/spec/keyspaces/0/hook/module";
     let hosts = "/spec/keyspaces/0/hook/allowedHosts";
     let case = |what, object, expect, cel| Case { what, object, expect, cel };
-    Ok(vec![
+    let mut all = tls_cases()?;
+    all.extend([
         case("a hook module without a source", with("no-source", module, json!({}))?, MODULE, true),
         case(
             "a hook module with two sources",
@@ -220,6 +223,33 @@ fn cases() -> anyhow::Result<Vec<Case>> {
             "greater than or equal to 0",
             false,
         ),
+    ]);
+    Ok(all)
+}
+
+fn tls_cases() -> anyhow::Result<Vec<Case>> {
+    const TLS: &str = "tls: set exactly one of secretName or certManager";
+    let both = json!({ "secretName": "c", "certManager": {
+        "issuerRef": { "name": "ca", "kind": "ClusterIssuer" }, "duration": "90d", "renewBefore": "30d" } });
+    Ok(vec![
+        Case {
+            what: "TLS from a Secret and from cert-manager",
+            object: with("two-tls", "/spec/tls", both)?,
+            expect: TLS,
+            cel: true,
+        },
+        Case {
+            what: "TLS without a source",
+            object: with("no-tls", "/spec/tls", json!({ "clientAuth": "optional" }))?,
+            expect: TLS,
+            cel: true,
+        },
+        Case {
+            what: "a clientAuth that is not none, optional or required",
+            object: with("client-auth", "/spec/tls/clientAuth", json!("always"))?,
+            expect: "Unsupported value",
+            cel: false,
+        },
     ])
 }
 

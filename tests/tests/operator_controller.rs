@@ -11,6 +11,21 @@
 //!   `KeyspaceRefused` Event, while the other keyspaces keep serving; once the ConfigMap exists every node loads
 //!   the hook (`Loaded`, `nodesLoaded` = replicas, one module sha256) and serves reads through it.
 //! - `/metrics` counts the reconciliations by result.
+//!
+//! A second private bed, for the network and TLS objects (DistCaches of 0 replicas: nothing here needs a node to
+//! run):
+//! - the client Service exposes only the client port 7420, the headless `<name>-peers` only the peer port 7422,
+//!   and the NetworkPolicy `<name>` admits 7422 only from the DistCache's own pods (7420 and 7421 from anywhere);
+//!   disabling it deletes it. (The bed enforces no NetworkPolicy: this checks the object, not the traffic.)
+//! - `spec.tls.secretName`: `TLSReady=False SecretMissing` until the Secret exists, `KeyMissing` naming `ca.crt`
+//!   for a kubernetes.io/tls Secret without it, `True SecretReady` once it has it; the pod template mounts the
+//!   Secret, and a new certificate in it leaves the StatefulSet alone (the nodes reload it in place).
+//! - `spec.tls.certManager` without cert-manager: `Degraded=True CertManagerMissing` with a message that says so.
+//!   Then cert-manager's published Certificate CRD (v1.8.2, operator/testdata) is installed: the operator sees the
+//!   API at its next look, creates the Certificate `<name>-tls` — accepted by the API server against
+//!   cert-manager's schema, which server-side apply enforces down to undeclared fields — and waits for its Secret;
+//!   the Secret as cert-manager would issue it makes TLSReady True; switching to secretName deletes the
+//!   Certificate.
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
@@ -19,7 +34,12 @@ use distcache_proto::v1::{GetRequest, PutRequest, cache_client::CacheClient};
 use distcache_tests::{built_binary, hook_module, http_get, repo_root, testbed::PrivateBed, wait_for};
 use k8s_openapi::{
     ByteString,
-    api::{apps::v1::StatefulSet, core::v1::ConfigMap, core::v1::Pod, events::v1::Event},
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{ConfigMap, Pod, Secret, Service},
+        events::v1::Event,
+        networking::v1::NetworkPolicy,
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -29,6 +49,7 @@ use kube::{
 
 const NS: &str = "controller";
 const OPERATOR_ADDR: &str = "127.0.42.250:18080";
+const TLS_OPERATOR_ADDR: &str = "127.0.43.250:18080";
 
 fn dc(name: &str, spec: &serde_json::Value) -> anyhow::Result<DistCache> {
     Ok(serde_json::from_value(serde_json::json!({
@@ -90,30 +111,32 @@ async fn ready_pod_ips(client: &Client, instance: &str) -> anyhow::Result<Vec<St
         .collect())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_operator_reports_invalid_specs_and_refused_keyspaces_and_keeps_reconciling() -> anyhow::Result<()>
-{
-    let private = PrivateBed::start(42).await?;
-    let client = private.bed.client.clone();
-
-    // The CRD as a 1.20 cluster gets it (no CEL rules), then the operator.
-    let crd: CustomResourceDefinition =
-        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("crds/distcache-without-cel.yaml"))?)?;
+/// Installs a CRD from a file of the repository and waits until it is Established.
+async fn install_crd(client: &Client, file: &str, name: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(repo_root().join(file))?;
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text)?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.create(&PostParams::default(), &crd).await?;
-    wait_for(Duration::from_secs(30), "the CRD established", || {
+    wait_for(Duration::from_secs(30), &format!("the CRD {name} established"), || {
         let crds = crds.clone();
         async move {
-            let crd = crds.get("distcaches.distcache.io").await?;
+            let crd = crds.get(name).await?;
             Ok(crd
                 .status
                 .and_then(|s| s.conditions)
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True")))
         }
     })
-    .await?;
-    let mut operator = tokio::process::Command::new(built_binary("distcache-operator")?)
-        .args(["run", "--listen", OPERATOR_ADDR, "--node-listen-on-pod-ip", "--node-image"])
+    .await
+}
+
+/// The DistCache CRD as a 1.20 cluster gets it (no CEL rules), the operator as a process with the bed's admin
+/// credentials (metrics on `listen`), and the test namespace.
+async fn start_operator(private: &PrivateBed, listen: &str) -> anyhow::Result<tokio::process::Child> {
+    let client = private.bed.client.clone();
+    install_crd(&client, "crds/distcache-without-cel.yaml", "distcaches.distcache.io").await?;
+    let operator = tokio::process::Command::new(built_binary("distcache-operator")?)
+        .args(["run", "--listen", listen, "--node-listen-on-pod-ip", "--node-image"])
         .arg("example.invalid/distcache-node:test")
         .env("KUBECONFIG", &private.bed.kubeconfig)
         .env("RUST_LOG", "info")
@@ -122,13 +145,22 @@ async fn the_operator_reports_invalid_specs_and_refused_keyspaces_and_keeps_reco
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()?;
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
     namespaces
         .create(
             &PostParams::default(),
             &serde_json::from_value(serde_json::json!({ "metadata": { "name": NS } }))?,
         )
         .await?;
+    Ok(operator)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_reports_invalid_specs_and_refused_keyspaces_and_keeps_reconciling() -> anyhow::Result<()>
+{
+    let private = PrivateBed::start(42).await?;
+    let client = private.bed.client.clone();
+    let mut operator = start_operator(&private, OPERATOR_ADDR).await?;
     let caches: Api<DistCache> = Api::namespaced(client.clone(), NS);
     invalid_specs_and_pod_disruption_budgets(&client, &caches).await?;
     refused_then_loaded_keyspace(&client, &caches).await?;
@@ -315,4 +347,221 @@ async fn refused_then_loaded_keyspace(client: &Client, caches: &Api<DistCache>) 
     }
 
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_guards_the_peer_port_and_reports_the_tls_material() -> anyhow::Result<()> {
+    let private = PrivateBed::start(43).await?;
+    let client = private.bed.client.clone();
+    let mut operator = start_operator(&private, TLS_OPERATOR_ADDR).await?;
+    let caches: Api<DistCache> = Api::namespaced(client.clone(), NS);
+    ports_and_network_policy(&client, &caches).await?;
+    tls_from_a_secret(&client, &caches).await?;
+    tls_from_cert_manager(&client, &caches).await?;
+    operator.kill().await?;
+    Ok(())
+}
+
+/// Waits until the object `name` of `api` exists (or, `gone`, no longer exists).
+async fn wait_object<K>(api: &Api<K>, name: &str, gone: bool, within: Duration) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let what = format!("{} {name} {}", api.resource_url(), if gone { "gone" } else { "there" });
+    wait_for(within, &what, || async { Ok(api.get_opt(name).await?.is_some() != gone) }).await
+}
+
+async fn ports_and_network_policy(client: &Client, caches: &Api<DistCache>) -> anyhow::Result<()> {
+    caches.create(&PostParams::default(), &dc("guarded", &serde_json::json!({ "replicas": 0 }))?).await?;
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), NS);
+    wait_object(&policies, "guarded", false, Duration::from_secs(30)).await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    wait_object(&services, "guarded", false, Duration::from_secs(30)).await?;
+    let ports = |s: &Service| -> Vec<(Option<String>, i32)> {
+        s.spec.iter().flat_map(|s| s.ports.iter().flatten()).map(|p| (p.name.clone(), p.port)).collect()
+    };
+    assert_eq!(ports(&services.get("guarded").await?), [(Some("grpc".to_owned()), 7420)], "client Service");
+    assert_eq!(
+        ports(&services.get("guarded-peers").await?),
+        [(Some("peer".to_owned()), 7422)],
+        "peer Service"
+    );
+
+    let policy = policies.get("guarded").await?;
+    let spec = policy.spec.clone().ok_or_else(|| anyhow::anyhow!("NetworkPolicy without spec"))?;
+    let own_pods = serde_json::json!({ "matchLabels": {
+        "app.kubernetes.io/name": "distcache", "app.kubernetes.io/instance": "guarded" } });
+    assert_eq!(serde_json::to_value(&spec.pod_selector)?, own_pods, "it selects the DistCache's pods");
+    assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_owned()][..]));
+    assert_eq!(
+        serde_json::to_value(&spec.ingress)?,
+        serde_json::json!([
+            { "from": [{ "podSelector": own_pods }], "ports": [{ "port": 7422, "protocol": "TCP" }] },
+            { "ports": [{ "port": 7420, "protocol": "TCP" }, { "port": 7421, "protocol": "TCP" }] },
+        ]),
+        "the peer port only from the DistCache's own pods; client and admin ports from anywhere"
+    );
+    let dc = caches.get("guarded").await?;
+    let owner = policy.metadata.owner_references.unwrap_or_default();
+    assert!(owner.iter().any(|r| Some(&r.uid) == dc.metadata.uid.as_ref() && r.controller == Some(true)));
+
+    let off = serde_json::json!({ "spec": { "networkPolicy": { "enabled": false } } });
+    caches.patch("guarded", &PatchParams::default(), &Patch::Merge(off)).await?;
+    wait_object(&policies, "guarded", true, Duration::from_secs(30)).await
+}
+
+fn tls_secret(name: &str, keys: &[(&str, &str)]) -> anyhow::Result<Secret> {
+    let data: std::collections::BTreeMap<String, ByteString> =
+        keys.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect();
+    Ok(Secret {
+        data: Some(data),
+        type_: Some("kubernetes.io/tls".to_owned()),
+        ..serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))?
+    })
+}
+
+/// Waits until the DistCache's TLSReady condition has `status` and `reason` (and a message containing `says`).
+async fn wait_tls_ready(
+    caches: &Api<DistCache>,
+    name: &str,
+    status: &str,
+    reason: &str,
+    says: &str,
+) -> anyhow::Result<()> {
+    let what = format!("{name}: TLSReady {status} {reason}");
+    wait_status(caches, name, Duration::from_secs(45), &what, |s| {
+        condition(s, "TLSReady")
+            .is_some_and(|c| c.status == status && c.reason == reason && c.message.contains(says))
+    })
+    .await
+}
+
+async fn tls_from_a_secret(client: &Client, caches: &Api<DistCache>) -> anyhow::Result<()> {
+    let spec = serde_json::json!({ "replicas": 0, "tls": { "secretName": "secure-certs" } });
+    caches.create(&PostParams::default(), &dc("secure", &spec)?).await?;
+    wait_tls_ready(caches, "secure", "False", "SecretMissing", "Secret secure-certs not found").await?;
+    // Without TLS material the pods would wait for the Secret: the status says so, and Degraded stays for what
+    // the user must act on elsewhere.
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
+    let set = sets.get("secure").await?;
+    let pod = set.spec.clone().and_then(|s| s.template.spec).ok_or_else(|| anyhow::anyhow!("no pod spec"))?;
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == "tls");
+    assert_eq!(
+        volume.and_then(|v| v.secret.as_ref()).and_then(|s| s.secret_name.as_deref()),
+        Some("secure-certs"),
+        "the pods mount the Secret"
+    );
+    let env: Vec<String> = pod.containers[0].env.iter().flatten().map(|e| e.name.clone()).collect();
+    assert!(env.iter().any(|e| e == "DISTCACHE_TLS__CA_FILE"), "{env:?}");
+
+    // A kubernetes.io/tls Secret as `kubectl create secret tls` makes it: no ca.crt.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let partial = tls_secret("secure-certs", &[("tls.crt", "CERT 1"), ("tls.key", "KEY 1")])?;
+    secrets.create(&PostParams::default(), &partial).await?;
+    wait_tls_ready(caches, "secure", "False", "KeyMissing", "ca.crt").await?;
+    let generation = sets.get("secure").await?.metadata.generation;
+
+    let full = tls_secret("secure-certs", &[("tls.crt", "CERT 1"), ("tls.key", "KEY 1"), ("ca.crt", "CA")])?;
+    secrets.replace("secure-certs", &PostParams::default(), &full).await?;
+    wait_tls_ready(caches, "secure", "True", "SecretReady", "secure-certs").await?;
+    // A new certificate in the same Secret: the nodes reload it; the StatefulSet does not change (no roll).
+    let rotated =
+        tls_secret("secure-certs", &[("tls.crt", "CERT 2"), ("tls.key", "KEY 2"), ("ca.crt", "CA")])?;
+    secrets.replace("secure-certs", &PostParams::default(), &rotated).await?;
+    let dc = caches.get("secure").await?;
+    wait_for(Duration::from_secs(30), "the operator observed secure", || async {
+        let now = caches.get("secure").await?;
+        Ok(now.status.and_then(|s| s.observed_generation) == dc.metadata.generation)
+    })
+    .await?;
+    assert_eq!(sets.get("secure").await?.metadata.generation, generation, "a new certificate rolls no pod");
+    Ok(())
+}
+
+async fn tls_from_cert_manager(client: &Client, caches: &Api<DistCache>) -> anyhow::Result<()> {
+    let spec = serde_json::json!({ "replicas": 0, "tls": { "certManager": {
+        "issuerRef": { "name": "cluster-ca", "kind": "ClusterIssuer" }, "duration": "30d", "renewBefore": "10d" } } });
+    caches.create(&PostParams::default(), &dc("issued", &spec)?).await?;
+    let missing = "spec.tls.certManager is set but cert-manager is not installed (no cert-manager.io/v1 Certificate API)";
+    wait_status(caches, "issued", Duration::from_secs(45), "issued: Degraded CertManagerMissing", |s| {
+        condition(s, "Degraded").is_some_and(|c| {
+            c.status == "True" && c.reason == "CertManagerMissing" && c.message.starts_with(missing)
+        }) && condition(s, "TLSReady")
+            .is_some_and(|c| c.status == "False" && c.reason == "CertManagerMissing")
+    })
+    .await?;
+    assert!(!events(client, "issued", "ApplyFailed").await?.iter().any(|e| e.contains("Certificate")));
+
+    // cert-manager's own CRD (as its release publishes it): the operator finds the API at its next look and
+    // applies the Certificate, which the API server checks against cert-manager's schema.
+    install_crd(
+        client,
+        "operator/testdata/cert-manager-v1.8.2-certificates.crd.yaml",
+        "certificates.cert-manager.io",
+    )
+    .await?;
+    let resource = ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate"),
+        "certificates",
+    );
+    let certificates: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource);
+    wait_object(&certificates, "issued-tls", false, Duration::from_mins(1)).await?;
+    let certificate = certificates.get("issued-tls").await?;
+    let spec = &certificate.data["spec"];
+    assert_eq!(spec["secretName"], "issued-tls");
+    assert_eq!(
+        spec["issuerRef"],
+        serde_json::json!({ "name": "cluster-ca", "kind": "ClusterIssuer", "group": "cert-manager.io" })
+    );
+    assert_eq!(
+        spec["dnsNames"],
+        serde_json::json!([
+            "issued",
+            "issued.controller",
+            "issued.controller.svc",
+            "issued.controller.svc.cluster.local",
+            "issued-peers.controller.svc",
+            "issued-peers.controller.svc.cluster.local",
+            "*.issued-peers.controller.svc",
+            "*.issued-peers.controller.svc.cluster.local",
+        ]),
+        "the client Service in every form and every pod"
+    );
+    assert_eq!(
+        spec["usages"],
+        serde_json::json!(["server auth", "client auth", "digital signature", "key encipherment"])
+    );
+    assert_eq!(
+        (spec["duration"].as_str(), spec["renewBefore"].as_str()),
+        (Some("720h0m0s"), Some("240h0m0s"))
+    );
+    let dc = caches.get("issued").await?;
+    let owners = certificate.metadata.owner_references.unwrap_or_default();
+    assert!(owners.iter().any(|r| Some(&r.uid) == dc.metadata.uid.as_ref() && r.controller == Some(true)));
+    wait_status(
+        caches,
+        "issued",
+        Duration::from_secs(45),
+        "issued: waiting for cert-manager's Secret",
+        |s| {
+            condition(s, "Degraded").is_some_and(|c| c.status == "False")
+                && condition(s, "TLSReady").is_some_and(|c| {
+                    c.status == "False"
+                        && c.reason == "SecretMissing"
+                        && c.message.contains("waiting for cert-manager")
+                })
+        },
+    )
+    .await?;
+
+    // The Secret as cert-manager's CA issuer writes it.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let issued = tls_secret("issued-tls", &[("tls.crt", "CERT"), ("tls.key", "KEY"), ("ca.crt", "CA")])?;
+    secrets.create(&PostParams::default(), &issued).await?;
+    wait_tls_ready(caches, "issued", "True", "SecretReady", "issued-tls").await?;
+
+    // Leaving cert-manager for a Secret of one's own removes the Certificate the operator made.
+    let own = serde_json::json!({ "spec": { "tls": { "certManager": null, "secretName": "issued-tls" } } });
+    caches.patch("issued", &PatchParams::default(), &Patch::Merge(own)).await?;
+    wait_object(&certificates, "issued-tls", true, Duration::from_secs(30)).await
 }

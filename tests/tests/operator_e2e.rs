@@ -8,7 +8,12 @@
 //! 5. a keyspace added with `kubectl apply` is served by every node without a restart;
 //! 6. `kubectl scale dc` to five nodes;
 //! 7. a new node image rolls the pods one at a time while a reader that routes like a Service sees no failed read;
-//! 8. deleting the DistCache garbage-collects every object it owned and stops every node process; `helm uninstall`
+//! 8. TLS: a second DistCache with `spec.tls.secretName` (a CA and a certificate made here with rcgen, whose SANs
+//!    are those the operator asks cert-manager for): its pods serve TLS and the CLI reads through them with the
+//!    CA (and the nodes reach each other over mutual TLS on the peer port); the Secret is replaced with a
+//!    certificate of a new CA, and every node serves it without a restart (same pod UIDs, restartCount 0,
+//!    `distcache_tls_reloads_total{result="applied"}` up); its NetworkPolicy is present and correct;
+//! 9. deleting the DistCache garbage-collects every object it owned and stops every node process; `helm uninstall`
 //!    keeps the CRD.
 
 use std::{
@@ -117,7 +122,8 @@ async fn scenario(env: &Env) -> anyhow::Result<()> {
     step("5. a keyspace added without a restart", add_keyspace(env, &mut deployed)).await?;
     step("6. kubectl scale to 5", scale(env, &deployed, 5)).await?;
     step("7. a rolling image change without a failed read", roll(env, &deployed)).await?;
-    step("8. delete and uninstall", delete_and_uninstall(env, &name)).await?;
+    step("8. TLS from a Secret, rotated without a restart", tls(env)).await?;
+    step("9. delete and uninstall", delete_and_uninstall(env, &name)).await?;
     Ok(())
 }
 
@@ -564,6 +570,263 @@ async fn roll(env: &Env, d: &Deployed) -> anyhow::Result<()> {
 
 // ---- 8 ----------------------------------------------------------------------------------------------------
 
+/// A test CA (rcgen): X.509 v3 with CA basic constraints, as rustls requires.
+struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        Ok(Self { issuer: rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)? })
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for the nodes (server and client auth, as peers use it both ways): PEM chain and key.
+    fn leaf(&self, dns_names: &[String]) -> anyhow::Result<(String, String)> {
+        let mut params = rcgen::CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, dns_names[0].clone());
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages =
+            vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// The SANs the operator asks cert-manager for (operator/src/controller/build.rs `certificate_dns_names`): the
+/// client Service in every form, the headless Service, and every pod as a wildcard on it. No pod IPs: peers dial
+/// each other by IP and check a peer's certificate for the SANs of their own.
+fn node_dns_names(name: &str, namespace: &str) -> Vec<String> {
+    let peers = format!("{name}-peers.{namespace}.svc");
+    vec![
+        name.to_owned(),
+        format!("{name}.{namespace}"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.cluster.local"),
+        peers.clone(),
+        format!("{peers}.cluster.local"),
+        format!("*.{peers}"),
+        format!("*.{peers}.cluster.local"),
+    ]
+}
+
+fn tls_secret(
+    name: &str,
+    cert: &str,
+    key: &str,
+    ca: &str,
+) -> anyhow::Result<k8s_openapi::api::core::v1::Secret> {
+    let data = [("tls.crt", cert), ("tls.key", key), ("ca.crt", ca)]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
+        .collect();
+    Ok(k8s_openapi::api::core::v1::Secret {
+        data: Some(data),
+        type_: Some("kubernetes.io/tls".to_owned()),
+        ..serde_json::from_value(json!({ "metadata": { "name": name } }))?
+    })
+}
+
+/// The `distcache` CLI over TLS to one node: the CA file and the name to verify (the client Service's short
+/// name, a SAN of the nodes' certificate).
+async fn cli_tls(ip: &str, ca: &std::path::Path, server_name: &str, args: &[&str]) -> anyhow::Result<String> {
+    let ca = ca.display().to_string();
+    let mut all = vec!["--tls-ca", ca.as_str(), "--tls-server-name", server_name];
+    all.extend_from_slice(args);
+    cli(&format!("https://{ip}:7420"), &all).await
+}
+
+/// `distcache_tls_reloads_total{result="applied"}` of the node at `ip` (0 before the first).
+async fn tls_reloads_applied(ip: &str) -> anyhow::Result<f64> {
+    let (status, text) = http_get(format!("{ip}:7421").parse()?, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics of {ip} answered {status}");
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with("distcache_tls_reloads_total{") && l.contains(r#"result="applied""#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0))
+}
+
+async fn tls(env: &Env) -> anyhow::Result<()> {
+    const NAME: &str = "secure";
+    const SECRET: &str = "secure-certs";
+    let dir = tempfile::tempdir()?;
+    let names = node_dns_names(NAME, &env.ns);
+    let ca1 = Ca::new("distcache e2e CA 1")?;
+    let (cert, key) = ca1.leaf(&names)?;
+    let ca1_file = dir.path().join("ca1.pem");
+    std::fs::write(&ca1_file, ca1.pem())?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    secrets.create(&PostParams::default(), &tls_secret(SECRET, &cert, &key, &ca1.pem())?).await?;
+    let distcache = json!({
+        "apiVersion": "distcache.io/v1alpha1",
+        "kind": "DistCache",
+        "metadata": { "name": NAME, "namespace": env.ns },
+        "spec": {
+            "replicas": 2,
+            "keyspaces": [{ "name": "sessions", "maxBytes": "1Mi" }],
+            "tls": { "secretName": SECRET },
+        },
+    });
+    env.kubectl.run_stdin(&["apply", "-f", "-"], &to_yaml_stream(&[distcache])?).await?;
+    wait_available(env, NAME, 2, Duration::from_secs(90)).await?;
+    let api = distcaches(&env.bed.client, &env.ns);
+    wait_for(Duration::from_secs(30), "TLSReady True", || async {
+        let dc = api.get(NAME).await?;
+        Ok(dc.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "TLSReady" && c["status"] == "True" && c["reason"] == "SecretReady"))
+    })
+    .await?;
+    let nodes = ready_nodes(env, NAME).await?;
+    let before = node_pods(env, NAME).await?;
+    reads_over_tls(&nodes, &ca1_file).await?;
+    let mut applied = BTreeMap::new();
+    for (pod, ip) in &nodes {
+        applied.insert(pod.clone(), tls_reloads_applied(ip).await?);
+    }
+
+    // Rotation: a certificate of a new CA, with both CAs trusted while the nodes roll over (each node reloads
+    // on its own; peers must accept both meanwhile). Nothing else changes: no pod is replaced.
+    let ca2 = Ca::new("distcache e2e CA 2")?;
+    let (cert, key) = ca2.leaf(&names)?;
+    let ca2_file = dir.path().join("ca2.pem");
+    std::fs::write(&ca2_file, ca2.pem())?;
+    let bundle = format!("{}{}", ca1.pem(), ca2.pem());
+    secrets.replace(SECRET, &PostParams::default(), &tls_secret(SECRET, &cert, &key, &bundle)?).await?;
+    rotated(&nodes, &applied, &ca2_file).await?;
+    let after = node_pods(env, NAME).await?;
+    let identity = |pods: &[Pod]| -> Vec<(Option<String>, Option<String>, i32)> {
+        pods.iter().map(|p| (p.metadata.name.clone(), p.metadata.uid.clone(), restarts(p))).collect()
+    };
+    assert_eq!(
+        identity(&after),
+        identity(&before),
+        "pods (name, uid, restarts) before and after the rotation"
+    );
+    assert!(identity(&after).iter().all(|(_, _, r)| *r == 0), "no restarts: {:?}", identity(&after));
+    network_policy_of(env, NAME).await?;
+
+    api.delete(NAME, &DeleteParams::background()).await?;
+    wait_for(Duration::from_mins(1), "the TLS DistCache's pods gone", || async {
+        Ok(node_pods(env, NAME).await?.is_empty() && api.get_opt(NAME).await?.is_none())
+    })
+    .await
+}
+
+/// The pods serve TLS: the CLI reads and writes through each with the CA. Keys written through one node and
+/// owned by the other travel over the peer port, which the nodes guard with mutual TLS. A plain-text client
+/// gets nothing.
+async fn reads_over_tls(nodes: &BTreeMap<String, String>, ca: &std::path::Path) -> anyhow::Result<()> {
+    const NAME: &str = "secure";
+    let keys: Vec<String> = (0..8).map(|i| format!("key-{i}")).collect();
+    let ips: Vec<&String> = nodes.values().collect();
+    for (i, key) in keys.iter().enumerate() {
+        let value = format!("value-{i}");
+        cli_tls(ips[i % ips.len()], ca, NAME, &["put", "sessions", key, &value]).await?;
+    }
+    for (pod, ip) in nodes {
+        for (i, key) in keys.iter().enumerate() {
+            let got = cli_tls(ip, ca, NAME, &["get", "sessions", key]).await?;
+            assert_eq!(
+                got.trim_end(),
+                format!("value-{i}"),
+                "`distcache get sessions {key}` through {pod} over TLS"
+            );
+        }
+        assert!(
+            cli(&format!("http://{ip}:7420"), &["get", "sessions", "key-0"]).await.is_err(),
+            "{pod} answers a plain-text client"
+        );
+    }
+    Ok(())
+}
+
+/// Waits until every node serves the certificate of CA 2 (only it chains to CA 2 alone), checks that each
+/// counted the reload, and that the nodes still reach each other: keys written through each node read back
+/// through all.
+async fn rotated(
+    nodes: &BTreeMap<String, String>,
+    applied: &BTreeMap<String, f64>,
+    ca2_file: &std::path::Path,
+) -> anyhow::Result<()> {
+    const NAME: &str = "secure";
+    for (pod, ip) in nodes {
+        let last = Mutex::new(String::new());
+        let served = wait_for(Duration::from_mins(1), &format!("{pod} serving the new certificate"), || {
+            let last = &last;
+            async move {
+                match cli_tls(ip, ca2_file, NAME, &["get", "sessions", "key-0"]).await {
+                    Ok(_) => Ok(true),
+                    Err(e) => {
+                        *last.lock().expect("not poisoned") = format!("{e:#}");
+                        Ok(false)
+                    }
+                }
+            }
+        })
+        .await;
+        served.with_context(|| format!("last error: {}", last.lock().expect("not poisoned")))?;
+        let now = tls_reloads_applied(ip).await?;
+        assert!(
+            now > applied[pod],
+            "{pod}: distcache_tls_reloads_total{{result=\"applied\"}} {} → {now}",
+            applied[pod]
+        );
+    }
+    for (i, ip) in nodes.values().enumerate() {
+        for j in 0..4 {
+            let (key, value) = (format!("rotated-{i}-{j}"), format!("v-{i}-{j}"));
+            cli_tls(ip, ca2_file, NAME, &["put", "sessions", &key, &value]).await?;
+            for (pod, reader) in nodes {
+                let got = cli_tls(reader, ca2_file, NAME, &["get", "sessions", &key]).await?;
+                assert_eq!(got.trim_end(), value, "{key} through {pod} after the rotation");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The NetworkPolicy: the peer port only from this DistCache's pods, client and admin ports from anywhere. The
+/// bed enforces no NetworkPolicy (its pods are processes on the host's loopback, with no network plugin), so
+/// this checks the object a cluster's network plugin would enforce, not the traffic.
+async fn network_policy_of(env: &Env, name: &str) -> anyhow::Result<()> {
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(env.bed.client.clone(), &env.ns);
+    let policy = policies.get(name).await?;
+    let own_pods = json!({ "matchLabels": { "app.kubernetes.io/name": "distcache", "app.kubernetes.io/instance": name } });
+    let spec =
+        serde_json::to_value(policy.spec.ok_or_else(|| anyhow::anyhow!("NetworkPolicy without spec"))?)?;
+    assert_eq!(spec["podSelector"], own_pods);
+    assert_eq!(spec["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        spec["ingress"],
+        json!([
+            { "from": [{ "podSelector": own_pods }], "ports": [{ "port": 7422, "protocol": "TCP" }] },
+            { "ports": [{ "port": 7420, "protocol": "TCP" }, { "port": 7421, "protocol": "TCP" }] },
+        ])
+    );
+    Ok(())
+}
+
+// ---- 9 ----------------------------------------------------------------------------------------------------
+
 async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
     let client = &env.bed.client;
     let ns = &env.ns;
@@ -580,6 +843,7 @@ async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
         ("ServiceAccount", format!("{name}-node")),
         ("Role", format!("{name}-node")),
         ("RoleBinding", format!("{name}-node")),
+        ("NetworkPolicy", name.to_owned()),
     ];
     let owners = |refs: Option<&Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>| {
         refs.into_iter().flatten().any(|r| r.uid == uid && r.kind == "DistCache")
@@ -678,6 +942,9 @@ async fn get_meta(
         "ServiceAccount" => meta(Api::<ServiceAccount>::namespaced(c, ns), name).await,
         "Role" => meta(Api::<Role>::namespaced(c, ns), name).await,
         "RoleBinding" => meta(Api::<RoleBinding>::namespaced(c, ns), name).await,
+        "NetworkPolicy" => {
+            meta(Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(c, ns), name).await
+        }
         other => anyhow::bail!("no API for kind {other}"),
     }
 }

@@ -6,7 +6,7 @@ use std::fmt::Debug;
 
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::{apps::v1::StatefulSet, policy::v1::PodDisruptionBudget},
+    api::{apps::v1::StatefulSet, networking::v1::NetworkPolicy, policy::v1::PodDisruptionBudget},
 };
 use kube::{
     Api, Client, Resource,
@@ -14,7 +14,10 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{Error, build::Objects};
+use super::{
+    Error,
+    build::{Objects, certificate_resource},
+};
 use crate::{FIELD_MANAGER, capabilities::PdbApi};
 
 /// What the API server returned for the objects whose state the status reports.
@@ -24,6 +27,19 @@ pub struct Applied {
     pub stateful_set: StatefulSet,
     /// How the PodDisruptionBudget was handled.
     pub pod_disruption_budget: PdbOutcome,
+    /// How the cert-manager Certificate was handled.
+    pub certificate: CertificateOutcome,
+}
+
+/// The cert-manager Certificate's fate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificateOutcome {
+    /// Not wanted (no `spec.tls.certManager`); one this DistCache had created is removed.
+    NotWanted,
+    /// Applied.
+    Applied,
+    /// Wanted, but the server serves no cert-manager.io/v1 Certificate API (cert-manager is not installed).
+    CertManagerMissing,
 }
 
 /// The PodDisruptionBudget's fate.
@@ -78,14 +94,39 @@ fn pdb_resource(api_version: &str) -> ApiResource {
     }
 }
 
-/// Applies every object; the PodDisruptionBudget in the version the server serves. `uid` is the DistCache's.
+/// Applies every object; the PodDisruptionBudget in the version the server serves, the cert-manager Certificate
+/// when cert-manager is installed (`cert_manager`). `uid` is the DistCache's.
 pub async fn apply_all(
     client: &Client,
     namespace: &str,
     uid: &str,
     objects: &Objects,
     pdb_api: PdbApi,
+    cert_manager: bool,
 ) -> Result<Applied, Error> {
+    let name = objects.stateful_set.metadata.name.clone().unwrap_or_default();
+    // Before the pods: the NetworkPolicy that guards their peer port, the Certificate whose Secret they mount
+    // (without cert-manager, the pods wait for that Secret and the status says why).
+    let network_policies = ApiResource::erase::<NetworkPolicy>(&());
+    match &objects.network_policy {
+        Some(policy) => {
+            apply(client, namespace, uid, policy).await?;
+        }
+        None => delete_owned(client, namespace, uid, &network_policies, &name).await?,
+    }
+    let certificate_name = format!("{name}-tls");
+    let certificate = match (&objects.certificate, cert_manager) {
+        (Some(certificate), true) => {
+            apply_dynamic(client, namespace, uid, &certificate_resource(), certificate).await?;
+            CertificateOutcome::Applied
+        }
+        (Some(_), false) => CertificateOutcome::CertManagerMissing,
+        (None, true) => {
+            delete_owned(client, namespace, uid, &certificate_resource(), &certificate_name).await?;
+            CertificateOutcome::NotWanted
+        }
+        (None, false) => CertificateOutcome::NotWanted,
+    };
     apply(client, namespace, uid, &objects.service_account).await?;
     apply(client, namespace, uid, &objects.role).await?;
     apply(client, namespace, uid, &objects.role_binding).await?;
@@ -102,12 +143,11 @@ pub async fn apply_all(
             PdbOutcome::Applied(api_version)
         }
         (None, Some(api_version)) => {
-            let name = objects.stateful_set.metadata.name.clone().unwrap_or_default();
-            delete_pdb(client, namespace, uid, &name, api_version).await?;
+            delete_owned(client, namespace, uid, &pdb_resource(api_version), &name).await?;
             PdbOutcome::Disabled
         }
     };
-    Ok(Applied { stateful_set, pod_disruption_budget })
+    Ok(Applied { stateful_set, pod_disruption_budget, certificate })
 }
 
 async fn apply_pdb(
@@ -128,30 +168,44 @@ async fn apply_pdb(
     value["apiVersion"] = api_version.into();
     let object: DynamicObject =
         serde_json::from_value(value).map_err(|e| failed(kube::Error::SerdeError(e)))?;
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &pdb_resource(api_version));
+    apply_dynamic(client, namespace, uid, &pdb_resource(api_version), &object).await
+}
+
+/// Applies an object of a resource known only at run time (a PodDisruptionBudget of an older API version, a
+/// cert-manager Certificate), never taking over one the DistCache does not control.
+async fn apply_dynamic(
+    client: &Client,
+    namespace: &str,
+    uid: &str,
+    resource: &ApiResource,
+    object: &DynamicObject,
+) -> Result<(), Error> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let failed = |source| Error::Apply { kind: resource.kind.clone(), name: name.clone(), source };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
     if let Some(existing) = api.get_opt(&name).await.map_err(failed)?
         && !controlled_by(&existing.metadata, uid)
     {
-        return Err(Error::NameConflict { kind: "PodDisruptionBudget".to_owned(), name });
+        return Err(Error::NameConflict { kind: resource.kind.clone(), name });
     }
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object))
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object))
         .await
         .map_err(failed)?;
     Ok(())
 }
 
-/// Deletes the PodDisruptionBudget this DistCache created, if there is one — never a user's own of that name
-/// (the usual reason to disable ours is to bring one's own).
-async fn delete_pdb(
+/// Deletes an object this DistCache created and no longer wants (a disabled PodDisruptionBudget or
+/// NetworkPolicy, the Certificate of a DistCache that left cert-manager), if there is one — never a user's own
+/// of that name (the usual reason to disable ours is to bring one's own).
+async fn delete_owned(
     client: &Client,
     namespace: &str,
     uid: &str,
+    resource: &ApiResource,
     name: &str,
-    api_version: &str,
 ) -> Result<(), Error> {
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &pdb_resource(api_version));
-    let failed =
-        |source| Error::Delete { kind: "PodDisruptionBudget".to_owned(), name: name.to_owned(), source };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, resource);
+    let failed = |source| Error::Delete { kind: resource.kind.clone(), name: name.to_owned(), source };
     let Some(existing) = api.get_opt(name).await.map_err(failed)? else { return Ok(()) };
     if !controlled_by(&existing.metadata, uid) {
         return Ok(());

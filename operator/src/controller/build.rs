@@ -11,8 +11,11 @@ use k8s_openapi::{
         core::v1::{
             Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
             EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
-            PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
-            ServiceSpec, Volume, VolumeMount,
+            PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+            ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+        },
+        networking::v1::{
+            NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
@@ -23,11 +26,20 @@ use k8s_openapi::{
     },
 };
 
-use super::validate::{Discovery, Image, PdbPolicy, ValidSpec};
+use kube::api::{ApiResource, DynamicObject};
+
+use super::validate::{CertManager, Discovery, Image, PdbPolicy, TlsSource, ValidSpec};
 use crate::labels;
 
-/// gRPC port of the nodes (Cache, Peer, health, reflection).
+/// Client gRPC port of the nodes (Cache, health, reflection): the client Service's port.
 pub const GRPC_PORT: i32 = 7420;
+/// Peer gRPC port of the nodes (the internal Peer service, mutual TLS when TLS is on): only on the headless
+/// Service `<name>-peers`, and only node pods of the same DistCache may reach it (the NetworkPolicy).
+pub const PEER_PORT: i32 = 7422;
+/// Where the TLS Secret is mounted in the node container (`tls.crt`, `tls.key`, `ca.crt`).
+pub const TLS_DIR: &str = "/etc/distcache/tls";
+/// The keys a TLS Secret must hold.
+pub const TLS_KEYS: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 /// Admin HTTP port of the nodes (`/readyz`, `/metrics`, `/admin/...`).
 pub const ADMIN_PORT: i32 = 7421;
 /// Data key of the keyspaces ConfigMap, the file the nodes watch.
@@ -86,6 +98,52 @@ pub struct Objects {
     pub stateful_set: StatefulSet,
     /// `<name>`, when enabled (written as policy/v1; the applier converts it for older servers).
     pub pod_disruption_budget: Option<PodDisruptionBudget>,
+    /// `<name>`, when enabled: the peer port only from this DistCache's pods.
+    pub network_policy: Option<NetworkPolicy>,
+    /// `<name>-tls`, a cert-manager.io/v1 Certificate, when `spec.tls.certManager` is set.
+    pub certificate: Option<DynamicObject>,
+}
+
+/// The cert-manager Certificate resource (cert-manager.io/v1).
+pub fn certificate_resource() -> ApiResource {
+    ApiResource {
+        group: "cert-manager.io".to_owned(),
+        version: "v1".to_owned(),
+        api_version: "cert-manager.io/v1".to_owned(),
+        kind: "Certificate".to_owned(),
+        plural: "certificates".to_owned(),
+    }
+}
+
+/// The DNS names the nodes' certificate covers: the client Service `<name>` in its short, namespaced, `.svc` and
+/// cluster-domain forms, the headless Service `<name>-peers` (`.svc` and cluster-domain forms), and every pod as
+/// a wildcard on the headless Service (`<pod>.<name>-peers.<namespace>.svc`, the names the StatefulSet's pods
+/// have). Peers dial each other by IP and check that a peer's certificate carries the SANs of their own, so one
+/// certificate for every pod needs no pod IPs.
+pub fn certificate_dns_names(name: &str, namespace: &str, cluster_domain: &str) -> Vec<String> {
+    let peers = format!("{name}-peers.{namespace}.svc");
+    vec![
+        name.to_owned(),
+        format!("{name}.{namespace}"),
+        format!("{name}.{namespace}.svc"),
+        format!("{name}.{namespace}.svc.{cluster_domain}"),
+        peers.clone(),
+        format!("{peers}.{cluster_domain}"),
+        format!("*.{peers}"),
+        format!("*.{peers}.{cluster_domain}"),
+    ]
+}
+
+/// The key usages of the nodes' certificate: a node serves with it (server auth) and presents it to the peers it
+/// dials (client auth, mutual TLS on the peer port).
+pub const CERTIFICATE_USAGES: [&str; 4] =
+    ["server auth", "client auth", "digital signature", "key encipherment"];
+
+/// A duration as Go writes it (`2160h0m0s`), which cert-manager's `duration` and `renewBefore` parse (Go's
+/// `time.ParseDuration` has no day unit). Whole seconds: cert-manager works in seconds.
+pub fn go_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    format!("{}h{}m{}s", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// The pod selector of a DistCache's nodes.
@@ -191,6 +249,8 @@ pub fn build(valid: &ValidSpec, config: &BuildConfig) -> Objects {
         client_service: client_service(valid),
         stateful_set: stateful_set(valid, config),
         pod_disruption_budget: pod_disruption_budget(valid),
+        network_policy: network_policy(valid),
+        certificate: certificate(valid, config),
     }
 }
 
@@ -209,11 +269,11 @@ fn keyspaces_config_map(valid: &ValidSpec) -> ConfigMap {
     }
 }
 
-fn grpc_port() -> ServicePort {
+fn service_port(name: &str, port: i32) -> ServicePort {
     ServicePort {
-        name: Some("grpc".to_owned()),
-        port: GRPC_PORT,
-        target_port: Some(IntOrString::String("grpc".to_owned())),
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(IntOrString::String(name.to_owned())),
         // Server-side apply on 1.20 requires the protocol (it is part of the list's merge key).
         protocol: Some("TCP".to_owned()),
         ..ServicePort::default()
@@ -227,7 +287,8 @@ fn peers_service(valid: &ValidSpec) -> Service {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(false),
             selector: Some(selector_labels(&valid.name)),
-            ports: Some(vec![grpc_port()]),
+            // The peer port only: it is what DNS discovery resolves, and peers dial nothing else.
+            ports: Some(vec![service_port("peer", PEER_PORT)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -244,7 +305,8 @@ fn client_service(valid: &ValidSpec) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(valid.service.type_.as_str().to_owned()),
             selector: Some(selector_labels(&valid.name)),
-            ports: Some(vec![grpc_port()]),
+            // The client port only: the Peer service is never behind the client Service.
+            ports: Some(vec![service_port("grpc", GRPC_PORT)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -270,6 +332,76 @@ fn pod_disruption_budget(valid: &ValidSpec) -> Option<PodDisruptionBudget> {
         }),
         ..PodDisruptionBudget::default()
     })
+}
+
+/// Ingress to the node pods: the peer port only from node pods of this DistCache (same namespace, the selector
+/// labels), the client and admin ports from anywhere (applications, probes, Prometheus, the operator). Egress is
+/// not restricted: nodes reach the API server, NATS, DNS and their hooks' origins.
+fn network_policy(valid: &ValidSpec) -> Option<NetworkPolicy> {
+    if !valid.network_policy {
+        return None;
+    }
+    let port = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_owned()),
+        ..NetworkPolicyPort::default()
+    };
+    let nodes =
+        LabelSelector { match_labels: Some(selector_labels(&valid.name)), ..LabelSelector::default() };
+    Some(NetworkPolicy {
+        metadata: metadata(valid, valid.name.clone()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(nodes.clone()),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(nodes),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![port(PEER_PORT)]),
+                },
+                // No `from`: any source.
+                NetworkPolicyIngressRule { from: None, ports: Some(vec![port(GRPC_PORT), port(ADMIN_PORT)]) },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    })
+}
+
+/// The cert-manager Certificate `<name>-tls`, issued into the Secret `<name>-tls` that the nodes mount.
+fn certificate(valid: &ValidSpec, config: &BuildConfig) -> Option<DynamicObject> {
+    let tls = valid.tls.as_ref()?;
+    let TlsSource::CertManager(CertManager {
+        issuer_name,
+        issuer_kind,
+        issuer_group,
+        duration,
+        renew_before,
+    }) = &tls.source
+    else {
+        return None;
+    };
+    let name = format!("{}-tls", valid.name);
+    let mut spec = serde_json::json!({
+        "secretName": tls.secret_name(&valid.name),
+        "issuerRef": { "name": issuer_name, "kind": issuer_kind, "group": issuer_group },
+        "dnsNames": certificate_dns_names(&valid.name, &valid.namespace, &config.cluster_domain),
+        "usages": CERTIFICATE_USAGES,
+        // A new private key with every renewal (cert-manager before 1.18 keeps the old one by default).
+        "privateKey": { "rotationPolicy": "Always" },
+    });
+    if let Some(d) = duration {
+        spec["duration"] = go_duration(*d).into();
+    }
+    if let Some(r) = renew_before {
+        spec["renewBefore"] = go_duration(*r).into();
+    }
+    let mut object = DynamicObject::new(&name, &certificate_resource())
+        .within(&valid.namespace)
+        .data(serde_json::json!({ "spec": spec }));
+    object.metadata = metadata(valid, name);
+    Some(object)
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -298,7 +430,7 @@ fn discovery_env(valid: &ValidSpec, config: &BuildConfig) -> String {
         Discovery::Dns { interval } => {
             let mut v = serde_json::json!({ "dns": {
                 "name": format!("{name}-peers.{namespace}.svc.{}", config.cluster_domain),
-                "port": GRPC_PORT,
+                "port": PEER_PORT,
             }});
             if let Some(interval) = interval {
                 v["dns"]["interval"] = interval.to_string().into();
@@ -308,13 +440,14 @@ fn discovery_env(valid: &ValidSpec, config: &BuildConfig) -> String {
         Discovery::Kubernetes => serde_json::json!({ "kubernetes": {
             "namespace": namespace,
             "labelSelector": selector_string(name),
-            "portName": "grpc",
+            "portName": "peer",
         }}),
     };
     value.to_string()
 }
 
-/// The node pod's volumes and the container's mounts: keyspaces file, hook cache, one per module ConfigMap.
+/// The node pod's volumes and the container's mounts: keyspaces file, hook cache, the TLS Secret, one per module
+/// ConfigMap.
 fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
     let name = &valid.name;
     let mut volumes = vec![
@@ -345,6 +478,26 @@ fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         },
     ];
+    if let Some(tls) = &valid.tls {
+        volumes.push(Volume {
+            name: "tls".to_owned(),
+            // Not optional: a node of a DistCache with TLS never starts without its certificate (the pod waits
+            // for the Secret; TLSReady says why). Only the Secret's name is in the pod template: a new
+            // certificate in the same Secret reaches the running nodes, which reload it, without a roll.
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls.secret_name(name)),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "tls".to_owned(),
+            mount_path: TLS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     for cm in module_config_maps(valid) {
         let volume = module_volume_name(&cm);
         volumes.push(Volume {
@@ -374,39 +527,44 @@ fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMou
         port: IntOrString::String("admin".to_owned()),
         ..HTTPGetAction::default()
     };
+    let mut env_vars = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        env("DISTCACHE_NAME", "$(POD_NAME)"),
+        env("DISTCACHE_LISTEN", format!("{bind}:{GRPC_PORT}")),
+        env("DISTCACHE_PEER_LISTEN", format!("{bind}:{PEER_PORT}")),
+        env("DISTCACHE_ADVERTISE", format!("$(POD_IP):{PEER_PORT}")),
+        env("DISTCACHE_ADMIN", format!("{bind}:{ADMIN_PORT}")),
+        env("DISTCACHE_DISCOVERY", discovery_env(valid, config)),
+        env("DISTCACHE_KEYSPACES_FILE", format!("{KEYSPACES_DIR}/{KEYSPACES_KEY}")),
+        env("DISTCACHE_HOOKS__CACHE_DIR", HOOK_CACHE_DIR),
+        env("DISTCACHE_HOOKS__CONFIG_MAP_DIR", MODULES_DIR),
+        env("DISTCACHE_SHUTDOWN_DELAY", format!("{}s", config.shutdown_delay_seconds)),
+        env("DISTCACHE_SHUTDOWN_GRACE", "20s"),
+    ];
+    if let Some(tls) = &valid.tls {
+        // The node's `tls` setting, one field per variable (each value a plain path, as Kubernetes users read
+        // them; peerIdentities defaults to the SANs of the certificate itself).
+        env_vars.extend([
+            env("DISTCACHE_TLS__CERT_FILE", format!("{TLS_DIR}/tls.crt")),
+            env("DISTCACHE_TLS__KEY_FILE", format!("{TLS_DIR}/tls.key")),
+            env("DISTCACHE_TLS__CA_FILE", format!("{TLS_DIR}/ca.crt")),
+            env("DISTCACHE_TLS__CLIENT_AUTH", tls.client_auth.as_str()),
+        ]);
+    }
+    let port = |name: &str, port: i32| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    };
     Container {
         name: CONTAINER.to_owned(),
         image: Some(node_image(&valid.image, config)),
         image_pull_policy: valid.image.pull_policy.map(|p| p.as_str().to_owned()),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env("POD_IP", "status.podIP"),
-            env("DISTCACHE_NAME", "$(POD_NAME)"),
-            env("DISTCACHE_LISTEN", format!("{bind}:{GRPC_PORT}")),
-            env("DISTCACHE_ADVERTISE", format!("$(POD_IP):{GRPC_PORT}")),
-            env("DISTCACHE_ADMIN", format!("{bind}:{ADMIN_PORT}")),
-            env("DISTCACHE_DISCOVERY", discovery_env(valid, config)),
-            env("DISTCACHE_KEYSPACES_FILE", format!("{KEYSPACES_DIR}/{KEYSPACES_KEY}")),
-            env("DISTCACHE_HOOKS__CACHE_DIR", HOOK_CACHE_DIR),
-            env("DISTCACHE_HOOKS__CONFIG_MAP_DIR", MODULES_DIR),
-            env("DISTCACHE_SHUTDOWN_DELAY", format!("{}s", config.shutdown_delay_seconds)),
-            env("DISTCACHE_SHUTDOWN_GRACE", "20s"),
-        ]),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("grpc".to_owned()),
-                container_port: GRPC_PORT,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("admin".to_owned()),
-                container_port: ADMIN_PORT,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            },
-        ]),
+        env: Some(env_vars),
+        ports: Some(vec![port("grpc", GRPC_PORT), port("peer", PEER_PORT), port("admin", ADMIN_PORT)]),
         readiness_probe: Some(Probe {
             http_get: Some(admin_probe("/readyz")),
             period_seconds: Some(2),
@@ -675,6 +833,329 @@ spec:
         d.spec.pod_disruption_budget.min_available = None;
         d.spec.pod_disruption_budget.max_unavailable = Some(IntOrString::Int(2));
         assert_eq!(bounds(&d), (Some(IntOrString::Int(2)), None));
+    }
+
+    fn env_value(c: &Container, name: &str) -> Option<String> {
+        c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn the_client_port_is_on_the_client_service_and_the_peer_port_only_on_the_headless_one() {
+        let o = objects(&dc(DEMO), &BuildConfig::default());
+        let ports = |s: &Service| -> Vec<(Option<String>, i32)> {
+            s.spec.iter().flat_map(|s| s.ports.iter().flatten()).map(|p| (p.name.clone(), p.port)).collect()
+        };
+        assert_eq!(ports(&o.client_service), [(Some("grpc".to_owned()), 7420)]);
+        assert_eq!(ports(&o.peers_service), [(Some("peer".to_owned()), 7422)]);
+        let c = container(&o);
+        let declared: Vec<(Option<String>, i32)> =
+            c.ports.iter().flatten().map(|p| (p.name.clone(), p.container_port)).collect();
+        assert_eq!(
+            declared,
+            [
+                (Some("grpc".to_owned()), 7420),
+                (Some("peer".to_owned()), 7422),
+                (Some("admin".to_owned()), 7421)
+            ]
+        );
+        assert_eq!(env_value(&c, "DISTCACHE_LISTEN").as_deref(), Some("0.0.0.0:7420"));
+        assert_eq!(env_value(&c, "DISTCACHE_PEER_LISTEN").as_deref(), Some("0.0.0.0:7422"));
+        assert_eq!(
+            env_value(&c, "DISTCACHE_ADVERTISE").as_deref(),
+            Some("$(POD_IP):7422"),
+            "peers dial the peer port"
+        );
+        assert_eq!(env_value(&c, "DISTCACHE_ADMIN").as_deref(), Some("0.0.0.0:7421"));
+        let discovery = env_value(&c, "DISTCACHE_DISCOVERY").expect("discovery");
+        assert!(discovery.contains(r#""portName":"peer""#), "{discovery}");
+
+        let on_pod_ip = BuildConfig { listen_on_pod_ip: true, ..BuildConfig::default() };
+        let c = container(&objects(&dc(DEMO), &on_pod_ip));
+        assert_eq!(env_value(&c, "DISTCACHE_LISTEN").as_deref(), Some("$(POD_IP):7420"));
+        assert_eq!(env_value(&c, "DISTCACHE_PEER_LISTEN").as_deref(), Some("$(POD_IP):7422"));
+        assert_eq!(env_value(&c, "DISTCACHE_ADMIN").as_deref(), Some("$(POD_IP):7421"));
+
+        let mut d = dc(DEMO);
+        d.spec.discovery = serde_yaml::from_str("{ dns: {} }").expect("dns");
+        let c = container(&objects(&d, &BuildConfig::default()));
+        let discovery: serde_json::Value =
+            serde_json::from_str(&env_value(&c, "DISTCACHE_DISCOVERY").expect("discovery")).expect("json");
+        assert_eq!(discovery["dns"]["port"], 7422, "DNS discovery resolves the headless Service's peer port");
+    }
+
+    #[test]
+    fn the_network_policy_admits_the_peer_port_only_from_the_same_distcache() {
+        let o = objects(&dc(DEMO), &BuildConfig::default());
+        let policy = o.network_policy.expect("enabled by default");
+        assert_eq!(policy.metadata.name.as_deref(), Some("demo"));
+        assert_eq!(policy.metadata.namespace.as_deref(), Some("apps"));
+        assert!(policy.metadata.owner_references.is_some());
+        let spec = policy.spec.expect("spec");
+        let nodes =
+            Some(LabelSelector { match_labels: Some(selector_labels("demo")), ..LabelSelector::default() });
+        assert_eq!(spec.pod_selector, nodes);
+        assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_owned()][..]));
+        let rules = spec.ingress.expect("ingress rules");
+        let ports = |r: &NetworkPolicyIngressRule| -> Vec<(IntOrString, String)> {
+            r.ports
+                .iter()
+                .flatten()
+                .map(|p| (p.port.clone().expect("port"), p.protocol.clone().expect("protocol")))
+                .collect()
+        };
+        assert_eq!(rules.len(), 2);
+        assert_eq!(ports(&rules[0]), [(IntOrString::Int(7422), "TCP".to_owned())]);
+        let from = rules[0].from.clone().expect("the peer port has sources");
+        assert_eq!(from.len(), 1);
+        assert_eq!(from[0].pod_selector, nodes, "only pods of this DistCache");
+        assert_eq!(from[0].namespace_selector, None, "in its own namespace");
+        assert_eq!(from[0].ip_block, None);
+        assert_eq!(
+            ports(&rules[1]),
+            [(IntOrString::Int(7420), "TCP".to_owned()), (IntOrString::Int(7421), "TCP".to_owned())]
+        );
+        assert_eq!(rules[1].from, None, "client and admin ports from anywhere");
+
+        let mut d = dc(DEMO);
+        d.spec.network_policy.enabled = false;
+        assert!(objects(&d, &BuildConfig::default()).network_policy.is_none());
+    }
+
+    const TLS_SECRET: &str = "tls: { secretName: demo-certs, clientAuth: required }";
+    const TLS_CERT_MANAGER: &str =
+        "tls: { certManager: { issuerRef: { name: ca }, duration: 90d, renewBefore: 15d } }";
+
+    fn with_tls(yaml: &str) -> DistCache {
+        let mut d = dc(DEMO);
+        let tls: serde_json::Value = serde_yaml::from_str(yaml).expect("tls");
+        d.spec.tls = Some(serde_json::from_value(tls["tls"].clone()).expect("tls spec"));
+        d
+    }
+
+    #[test]
+    fn tls_mounts_the_secret_and_points_the_node_at_its_files() {
+        let config = BuildConfig::default();
+        let plain = objects(&dc(DEMO), &config);
+        let c = container(&plain);
+        assert!(
+            c.env.iter().flatten().all(|e| !e.name.starts_with("DISTCACHE_TLS")),
+            "no TLS without spec.tls"
+        );
+        assert!(plain.certificate.is_none());
+
+        let o = objects(&with_tls(TLS_SECRET), &config);
+        let c = container(&o);
+        assert_eq!(env_value(&c, "DISTCACHE_TLS__CERT_FILE").as_deref(), Some("/etc/distcache/tls/tls.crt"));
+        assert_eq!(env_value(&c, "DISTCACHE_TLS__KEY_FILE").as_deref(), Some("/etc/distcache/tls/tls.key"));
+        assert_eq!(env_value(&c, "DISTCACHE_TLS__CA_FILE").as_deref(), Some("/etc/distcache/tls/ca.crt"));
+        assert_eq!(env_value(&c, "DISTCACHE_TLS__CLIENT_AUTH").as_deref(), Some("required"));
+        let mount = c.volume_mounts.iter().flatten().find(|m| m.name == "tls").expect("tls mount");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/distcache/tls", Some(true)));
+        let pod = o.stateful_set.spec.clone().expect("spec").template.spec.expect("pod");
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "tls").expect("tls volume");
+        let secret = volume.secret.clone().expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("demo-certs"));
+        assert_eq!(secret.optional, None, "required: a node never starts without its certificate");
+        assert!(o.certificate.is_none(), "the user's Secret needs no Certificate");
+
+        // The default clientAuth, and the cert-manager Secret name.
+        let o = objects(&with_tls(TLS_CERT_MANAGER), &config);
+        let c = container(&o);
+        assert_eq!(env_value(&c, "DISTCACHE_TLS__CLIENT_AUTH").as_deref(), Some("none"));
+        let pod = o.stateful_set.spec.clone().expect("spec").template.spec.expect("pod");
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "tls").expect("tls volume");
+        assert_eq!(volume.secret.as_ref().and_then(|s| s.secret_name.as_deref()), Some("demo-tls"));
+    }
+
+    #[test]
+    fn turning_tls_on_rolls_the_pods_but_a_new_certificate_does_not() {
+        let config = BuildConfig::default();
+        let template = |d: &DistCache| objects(d, &config).stateful_set.spec.expect("spec").template;
+        let on = with_tls(TLS_SECRET);
+        assert_ne!(template(&dc(DEMO)), template(&on), "TLS on is a configuration change");
+        // The certificate is the Secret's content, which the template does not name: rotating it (a new Secret
+        // content, a renewal by cert-manager) leaves the StatefulSet as it is; the nodes reload the files.
+        assert_eq!(template(&on), template(&with_tls(TLS_SECRET)));
+        let template_text = serde_json::to_string(&template(&on)).expect("json");
+        assert!(!template_text.contains("tls.crt\":"), "no Secret content in the template");
+    }
+
+    #[test]
+    fn the_certificate_covers_the_client_service_and_every_pod() {
+        let config = BuildConfig { cluster_domain: "example.internal".to_owned(), ..BuildConfig::default() };
+        let o = objects(&with_tls(TLS_CERT_MANAGER), &config);
+        let cert = o.certificate.expect("a Certificate for certManager");
+        assert_eq!(
+            cert.types.as_ref().map(|t| (t.api_version.as_str(), t.kind.as_str())),
+            Some(("cert-manager.io/v1", "Certificate"))
+        );
+        assert_eq!(cert.metadata.name.as_deref(), Some("demo-tls"));
+        assert_eq!(cert.metadata.namespace.as_deref(), Some("apps"));
+        let owner = &cert.metadata.owner_references.as_ref().expect("owned")[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("DistCache", Some(true)));
+        let spec = &cert.data["spec"];
+        assert_eq!(spec["secretName"], "demo-tls");
+        assert_eq!(
+            spec["issuerRef"],
+            serde_json::json!({ "name": "ca", "kind": "Issuer", "group": "cert-manager.io" }),
+            "kind and group defaulted"
+        );
+        assert_eq!(
+            spec["dnsNames"],
+            serde_json::json!([
+                "demo",
+                "demo.apps",
+                "demo.apps.svc",
+                "demo.apps.svc.example.internal",
+                "demo-peers.apps.svc",
+                "demo-peers.apps.svc.example.internal",
+                "*.demo-peers.apps.svc",
+                "*.demo-peers.apps.svc.example.internal",
+            ])
+        );
+        assert_eq!(
+            spec["usages"],
+            serde_json::json!(["server auth", "client auth", "digital signature", "key encipherment"]),
+            "the peers use the same certificate as mutual-TLS clients"
+        );
+        assert_eq!(
+            (spec["duration"].as_str(), spec["renewBefore"].as_str()),
+            (Some("2160h0m0s"), Some("360h0m0s"))
+        );
+
+        let mut d =
+            with_tls("tls: { certManager: { issuerRef: { name: ca, kind: ClusterIssuer, group: x.io } } }");
+        d.metadata.namespace = Some("other".to_owned());
+        let cert = objects(&d, &BuildConfig::default()).certificate.expect("certificate");
+        assert_eq!(
+            cert.data["spec"]["issuerRef"],
+            serde_json::json!({ "name": "ca", "kind": "ClusterIssuer", "group": "x.io" })
+        );
+        assert!(cert.data["spec"].get("duration").is_none(), "cert-manager's default lifetime");
+        assert_eq!(cert.data["spec"]["dnsNames"][2], "demo.other.svc");
+    }
+
+    #[test]
+    fn go_durations_are_what_cert_manager_parses() {
+        use std::time::Duration;
+        assert_eq!(go_duration(Duration::from_hours(2160)), "2160h0m0s");
+        assert_eq!(go_duration(Duration::from_secs(3600 + 120 + 3)), "1h2m3s");
+        assert_eq!(go_duration(Duration::from_millis(90_500)), "0h1m30s");
+    }
+
+    /// The openAPIV3Schema of a CRD version.
+    fn crd_schema(crd_yaml: &str, version: &str) -> serde_json::Value {
+        let crd: serde_json::Value = serde_yaml::from_str(crd_yaml).expect("the CRD parses");
+        crd["spec"]["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == version)
+            .map(|v| v["schema"]["openAPIV3Schema"].clone())
+            .expect("the version has a schema")
+    }
+
+    /// Checks `value` against a structural schema the way an API server does for what the operator sends: types,
+    /// enums, required fields, and no field the schema does not declare (server-side apply refuses those).
+    fn structural_errors(
+        schema: &serde_json::Value,
+        value: &serde_json::Value,
+        at: &str,
+        errors: &mut Vec<String>,
+    ) {
+        use serde_json::Value;
+        let type_ok = match (schema["type"].as_str(), value) {
+            (Some("object"), Value::Object(_))
+            | (Some("array"), Value::Array(_))
+            | (Some("string"), Value::String(_))
+            | (Some("boolean"), Value::Bool(_))
+            | (Some("number"), Value::Number(_))
+            | (None, _) => true,
+            (Some("integer"), Value::Number(n)) => n.is_i64() || n.is_u64(),
+            _ => false,
+        };
+        if !type_ok {
+            errors.push(format!("{at}: {value} is not of type {}", schema["type"]));
+            return;
+        }
+        if let Some(allowed) = schema["enum"].as_array()
+            && !allowed.contains(value)
+        {
+            errors.push(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+        match value {
+            Value::Object(fields) => {
+                for required in schema["required"].as_array().into_iter().flatten() {
+                    if !fields.contains_key(required.as_str().unwrap_or_default()) {
+                        errors.push(format!("{at}.{}: required", required.as_str().unwrap_or_default()));
+                    }
+                }
+                for (name, field) in fields {
+                    let path = format!("{at}.{name}");
+                    match (schema["properties"].get(name), &schema["additionalProperties"]) {
+                        (Some(sub), _) => structural_errors(sub, field, &path, errors),
+                        (None, Value::Object(sub)) => {
+                            structural_errors(&Value::Object(sub.clone()), field, &path, errors);
+                        }
+                        _ if schema["x-kubernetes-preserve-unknown-fields"] == true => {}
+                        _ => errors.push(format!("{path}: field not declared in schema")),
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    structural_errors(&schema["items"], item, &format!("{at}[{i}]"), errors);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// cert-manager's published CRD of certificates.cert-manager.io (v1.8.2, from the crates.io package
+    /// cert-manager-crds; see the file's header).
+    const CERT_MANAGER_CRD: &str = include_str!("../../testdata/cert-manager-v1.8.2-certificates.crd.yaml");
+
+    #[test]
+    fn the_certificate_matches_cert_managers_published_schema() {
+        let schema = crd_schema(CERT_MANAGER_CRD, "v1");
+        for yaml in [
+            TLS_CERT_MANAGER,
+            "tls: { certManager: { issuerRef: { name: ca, kind: ClusterIssuer } }, clientAuth: optional }",
+        ] {
+            let cert = objects(&with_tls(yaml), &BuildConfig::default()).certificate.expect("certificate");
+            let value = serde_json::to_value(&cert).expect("json");
+            assert_eq!(
+                (value["apiVersion"].as_str(), value["kind"].as_str()),
+                (Some("cert-manager.io/v1"), Some("Certificate"))
+            );
+            let mut errors = Vec::new();
+            structural_errors(&schema["properties"]["spec"], &value["spec"], "spec", &mut errors);
+            assert!(errors.is_empty(), "{yaml}: {errors:?}");
+        }
+        // The check has teeth: what cert-manager's schema refuses is refused here.
+        for (bad, expected) in [
+            (
+                serde_json::json!({ "secretName": "s", "issuerRef": { "name": "ca" }, "usages": ["server-auth"] }),
+                "spec.usages[0]",
+            ),
+            (
+                serde_json::json!({ "secretName": "s", "issuerRef": { "kind": "Issuer" } }),
+                "spec.issuerRef.name: required",
+            ),
+            (serde_json::json!({ "issuerRef": { "name": "ca" } }), "spec.secretName: required"),
+            (
+                serde_json::json!({ "secretName": "s", "issuerRef": { "name": "ca" }, "dnsName": ["x"] }),
+                "spec.dnsName: field not declared",
+            ),
+            (
+                serde_json::json!({ "secretName": "s", "issuerRef": { "name": "ca" }, "duration": 3600 }),
+                "spec.duration",
+            ),
+        ] {
+            let mut errors = Vec::new();
+            structural_errors(&schema["properties"]["spec"], &bad, "spec", &mut errors);
+            assert!(errors.iter().any(|e| e.contains(expected)), "{bad} gave {errors:?}");
+        }
     }
 
     #[test]

@@ -8,7 +8,10 @@ use distcache_api::{
     DistCache, DistCacheStatus, HookState, KeyspaceSpec, KeyspaceStatus, KeyspacesReport, ValidKeyspace,
 };
 use k8s_openapi::{
-    api::{apps::v1::StatefulSet, core::v1::Pod},
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{Pod, Secret},
+    },
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -19,9 +22,9 @@ use kube::{
 
 use super::{
     Error,
-    apply::PdbOutcome,
-    build::{ADMIN_PORT, selector_string},
-    validate::ValidSpec,
+    apply::{CertificateOutcome, PdbOutcome},
+    build::{ADMIN_PORT, TLS_KEYS, selector_string},
+    validate::{TlsSource, ValidSpec},
 };
 use crate::FIELD_MANAGER;
 
@@ -31,6 +34,122 @@ pub const AVAILABLE: &str = "Available";
 pub const PROGRESSING: &str = "Progressing";
 /// Something needs the user's attention.
 pub const DEGRADED: &str = "Degraded";
+/// The TLS Secret is there with every key the nodes read (only with `spec.tls`).
+pub const TLS_READY: &str = "TLSReady";
+
+/// What the operator found of the nodes' TLS material (only with `spec.tls`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsState {
+    /// The Secret exists with a non-empty tls.crt, tls.key and ca.crt.
+    Ready {
+        /// The Secret's name.
+        secret: String,
+    },
+    /// The Secret does not exist (yet).
+    SecretMissing {
+        /// The Secret's name.
+        secret: String,
+        /// cert-manager is to issue it (it has not yet).
+        cert_manager: bool,
+    },
+    /// The Secret lacks keys (or has them empty).
+    KeyMissing {
+        /// The Secret's name.
+        secret: String,
+        /// The missing or empty keys.
+        keys: Vec<&'static str>,
+    },
+    /// `spec.tls.certManager` is set, but the server serves no cert-manager Certificate API.
+    CertManagerMissing {
+        /// The Secret the pods wait for.
+        secret: String,
+    },
+}
+
+/// Looks at the TLS Secret of a DistCache with `spec.tls`: which of the keys the nodes read are there. Only key
+/// names and whether their values are empty are looked at; the material itself is neither kept nor logged.
+pub async fn observe_tls(
+    client: &Client,
+    valid: &ValidSpec,
+    certificate: CertificateOutcome,
+) -> Result<Option<TlsState>, Error> {
+    let Some(tls) = &valid.tls else { return Ok(None) };
+    let secret = tls.secret_name(&valid.name);
+    if certificate == CertificateOutcome::CertManagerMissing {
+        return Ok(Some(TlsState::CertManagerMissing { secret }));
+    }
+    let api: Api<Secret> = Api::namespaced(client.clone(), &valid.namespace);
+    let found =
+        api.get_opt(&secret).await.map_err(|source| Error::Secret { name: secret.clone(), source })?;
+    let cert_manager = matches!(tls.source, TlsSource::CertManager(_));
+    Ok(Some(tls_state(secret, cert_manager, found.as_ref())))
+}
+
+/// The TLS state for a Secret as found (pure).
+pub fn tls_state(secret: String, cert_manager: bool, found: Option<&Secret>) -> TlsState {
+    let Some(found) = found else { return TlsState::SecretMissing { secret, cert_manager } };
+    let data = found.data.as_ref();
+    let keys: Vec<&'static str> = TLS_KEYS
+        .into_iter()
+        .filter(|key| data.and_then(|d| d.get(*key)).is_none_or(|v| v.0.is_empty()))
+        .collect();
+    if keys.is_empty() { TlsState::Ready { secret } } else { TlsState::KeyMissing { secret, keys } }
+}
+
+/// The TLSReady condition for a TLS state.
+fn tls_condition(state: &TlsState, generation: Option<i64>) -> Condition {
+    match state {
+        TlsState::Ready { secret } => condition(
+            TLS_READY,
+            true,
+            "SecretReady",
+            format!("Secret {secret} holds tls.crt, tls.key and ca.crt; the nodes reload it when it changes"),
+            generation,
+        ),
+        TlsState::SecretMissing { secret, cert_manager: true } => condition(
+            TLS_READY,
+            false,
+            "SecretMissing",
+            format!(
+                "waiting for cert-manager to issue the Certificate into Secret {secret} (see `kubectl describe \
+                 certificate {secret}`); the node pods start once it exists"
+            ),
+            generation,
+        ),
+        TlsState::SecretMissing { secret, cert_manager: false } => condition(
+            TLS_READY,
+            false,
+            "SecretMissing",
+            format!(
+                "Secret {secret} not found: create a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt \
+                 (spec.tls.secretName); the node pods start once it exists"
+            ),
+            generation,
+        ),
+        TlsState::KeyMissing { secret, keys } => condition(
+            TLS_READY,
+            false,
+            "KeyMissing",
+            format!(
+                "Secret {secret} has no (or an empty) {}: the nodes need tls.crt, tls.key and ca.crt (ca.crt is the \
+                 CA bundle that peers' and clients' certificates chain to)",
+                keys.join(", ")
+            ),
+            generation,
+        ),
+        TlsState::CertManagerMissing { secret } => {
+            condition(TLS_READY, false, "CertManagerMissing", cert_manager_missing(secret), generation)
+        }
+    }
+}
+
+fn cert_manager_missing(secret: &str) -> String {
+    format!(
+        "spec.tls.certManager is set but cert-manager is not installed (no cert-manager.io/v1 Certificate API): \
+         install cert-manager, or give the certificate in a Secret with spec.tls.secretName; the node pods wait \
+         for Secret {secret}"
+    )
+}
 
 /// What one Ready node reports about its keyspaces.
 #[derive(Clone, Debug, Default)]
@@ -154,6 +273,8 @@ pub struct Observed<'a> {
     pub pdb: PdbOutcome,
     /// Keyspace states.
     pub keyspaces: Vec<KeyspaceStatus>,
+    /// The TLS material, with `spec.tls`.
+    pub tls: Option<TlsState>,
 }
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -208,6 +329,10 @@ pub fn compute(dc: &DistCache, observed: &Observed<'_>) -> DistCacheStatus {
         },
         degraded_condition(observed, generation),
     ];
+    // TLSReady exists only with spec.tls: without it there is nothing to be ready.
+    if let Some(tls) = &observed.tls {
+        conditions.push(tls_condition(tls, generation));
+    }
     keep_transition_times(&mut conditions, &previous.conditions);
     DistCacheStatus {
         observed_generation: generation,
@@ -231,6 +356,8 @@ fn degraded_condition(observed: &Observed<'_>, generation: Option<i64>) -> Condi
         .collect();
     if !failed_keyspaces.is_empty() {
         condition(DEGRADED, true, "KeyspaceRefused", failed_keyspaces.join("; "), generation)
+    } else if let Some(TlsState::CertManagerMissing { secret }) = &observed.tls {
+        condition(DEGRADED, true, "CertManagerMissing", cert_manager_missing(secret), generation)
     } else if observed.pdb == PdbOutcome::Unsupported {
         let message = "the API server serves no policy PodDisruptionBudget API; node pods are not protected from \
                        voluntary disruptions";
@@ -401,8 +528,12 @@ spec:
     fn conditions_describe_rolls_and_problems() {
         let mut dc = dc();
         let sts = set(3, 3, 3, true);
-        let ok =
-            Observed { stateful_set: &sts, pdb: PdbOutcome::Applied("policy/v1beta1"), keyspaces: vec![] };
+        let ok = Observed {
+            stateful_set: &sts,
+            pdb: PdbOutcome::Applied("policy/v1beta1"),
+            keyspaces: vec![],
+            tls: None,
+        };
         let s = compute(&dc, &ok);
         assert_eq!(
             (cond(&s, AVAILABLE).status.as_str(), cond(&s, PROGRESSING).status.as_str()),
@@ -428,13 +559,100 @@ spec:
         assert_eq!(cond(&no_pdb, DEGRADED).reason, "PodDisruptionBudgetUnsupported");
     }
 
+    fn secret(keys: &[(&str, &[u8])]) -> Secret {
+        Secret {
+            data: Some(
+                keys.iter().map(|(k, v)| ((*k).to_owned(), k8s_openapi::ByteString(v.to_vec()))).collect(),
+            ),
+            type_: Some("kubernetes.io/tls".to_owned()),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn tls_state_follows_the_secrets_keys() {
+        let name = || "demo-certs".to_owned();
+        assert_eq!(
+            tls_state(name(), false, None),
+            TlsState::SecretMissing { secret: name(), cert_manager: false }
+        );
+        let full = secret(&[("tls.crt", b"c"), ("tls.key", b"k"), ("ca.crt", b"a")]);
+        assert_eq!(tls_state(name(), false, Some(&full)), TlsState::Ready { secret: name() });
+        let no_ca = secret(&[("tls.crt", b"c"), ("tls.key", b"k")]);
+        assert_eq!(
+            tls_state(name(), true, Some(&no_ca)),
+            TlsState::KeyMissing { secret: name(), keys: vec!["ca.crt"] }
+        );
+        let empty_key = secret(&[("tls.crt", b"c"), ("tls.key", b""), ("ca.crt", b"a")]);
+        assert_eq!(
+            tls_state(name(), false, Some(&empty_key)),
+            TlsState::KeyMissing { secret: name(), keys: vec!["tls.key"] }
+        );
+    }
+
+    #[test]
+    fn tls_ready_and_degraded_say_what_the_tls_material_lacks() {
+        let dc = dc();
+        let sts = set(3, 3, 3, true);
+        let with = |tls: Option<TlsState>| {
+            compute(
+                &dc,
+                &Observed {
+                    stateful_set: &sts,
+                    pdb: PdbOutcome::Applied("policy/v1"),
+                    keyspaces: vec![],
+                    tls,
+                },
+            )
+        };
+        let plain = with(None);
+        assert!(plain.conditions.iter().all(|c| c.type_ != TLS_READY), "no TLSReady without spec.tls");
+
+        let ready = with(Some(TlsState::Ready { secret: "demo-certs".to_owned() }));
+        let c = cond(&ready, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "SecretReady"));
+        assert_eq!(cond(&ready, DEGRADED).status, "False");
+
+        let missing =
+            with(Some(TlsState::SecretMissing { secret: "demo-certs".to_owned(), cert_manager: false }));
+        let c = cond(&missing, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "SecretMissing"));
+        assert!(c.message.contains("Secret demo-certs not found"), "{}", c.message);
+        let issuing =
+            with(Some(TlsState::SecretMissing { secret: "demo-tls".to_owned(), cert_manager: true }));
+        assert!(cond(&issuing, TLS_READY).message.contains("waiting for cert-manager"));
+
+        let key = with(Some(TlsState::KeyMissing { secret: "demo-certs".to_owned(), keys: vec!["ca.crt"] }));
+        let c = cond(&key, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "KeyMissing"));
+        assert!(c.message.contains("no (or an empty) ca.crt"), "{}", c.message);
+
+        let absent = with(Some(TlsState::CertManagerMissing { secret: "demo-tls".to_owned() }));
+        let c = cond(&absent, TLS_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "CertManagerMissing"));
+        let d = cond(&absent, DEGRADED);
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "CertManagerMissing"));
+        assert!(
+            d.message.starts_with(
+                "spec.tls.certManager is set but cert-manager is not installed (no cert-manager.io/v1 Certificate API)"
+            ),
+            "{}",
+            d.message
+        );
+    }
+
     #[test]
     fn a_failed_step_changes_only_degraded() {
         let mut dc = dc();
         let sts = set(3, 3, 3, true);
         let applied = compute(
             &dc,
-            &Observed { stateful_set: &sts, pdb: PdbOutcome::Applied("policy/v1"), keyspaces: vec![] },
+            &Observed {
+                stateful_set: &sts,
+                pdb: PdbOutcome::Applied("policy/v1"),
+                keyspaces: vec![],
+                tls: None,
+            },
         );
         dc.status = Some(applied.clone());
         dc.metadata.generation = Some(5);

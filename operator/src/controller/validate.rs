@@ -7,8 +7,8 @@
 use std::{collections::BTreeMap, fmt};
 
 use distcache_api::{
-    DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_REPLICAS, SchedulingSpec, ValidKeyspace,
-    validate_keyspaces,
+    ClientAuth, DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_REPLICAS, SchedulingSpec, TlsSpec,
+    ValidKeyspace, validate_keyspaces,
 };
 use k8s_openapi::{
     api::core::v1::ResourceRequirements,
@@ -44,6 +44,56 @@ pub struct ValidSpec {
     pub pod_disruption_budget: PdbPolicy,
     /// The client Service.
     pub service: ClientService,
+    /// TLS of the nodes, when `spec.tls` is set.
+    pub tls: Option<Tls>,
+    /// Whether the NetworkPolicy `<name>` is wanted.
+    pub network_policy: bool,
+}
+
+/// TLS of the nodes: where the certificate comes from and whether clients must present one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    /// The certificate's source.
+    pub source: TlsSource,
+    /// What the client port asks of clients.
+    pub client_auth: ClientAuth,
+}
+
+/// Where the nodes' certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsSource {
+    /// A Secret the user provides.
+    Secret(String),
+    /// A cert-manager Certificate `<name>-tls` the operator creates, issued into the Secret `<name>-tls`.
+    CertManager(CertManager),
+}
+
+/// A cert-manager Certificate request, with its defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertManager {
+    /// Issuer name.
+    pub issuer_name: String,
+    /// Issuer kind (default Issuer).
+    pub issuer_kind: String,
+    /// Issuer API group (default cert-manager.io).
+    pub issuer_group: String,
+    /// Requested lifetime, at least [`MIN_CERT_DURATION`].
+    pub duration: Option<std::time::Duration>,
+    /// Renewal before expiry, shorter than the lifetime.
+    pub renew_before: Option<std::time::Duration>,
+}
+
+/// cert-manager refuses certificates shorter-lived than an hour.
+pub const MIN_CERT_DURATION: std::time::Duration = std::time::Duration::from_hours(1);
+
+impl Tls {
+    /// The Secret the nodes mount: the user's, or the one cert-manager issues into (`<name>-tls`).
+    pub fn secret_name(&self, distcache: &str) -> String {
+        match &self.source {
+            TlsSource::Secret(name) => name.clone(),
+            TlsSource::CertManager(_) => format!("{distcache}-tls"),
+        }
+    }
 }
 
 /// The node image as the spec overrides it.
@@ -223,6 +273,10 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
     let discovery = parse_discovery(spec, &name, namespace.as_deref().unwrap_or_default(), &mut problems);
     let pod_disruption_budget = parse_pdb(spec, &mut problems);
     let service = parse_service(spec, &mut problems);
+    let tls = match &spec.tls {
+        None => Some(None),
+        Some(tls) => parse_tls(tls, &mut problems).map(Some),
+    };
     let keyspaces = match validate_keyspaces(&spec.keyspaces) {
         Ok(k) => k,
         Err(errors) => {
@@ -230,22 +284,31 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
             Vec::new()
         }
     };
-    match (problems.0.is_empty(), namespace, owner, image, discovery, pod_disruption_budget, service) {
-        (true, Some(namespace), Some(owner), Some(image), Some(discovery), Some(pdb), Some(service)) => {
-            Ok(ValidSpec {
-                name,
-                namespace,
-                owner,
-                replicas: spec.replicas,
-                image,
-                resources: spec.resources.clone(),
-                keyspaces,
-                discovery,
-                scheduling: spec.scheduling.clone().unwrap_or_default(),
-                pod_disruption_budget: pdb,
-                service,
-            })
-        }
+    match (problems.0.is_empty(), namespace, owner, image, discovery, pod_disruption_budget, service, tls) {
+        (
+            true,
+            Some(namespace),
+            Some(owner),
+            Some(image),
+            Some(discovery),
+            Some(pdb),
+            Some(service),
+            Some(tls),
+        ) => Ok(ValidSpec {
+            name,
+            namespace,
+            owner,
+            replicas: spec.replicas,
+            image,
+            resources: spec.resources.clone(),
+            keyspaces,
+            discovery,
+            scheduling: spec.scheduling.clone().unwrap_or_default(),
+            pod_disruption_budget: pdb,
+            service,
+            tls,
+            network_policy: spec.network_policy.enabled,
+        }),
         _ => Err(InvalidSpec(problems.0)),
     }
 }
@@ -357,6 +420,85 @@ fn parse_service(spec: &DistCacheSpec, problems: &mut Problems) -> Option<Client
     };
     Some(ClientService { type_, annotations: spec.service.annotations.clone() })
 }
+
+/// A Kubernetes object name (a DNS subdomain).
+fn valid_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+        })
+}
+
+fn parse_tls(tls: &TlsSpec, problems: &mut Problems) -> Option<Tls> {
+    let client_auth = tls.client_auth.unwrap_or_default();
+    match (&tls.secret_name, &tls.cert_manager) {
+        (Some(name), None) => {
+            if !valid_subdomain(name) {
+                problems.push(format!("spec.tls.secretName: {name:?} is not a valid Secret name"));
+                return None;
+            }
+            Some(Tls { source: TlsSource::Secret(name.clone()), client_auth })
+        }
+        (None, Some(cm)) => {
+            let mut ok = true;
+            let issuer = &cm.issuer_ref;
+            if issuer.name.is_empty() {
+                problems.push("spec.tls.certManager.issuerRef.name: required");
+                ok = false;
+            }
+            for (field, value) in [("kind", &issuer.kind), ("group", &issuer.group)] {
+                if value.as_deref().is_some_and(|v| v.is_empty() || v.contains(char::is_whitespace)) {
+                    problems.push(format!(
+                        "spec.tls.certManager.issuerRef.{field}: must be non-empty, without spaces"
+                    ));
+                    ok = false;
+                }
+            }
+            let duration = cm.duration.map(DurationString::get);
+            let renew_before = cm.renew_before.map(DurationString::get);
+            if let Some(d) = duration
+                && d < MIN_CERT_DURATION
+            {
+                problems.push(format!(
+                    "spec.tls.certManager.duration: {} is shorter than cert-manager's minimum of 1h",
+                    DurationString(d)
+                ));
+                ok = false;
+            }
+            if let Some(r) = renew_before
+                && (r.is_zero() || r >= duration.unwrap_or(DEFAULT_CERT_DURATION))
+            {
+                problems.push(format!(
+                    "spec.tls.certManager.renewBefore: {} must be above 0 and shorter than the duration ({})",
+                    DurationString(r),
+                    DurationString(duration.unwrap_or(DEFAULT_CERT_DURATION))
+                ));
+                ok = false;
+            }
+            ok.then(|| Tls {
+                source: TlsSource::CertManager(CertManager {
+                    issuer_name: issuer.name.clone(),
+                    issuer_kind: issuer.kind.clone().unwrap_or_else(|| "Issuer".to_owned()),
+                    issuer_group: issuer.group.clone().unwrap_or_else(|| "cert-manager.io".to_owned()),
+                    duration,
+                    renew_before,
+                }),
+                client_auth,
+            })
+        }
+        _ => {
+            problems.push("spec.tls: set exactly one of secretName or certManager");
+            None
+        }
+    }
+}
+
+/// cert-manager's default certificate lifetime (90 days).
+pub const DEFAULT_CERT_DURATION: std::time::Duration = std::time::Duration::from_hours(2160);
 
 fn valid_int_or_percent(v: &IntOrString) -> bool {
     match v {
@@ -526,6 +668,73 @@ keyspaces:
             check("demo", &spec("podDisruptionBudget: { enabled: false, maxUnavailable: -1 }")).is_err(),
             "a disabled budget's values are still checked"
         );
+    }
+
+    #[test]
+    fn tls_and_network_policy_are_typed_with_their_defaults() {
+        let valid = check("demo", &spec("{}")).expect("valid");
+        assert_eq!(valid.tls, None, "no TLS unless asked for");
+        assert!(valid.network_policy, "the NetworkPolicy is on by default");
+        assert!(!check("demo", &spec("networkPolicy: { enabled: false }")).expect("valid").network_policy);
+
+        let tls = |yaml: &str| check("demo", &spec(yaml)).expect("valid").tls.expect("tls");
+        let secret = tls("tls: { secretName: demo-certs }");
+        assert_eq!(
+            secret,
+            Tls { source: TlsSource::Secret("demo-certs".to_owned()), client_auth: ClientAuth::None }
+        );
+        assert_eq!(secret.secret_name("demo"), "demo-certs");
+        assert_eq!(tls("tls: { secretName: c, clientAuth: required }").client_auth, ClientAuth::Required);
+        let cm = tls("tls: { certManager: { issuerRef: { name: ca } } }");
+        assert_eq!(
+            cm.source,
+            TlsSource::CertManager(CertManager {
+                issuer_name: "ca".to_owned(),
+                issuer_kind: "Issuer".to_owned(),
+                issuer_group: "cert-manager.io".to_owned(),
+                duration: None,
+                renew_before: None,
+            })
+        );
+        assert_eq!(cm.secret_name("demo"), "demo-tls", "the Secret cert-manager issues into");
+        let cm = tls(
+            "tls: { certManager: { issuerRef: { name: ca, kind: ClusterIssuer }, duration: 48h, renewBefore: 12h } }",
+        );
+        let TlsSource::CertManager(cm) = cm.source else { panic!("certManager") };
+        assert_eq!(cm.issuer_kind, "ClusterIssuer");
+        assert_eq!(
+            (cm.duration, cm.renew_before),
+            (Some(std::time::Duration::from_hours(48)), Some(std::time::Duration::from_hours(12)))
+        );
+    }
+
+    #[test]
+    fn tls_problems_name_their_field() {
+        let err = |yaml: &str| check("demo", &spec(yaml)).expect_err("invalid").to_string();
+        assert_eq!(err("tls: {}"), "spec.tls: set exactly one of secretName or certManager");
+        assert_eq!(
+            err("tls: { secretName: a, certManager: { issuerRef: { name: ca } } }"),
+            "spec.tls: set exactly one of secretName or certManager"
+        );
+        assert!(err("tls: { secretName: Bad_Name }").starts_with("spec.tls.secretName: \"Bad_Name\""));
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: '' } } }")
+                .contains("spec.tls.certManager.issuerRef.name: required")
+        );
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: ca }, duration: 30m } }")
+                .contains("spec.tls.certManager.duration: 30m is shorter than cert-manager's minimum of 1h")
+        );
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: ca }, duration: 2h, renewBefore: 2h } }").contains(
+                "spec.tls.certManager.renewBefore: 2h must be above 0 and shorter than the duration (2h)"
+            )
+        );
+        assert!(
+            err("tls: { certManager: { issuerRef: { name: ca }, renewBefore: 100d } }").contains("(90d)")
+        );
+        let unknown = serde_yaml::from_str::<DistCacheSpec>("tls: { secretName: a, clientAuth: always }");
+        assert!(unknown.is_err(), "clientAuth is none, optional or required");
     }
 
     #[test]
