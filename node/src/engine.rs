@@ -46,6 +46,9 @@ use crate::{
 pub const MAX_KEY_BYTES: usize = 4096;
 /// Most keys in one batch call.
 pub const MAX_BATCH: usize = 10_000;
+/// Most callers outside this node's ring remembered as holders of copies at once (nodes that see this one before
+/// it sees them, during a membership change); members are always remembered.
+pub const MAX_OUTSIDE_HOLDERS: usize = 64;
 /// Longest TTL accepted on a write.
 pub const MAX_TTL: Duration = Duration::from_hours(366 * 24);
 
@@ -159,6 +162,26 @@ impl Engine {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Whether a caller of `Load` is remembered as a holder of copies: a current member (name and address), or
+    /// one of a bounded number of callers outside the ring.
+    fn may_hold_copies(&self, caller: &crate::ring::Member) -> bool {
+        let ring = self.membership.ring();
+        let members = ring.members();
+        match members.iter().find(|r| r.name == caller.name) {
+            // A member's name under another address is not that member.
+            Some(member) => member.address == caller.address,
+            None => {
+                self.copy_holders.contains_key(&caller.name)
+                    || self.copy_holders.len() < members.len() + MAX_OUTSIDE_HOLDERS
+            }
+        }
+    }
+
+    /// The callers remembered as holders of copies (name, address), for tests and diagnostics.
+    pub fn copy_holders(&self) -> Vec<(String, String)> {
+        self.copy_holders.iter().map(|e| (e.key().clone(), e.value().0.clone())).collect()
     }
 
     /// Checks the keyspace's `access` lists for a caller with `identities` (the SANs and CN of its client

@@ -298,6 +298,24 @@ impl pb::cache_server::Cache for CacheService {
     }
 }
 
+/// The caller a `Load` names, if its address is on the host the call came from: the owner later dials that
+/// address (invalidations), and a caller must not be able to point it anywhere else. (On the peer port with TLS,
+/// the connection is also a mutually authenticated peer.)
+fn vetted_caller(name: &str, address: &str, remote: Option<std::net::SocketAddr>) -> Option<Member> {
+    if name.is_empty() || address.is_empty() {
+        return None;
+    }
+    let claimed: std::net::SocketAddr = address.parse().ok()?;
+    let remote = remote?;
+    let same_host = claimed.ip() == remote.ip() || (claimed.ip().is_loopback() && remote.ip().is_loopback());
+    if same_host {
+        Some(Member::new(name, address))
+    } else {
+        tracing::debug!(caller = name, claimed = address, %remote, "Load caller's address is not its own; not recorded");
+        None
+    }
+}
+
 /// The `Peer` service.
 #[derive(Clone)]
 pub struct PeerService {
@@ -315,9 +333,11 @@ impl PeerService {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let remote = request
+            .remote_addr()
+            .or_else(|| request.extensions().get::<distcache_tls::TlsConnectInfo>().and_then(|i| i.remote));
         let req = request.into_inner();
-        let from = (!req.from.is_empty() && !req.from_address.is_empty())
-            .then(|| Member::new(req.from.clone(), req.from_address.clone()));
+        let from = vetted_caller(&req.from, &req.from_address, remote);
         let results = match self.engine.load_for_peer(&req.keyspace, &req.keys, from).await {
             Ok(r) => value_results(req.keys, r),
             Err(e) => per_key_failure(&req.keys, &e),

@@ -512,7 +512,7 @@ async fn a_peer_that_comes_back_under_its_name_with_a_new_address_is_served() ->
     // A recreated pod keeps its name and gets a new address. The owner records who holds copies of its keys per
     // caller; a second caller address for a known name once deadlocked the owner (its map locked itself).
     let cluster = Cluster::start(1, KEYSPACES, Duration::ZERO).await?;
-    let addr = cluster.nodes[0].grpc;
+    let addr = cluster.nodes[0].peer;
     let mut peer = distcache_proto::v1::peer_client::PeerClient::connect(format!("http://{addr}")).await?;
     for from_address in ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:2", "127.0.0.1:3"] {
         let request = distcache_proto::v1::LoadRequest {
@@ -526,5 +526,16 @@ async fn a_peer_that_comes_back_under_its_name_with_a_new_address_is_served() ->
     }
     let mut c = cluster.client(0).await?;
     assert_eq!(c.get(get("rt", "k")).await?.into_inner().value, source_value("k"), "still serving");
+    let engine = cluster.nodes[0].engine().expect("running");
+    assert_eq!(engine.copy_holders(), vec![("node-recreated".to_owned(), "127.0.0.1:3".to_owned())]);
+    // A caller that names an address on another host than its own is not recorded: the owner would dial it.
+    let request = distcache_proto::v1::LoadRequest {
+        keyspace: "rt".into(),
+        keys: vec!["k".into()],
+        from: "elsewhere".into(),
+        from_address: "192.0.2.7:7422".into(),
+    };
+    peer.load(request).await?;
+    assert!(engine.copy_holders().iter().all(|(name, _)| name != "elsewhere"), "{:?}", engine.copy_holders());
     Ok(())
 }

@@ -196,9 +196,11 @@ impl Engine {
     }
 
     /// Owner-side load of keys for a peer: served here whatever the ring says (never forwarded again).
-    /// `from` is the calling node; it is remembered as a holder of copies (see [`Engine::set_members`]) only
-    /// when it is a current member under that name and address: a caller cannot make the owner dial an address
-    /// of its choosing, nor grow the holders map with made-up names.
+    /// `from` is the calling node, vetted by the transport (its address is on the host the call came from, and
+    /// with TLS the connection is a mutually authenticated peer). It is remembered as a holder of copies (see
+    /// [`Engine::set_members`]): always when it is a current member under that name and address, otherwise — a
+    /// node that already sees this one while this one does not see it yet — only while fewer than
+    /// [`super::MAX_OUTSIDE_HOLDERS`] such callers are remembered, so made-up names cannot grow the map without bound.
     pub async fn load_for_peer(
         self: &Arc<Self>,
         keyspace: &str,
@@ -206,7 +208,7 @@ impl Engine {
         from: Option<Member>,
     ) -> Result<KeyResults<Value>, EngineError> {
         if let Some(m) = from
-            && self.membership.ring().members().iter().any(|r| r.name == m.name && r.address == m.address)
+            && self.may_hold_copies(&m)
         {
             // One insert: a `match` on `get_mut` keeps the shard locked through its arms (the scrutinee lives
             // until the match ends), and inserting from an arm then deadlocks on that lock — which happened for

@@ -398,16 +398,21 @@ async fn batch_results_are_per_key_and_a_single_key_write_reports_its_own_error(
 }
 
 #[tokio::test]
-async fn only_current_members_are_recorded_as_holders_of_copies() {
+async fn holders_of_copies_are_members_or_a_bounded_number_of_outside_callers() {
     let c = Cluster::new(&["node-x", "node-y"]).await;
     let (x, y) = (c.node("node-x"), c.node("node-y"));
     let key = c.key_owned_by("node-y", &["node-x", "node-y"], "held-");
-    // A made-up caller, and a member's name with another address: neither is remembered, so no later write
-    // dials an address a caller chose, and made-up names cannot grow the map.
-    for from in [Member::new("intruder", "203.0.113.9:7422"), Member::new("node-x", "203.0.113.9:7422")] {
-        y.engine.load_for_peer(RT, std::slice::from_ref(&key), Some(from)).await.expect("load");
+    let load = |from: Member| y.engine.load_for_peer(RT, std::slice::from_ref(&key), Some(from));
+    // A member's name under another address is not that member: not recorded.
+    load(Member::new("node-x", "10.0.0.99:7422")).await.expect("load");
+    assert!(y.engine.copy_holders().is_empty(), "{:?}", y.engine.copy_holders());
+    load(x.member.clone()).await.expect("load");
+    assert_eq!(y.engine.copy_holders(), vec![("node-x".to_owned(), x.member.address.clone())]);
+    // Callers outside the ring (nodes that already see Y): remembered, but only so many.
+    for i in 0..200 {
+        load(Member::new(format!("outside-{i}"), format!("10.1.0.{}:7422", i % 250))).await.expect("load");
     }
-    assert!(y.engine.copy_holders.is_empty(), "a non-member was recorded");
-    y.engine.load_for_peer(RT, std::slice::from_ref(&key), Some(x.member.clone())).await.expect("load");
-    assert_eq!(y.engine.copy_holders.len(), 1, "the member that loaded is recorded");
+    let held = y.engine.copy_holders();
+    assert_eq!(held.len(), 2 + crate::engine::MAX_OUTSIDE_HOLDERS, "bounded: {}", held.len());
+    assert!(held.iter().any(|(name, _)| name == "node-x"), "the member stays recorded");
 }
