@@ -195,6 +195,10 @@ impl Engine {
         access: distcache_api::AccessOp,
         identities: &[String],
     ) -> Result<(), EngineError> {
+        // The common case, on every request: no keyspace has lists, so no lookup.
+        if !self.keyspaces.any_access() {
+            return Ok(());
+        }
         let Some(ks) = self.keyspaces.get(keyspace) else {
             return Ok(());
         };

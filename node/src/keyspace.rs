@@ -175,6 +175,8 @@ pub struct Keyspaces {
     status: Mutex<ReloadStatus>,
     /// Whether the last refusal (or the keyspaces left out) may heal when tried again.
     refusal_may_heal: AtomicBool,
+    /// Whether any keyspace has `access` lists (requests skip the check when none has).
+    any_access: AtomicBool,
 }
 
 fn unix_now() -> u64 {
@@ -190,7 +192,13 @@ impl Keyspaces {
             metrics,
             status: Mutex::new(ReloadStatus::default()),
             refusal_may_heal: AtomicBool::new(false),
+            any_access: AtomicBool::new(false),
         }
+    }
+
+    /// Whether any keyspace restricts its callers (`access`).
+    pub fn any_access(&self) -> bool {
+        self.any_access.load(Ordering::Acquire)
     }
 
     /// The runtime of a keyspace (lock-free).
@@ -325,6 +333,7 @@ impl Keyspaces {
                 Some(_) => {}
             }
         }
+        self.any_access.store(next.values().any(|rt| rt.config.spec.access.is_some()), Ordering::Release);
         self.map.store(Arc::new(next));
         let mut status = self.status.lock();
         status.file = file.map(Path::to_owned);

@@ -348,12 +348,6 @@ fn spawn_membership(
     })
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// Re-reads the TLS files every `interval` (as the keyspaces file is watched): new material that passes the
 /// checks is used for new connections, anything else is refused and reported; the expiry gauge follows the
 /// material in use.
@@ -363,7 +357,7 @@ async fn watch_tls(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    metrics.tls_cert_expiry_seconds.set(tls.current().material.identity.not_after - unix_now());
+    metrics.tls_cert_expiry_seconds.set(tls.current().material.seconds_left());
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -391,7 +385,7 @@ async fn watch_tls(
                 tracing::warn!(%error, "TLS material refused; the previous certificate keeps serving");
             }
         }
-        metrics.tls_cert_expiry_seconds.set(tls.current().material.identity.not_after - unix_now());
+        metrics.tls_cert_expiry_seconds.set(tls.current().material.seconds_left());
     }
 }
 

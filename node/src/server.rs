@@ -110,12 +110,23 @@ fn write_entries(entries: Vec<pb::Entry>) -> (Vec<String>, Vec<Result<WriteEntry
     (keys, parsed)
 }
 
-/// The identities of the caller's client certificate (empty on a plain connection or without a certificate).
-fn identities<T>(request: &Request<T>) -> Arc<[String]> {
-    request
-        .extensions()
-        .get::<distcache_tls::TlsConnectInfo>()
-        .map_or_else(|| Arc::from(Vec::new()), |info| Arc::clone(&info.identities))
+/// The identities of the caller's client certificate (empty on a plain connection or without a certificate),
+/// without allocating: a clone of the connection's list, or nothing.
+fn identities<T>(request: &Request<T>) -> Identities {
+    Identities(
+        request.extensions().get::<distcache_tls::TlsConnectInfo>().map(|info| Arc::clone(&info.identities)),
+    )
+}
+
+/// See [`identities`].
+struct Identities(Option<Arc<[String]>>);
+
+impl std::ops::Deref for Identities {
+    type Target = [String];
+
+    fn deref(&self) -> &[String] {
+        self.0.as_deref().unwrap_or_default()
+    }
 }
 
 /// The `Cache` service.

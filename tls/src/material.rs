@@ -4,7 +4,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use rustls::{
@@ -306,13 +306,13 @@ impl Material {
         Ok(Self { certified: Arc::new(certified), roots, identity, ca_count: added, digest: raw.digest() })
     }
 
-    /// Time until the certificate expires (negative once it has).
-    pub fn expires_in(&self) -> f64 {
-        (self.identity.not_after - unix_now()) as f64
+    /// Seconds until the certificate expires (negative once it has).
+    pub fn seconds_left(&self) -> i64 {
+        self.identity.not_after - unix_now()
     }
 
-    /// Time until expiry as a duration, zero once expired.
-    pub fn remaining(&self) -> Duration {
-        Duration::from_secs(u64::try_from(self.identity.not_after - unix_now()).unwrap_or(0))
+    /// [`Material::seconds_left`] as a float, for reports.
+    pub fn expires_in(&self) -> f64 {
+        self.seconds_left() as f64
     }
 }
