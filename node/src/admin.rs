@@ -33,6 +33,8 @@ pub struct AdminState {
     pub discovery_status: Arc<crate::discovery::DiscoveryStatus>,
     /// Set when the initial keyspaces were loaded.
     pub keyspaces_loaded: AtomicBool,
+    /// Set once the members of the first view answered (or the settle window passed).
+    pub settled: AtomicBool,
     /// Set when the node starts stopping (it then reports not ready so traffic drains).
     pub stopping: AtomicBool,
     /// The TLS material, when configured (its state and last reload are reported on `/readyz`).
@@ -81,6 +83,8 @@ impl AdminState {
                 Some(problem) => format!("membership not known yet: discovery {}: {problem}", self.discovery),
                 None => format!("membership not known yet (discovery {} has not reported)", self.discovery),
             })
+        } else if !self.settled.load(Ordering::Acquire) {
+            Some("waiting for the members it sees to answer before taking traffic (settle window)".into())
         } else {
             None
         }

@@ -80,6 +80,37 @@ pub struct NodeConfig {
     /// The WebAssembly hook runtime.
     #[serde(default)]
     pub hooks: HooksConfig,
+    /// Moving entries to their new owner on membership changes.
+    #[serde(default)]
+    pub handoff: HandoffConfig,
+}
+
+/// `handoff:` — how entries move when members join and leave.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HandoffConfig {
+    /// Budget of one handoff: on SIGTERM, the time spent pushing entries to their next owners (hottest first);
+    /// on a membership change, the time spent moving the entries this node no longer owns. Pods need a
+    /// `terminationGracePeriodSeconds` above `shutdownDelay` plus this. Default 10s.
+    #[serde(default = "default_handoff_timeout")]
+    pub timeout: DurationString,
+    /// How long after a membership change a new owner that misses a key asks the key's previous owner before
+    /// its data source. Default 30s.
+    #[serde(default = "default_handoff_grace")]
+    pub grace: DurationString,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        Self { timeout: default_handoff_timeout(), grace: default_handoff_grace() }
+    }
+}
+
+fn default_handoff_timeout() -> DurationString {
+    DurationString(Duration::from_secs(10))
+}
+fn default_handoff_grace() -> DurationString {
+    DurationString(Duration::from_secs(30))
 }
 
 /// The admin HTTP listener.
@@ -442,6 +473,7 @@ impl Default for NodeConfig {
             shutdown_delay: default_shutdown_delay(),
             worker_threads: None,
             hooks: HooksConfig::default(),
+            handoff: HandoffConfig::default(),
         }
     }
 }

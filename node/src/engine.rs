@@ -22,6 +22,7 @@
 //! [`DataSource`](crate::source::DataSource).
 
 mod admin;
+mod handoff;
 mod read;
 mod routing;
 mod write;
@@ -29,7 +30,9 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+pub use handoff::HandoffSettings;
 
 #[cfg(doc)]
 use crate::store::HOT_MAX_TTL;
@@ -39,6 +42,7 @@ use crate::{
     membership::Membership,
     metrics::Metrics,
     peer::{KeyResults, PeerError, PeerTransport, WriteEntry},
+    ring::Member,
     store::Entry,
 };
 
@@ -66,6 +70,17 @@ pub struct Engine {
     /// Writes invalidate them too, so copies are dropped even on a node that this node's member list does not
     /// include yet (membership views differ while they converge).
     copy_holders: dashmap::DashMap<String, (String, std::time::Instant)>,
+    /// Versions of entries (see [`crate::hlc`]).
+    hlc: crate::hlc::Hlc,
+    handoff: HandoffSettings,
+    /// The member set discovery reported last (before removing the departed).
+    discovered: parking_lot::Mutex<Vec<Member>>,
+    /// Members that announced they are leaving, until discovery stops listing them (or the mark expires).
+    departed: parking_lot::Mutex<HashMap<String, tokio::time::Instant>>,
+    /// The ring before the last change, during the grace window (previous-owner reads).
+    previous: arc_swap::ArcSwapOption<handoff::Previous>,
+    /// Serializes membership changes (each one's handoff runs before the next one starts).
+    ring_change: tokio::sync::Mutex<()>,
 }
 
 /// Checks a key against the API limits.
@@ -146,7 +161,35 @@ impl Engine {
         transport: Arc<dyn PeerTransport>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Arc::new(Self { keyspaces, membership, transport, metrics, copy_holders: dashmap::DashMap::new() })
+        Self::with_handoff(keyspaces, membership, transport, metrics, HandoffSettings::default())
+    }
+
+    /// An engine with handoff settings.
+    pub fn with_handoff(
+        keyspaces: Arc<Keyspaces>,
+        membership: Arc<Membership>,
+        transport: Arc<dyn PeerTransport>,
+        metrics: Arc<Metrics>,
+        handoff: HandoffSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            keyspaces,
+            membership,
+            transport,
+            metrics,
+            copy_holders: dashmap::DashMap::new(),
+            hlc: crate::hlc::Hlc::new(),
+            handoff,
+            discovered: parking_lot::Mutex::new(Vec::new()),
+            departed: parking_lot::Mutex::new(HashMap::new()),
+            previous: arc_swap::ArcSwapOption::empty(),
+            ring_change: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// True once the node is leaving (it got SIGTERM): it owns nothing and hands its entries off.
+    pub fn is_leaving(&self) -> bool {
+        self.membership.is_leaving()
     }
 
     /// The keyspaces.
@@ -159,6 +202,11 @@ impl Engine {
         &self.membership
     }
 
+    /// Calls on other nodes.
+    pub fn transport(&self) -> &Arc<dyn PeerTransport> {
+        &self.transport
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -166,7 +214,7 @@ impl Engine {
 
     /// Whether a caller of `Load` is remembered as a holder of copies: a current member (name and address), or
     /// one of a bounded number of callers outside the ring.
-    fn may_hold_copies(&self, caller: &crate::ring::Member) -> bool {
+    fn may_hold_copies(&self, caller: &Member) -> bool {
         let ring = self.membership.ring();
         let members = ring.members();
         match members.iter().find(|r| r.name == caller.name) {

@@ -26,6 +26,7 @@ pub mod config;
 pub mod discovery;
 pub mod engine;
 pub mod error;
+pub mod hlc;
 pub mod hooks;
 pub mod keyspace;
 pub mod membership;

@@ -38,6 +38,8 @@ pub struct Membership {
     local: Member,
     ring: ArcSwap<Ring>,
     known: AtomicBool,
+    /// Set when the node leaves: from then on its ring excludes it, so it owns nothing.
+    leaving: AtomicBool,
     events: broadcast::Sender<MemberChange>,
 }
 
@@ -49,6 +51,7 @@ impl Membership {
             ring: ArcSwap::from_pointee(Ring::new(vec![local.clone()])),
             local,
             known: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             events,
         }
     }
@@ -69,18 +72,30 @@ impl Membership {
         self.known.load(Ordering::Acquire)
     }
 
+    /// Marks this node as leaving: the next [`Membership::update`] builds a ring without it.
+    pub fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    /// True once the node is leaving.
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
     /// Subscribes to future changes.
     pub fn subscribe(&self) -> broadcast::Receiver<MemberChange> {
         self.events.subscribe()
     }
 
     /// Replaces the set of other members; returns the changes (empty when nothing changed). The local node is
-    /// always a member; an entry with the local name is ignored.
+    /// a member unless it is leaving; an entry with the local name is ignored.
     pub fn update(&self, others: &[Member]) -> Vec<MemberChange> {
         let old: BTreeMap<String, Member> =
             self.ring.load().members().iter().map(|m| (m.name.clone(), m.clone())).collect();
         let mut new: BTreeMap<String, Member> = BTreeMap::new();
-        new.insert(self.local.name.clone(), self.local.clone());
+        if !self.is_leaving() {
+            new.insert(self.local.name.clone(), self.local.clone());
+        }
         for m in others {
             if m.name != self.local.name {
                 new.insert(m.name.clone(), m.clone());

@@ -85,6 +85,15 @@ pub struct Metrics {
     tls_reloads: Family<OutcomeLabel, Counter>,
     /// Seconds until the served certificate expires (registered only when TLS is configured).
     pub tls_cert_expiry_seconds: Gauge,
+    /// Entries moved between owners, by direction (`sent`, `received`, `ignored`: older than what was held).
+    handoff_entries: Family<DirectionLabel, Counter>,
+    /// Misses of a new owner answered by the key's previous owner instead of the data source.
+    pub previous_owner_hits: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
 }
 
 impl Default for Metrics {
@@ -123,7 +132,19 @@ impl Metrics {
         let discovery_errors = Counter::default();
         let tls_reloads = Family::<OutcomeLabel, Counter>::default();
         let tls_cert_expiry_seconds = Gauge::default();
+        let handoff_entries = Family::<DirectionLabel, Counter>::default();
+        let previous_owner_hits = Counter::default();
         let r = &mut registry;
+        r.register(
+            "distcache_handoff_entries",
+            "Entries moved to their new owner on membership changes, by direction (sent, received, ignored as older)",
+            handoff_entries.clone(),
+        );
+        r.register(
+            "distcache_previous_owner_hits",
+            "Misses of a new owner answered by the key's previous owner instead of the data source",
+            previous_owner_hits.clone(),
+        );
         if tls {
             r.register(
                 "distcache_tls_reloads",
@@ -196,6 +217,8 @@ impl Metrics {
             hook_calls,
             reloads,
             fetch_totals: Family::default(),
+            handoff_entries,
+            previous_owner_hits,
             members,
             peer_errors,
             discovery_errors,
@@ -263,6 +286,16 @@ impl Metrics {
     /// The counter of calls into one export of a keyspace's hook (resolved once per hook, not per call).
     pub fn hook_calls(&self, keyspace: &str, export: &'static str) -> Counter {
         self.hook_calls.get_or_create(&ExportLabels { keyspace: keyspace.to_owned(), export }).clone()
+    }
+
+    /// Counts entries moved between owners in one direction (`sent`, `received`, `ignored`).
+    pub fn handoff(&self, direction: &'static str, entries: u64) {
+        self.handoff_entries.get_or_create(&DirectionLabel { direction }).inc_by(entries);
+    }
+
+    /// Entries moved so far in one direction (`sent`, `received`, `ignored`).
+    pub fn handoff_total(&self, direction: &'static str) -> u64 {
+        self.handoff_entries.get_or_create(&DirectionLabel { direction }).get()
     }
 
     /// Counts a keyspaces reload (`applied`, `refused`, `unchanged` is not counted).

@@ -200,6 +200,7 @@ fn discovery_from(config: &DiscoveryConfig) -> Result<Box<dyn Discovery>, Discov
 }
 
 /// Starts a node.
+#[allow(clippy::too_many_lines, reason = "the start sequence reads top to bottom; its steps are functions already")]
 pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let NodeOptions { config, sources, grpc_listener, peer_listener, admin_listener, discovery } = opts;
     // Before anything is bound or loaded: a bad setting is a start error, not a node that runs alone.
@@ -230,11 +231,18 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let membership = Arc::new(Membership::new(Member::new(name.clone(), advertise.clone())));
     let peers = GrpcPeers::with_tls(membership.local(), config.peer_timeout.get(), max_message, tls.clone());
     let transport: Arc<dyn PeerTransport> = Arc::new(peers);
-    let engine = Engine::new(
+    let handoff = crate::engine::HandoffSettings {
+        timeout: config.handoff.timeout.get(),
+        grace: config.handoff.grace.get(),
+        // Well under the largest message a peer accepts.
+        batch_bytes: (max_message / 4).clamp(64 << 10, 4 << 20),
+    };
+    let engine = Engine::with_handoff(
         Arc::clone(&keyspaces),
         Arc::clone(&membership),
         Arc::clone(&transport),
         Arc::clone(&metrics),
+        handoff,
     );
     metrics.members.set(1);
 
@@ -246,6 +254,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
         discovery: discovery.name(),
         discovery_status: Arc::clone(&discovery_status),
         keyspaces_loaded: true.into(),
+        settled: false.into(),
         stopping: false.into(),
         tls: tls.clone(),
     });
@@ -265,7 +274,7 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<CacheServer<CacheService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-    tasks.push(spawn_membership(Arc::clone(&engine), health.clone(), updates_rx));
+    tasks.push(spawn_membership(Arc::clone(&engine), Arc::clone(&admin_state), health.clone(), updates_rx));
     if let Some(file) = config.keyspaces_file.clone() {
         tasks.push(tokio::spawn(watch_file(
             Arc::clone(&keyspaces),
@@ -328,24 +337,74 @@ async fn load_initial_keyspaces(
     }
 }
 
-/// Applies each member set from discovery to the engine; the first one makes the node ready (gRPC health
-/// SERVING, `/readyz` 200).
+/// How long a node that knows its members waits for all of them to answer before it reports ready anyway.
+pub const SETTLE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Applies each member set from discovery to the engine. The node becomes ready (gRPC health SERVING,
+/// `/readyz` 200) once the first set is applied and every member in it answered a ping, or after
+/// [`SETTLE_WINDOW`]: nodes started together take traffic only with the ring they share, not each alone.
 fn spawn_membership(
     engine: Arc<Engine>,
+    admin: Arc<AdminState>,
     health: tonic_health::server::HealthReporter,
     mut updates: tokio::sync::mpsc::Receiver<Vec<Member>>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(members) = updates.recv().await {
+        let mut expiry = tokio::time::interval(Duration::from_secs(5));
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut settling: Option<JoinHandle<()>> = None;
+        loop {
+            let members = tokio::select! {
+                m = updates.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = expiry.tick() => {
+                    engine.expire_departed().await;
+                    continue;
+                }
+            };
             let first = !engine.membership().is_known();
-            engine.set_members(&members);
+            engine.set_members(&members).await;
             if first {
-                health.set_serving::<CacheServer<CacheService>>().await;
-                health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-                tracing::info!(members = engine.membership().ring().len(), "membership known; node is ready");
+                let (engine, admin, health) = (Arc::clone(&engine), Arc::clone(&admin), health.clone());
+                settling = Some(tokio::spawn(async move {
+                    settle(&engine).await;
+                    admin.settled.store(true, Ordering::Release);
+                    health.set_serving::<CacheServer<CacheService>>().await;
+                    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                    tracing::info!(members = engine.membership().ring().len(), "membership known; node is ready");
+                }));
             }
         }
+        if let Some(s) = settling {
+            s.abort();
+        }
     })
+}
+
+/// Waits until every other member answers a ping, or [`SETTLE_WINDOW`].
+async fn settle(engine: &Engine) {
+    let deadline = tokio::time::Instant::now() + SETTLE_WINDOW;
+    loop {
+        let ring = engine.membership().ring();
+        let local = engine.membership().local().name.clone();
+        let pings = ring
+            .members()
+            .iter()
+            .filter(|m| m.name != local)
+            .map(|m| async move { engine.transport().ping(&m.address).await.is_ok() });
+        let silent = futures::future::join_all(pings).await.into_iter().filter(|ok| !ok).count();
+        if silent == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(silent, window = ?SETTLE_WINDOW, "members still silent after the settle window; ready anyway");
+            return;
+        }
+        tracing::debug!(silent, "waiting for the members to answer before reporting ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Re-reads the TLS files every `interval` (as the keyspaces file is watched): new material that passes the
@@ -552,18 +611,27 @@ impl RunningNode {
         }
     }
 
-    /// Stops the node: reports not ready, keeps serving for the configured shutdown delay, stops discovery and
-    /// the servers, lets in-flight requests finish for at most the configured grace period.
+    /// Stops the node: reports not ready, leaves the cluster (its entries go to their next owners, within the
+    /// handoff budget) while it keeps serving for the configured shutdown delay, then stops discovery and the
+    /// servers and lets in-flight requests finish for at most the configured grace period.
     pub async fn stop(self) {
         self.admin.stopping.store(true, Ordering::Release);
         // Clients and load balancers that watch gRPC health stop sending before the listener closes.
         self.health.set_not_serving::<CacheServer<CacheService>>().await;
         self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let leave = async {
+            let started = std::time::Instant::now();
+            let moved = self.engine.leave().await;
+            tracing::info!(entries = moved, took = ?started.elapsed(), "handoff done");
+        };
         // Lame duck: keep serving while peers and load balancers notice (a pod watch, endpoint updates).
-        if !self.delay.is_zero() {
-            tracing::info!(delay = ?self.delay, "not ready; still serving during the shutdown delay");
-            tokio::time::sleep(self.delay).await;
-        }
+        let delay = async {
+            if !self.delay.is_zero() {
+                tracing::info!(delay = ?self.delay, "not ready; still serving during the shutdown delay");
+                tokio::time::sleep(self.delay).await;
+            }
+        };
+        futures::future::join(leave, delay).await;
         self.shutdown.cancel();
         let grace = self.grace;
         let all = futures::future::join_all(self.tasks);

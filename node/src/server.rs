@@ -6,9 +6,9 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 use distcache_api::AccessOp;
 use distcache_proto::v1::{
     self as pb, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse, GetManyRequest,
-    GetManyResponse, GetRequest, GetResponse, InvalidateRequest, InvalidateResponse, KeyResult, KeySpaceInfo,
-    KeySpaceStats, ListKeySpacesRequest, ListKeySpacesResponse, LoadRequest, LoadResponse, MemberEvent,
-    PingRequest, PingResponse, PurgeKeySpaceRequest, PurgeKeySpaceResponse, PurgeRequest, PurgeResponse,
+    GetManyResponse, GetRequest, GetResponse, HandoffRequest, HandoffResponse, InvalidateRequest,
+    InvalidateResponse, KeyResult, KeySpaceInfo, KeySpaceStats, ListKeySpacesRequest, ListKeySpacesResponse,
+    LoadRequest, LoadResponse, MemberEvent, PeekRequest, PeekResponse, PingRequest, PingResponse, PurgeKeySpaceRequest, PurgeKeySpaceResponse, PurgeRequest, PurgeResponse,
     PutManyRequest, PutManyResponse, PutRequest, PutResponse, RemoveRequest, RemoveResponse, StatsRequest,
     StatsResponse, StoreRequest, StoreResponse, WatchMembersRequest, key_result::Outcome,
     member_event::Type as EventType,
@@ -349,7 +349,7 @@ impl pb::peer_server::Peer for PeerService {
             .or_else(|| request.extensions().get::<distcache_tls::TlsConnectInfo>().and_then(|i| i.remote));
         let req = request.into_inner();
         let from = vetted_caller(&req.from, &req.from_address, remote);
-        let results = match self.engine.load_for_peer(&req.keyspace, &req.keys, from).await {
+        let results = match self.engine.load_for_peer(&req.keyspace, &req.keys, from, req.forwarded).await {
             Ok(r) => value_results(req.keys, r),
             Err(e) => per_key_failure(&req.keys, &e),
         };
@@ -362,7 +362,7 @@ impl pb::peer_server::Peer for PeerService {
         let mut batch = Batch::new(keys.len());
         let (positions, entries): (Vec<usize>, Vec<WriteEntry>) =
             batch.split(parsed, |p| p).into_iter().unzip();
-        match self.engine.store_for_peer(&req.keyspace, entries).await {
+        match self.engine.store_for_peer(&req.keyspace, entries, req.forwarded).await {
             Ok(written) => batch.fill(positions, written),
             Err(e) => return Ok(Response::new(StoreResponse { results: per_key_failure(&keys, &e) })),
         }
@@ -372,7 +372,7 @@ impl pb::peer_server::Peer for PeerService {
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
         let req = request.into_inner();
-        let results = match self.engine.remove_for_peer(&req.keyspace, &req.keys).await {
+        let results = match self.engine.remove_for_peer(&req.keyspace, &req.keys, req.forwarded).await {
             Ok(r) => unit_results(req.keys, r),
             Err(e) => per_key_failure(&req.keys, &e),
         };
@@ -399,6 +399,28 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(PingResponse {
             name: self.engine.membership().local().name.clone(),
             address: self.advertise.clone(),
+            leaving: self.engine.is_leaving(),
         }))
+    }
+
+    async fn handoff(&self, request: Request<HandoffRequest>) -> Result<Response<HandoffResponse>, Status> {
+        let req = request.into_inner();
+        let entries = req.entries.into_iter().map(crate::peer::grpc::held_from_pb).collect();
+        let reply =
+            self.engine.accept_handoff(&req.from, &req.keyspace, entries, req.leaving, req.admitted).await;
+        Ok(Response::new(HandoffResponse { applied: reply.applied, ignored: reply.ignored }))
+    }
+
+    async fn peek(&self, request: Request<PeekRequest>) -> Result<Response<PeekResponse>, Status> {
+        let req = request.into_inner();
+        let keys: Vec<Arc<str>> = req.keys.into_iter().map(Arc::from).collect();
+        let held = self.engine.peek(&req.keyspace, &keys);
+        let mut response = PeekResponse { entries: Vec::with_capacity(keys.len()), held: Vec::with_capacity(keys.len()) };
+        for (key, h) in keys.iter().zip(held) {
+            let entry = h.as_ref().and_then(|h| crate::peer::grpc::held_to_pb(key, h));
+            response.held.push(entry.is_some());
+            response.entries.push(entry.unwrap_or_default());
+        }
+        Ok(Response::new(response))
     }
 }

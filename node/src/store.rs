@@ -9,6 +9,11 @@
 //! Both checks and the insert happen under the stripe's lock, so a fill never resurrects a value that a write
 //! replaced or removed. Stripes are per key hash (4096 of them), never a keyspace-wide lock.
 //!
+//! Entries carry a *version* (see [`crate::hlc`]), assigned by the owner that wrote or loaded them. Entries that
+//! move between nodes (handoff, previous-owner reads) are inserted with [`Store::merge`]: newer wins against the
+//! entry present and against a *tombstone*, the version of a recent delete, kept for [`TOMBSTONE_TTL`] so that
+//! an older copy of a deleted key cannot come back from another node.
+//!
 //! A resize (a keyspace's `maxBytes` changed by a reload) swaps in a main tier of the new size and then copies
 //! the old one over, one stripe lock at a time, while requests go on: see [`Store::resize`].
 
@@ -36,6 +41,14 @@ pub const HOT_MAX_TTL: Duration = Duration::from_secs(30);
 
 const STRIPES: usize = 4096;
 
+/// How long a delete is remembered (its tombstone): longer than any handoff or previous-owner read can lag.
+pub const TOMBSTONE_TTL: Duration = Duration::from_mins(10);
+
+/// Counters of the heat sketch (a count-min sketch of main-tier hits, 4 rows), used to hand off the hottest
+/// entries first.
+const HEAT_ROWS: usize = 4;
+const HEAT_WIDTH: usize = 4096;
+
 /// A cached entry: a value, or a cached NOT_FOUND (negative entry).
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -43,18 +56,27 @@ pub struct Entry {
     pub value: Option<Bytes>,
     /// When the entry expires; `None` = never.
     pub expires_at: Option<Instant>,
+    /// Version assigned by the owner (0 for hot copies, which never move).
+    pub version: u64,
 }
 
 impl Entry {
     /// A positive entry with an optional TTL.
     /// A TTL too large to represent as an instant means "never expires".
     pub fn value(value: Bytes, ttl: Option<Duration>) -> Self {
-        Self { value: Some(value), expires_at: ttl.and_then(|t| Instant::now().checked_add(t)) }
+        Self { value: Some(value), expires_at: ttl.and_then(|t| Instant::now().checked_add(t)), version: 0 }
     }
 
     /// A negative entry (cached NOT_FOUND).
     pub fn not_found(ttl: Duration) -> Self {
-        Self { value: None, expires_at: Instant::now().checked_add(ttl) }
+        Self { value: None, expires_at: Instant::now().checked_add(ttl), version: 0 }
+    }
+
+    /// The entry with a version.
+    #[must_use]
+    pub fn versioned(mut self, version: u64) -> Self {
+        self.version = version;
+        self
     }
 
     /// Time left before expiry (`None` = never expires).
@@ -125,6 +147,19 @@ pub struct Store {
     resize_lock: Mutex<()>,
     stripes: Box<[Stripe]>,
     evictions: Counter,
+    /// Versions of recent deletes, by key.
+    tombstones: Cache<Arc<str>, u64, Hasher>,
+    /// Count-min sketch of main-tier hits by key hash (approximate, saturating; relaxed atomics).
+    heat: Box<[std::sync::atomic::AtomicU16]>,
+}
+
+/// What a node holds for a key, as it moves to another node: an entry, or the version of its delete.
+#[derive(Clone, Debug)]
+pub enum Held {
+    /// A value (or cached NOT_FOUND) with its version and expiry.
+    Entry(Entry),
+    /// Deleted at this version.
+    Deleted(u64),
 }
 
 /// The hasher of the cache tiers: foldhash, randomly seeded per process (keys are client-chosen, so the hash
@@ -156,7 +191,37 @@ impl Store {
             resize_lock: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             evictions: evictions.clone(),
+            tombstones: Cache::builder()
+                .max_capacity((max_bytes / 16).max(64 << 10))
+                .weigher(|k: &Arc<str>, _: &u64| u32::try_from(k.len() + 64).unwrap_or(u32::MAX))
+                .time_to_live(TOMBSTONE_TTL)
+                .build_with_hasher(Hasher::default()),
+            heat: (0..HEAT_ROWS * HEAT_WIDTH).map(|_| std::sync::atomic::AtomicU16::new(0)).collect(),
         }
+    }
+
+    /// The sketch cells of a key hash, one per row.
+    fn heat_cells(hash: u64) -> impl Iterator<Item = usize> {
+        // Reason: each 12-bit slice of the hash is below HEAT_WIDTH.
+        #[allow(clippy::cast_possible_truncation)]
+        (0..HEAT_ROWS).map(move |row| row * HEAT_WIDTH + ((hash >> (row * 12)) as usize % HEAT_WIDTH))
+    }
+
+    /// Counts a main-tier hit of a key (for "hottest first" handoffs). Lossy under races, never blocking.
+    #[inline]
+    pub fn touch(&self, hash: u64) {
+        for cell in Self::heat_cells(hash) {
+            let c = &self.heat[cell];
+            let v = c.load(Ordering::Relaxed);
+            if v < u16::MAX {
+                c.store(v + 1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Estimated hits of a key (an upper bound, as count-min sketches give).
+    pub fn heat(&self, hash: u64) -> u16 {
+        Self::heat_cells(hash).map(|cell| self.heat[cell].load(Ordering::Relaxed)).min().unwrap_or(0)
     }
 
     fn cache(&self, tier: Tier) -> arc_swap::Guard<Arc<Cache<Arc<str>, Entry, Hasher>>> {
@@ -258,6 +323,10 @@ impl Store {
         if stripe.epoch.load(Ordering::Acquire) != epoch || cache.contains_key(&key) || draining_has_it {
             return false;
         }
+        // An entry that moved from another node must not bring back a key deleted here later than it was written.
+        if tier == Tier::Main && self.tombstones.get(&key).is_some_and(|t| t >= entry.version) {
+            return false;
+        }
         cache.insert(key, entry);
         true
     }
@@ -273,7 +342,100 @@ impl Store {
         if let Some(old) = &*self.draining.load() {
             old.invalidate(&key);
         }
+        if tier == Tier::Main {
+            self.tombstones.invalidate(&key);
+        }
         self.cache(tier).insert(key, entry);
+    }
+
+    /// The owner's delete: removes the key from both tiers and remembers the delete's version.
+    pub fn delete(&self, key: Arc<str>, hash: u64, version: u64) {
+        self.remove(&key, hash);
+        self.tombstones.insert(key, version);
+    }
+
+    /// Inserts an entry that moved from another node (a handoff or a previous owner's answer) if it is newer
+    /// than the main-tier entry present and than a delete of the key. Returns whether it was stored.
+    pub fn merge(&self, key: Arc<str>, hash: u64, held: Held) -> bool {
+        let stripe = self.stripe(hash);
+        let _guard = stripe.lock.lock();
+        let version = match &held {
+            Held::Entry(e) => e.version,
+            Held::Deleted(v) => *v,
+        };
+        if self.tombstones.get(&key).is_some_and(|t| t >= version) {
+            return false;
+        }
+        let main = self.main.load();
+        let present = main.get(&key).or_else(|| self.draining.load().as_ref().and_then(|d| d.get(&key)));
+        if present.is_some_and(|p| p.version >= version) {
+            return false;
+        }
+        stripe.bump();
+        self.hot.load().invalidate(&key);
+        if let Some(old) = &*self.draining.load() {
+            old.invalidate(&key);
+        }
+        match held {
+            Held::Entry(entry) => {
+                self.tombstones.invalidate(&key);
+                main.insert(key, entry);
+            }
+            Held::Deleted(v) => {
+                main.invalidate(&key);
+                self.tombstones.insert(key, v);
+            }
+        }
+        true
+    }
+
+    /// What the main tier holds for a key: an entry, a recent delete, or nothing.
+    pub fn held(&self, key: &str) -> Option<Held> {
+        match self.get(Tier::Main, key) {
+            Some(e) => Some(Held::Entry(e)),
+            None => self.tombstones.get(key).map(Held::Deleted),
+        }
+    }
+
+    /// A snapshot of the main tier and the recent deletes (for handoffs), hottest first.
+    pub fn snapshot(&self) -> Vec<(Arc<str>, Held)> {
+        let mut all: Vec<(Arc<str>, Held, u16)> = Vec::new();
+        let tiers = std::iter::once(self.main.load_full()).chain(self.draining.load_full());
+        for tier in tiers {
+            for (k, e) in tier.iter() {
+                let k: Arc<str> = Arc::clone(&k);
+                let heat = self.heat(crate::ring::key_hash(&k));
+                all.push((k, Held::Entry(e), heat));
+            }
+        }
+        for (k, v) in &self.tombstones {
+            all.push((Arc::clone(&k), Held::Deleted(v), 0));
+        }
+        all.sort_by_key(|e| std::cmp::Reverse(e.2));
+        all.into_iter().map(|(k, h, _)| (k, h)).collect()
+    }
+
+    /// After a handoff: drops the key from the main tier unless it changed since (a newer version arrived).
+    pub fn forget_moved(&self, key: &str, hash: u64, version: u64) {
+        let stripe = self.stripe(hash);
+        let _guard = stripe.lock.lock();
+        let main = self.main.load();
+        if main.get(key).is_some_and(|e| e.version <= version) {
+            stripe.bump();
+            main.invalidate(key);
+        }
+        if let Some(old) = &*self.draining.load() {
+            old.invalidate(key);
+        }
+    }
+
+    /// Drops every hot copy (after a membership change; their owners may have changed).
+    pub fn drop_hot(&self) {
+        for stripe in &*self.stripes {
+            let _guard = stripe.lock.lock();
+            stripe.bump();
+        }
+        self.hot.load().invalidate_all();
     }
 
     /// Removes a key from both tiers and bumps its epoch.
@@ -302,22 +464,6 @@ impl Store {
             }
         }
         self.hot.load().invalidate_all();
-    }
-
-    /// After a membership change: drops main-tier entries this node no longer owns and every hot copy (their
-    /// owners may have changed, and a copy of a key this node now owns must not shadow the main tier later).
-    pub fn retain_owned(&self, still_owned: impl Fn(&str) -> bool + Send + Sync + 'static) {
-        self.hot.load().invalidate_all();
-        let still_owned = Arc::new(still_owned);
-        let tiers = std::iter::once(self.main.load_full()).chain(self.draining.load_full());
-        for main in tiers {
-            let still_owned = Arc::clone(&still_owned);
-            // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
-            // enabled in `build_cache`; if it ever failed, dropping everything is the safe fallback.
-            if main.invalidate_entries_if(move |k, _| !still_owned(k)).is_err() {
-                main.invalidate_all();
-            }
-        }
     }
 
     /// Applies pending evictions and expirations so that sizes read next are exact.

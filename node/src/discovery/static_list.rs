@@ -108,11 +108,17 @@ impl Prober {
         for (addr, result) in futures::future::join_all(probes).await {
             let Some(s) = self.state.get_mut(&addr) else { continue };
             match result {
-                Ok(Ok(m)) if m.name == ctx.local.name => {
+                Ok(Ok(pong)) if pong.member.name == ctx.local.name => {
                     // The list names this node under another address: not a peer.
                     s.member = None;
                 }
-                Ok(Ok(m)) => {
+                Ok(Ok(pong)) if pong.leaving => {
+                    // It hands its entries off and stops: out of the ring at once, not after missed probes.
+                    if let Some(m) = s.member.take() {
+                        tracing::info!(backend, peer = %addr, name = %m.name, "peer is leaving; leaving the ring");
+                    }
+                }
+                Ok(Ok(crate::peer::Pong { member: m, .. })) => {
                     if s.member.is_none() {
                         tracing::info!(backend, peer = %addr, name = %m.name, "peer answers; joining the ring");
                     }

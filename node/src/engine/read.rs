@@ -22,6 +22,17 @@ use crate::{
 /// The keys of one owner that missed this node's cache: position in the batch, and the key to load.
 type Misses = Vec<(usize, LoadKey)>;
 
+/// Where the keys of a batch are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// A client's request: each key at its owner in this node's view.
+    Client,
+    /// A peer's request: keys owned here are served here, the others forwarded once (marked forwarded).
+    Peer,
+    /// A forwarded request: everything here.
+    Here,
+}
+
 impl Engine {
     /// Get of one key, routed to its owner.
     pub async fn get(self: &Arc<Self>, keyspace: &str, key: &str) -> Result<Value, EngineError> {
@@ -57,6 +68,7 @@ impl Engine {
         let epoch = ks.store.epoch(hash);
         if let Some(entry) = ks.store.get(Tier::Main, key) {
             ks.metrics.hits_main.inc();
+            ks.store.touch(hash);
             return entry_to_value(entry);
         }
         ks.metrics.misses.inc();
@@ -69,12 +81,58 @@ impl Engine {
         ks: &Arc<KeyspaceRuntime>,
         key: LoadKey,
     ) -> Result<Value, EngineError> {
-        let Some(source) = ks.source.clone() else { return Err(EngineError::NotFound) };
+        // A cache-aside keyspace has nothing to load, except from a previous owner just after a change.
+        if ks.source.is_none() && !self.in_grace() {
+            return Err(EngineError::NotFound);
+        }
         let name = Arc::clone(&key.0);
         // The load is built only by the leader; callers that join an in-flight load build nothing.
-        ks.source_flight
-            .load(&name, || self.source_load(ks, source, vec![key], Tier::Main).map(super::single).boxed())
-            .await
+        ks.source_flight.load(&name, || self.owner_load(ks, vec![key]).map(super::single).boxed()).await
+    }
+
+    /// Builds the owner's load of keys that missed its main tier: the main tier again (a load that finished
+    /// meanwhile), then the keys' previous owners during the grace window after a membership change, then the
+    /// data source (NOT_FOUND for a cache-aside keyspace).
+    fn owner_load(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, keys: Vec<LoadKey>) -> BoxFuture<'static, KeyResults<Value>> {
+        let ks = Arc::clone(ks);
+        let this = Arc::clone(self);
+        async move {
+            let mut batch = Batch::new(keys.len());
+            let mut missing = Vec::with_capacity(keys.len());
+            for (i, key) in keys.into_iter().enumerate() {
+                match ks.store.get(Tier::Main, &key.0) {
+                    Some(entry) => batch.set(i, entry_to_value(entry)),
+                    None => missing.push((i, key)),
+                }
+            }
+            if !missing.is_empty() && this.in_grace() {
+                let keys: Vec<LoadKey> = missing.iter().map(|(_, k)| k.clone()).collect();
+                let answers = this.ask_previous_owners(&ks, &keys).await;
+                let mut still = Vec::with_capacity(missing.len());
+                for ((i, key), answer) in missing.into_iter().zip(answers) {
+                    match answer {
+                        Some(Ok(v)) => batch.set(i, Ok(v)),
+                        // Deleted on the previous owner: the data source decides (NOT_FOUND without one).
+                        Some(Err(())) | None => still.push((i, key)),
+                    }
+                }
+                missing = still;
+            }
+            if missing.is_empty() {
+                return batch.finish();
+            }
+            let Some(source) = ks.source.clone() else {
+                for (i, _) in missing {
+                    batch.set(i, Err(EngineError::NotFound));
+                }
+                return batch.finish();
+            };
+            let (positions, keys): (Vec<usize>, Vec<LoadKey>) = missing.into_iter().unzip();
+            let results = this.source_load(&ks, source, keys, Tier::Main).await;
+            batch.fill(positions, results);
+            batch.finish()
+        }
+        .boxed()
     }
 
     /// Non-owner get: hot tier, then the owner through single flight.
@@ -95,7 +153,7 @@ impl Engine {
         ks.peer_flight
             .load(key, || {
                 let owner = ring.members()[owner].clone();
-                self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)]).map(super::single).boxed()
+                self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)], false).map(super::single).boxed()
             })
             .await
     }
@@ -116,6 +174,8 @@ impl Engine {
     ) -> BoxFuture<'static, KeyResults<Value>> {
         let ks = Arc::clone(ks);
         let metrics = Arc::clone(&self.metrics);
+        // Fills of the main tier carry this node's next version (hot copies never move: no version).
+        let version = if tier == Tier::Main { self.next_version() } else { 0 };
         async move {
             let mut batch = Batch::new(keys.len());
             let mut missing = Vec::with_capacity(keys.len());
@@ -131,7 +191,7 @@ impl Engine {
             let (positions, keys): (Vec<usize>, Vec<LoadKey>) = missing.into_iter().unzip();
             let (fetched, cut) = fetch(&ks, source.as_ref(), &keys).await;
             let results =
-                keys.into_iter().zip(fetched).map(|(key, r)| settle(&ks, &metrics, tier, key, r, cut));
+                keys.into_iter().zip(fetched).map(|(key, r)| settle(&ks, &metrics, (tier, version), key, r, cut));
             batch.fill(positions, results.collect());
             batch.finish()
         }
@@ -141,19 +201,20 @@ impl Engine {
     /// Builds the future that loads `keys` from their owner and fills the hot tier. When the owner cannot be
     /// reached, it fetches from the data source itself (or reports UNAVAILABLE for a cache-aside keyspace). An
     /// owner that is reachable but slow is not "down": its deadline covers its own fetch, and missing it is
-    /// DEADLINE_EXCEEDED, never a second fetch from here.
+    /// DEADLINE_EXCEEDED, never a second fetch from here. `forwarded`: this node passes on a peer's request.
     fn peer_load(
         self: &Arc<Self>,
         ks: &Arc<KeyspaceRuntime>,
         owner: Member,
         keys: Vec<LoadKey>,
+        forwarded: bool,
     ) -> BoxFuture<'static, KeyResults<Value>> {
         let ks = Arc::clone(ks);
         let this = Arc::clone(self);
         async move {
             let names: Vec<Arc<str>> = keys.iter().map(|(k, _, _)| Arc::clone(k)).collect();
             let deadline = ks.config.fetch_timeout + this.transport.timeout();
-            match this.transport.load(&owner, &ks.config.name, names, deadline).await {
+            match this.transport.load(&owner, &ks.config.name, names, deadline, forwarded).await {
                 Ok(results) if results.len() == keys.len() => {
                     keys.into_iter().zip(results).map(|(key, r)| fill_copy(&ks, &owner, key, r)).collect()
                 }
@@ -190,13 +251,14 @@ impl Engine {
     ) -> Result<KeyResults<Value>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
-        let results = self.get_many_routed(&ks, keys, true).await;
+        let results = self.get_many_routed(&ks, keys, Route::Client).await;
         self.metrics.request("get_many", keyspace, Code::Ok);
         Ok(results)
     }
 
-    /// Owner-side load of keys for a peer: served here whatever the ring says (never forwarded again).
-    /// `from` is the calling node, vetted by the transport (its address is on the host the call came from, and
+    /// Owner-side load of keys for a peer. Keys this node owns in its view are served here; the others are
+    /// forwarded once to their owner in this view (views differ during a membership change), unless the request
+    /// was already forwarded, in which case everything is served here. `from` is the calling node, vetted by the transport (its address is on the host the call came from, and
     /// with TLS the connection is a mutually authenticated peer). It is remembered as a holder of copies (see
     /// [`Engine::set_members`]): always when it is a current member under that name and address, otherwise — a
     /// node that already sees this one while this one does not see it yet — only while fewer than
@@ -206,6 +268,7 @@ impl Engine {
         keyspace: &str,
         keys: &[String],
         from: Option<Member>,
+        forwarded: bool,
     ) -> Result<KeyResults<Value>, EngineError> {
         if let Some(m) = from
             && self.may_hold_copies(&m)
@@ -217,29 +280,31 @@ impl Engine {
         }
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
-        Ok(self.get_many_routed(&ks, keys, false).await)
+        // A leaving node owns nothing: it passes even forwarded requests on.
+        let route = if forwarded && !self.is_leaving() { Route::Here } else { Route::Peer };
+        Ok(self.get_many_routed(&ks, keys, route).await)
     }
 
-    /// Answers what the caches hold and loads the rest, one load per owner (`route = false`: everything here).
+    /// Answers what the caches hold and loads the rest, one load per owner.
     async fn get_many_routed(
         self: &Arc<Self>,
         ks: &Arc<KeyspaceRuntime>,
         keys: &[String],
-        route: bool,
+        route: Route,
     ) -> KeyResults<Value> {
         let mut batch = Batch::new(keys.len());
         let valid = batch.split(keys, |key| validate_key(key).map(|()| key_hash(key)));
         let valid = valid.into_iter().map(|(i, hash)| (i, hash, hash));
-        let groups = if route {
-            group_by_owner(&self.membership.ring(), &self.membership.local().name, valid)
-        } else {
+        let groups = if route == Route::Here {
             vec![(None, valid.map(|(i, _, hash)| (i, hash)).collect())]
+        } else {
+            group_by_owner(&self.membership.ring(), &self.membership.local().name, valid)
         };
         let mut pending = Vec::new();
         for (owner, items) in groups {
             let misses = lookup(ks, owner.is_some(), keys, items, &mut batch);
             if !misses.is_empty() {
-                pending.extend(self.load_misses(ks, owner, misses, &mut batch));
+                pending.extend(self.load_misses(ks, owner, misses, &mut batch, route == Route::Peer));
             }
         }
         for (i, r) in futures::future::join_all(pending).await {
@@ -256,6 +321,7 @@ impl Engine {
         owner: Option<Member>,
         misses: Misses,
         batch: &mut Batch<Value>,
+        forwarded: bool,
     ) -> Vec<BoxFuture<'static, (usize, Result<Value, EngineError>)>> {
         let names: Vec<Arc<str>> = misses.iter().map(|(_, (k, _, _))| Arc::clone(k)).collect();
         let recorded: std::collections::HashMap<Arc<str>, (u64, u64)> =
@@ -271,18 +337,17 @@ impl Engine {
         };
         let futures = match owner {
             None => {
-                let Some(source) = ks.source.clone() else {
+                if ks.source.is_none() && !self.in_grace() {
                     for (i, _) in &misses {
                         batch.set(*i, Err(EngineError::NotFound));
                     }
                     return Vec::new();
-                };
-                ks.source_flight
-                    .load_many(&names, |led| self.source_load(ks, source, with_hash(led), Tier::Main))
+                }
+                ks.source_flight.load_many(&names, |led| self.owner_load(ks, with_hash(led)))
             }
             Some(owner) => {
                 ks.metrics.forwarded.inc_by(misses.len() as u64);
-                ks.peer_flight.load_many(&names, |led| self.peer_load(ks, owner, with_hash(led)))
+                ks.peer_flight.load_many(&names, |led| self.peer_load(ks, owner, with_hash(led), forwarded))
             }
         };
         misses.into_iter().zip(futures).map(|((i, _), fut)| async move { (i, fut.await) }.boxed()).collect()
@@ -306,6 +371,9 @@ fn lookup(
         let epoch = ks.store.epoch(hash);
         if let Some(entry) = ks.store.get(tier, key) {
             hits.inc();
+            if !remote {
+                ks.store.touch(hash);
+            }
             batch.set(i, entry_to_value(entry));
         } else {
             ks.metrics.misses.inc();
@@ -348,7 +416,7 @@ async fn fetch(
 fn settle(
     ks: &KeyspaceRuntime,
     metrics: &Metrics,
-    tier: Tier,
+    (tier, version): (Tier, u64),
     (key, hash, epoch): LoadKey,
     result: Result<Fetched, FetchError>,
     cut: bool,
@@ -364,7 +432,8 @@ fn settle(
             metrics.fetch(name, "ok");
             let ttl = f.ttl.or(ks.config.ttl);
             if ttl != Some(Duration::ZERO) {
-                ks.store.fill(tier, key, hash, Entry::value(f.value.clone(), tier_ttl(ttl)), epoch);
+                let entry = Entry::value(f.value.clone(), tier_ttl(ttl)).versioned(version);
+                ks.store.fill(tier, key, hash, entry, epoch);
             }
             Ok(Value { bytes: f.value, ttl })
         }
@@ -372,7 +441,7 @@ fn settle(
             metrics.fetch(name, "not_found");
             if let Some(ttl) = negative_ttl.or(ks.config.negative_ttl).filter(|t| !t.is_zero()) {
                 let ttl = tier_ttl(Some(ttl)).unwrap_or(ttl);
-                ks.store.fill(tier, key, hash, Entry::not_found(ttl), epoch);
+                ks.store.fill(tier, key, hash, Entry::not_found(ttl).versioned(version), epoch);
             }
             Err(EngineError::NotFound)
         }

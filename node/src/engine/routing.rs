@@ -1,9 +1,9 @@
 //! Who answers a key: the owner on this node's ring, and what changes when the ring does.
 
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use super::Engine;
-use crate::ring::{Member, Ring, key_hash};
+use crate::ring::{Member, Ring};
 
 /// Batch items of one owner (`None` = this node), each with its position in the batch.
 pub(super) type OwnerGroup<T> = (Option<Member>, Vec<(usize, T)>);
@@ -37,35 +37,12 @@ impl Engine {
         let i = ring.owner_index(hash)?;
         (ring.members()[i].name != self.membership.local().name).then_some((ring, i))
     }
-
-    /// Applies a new set of other members: swaps the ring, publishes events, drops entries this node no longer
-    /// owns and every hot copy.
-    pub fn set_members(&self, others: &[Member]) {
-        let changes = self.membership.update(others);
-        let ring = self.membership.ring();
-        self.metrics.members.set(i64::try_from(ring.len()).unwrap_or(i64::MAX));
-        if changes.is_empty() {
-            return;
-        }
-        for c in &changes {
-            tracing::info!(member = %c.member.name, address = %c.member.address, change = ?c.kind, "membership changed");
-        }
-        let local = self.membership.local().name.clone();
-        for ks in self.keyspaces.all() {
-            let ring = Arc::clone(&ring);
-            let local = local.clone();
-            ks.store.retain_owned(move |key| ring.owner(key_hash(key)).is_none_or(|m| m.name == local));
-        }
-        // Connections are kept for members and recent copy holders (they are sent invalidations) only.
-        let mut keep: HashSet<String> = ring.members().iter().map(|m| m.address.clone()).collect();
-        keep.extend(self.copy_holders.iter().map(|e| e.value().0.clone()));
-        self.transport.retain_addresses(&keep);
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ring::key_hash;
 
     #[test]
     fn groups_keep_positions_and_name_remote_owners_only() {

@@ -63,7 +63,7 @@ impl Engine {
         let ks = self.keyspace(keyspace)?;
         validate_batch(entries.len())?;
         let op = if entries.len() == 1 { "put" } else { "put_many" };
-        let results = self.write_routed(&ks, entries.into_iter().map(Write::Put).collect()).await;
+        let results = self.write_routed(&ks, entries.into_iter().map(Write::Put).collect(), false).await;
         self.count_writes(op, keyspace, &results);
         Ok(results)
     }
@@ -82,8 +82,8 @@ impl Engine {
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
         let op = if keys.len() == 1 { "delete" } else { "delete_many" };
-        let results =
-            self.write_routed(&ks, keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect()).await;
+        let writes = keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect();
+        let results = self.write_routed(&ks, writes, false).await;
         self.count_writes(op, keyspace, &results);
         Ok(results)
     }
@@ -93,7 +93,13 @@ impl Engine {
         self.metrics.request(op, keyspace, code);
     }
 
-    async fn write_routed(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, writes: Vec<Write>) -> KeyResults<()> {
+    /// Applies writes at their owners in this node's view (`forwarded`: this node passes on a peer's request).
+    async fn write_routed(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        writes: Vec<Write>,
+        forwarded: bool,
+    ) -> KeyResults<()> {
         let mut batch = Batch::new(writes.len());
         let valid = batch.split(writes, |w| w.validate(ks));
         let items = valid.into_iter().map(|(i, w)| (i, key_hash(w.key()), w));
@@ -102,7 +108,7 @@ impl Engine {
             let (positions, writes): (Vec<usize>, Vec<Write>) = items.into_iter().unzip();
             let outcome = match owner {
                 None => self.write_owned(ks, writes).await,
-                Some(owner) => self.write_remote(ks, &owner, writes).await,
+                Some(owner) => self.write_remote(ks, &owner, writes, forwarded).await,
             };
             (positions, outcome)
         });
@@ -112,17 +118,23 @@ impl Engine {
         batch.finish()
     }
 
-    async fn write_remote(&self, ks: &KeyspaceRuntime, owner: &Member, writes: Vec<Write>) -> KeyResults<()> {
+    async fn write_remote(
+        &self,
+        ks: &KeyspaceRuntime,
+        owner: &Member,
+        writes: Vec<Write>,
+        forwarded: bool,
+    ) -> KeyResults<()> {
         let n = writes.len();
         let keys: Vec<Arc<str>> = writes.iter().map(|w| Arc::clone(w.key())).collect();
         let (puts, deletes): (Vec<_>, Vec<_>) = writes.into_iter().partition(|w| matches!(w, Write::Put(_)));
         let outcome = if deletes.is_empty() {
             let entries =
                 puts.into_iter().filter_map(|w| if let Write::Put(e) = w { Some(e) } else { None }).collect();
-            self.transport.store(owner, &ks.config.name, entries).await
+            self.transport.store(owner, &ks.config.name, entries, forwarded).await
         } else {
             let keys = deletes.iter().map(|w| Arc::clone(w.key())).collect();
-            self.transport.remove(owner, &ks.config.name, keys).await
+            self.transport.remove(owner, &ks.config.name, keys, forwarded).await
         };
         // Whatever the owner did, drop this node's own copies: the owner invalidates the members it knows, and
         // during a membership change it may not know this node yet.
@@ -151,12 +163,13 @@ impl Engine {
             match w {
                 Write::Put(e) => {
                     let ttl = e.ttl.or(ks.config.ttl);
-                    ks.store.write(Tier::Main, Arc::clone(&e.key), hash, Entry::value(e.value, ttl));
+                    let entry = Entry::value(e.value, ttl).versioned(self.next_version());
+                    ks.store.write(Tier::Main, Arc::clone(&e.key), hash, entry);
                     ks.source_flight.forget(&e.key);
                     keys.push(e.key);
                 }
                 Write::Delete(key) => {
-                    ks.store.remove(&key, hash);
+                    ks.store.delete(Arc::clone(&key), hash, self.next_version());
                     ks.source_flight.forget(&key);
                     keys.push(key);
                 }
@@ -204,34 +217,51 @@ impl Engine {
         )))
     }
 
-    /// Owner-side store for a peer (never forwarded again).
+    /// Owner-side store for a peer: keys this node owns in its view are applied here, the others forwarded
+    /// once to their owner in this view; a forwarded request is applied here (see [`Engine::load_for_peer`]).
     pub async fn store_for_peer(
-        &self,
+        self: &Arc<Self>,
         keyspace: &str,
         entries: Vec<WriteEntry>,
+        forwarded: bool,
     ) -> Result<KeyResults<()>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(entries.len())?;
-        Ok(self.write_validated_owned(&ks, entries.into_iter().map(Write::Put).collect()).await)
+        Ok(self.write_for_peer(&ks, entries.into_iter().map(Write::Put).collect(), forwarded).await)
     }
 
-    /// Owner-side removal for a peer (never forwarded again).
+    /// Owner-side removal for a peer, routed as [`Engine::store_for_peer`].
     pub async fn remove_for_peer(
-        &self,
+        self: &Arc<Self>,
         keyspace: &str,
         keys: &[String],
+        forwarded: bool,
     ) -> Result<KeyResults<()>, EngineError> {
         let ks = self.keyspace(keyspace)?;
         validate_batch(keys.len())?;
         let writes = keys.iter().map(|k| Write::Delete(Arc::from(k.as_str()))).collect();
-        Ok(self.write_validated_owned(&ks, writes).await)
+        Ok(self.write_for_peer(&ks, writes, forwarded).await)
     }
 
-    async fn write_validated_owned(&self, ks: &KeyspaceRuntime, writes: Vec<Write>) -> KeyResults<()> {
+    async fn write_for_peer(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        writes: Vec<Write>,
+        forwarded: bool,
+    ) -> KeyResults<()> {
+        // A leaving node owns nothing: it passes even forwarded writes on.
+        if !forwarded || self.is_leaving() {
+            return self.write_routed(ks, writes, true).await;
+        }
         let mut batch = Batch::new(writes.len());
         let (positions, valid): (Vec<usize>, Vec<Write>) =
             batch.split(writes, |w| w.validate(ks)).into_iter().unzip();
-        batch.fill(positions, self.write_owned(ks, valid).await);
+        let keys: Vec<Arc<str>> = valid.iter().map(|w| Arc::clone(w.key())).collect();
+        let results = self.write_owned(ks, valid).await;
+        // The sender's view names this node, but this node's view names another owner: the write goes there too
+        // before it is acknowledged, so it is where readers look once the views agree.
+        self.push_to_owners(ks, &keys).await;
+        batch.fill(positions, results);
         batch.finish()
     }
 

@@ -8,13 +8,47 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use distcache_proto::v1::{
-    self as pb, InvalidateRequest, LoadRequest, PingRequest, PurgeRequest, RemoveRequest, StoreRequest,
-    key_result::Outcome, peer_client::PeerClient,
+    self as pb, HandoffRequest, InvalidateRequest, LoadRequest, PeekRequest, PingRequest, PurgeRequest,
+    RemoveRequest, StoreRequest, key_result::Outcome, peer_client::PeerClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
-use super::{KeyResults, PeerError, PeerTransport, WriteEntry, key_names};
-use crate::{error::EngineError, keyspace::Value, ring::Member};
+use super::{HandoffBatch, HandoffReply, KeyResults, PeerError, PeerTransport, Pong, WriteEntry, key_names};
+use crate::{
+    error::EngineError,
+    keyspace::Value,
+    ring::Member,
+    store::{Entry, Held},
+};
+
+/// What a node holds for a key, as the Peer service carries it. Cached NOT_FOUNDs do not move (`None`).
+pub fn held_to_pb(key: &str, held: &Held) -> Option<pb::HandoffEntry> {
+    match held {
+        Held::Entry(e) => Some(pb::HandoffEntry {
+            key: key.to_owned(),
+            value: e.value.clone()?,
+            ttl: e.ttl_left().map(distcache_proto::from_std_duration),
+            version: e.version,
+            deleted: false,
+        }),
+        Held::Deleted(v) => {
+            Some(pb::HandoffEntry { key: key.to_owned(), value: bytes::Bytes::new(), ttl: None, version: *v, deleted: true })
+        }
+    }
+}
+
+/// The key and what the sender holds for it; an entry whose remaining TTL is zero has expired on the way.
+pub fn held_from_pb(e: pb::HandoffEntry) -> (Arc<str>, Option<Held>) {
+    let key: Arc<str> = Arc::from(e.key);
+    if e.deleted {
+        return (key, Some(Held::Deleted(e.version)));
+    }
+    let ttl = e.ttl.as_ref().and_then(distcache_proto::to_std_duration);
+    if ttl.is_some_and(|t| t.is_zero()) {
+        return (key, None);
+    }
+    (key, Some(Held::Entry(Entry::value(e.value, ttl).versioned(e.version))))
+}
 
 /// gRPC peer client pool.
 pub struct GrpcPeers {
@@ -145,6 +179,7 @@ impl PeerTransport for GrpcPeers {
         keyspace: &str,
         keys: Vec<Arc<str>>,
         timeout: Duration,
+        forwarded: bool,
     ) -> Result<KeyResults<Value>, PeerError> {
         let n = keys.len();
         let req = LoadRequest {
@@ -152,6 +187,7 @@ impl PeerTransport for GrpcPeers {
             keys: key_names(&keys),
             from: self.local.clone(),
             from_address: self.local_address.clone(),
+            forwarded,
         };
         let resp = self
             .client(&peer.address)?
@@ -170,6 +206,7 @@ impl PeerTransport for GrpcPeers {
         peer: &Member,
         keyspace: &str,
         entries: Vec<WriteEntry>,
+        forwarded: bool,
     ) -> Result<KeyResults<()>, PeerError> {
         let n = entries.len();
         let req = StoreRequest {
@@ -183,6 +220,7 @@ impl PeerTransport for GrpcPeers {
                 })
                 .collect(),
             from: self.local.clone(),
+            forwarded,
         };
         let resp = self
             .client(&peer.address)?
@@ -198,10 +236,15 @@ impl PeerTransport for GrpcPeers {
         peer: &Member,
         keyspace: &str,
         keys: Vec<Arc<str>>,
+        forwarded: bool,
     ) -> Result<KeyResults<()>, PeerError> {
         let n = keys.len();
-        let req =
-            RemoveRequest { keyspace: keyspace.to_owned(), keys: key_names(&keys), from: self.local.clone() };
+        let req = RemoveRequest {
+            keyspace: keyspace.to_owned(),
+            keys: key_names(&keys),
+            from: self.local.clone(),
+            forwarded,
+        };
         let resp = self
             .client(&peer.address)?
             .remove(request(req, self.timeout * 2))
@@ -233,7 +276,49 @@ impl PeerTransport for GrpcPeers {
         Ok(())
     }
 
-    async fn ping(&self, address: &str) -> Result<Member, PeerError> {
+    async fn handoff(&self, peer: &Member, batch: HandoffBatch) -> Result<HandoffReply, PeerError> {
+        let req = HandoffRequest {
+            from: self.local.clone(),
+            keyspace: batch.keyspace,
+            entries: batch.entries.iter().filter_map(|(k, h)| held_to_pb(k, h)).collect(),
+            leaving: batch.leaving,
+            admitted: batch.admitted,
+        };
+        let resp = self
+            .client(&peer.address)?
+            .handoff(request(req, self.timeout * 2))
+            .await
+            .map_err(|s| Self::fail(peer, &s))?
+            .into_inner();
+        Ok(HandoffReply { applied: resp.applied, ignored: resp.ignored })
+    }
+
+    async fn peek(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        keys: Vec<Arc<str>>,
+    ) -> Result<Vec<Option<Held>>, PeerError> {
+        let n = keys.len();
+        let req = PeekRequest { keyspace: keyspace.to_owned(), keys: key_names(&keys), from: self.local.clone() };
+        let resp = self
+            .client(&peer.address)?
+            .peek(request(req, self.timeout))
+            .await
+            .map_err(|s| Self::fail(peer, &s))?
+            .into_inner();
+        if resp.entries.len() != n || resp.held.len() != n {
+            return Err(Self::mismatch(peer, resp.entries.len(), n));
+        }
+        Ok(resp
+            .entries
+            .into_iter()
+            .zip(resp.held)
+            .map(|(e, held)| if held { held_from_pb(e).1 } else { None })
+            .collect())
+    }
+
+    async fn ping(&self, address: &str) -> Result<Pong, PeerError> {
         let unknown = Member::new(address, address);
         let resp = self
             .client(address)?
@@ -241,7 +326,7 @@ impl PeerTransport for GrpcPeers {
             .await
             .map_err(|s| Self::fail(&unknown, &s))?
             .into_inner();
-        Ok(Member::new(resp.name, resp.address))
+        Ok(Pong { member: Member::new(resp.name, resp.address), leaving: resp.leaving })
     }
 
     fn timeout(&self) -> Duration {

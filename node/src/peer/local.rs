@@ -9,8 +9,8 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{KeyResults, PeerError, PeerTransport, WriteEntry, key_names};
-use crate::{engine::Engine, error::EngineError, keyspace::Value, ring::Member};
+use super::{HandoffBatch, HandoffReply, KeyResults, PeerError, PeerTransport, Pong, WriteEntry, key_names};
+use crate::{engine::Engine, error::EngineError, keyspace::Value, ring::Member, store::Held};
 
 /// A fault injected on calls *to* a member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +38,10 @@ pub enum Op {
     Purge,
     /// Liveness.
     Ping,
+    /// Entries moving owner (and leave notices).
+    Handoff,
+    /// Previous-owner lookups.
+    Peek,
 }
 
 /// The engines of one in-process cluster, by address, with the faults and the call counts.
@@ -128,10 +132,11 @@ impl PeerTransport for LocalTransport {
         keyspace: &str,
         keys: Vec<Arc<str>>,
         timeout: Duration,
+        forwarded: bool,
     ) -> Result<KeyResults<Value>, PeerError> {
         let engine = self.network.reach(peer, Op::Load, timeout).await?;
         let from = Some(self.local.clone());
-        Ok(per_key(keys.len(), engine.load_for_peer(keyspace, &key_names(&keys), from).await))
+        Ok(per_key(keys.len(), engine.load_for_peer(keyspace, &key_names(&keys), from, forwarded).await))
     }
 
     async fn store(
@@ -139,10 +144,11 @@ impl PeerTransport for LocalTransport {
         peer: &Member,
         keyspace: &str,
         entries: Vec<WriteEntry>,
+        forwarded: bool,
     ) -> Result<KeyResults<()>, PeerError> {
         let engine = self.network.reach(peer, Op::Store, self.timeout * 2).await?;
         let n = entries.len();
-        Ok(per_key(n, engine.store_for_peer(keyspace, entries).await))
+        Ok(per_key(n, engine.store_for_peer(keyspace, entries, forwarded).await))
     }
 
     async fn remove(
@@ -150,9 +156,28 @@ impl PeerTransport for LocalTransport {
         peer: &Member,
         keyspace: &str,
         keys: Vec<Arc<str>>,
+        forwarded: bool,
     ) -> Result<KeyResults<()>, PeerError> {
         let engine = self.network.reach(peer, Op::Remove, self.timeout * 2).await?;
-        Ok(per_key(keys.len(), engine.remove_for_peer(keyspace, &key_names(&keys)).await))
+        Ok(per_key(keys.len(), engine.remove_for_peer(keyspace, &key_names(&keys), forwarded).await))
+    }
+
+    async fn handoff(&self, peer: &Member, batch: HandoffBatch) -> Result<HandoffReply, PeerError> {
+        let engine = self.network.reach(peer, Op::Handoff, self.timeout * 2).await?;
+        let entries = batch.entries.into_iter().map(|(k, h)| (k, Some(h))).collect();
+        Ok(engine
+            .accept_handoff(&self.local.name, &batch.keyspace, entries, batch.leaving, batch.admitted)
+            .await)
+    }
+
+    async fn peek(
+        &self,
+        peer: &Member,
+        keyspace: &str,
+        keys: Vec<Arc<str>>,
+    ) -> Result<Vec<Option<Held>>, PeerError> {
+        let engine = self.network.reach(peer, Op::Peek, self.timeout).await?;
+        Ok(engine.peek(keyspace, &keys))
     }
 
     async fn invalidate(&self, peer: &Member, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), PeerError> {
@@ -168,13 +193,14 @@ impl PeerTransport for LocalTransport {
         Ok(())
     }
 
-    async fn ping(&self, address: &str) -> Result<Member, PeerError> {
+    async fn ping(&self, address: &str) -> Result<Pong, PeerError> {
         let engines: Vec<_> =
             self.network.engines.lock().iter().map(|(a, e)| (a.clone(), e.clone())).collect();
         let found = engines.into_iter().find(|(a, _)| a == address).and_then(|(_, e)| e.upgrade());
         let peer = found.map(|e| e.membership().local().clone());
         let peer = peer.unwrap_or_else(|| Member::new(address, address));
-        self.network.reach(&peer, Op::Ping, self.timeout).await.map(|e| e.membership().local().clone())
+        let engine = self.network.reach(&peer, Op::Ping, self.timeout).await?;
+        Ok(Pong { member: engine.membership().local().clone(), leaving: engine.is_leaving() })
     }
 
     fn timeout(&self) -> Duration {
