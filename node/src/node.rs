@@ -200,7 +200,10 @@ fn discovery_from(config: &DiscoveryConfig) -> Result<Box<dyn Discovery>, Discov
 }
 
 /// Starts a node.
-#[allow(clippy::too_many_lines, reason = "the start sequence reads top to bottom; its steps are functions already")]
+#[allow(
+    clippy::too_many_lines,
+    reason = "the start sequence reads top to bottom; its steps are functions already"
+)]
 pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let NodeOptions { config, sources, grpc_listener, peer_listener, admin_listener, discovery } = opts;
     // Before anything is bound or loaded: a bad setting is a start error, not a node that runs alone.
@@ -373,7 +376,10 @@ fn spawn_membership(
                     admin.settled.store(true, Ordering::Release);
                     health.set_serving::<CacheServer<CacheService>>().await;
                     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-                    tracing::info!(members = engine.membership().ring().len(), "membership known; node is ready");
+                    tracing::info!(
+                        members = engine.membership().ring().len(),
+                        "membership known; node is ready"
+                    );
                 }));
             }
         }

@@ -8,10 +8,10 @@ use distcache_proto::v1::{
     self as pb, DeleteManyRequest, DeleteManyResponse, DeleteRequest, DeleteResponse, GetManyRequest,
     GetManyResponse, GetRequest, GetResponse, HandoffRequest, HandoffResponse, InvalidateRequest,
     InvalidateResponse, KeyResult, KeySpaceInfo, KeySpaceStats, ListKeySpacesRequest, ListKeySpacesResponse,
-    LoadRequest, LoadResponse, MemberEvent, PeekRequest, PeekResponse, PingRequest, PingResponse, PurgeKeySpaceRequest, PurgeKeySpaceResponse, PurgeRequest, PurgeResponse,
-    PutManyRequest, PutManyResponse, PutRequest, PutResponse, RemoveRequest, RemoveResponse, StatsRequest,
-    StatsResponse, StoreRequest, StoreResponse, WatchMembersRequest, key_result::Outcome,
-    member_event::Type as EventType,
+    LoadRequest, LoadResponse, MemberEvent, PeekRequest, PeekResponse, PingRequest, PingResponse,
+    PurgeKeySpaceRequest, PurgeKeySpaceResponse, PurgeRequest, PurgeResponse, PutManyRequest,
+    PutManyResponse, PutRequest, PutResponse, RemoveRequest, RemoveResponse, StatsRequest, StatsResponse,
+    StoreRequest, StoreResponse, WatchMembersRequest, key_result::Outcome, member_event::Type as EventType,
 };
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
@@ -415,7 +415,8 @@ impl pb::peer_server::Peer for PeerService {
         let req = request.into_inner();
         let keys: Vec<Arc<str>> = req.keys.into_iter().map(Arc::from).collect();
         let held = self.engine.peek(&req.keyspace, &keys);
-        let mut response = PeekResponse { entries: Vec::with_capacity(keys.len()), held: Vec::with_capacity(keys.len()) };
+        let mut response =
+            PeekResponse { entries: Vec::with_capacity(keys.len()), held: Vec::with_capacity(keys.len()) };
         for (key, h) in keys.iter().zip(held) {
             let entry = h.as_ref().and_then(|h| crate::peer::grpc::held_to_pb(key, h));
             response.held.push(entry.is_some());

@@ -113,7 +113,12 @@ impl Engine {
     fn effective_members(&self) -> Vec<Member> {
         let departed = self.departed.lock();
         let local = &self.membership.local().name;
-        self.discovered.lock().iter().filter(|m| !departed.contains_key(&m.name) && &m.name != local).cloned().collect()
+        self.discovered
+            .lock()
+            .iter()
+            .filter(|m| !departed.contains_key(&m.name) && &m.name != local)
+            .cloned()
+            .collect()
     }
 
     /// Applies a new set of other members from discovery. A joiner is brought up to date before it enters the
@@ -296,12 +301,14 @@ impl Engine {
         let entries: Vec<(Arc<str>, Held)> =
             entries.into_iter().filter(|(_, h)| !matches!(h, Held::Entry(e) if e.value.is_none())).collect();
         let mut acknowledged = HashMap::new();
-        let batches = if entries.is_empty() { vec![Vec::new()] } else { chunks(entries, self.handoff.batch_bytes) };
+        let batches =
+            if entries.is_empty() { vec![Vec::new()] } else { chunks(entries, self.handoff.batch_bytes) };
         for batch in batches {
             if batch.is_empty() && !admitted {
                 continue;
             }
-            let versions: Vec<(Arc<str>, u64)> = batch.iter().map(|(k, h)| (Arc::clone(k), held_version(h))).collect();
+            let versions: Vec<(Arc<str>, u64)> =
+                batch.iter().map(|(k, h)| (Arc::clone(k), held_version(h))).collect();
             let n = batch.len() as u64;
             let call = HandoffBatch { keyspace: ks.config.name.clone(), entries: batch, leaving, admitted };
             match self.transport.handoff(owner, call).await {

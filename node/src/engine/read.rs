@@ -93,7 +93,11 @@ impl Engine {
     /// Builds the owner's load of keys that missed its main tier: the main tier again (a load that finished
     /// meanwhile), then the keys' previous owners during the grace window after a membership change, then the
     /// data source (NOT_FOUND for a cache-aside keyspace).
-    fn owner_load(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, keys: Vec<LoadKey>) -> BoxFuture<'static, KeyResults<Value>> {
+    fn owner_load(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        keys: Vec<LoadKey>,
+    ) -> BoxFuture<'static, KeyResults<Value>> {
         let ks = Arc::clone(ks);
         let this = Arc::clone(self);
         async move {
@@ -153,7 +157,9 @@ impl Engine {
         ks.peer_flight
             .load(key, || {
                 let owner = ring.members()[owner].clone();
-                self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)], false).map(super::single).boxed()
+                self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)], false)
+                    .map(super::single)
+                    .boxed()
             })
             .await
     }
@@ -190,8 +196,10 @@ impl Engine {
             }
             let (positions, keys): (Vec<usize>, Vec<LoadKey>) = missing.into_iter().unzip();
             let (fetched, cut) = fetch(&ks, source.as_ref(), &keys).await;
-            let results =
-                keys.into_iter().zip(fetched).map(|(key, r)| settle(&ks, &metrics, (tier, version), key, r, cut));
+            let results = keys
+                .into_iter()
+                .zip(fetched)
+                .map(|(key, r)| settle(&ks, &metrics, (tier, version), key, r, cut));
             batch.fill(positions, results.collect());
             batch.finish()
         }

@@ -122,25 +122,46 @@ impl Cluster {
         let net = LocalNetwork::new();
         let mut nodes = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            let member = Member::new(*name, format!("10.0.0.{}:7422", i + 1));
-            let metrics = Arc::new(Metrics::new());
-            let source = Arc::new(CountingSource::default());
-            let keyspaces =
-                Arc::new(Keyspaces::new(Arc::new(Sources(Arc::clone(&source))), Arc::clone(&metrics)));
-            let specs = parse_keyspaces(Path::new("keyspaces.yaml"), KEYSPACES).expect("valid keyspaces");
-            keyspaces.apply(specs, Path::new("."), None, false).await.expect("keyspaces apply");
-            let membership = Arc::new(Membership::new(member.clone()));
-            let transport = net.transport(&member, PEER_TIMEOUT);
-            let engine = Engine::new(keyspaces, membership, transport, metrics);
-            net.attach(&member.address, &engine);
-            nodes.push(Node { member, engine, source });
+            nodes.push(Self::node_at(&net, name, i).await);
         }
         let cluster = Self { net, nodes };
-        let all: Vec<Member> = cluster.nodes.iter().map(|n| n.member.clone()).collect();
-        for n in &cluster.nodes {
-            n.engine.set_members(&all).await;
-        }
+        cluster.view(names, names).await;
         cluster
+    }
+
+    /// Nodes with these names; only those in `started` know each other (the rest have no member set yet).
+    async fn started(names: &[&str], started: &[&str]) -> Self {
+        let net = LocalNetwork::new();
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            nodes.push(Self::node_at(&net, name, i).await);
+        }
+        let cluster = Self { net, nodes };
+        cluster.view(started, started).await;
+        cluster
+    }
+
+    /// Gives each node of `of` the members `members` (itself excluded) as discovery would.
+    async fn view(&self, of: &[&str], members: &[&str]) {
+        let all: Vec<Member> = members.iter().map(|n| self.node(n).member.clone()).collect();
+        for name in of {
+            self.node(name).engine.set_members(&all).await;
+        }
+    }
+
+    async fn node_at(net: &Arc<LocalNetwork>, name: &str, i: usize) -> Node {
+        let member = Member::new(name, format!("10.0.0.{}:7422", i + 1));
+        let metrics = Arc::new(Metrics::new());
+        let source = Arc::new(CountingSource::default());
+        let keyspaces =
+            Arc::new(Keyspaces::new(Arc::new(Sources(Arc::clone(&source))), Arc::clone(&metrics)));
+        let specs = parse_keyspaces(Path::new("keyspaces.yaml"), KEYSPACES).expect("valid keyspaces");
+        keyspaces.apply(specs, Path::new("."), None, false).await.expect("keyspaces apply");
+        let membership = Arc::new(Membership::new(member.clone()));
+        let transport = net.transport(&member, PEER_TIMEOUT);
+        let engine = Engine::new(keyspaces, membership, transport, metrics);
+        net.attach(&member.address, &engine);
+        Node { member, engine, source }
     }
 
     fn node(&self, name: &str) -> &Node {
@@ -265,7 +286,9 @@ async fn while_rings_disagree_a_peer_request_goes_on_once_to_the_owner_and_stops
         .map(|i| format!("cold-moving-{i}"))
         .find(|k| {
             old.owner(key_hash(k)).is_some_and(|m| m.name == "node-y")
-                && c.ring(&["node-x", "node-y", "node-z"]).owner(key_hash(k)).is_some_and(|m| m.name == "node-z")
+                && c.ring(&["node-x", "node-y", "node-z"])
+                    .owner(key_hash(k))
+                    .is_some_and(|m| m.name == "node-z")
         })
         .expect("another key that moves from Y to Z");
     let keys = vec![cold.clone(), c.key_owned_by("node-y", &["node-x", "node-y", "node-z"], "batch-")];
@@ -428,4 +451,226 @@ async fn holders_of_copies_are_members_or_a_bounded_number_of_outside_callers() 
     let held = y.engine.copy_holders();
     assert_eq!(held.len(), 2 + crate::engine::MAX_OUTSIDE_HOLDERS, "bounded: {}", held.len());
     assert!(held.iter().any(|(name, _)| name == "node-x"), "the member stays recorded");
+}
+
+// ---- Membership changes: no stale reads after a flap, no lost writes, warm leaves ------------------------------
+
+const ABC: [&str; 3] = ["node-a", "node-b", "node-c"];
+
+fn bytes(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// What every node answers for a key of a keyspace: value bytes, or the error code.
+async fn answers(c: &Cluster, keyspace: &str, key: &str) -> Vec<Result<Bytes, Code>> {
+    let mut out = Vec::new();
+    for n in &c.nodes {
+        out.push(n.engine.get(keyspace, key).await.map(|v| v.bytes).map_err(|e| e.code()));
+    }
+    out
+}
+
+/// Before: C, dropped by A and B (a readiness flap, missed probes), kept its old entries; writes and deletes of
+/// its keys went to the interim owners meanwhile, and once re-admitted C answered with the overwritten value and
+/// the deleted key, for as long as they stayed in its cache (forever without a TTL).
+#[tokio::test]
+async fn a_member_dropped_and_readmitted_answers_the_writes_made_while_it_was_out() {
+    let c = Cluster::new(&ABC).await;
+    let overwritten = c.key_owned_by("node-c", &ABC, "flap-put-");
+    let deleted = c.key_owned_by("node-c", &ABC, "flap-del-");
+    let (a, cc) = (c.node("node-a"), c.node("node-c"));
+    a.engine.put(ASIDE, &overwritten, bytes("v1"), None).await.expect("put v1");
+    a.engine.put(ASIDE, &deleted, bytes("v1"), None).await.expect("put");
+    // A and B drop C; C does not notice (its own view is unchanged) and cannot be reached.
+    c.net.set_fault("node-c", Some(Fault::Unreachable));
+    c.view(&["node-a", "node-b"], &["node-a", "node-b"]).await;
+    a.engine.put(ASIDE, &overwritten, bytes("v2"), None).await.expect("put v2 while C is out");
+    a.engine.delete(ASIDE, &deleted).await.expect("delete while C is out");
+    assert_eq!(cc.ks(ASIDE).store.get(Tier::Main, &overwritten).and_then(|e| e.value), Some(bytes("v1")));
+    // C comes back and is re-admitted.
+    c.net.set_fault("node-c", None);
+    c.view(&["node-a", "node-b"], &ABC).await;
+    for (i, got) in answers(&c, ASIDE, &overwritten).await.into_iter().enumerate() {
+        assert_eq!(got, Ok(bytes("v2")), "node {i} after C was re-admitted");
+    }
+    for (i, got) in answers(&c, ASIDE, &deleted).await.into_iter().enumerate() {
+        assert_eq!(got, Err(Code::NotFound), "node {i}: the delete made while C was out stands");
+    }
+    let sent: u64 =
+        ["node-a", "node-b"].iter().map(|n| c.node(n).engine.metrics().handoff_total("sent")).sum();
+    assert!(sent >= 2, "the interim owners handed both back ({sent})");
+}
+
+/// Before: B, whose ring still named itself the owner, acknowledged a Put and then dropped the key when its ring
+/// caught up (`retain_owned`): readers got NOT_FOUND.
+#[tokio::test]
+async fn a_write_acknowledged_while_rings_disagree_survives_convergence() {
+    let c = Cluster::new(&ABC).await;
+    let (a, b) = (c.node("node-a"), c.node("node-b"));
+    // C joins: A and B do not see it yet; the key moves from B to C.
+    let ab = ["node-a", "node-b"];
+    c.view(&ab, &ab).await;
+    let key = (0..10_000)
+        .map(|i| format!("disagree-{i}"))
+        .find(|k| {
+            c.ring(&ab).owner(key_hash(k)).is_some_and(|m| m.name == "node-b")
+                && c.ring(&ABC).owner(key_hash(k)).is_some_and(|m| m.name == "node-c")
+        })
+        .expect("a key moving from B to C");
+    a.engine.put(ASIDE, &key, bytes("acknowledged"), None).await.expect("put through A, stored on B");
+    // B's view catches up, then A's.
+    c.view(&["node-b"], &ABC).await;
+    c.view(&["node-a"], &ABC).await;
+    for (i, got) in answers(&c, ASIDE, &key).await.into_iter().enumerate() {
+        assert_eq!(got, Ok(bytes("acknowledged")), "node {i} after the views converged");
+    }
+    // And the other way round: B already sees C, A does not; the write goes on from B to C.
+    let key2 = (0..10_000)
+        .map(|i| format!("disagree2-{i}"))
+        .find(|k| {
+            c.ring(&ab).owner(key_hash(k)).is_some_and(|m| m.name == "node-b")
+                && c.ring(&ABC).owner(key_hash(k)).is_some_and(|m| m.name == "node-c")
+        })
+        .expect("a key moving from B to C");
+    c.view(&["node-a"], &ab).await;
+    a.engine.put(ASIDE, &key2, bytes("forwarded"), None).await.expect("put");
+    assert_eq!(c.net.calls("node-c", Op::Store), 1, "B passed the write on to C");
+    c.view(&["node-a"], &ABC).await;
+    for (i, got) in answers(&c, ASIDE, &key2).await.into_iter().enumerate() {
+        assert_eq!(got, Ok(bytes("forwarded")), "node {i}");
+    }
+    assert_eq!(b.ks(ASIDE).store.get(Tier::Main, &key2).map(|e| e.value), None, "not left on B");
+}
+
+/// Before: a node that left took its entries with it: every read-through key it owned was fetched again, every
+/// cache-aside key it owned was gone.
+fn ring_without_c(c: &Cluster) -> Ring {
+    c.ring(&["node-a", "node-b"])
+}
+
+#[tokio::test]
+async fn a_leaving_node_hands_its_entries_to_the_next_owners_with_their_remaining_ttl() {
+    let c = Cluster::new(&ABC).await;
+    let (a, b, cc) = (c.node("node-a"), c.node("node-b"), c.node("node-c"));
+    let ring = c.ring(&ABC);
+    let keys: Vec<String> = (0..300).map(|i| format!("leave-{i}")).collect();
+    let owned_by_c: Vec<&String> =
+        keys.iter().filter(|k| ring.owner(key_hash(k)).is_some_and(|m| m.name == "node-c")).collect();
+    assert!(owned_by_c.len() > 50, "C owns a third of the keys");
+    for k in &keys {
+        a.engine
+            .put(ASIDE, k, bytes(&format!("value-{k}")), Some(Duration::from_secs(100)))
+            .await
+            .expect("put");
+        a.engine.get(RT, k).await.expect("read-through fill");
+    }
+    let fetched = c.fetches();
+    let expiry: HashMap<String, std::time::Instant> = owned_by_c
+        .iter()
+        .map(|k| {
+            let e = cc.ks(ASIDE).store.get(Tier::Main, k).expect("C holds its keys");
+            ((*k).clone(), e.expires_at.expect("a TTL"))
+        })
+        .collect();
+    let moved = cc.engine.leave().await;
+    assert!(moved >= 2 * owned_by_c.len(), "C handed off both keyspaces' entries ({moved})");
+    assert!(
+        !a.engine.membership().ring().members().iter().any(|m| m.name == "node-c"),
+        "A dropped C at once"
+    );
+    assert!(
+        !b.engine.membership().ring().members().iter().any(|m| m.name == "node-c"),
+        "B dropped C at once"
+    );
+    for k in &keys {
+        for n in [a, b] {
+            let v =
+                n.engine.get(ASIDE, k).await.unwrap_or_else(|e| panic!("{k} through {}: {e}", n.member.name));
+            assert_eq!(v.bytes, bytes(&format!("value-{k}")));
+            assert!(v.ttl.is_some_and(|t| t <= Duration::from_secs(100)), "{k}: {:?}", v.ttl);
+            assert_eq!(n.engine.get(RT, k).await.map(|v| v.bytes), Ok(value(k)));
+        }
+        if let Some(was) = expiry.get(k) {
+            let owner = ring_without_c(&c).owner(key_hash(k)).map(|m| m.name.clone()).expect("an owner");
+            let now = c.node(&owner).ks(ASIDE).store.get(Tier::Main, k).and_then(|e| e.expires_at);
+            assert_eq!(now, Some(*was), "{k}: the new owner keeps the expiry, never extends it");
+        }
+    }
+    assert_eq!(c.fetches(), fetched, "no key was fetched again after C left");
+    // C itself owns nothing any more: what reaches it goes to the new owners.
+    let k = owned_by_c[0];
+    a.engine.put(ASIDE, k, bytes("after-leave"), None).await.expect("put");
+    assert_eq!(cc.engine.get(ASIDE, k).await.map(|v| v.bytes), Ok(bytes("after-leave")));
+}
+
+/// Before: a node that (re)started had an empty cache and nobody asked for what the others held: a cache-aside
+/// key it owned read NOT_FOUND, a read-through key was fetched again.
+#[tokio::test]
+async fn a_new_owner_that_misses_asks_the_previous_owner_before_the_source() {
+    // C starts while A and B already serve: its first view is {A, B, C}, theirs do not include it yet.
+    let c = Cluster::started(&ABC, &["node-a", "node-b"]).await;
+    let (a, cc) = (c.node("node-a"), c.node("node-c"));
+    let keys: Vec<String> = (0..10_000)
+        .map(|i| format!("prev-{i}"))
+        .filter(|k| c.ring(&ABC).owner(key_hash(k)).is_some_and(|m| m.name == "node-c"))
+        .take(20)
+        .collect();
+    for k in &keys {
+        a.engine.put(ASIDE, k, bytes("kept"), None).await.expect("put");
+        a.engine.get(RT, k).await.expect("fill");
+    }
+    let fetched = c.fetches();
+    c.view(&["node-c"], &ABC).await;
+    for k in &keys {
+        assert_eq!(cc.engine.get(ASIDE, k).await.map(|v| v.bytes), Ok(bytes("kept")), "{k}");
+        assert_eq!(cc.engine.get(RT, k).await.map(|v| v.bytes), Ok(value(k)), "{k}");
+    }
+    assert_eq!(c.fetches(), fetched, "no fetch: the previous owners answered");
+    assert_eq!(cc.engine.metrics().previous_owner_hits.get(), 2 * keys.len() as u64);
+    // Each key was asked for once; the next reads are main-tier hits.
+    let peeks = c.net.calls("node-a", Op::Peek) + c.net.calls("node-b", Op::Peek);
+    cc.engine.get_many(ASIDE, &keys).await.expect("batch");
+    assert_eq!(c.net.calls("node-a", Op::Peek) + c.net.calls("node-b", Op::Peek), peeks);
+}
+
+/// Every way an entry can arrive (a write, a fill, a handoff, a previous owner's answer) keeps the newest.
+#[tokio::test]
+async fn newer_wins_on_every_insert_path() {
+    use crate::store::{Entry, Held};
+    let c = Cluster::new(&["node-a", "node-b"]).await;
+    let a = c.node("node-a");
+    let key = c.key_owned_by("node-a", &["node-a", "node-b"], "nw-");
+    let ks = a.ks(ASIDE);
+    let old = a.engine.next_version();
+    a.engine.put(ASIDE, &key, bytes("written"), None).await.expect("put");
+    let handoff = |held: Held| {
+        let e = Arc::clone(&a.engine);
+        let k: Arc<str> = Arc::from(key.as_str());
+        async move { e.accept_handoff("node-b", ASIDE, vec![(k, Some(held))], false, false).await }
+    };
+    // An older handoff, value or delete, is ignored.
+    let r = handoff(Held::Entry(Entry::value(bytes("stale"), None).versioned(old))).await;
+    assert_eq!((r.applied, r.ignored), (0, 1));
+    handoff(Held::Deleted(old)).await;
+    assert_eq!(a.engine.get(ASIDE, &key).await.map(|v| v.bytes), Ok(bytes("written")));
+    // A newer one wins.
+    let newer = a.engine.next_version() + 1;
+    let r = handoff(Held::Entry(Entry::value(bytes("newer"), None).versioned(newer))).await;
+    assert_eq!(r.applied, 1);
+    assert_eq!(a.engine.get(ASIDE, &key).await.map(|v| v.bytes), Ok(bytes("newer")));
+    // A delete, then an older entry arriving late (a handoff or a previous owner's answer) stays deleted.
+    a.engine.delete(ASIDE, &key).await.expect("delete");
+    let r = handoff(Held::Entry(Entry::value(bytes("resurrected"), None).versioned(newer))).await;
+    assert_eq!(r.ignored, 1);
+    let hash = key_hash(&key);
+    let epoch = ks.store.epoch(hash);
+    let late = Entry::value(bytes("late-fill"), None).versioned(newer);
+    assert!(
+        !ks.store.fill(Tier::Main, Arc::from(key.as_str()), hash, late, epoch),
+        "a fill older than the delete"
+    );
+    assert_eq!(a.engine.get(ASIDE, &key).await.map(|v| v.bytes).map_err(|e| e.code()), Err(Code::NotFound));
+    // A write always wins: its version is newer than every version this node has seen.
+    a.engine.put(ASIDE, &key, bytes("rewritten"), None).await.expect("put");
+    assert_eq!(a.engine.get(ASIDE, &key).await.map(|v| v.bytes), Ok(bytes("rewritten")));
 }

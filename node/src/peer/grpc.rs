@@ -31,9 +31,13 @@ pub fn held_to_pb(key: &str, held: &Held) -> Option<pb::HandoffEntry> {
             version: e.version,
             deleted: false,
         }),
-        Held::Deleted(v) => {
-            Some(pb::HandoffEntry { key: key.to_owned(), value: bytes::Bytes::new(), ttl: None, version: *v, deleted: true })
-        }
+        Held::Deleted(v) => Some(pb::HandoffEntry {
+            key: key.to_owned(),
+            value: bytes::Bytes::new(),
+            ttl: None,
+            version: *v,
+            deleted: true,
+        }),
     }
 }
 
@@ -300,7 +304,8 @@ impl PeerTransport for GrpcPeers {
         keys: Vec<Arc<str>>,
     ) -> Result<Vec<Option<Held>>, PeerError> {
         let n = keys.len();
-        let req = PeekRequest { keyspace: keyspace.to_owned(), keys: key_names(&keys), from: self.local.clone() };
+        let req =
+            PeekRequest { keyspace: keyspace.to_owned(), keys: key_names(&keys), from: self.local.clone() };
         let resp = self
             .client(&peer.address)?
             .peek(request(req, self.timeout))
