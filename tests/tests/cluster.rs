@@ -520,6 +520,7 @@ async fn a_peer_that_comes_back_under_its_name_with_a_new_address_is_served() ->
             keys: vec!["k".into()],
             from: "node-recreated".into(),
             from_address: from_address.into(),
+            forwarded: false,
         };
         let answer = tokio::time::timeout(Duration::from_secs(5), peer.load(request)).await;
         assert!(matches!(answer, Ok(Ok(_))), "load from {from_address}: {answer:?}");
@@ -534,6 +535,7 @@ async fn a_peer_that_comes_back_under_its_name_with_a_new_address_is_served() ->
         keys: vec!["k".into()],
         from: "elsewhere".into(),
         from_address: "192.0.2.7:7422".into(),
+        forwarded: false,
     };
     peer.load(request).await?;
     assert!(engine.copy_holders().iter().all(|(name, _)| name != "elsewhere"), "{:?}", engine.copy_holders());

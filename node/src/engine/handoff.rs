@@ -8,7 +8,8 @@
 //!   and deletes made while the joiner was out, and tells it to drop its hot copies (invalidations could not
 //!   reach it). A node that was dropped by the others and comes back therefore never answers with a value that
 //!   was overwritten or deleted meanwhile, once the others have re-admitted it.
-//! - **Leaving** ([`Engine::leave`], on SIGTERM): the node tells every member it leaves (they drop it at once),
+//! - **Leaving** ([`Engine::leave`], on SIGTERM): the node tells every member it leaves (they drop it at once,
+//!   until discovery stops listing it or the node, restarted, says it is back),
 //!   stops owning anything (its own requests go to the next owners), and pushes its entries to them, hottest
 //!   first, within the handoff budget. It keeps them until it exits, for previous-owner reads.
 //! - **Previous-owner reads**: during the grace window after a change, a new owner that misses a key asks the
@@ -124,6 +125,7 @@ impl Engine {
     /// Applies a new set of other members from discovery. A joiner is brought up to date before it enters the
     /// ring; after the change, entries this node no longer owns move to their owners (see the module docs).
     pub async fn set_members(self: &Arc<Self>, others: &[Member]) {
+        let first = !self.membership.is_known();
         let _one = self.ring_change.lock().await;
         {
             let now = tokio::time::Instant::now();
@@ -132,6 +134,16 @@ impl Engine {
             *self.discovered.lock() = others.to_vec();
         }
         self.apply_members(None).await;
+        if first {
+            // A node that restarts faster than discovery notices (same name, same address) is still marked as
+            // departed by the others: tell them this is a new process.
+            let this = Arc::clone(self);
+            let others = others.to_vec();
+            tokio::spawn(async move {
+                let notices = others.iter().map(|m| this.transport.handoff(m, HandoffBatch::default()));
+                futures::future::join_all(notices).await;
+            });
+        }
     }
 
     /// Re-applies the members when a leave notice expired (discovery kept listing the member).
@@ -386,6 +398,11 @@ impl Engine {
                 let _one = self.ring_change.lock().await;
                 self.apply_members(Some(from.to_owned())).await;
             }
+        }
+        if !leaving && keyspace.is_empty() && self.departed.lock().remove(from).is_some() {
+            tracing::info!(member = from, "member is back after leaving");
+            let _one = self.ring_change.lock().await;
+            self.apply_members(None).await;
         }
         if keyspace.is_empty() {
             return HandoffReply::default();
