@@ -15,6 +15,7 @@ pub mod kubelet;
 pub mod nats;
 pub mod operator;
 pub mod origin;
+pub mod procs;
 pub mod testbed;
 pub mod tls;
 
