@@ -79,6 +79,8 @@ pub struct Engine {
     departed: parking_lot::Mutex<HashMap<String, tokio::time::Instant>>,
     /// The ring before the last change, during the grace window (previous-owner reads).
     previous: arc_swap::ArcSwapOption<handoff::Previous>,
+    /// Members that left this node's ring: when, and this node's clock then (see `HandoffBatch::stale_before`).
+    dropped: parking_lot::Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
     /// Serializes membership changes (each one's handoff runs before the next one starts).
     ring_change: tokio::sync::Mutex<()>,
 }
@@ -183,6 +185,7 @@ impl Engine {
             discovered: parking_lot::Mutex::new(Vec::new()),
             departed: parking_lot::Mutex::new(HashMap::new()),
             previous: arc_swap::ArcSwapOption::empty(),
+            dropped: parking_lot::Mutex::new(HashMap::new()),
             ring_change: tokio::sync::Mutex::new(()),
         })
     }

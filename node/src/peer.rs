@@ -22,6 +22,9 @@ pub struct HandoffBatch {
     pub leaving: bool,
     /// The receiver was just admitted to the sender's ring.
     pub admitted: bool,
+    /// With `admitted`: entries of the receiver older than this version may have been deleted while it was out
+    /// (longer than tombstones are kept); it drops them. 0 = nothing to drop.
+    pub stale_before: u64,
 }
 
 /// What a handoff did on the receiver.

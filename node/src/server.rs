@@ -406,8 +406,10 @@ impl pb::peer_server::Peer for PeerService {
     async fn handoff(&self, request: Request<HandoffRequest>) -> Result<Response<HandoffResponse>, Status> {
         let req = request.into_inner();
         let entries = req.entries.into_iter().map(crate::peer::grpc::held_from_pb).collect();
-        let reply =
-            self.engine.accept_handoff(&req.from, &req.keyspace, entries, req.leaving, req.admitted).await;
+        let reply = self
+            .engine
+            .accept_handoff(&req.from, &req.keyspace, entries, (req.leaving, req.admitted), req.stale_before)
+            .await;
         Ok(Response::new(HandoffResponse { applied: reply.applied, ignored: reply.ignored }))
     }
 

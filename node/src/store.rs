@@ -429,6 +429,23 @@ impl Store {
         }
     }
 
+    /// Drops main-tier entries older than `version` (a node that was out of the ring for longer than deletes are
+    /// remembered cannot tell which of its entries were deleted meanwhile).
+    pub fn forget_older_than(&self, version: u64) {
+        for stripe in &*self.stripes {
+            let _guard = stripe.lock.lock();
+            stripe.bump();
+        }
+        let tiers = std::iter::once(self.main.load_full()).chain(self.draining.load_full());
+        for main in tiers {
+            // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
+            // enabled in `build_cache`; if it ever failed, dropping everything is the safe fallback.
+            if main.invalidate_entries_if(move |_, e| e.version < version).is_err() {
+                main.invalidate_all();
+            }
+        }
+    }
+
     /// Drops every hot copy (after a membership change; their owners may have changed).
     pub fn drop_hot(&self) {
         for stripe in &*self.stripes {

@@ -64,6 +64,9 @@ pub(super) struct Previous {
 /// What a handoff round sent, by keyspace: key → version, for entries the owner acknowledged.
 type Sent = HashMap<String, HashMap<Arc<str>, u64>>;
 
+/// A member away for longer than this may have missed deletes whose tombstones expired meanwhile.
+const ABSENCE_TOMBSTONES_COVER: Duration = Duration::from_mins(5);
+
 fn held_version(h: &Held) -> u64 {
     match h {
         Held::Entry(e) => e.version,
@@ -174,6 +177,19 @@ impl Engine {
             sent = self.push_moved(&target, Some(&joiners), false).await;
         }
         let changes = self.membership.update(&others);
+        {
+            let mut dropped = self.dropped.lock();
+            for c in &changes {
+                match c.kind {
+                    crate::membership::ChangeKind::Leave => {
+                        dropped.insert(c.member.name.clone(), (tokio::time::Instant::now(), self.hlc.now()));
+                    }
+                    _ => {
+                        dropped.remove(&c.member.name);
+                    }
+                }
+            }
+        }
         let ring = self.membership.ring();
         self.metrics.members.set(i64::try_from(ring.len()).unwrap_or(i64::MAX));
         if changes.is_empty() {
@@ -253,7 +269,7 @@ impl Engine {
                 moving.entry(owner.clone()).or_default().push((key, held));
             }
             for (owner, entries) in moving {
-                let admitted = only.is_some();
+                let admitted = only.is_some().then(|| self.stale_before(&owner.name));
                 let ks = Arc::clone(&ks);
                 let this = Arc::clone(self);
                 pending.push(
@@ -292,7 +308,7 @@ impl Engine {
             } else {
                 Vec::new()
             };
-            this.send_batches(&ks, &owner, entries, leaving, false).await;
+            this.send_batches(&ks, &owner, entries, leaving, None).await;
             for (key, version) in offered {
                 ks.store.forget_moved(&key, key_hash(&key), version);
             }
@@ -300,14 +316,24 @@ impl Engine {
         .boxed()
     }
 
-    /// Sends entries in batches; returns the keys (and versions) the owner acknowledged.
+    /// For a joiner this node dropped long ago: the version before which its entries cannot be trusted (0 =
+    /// all can: the deletes made while it was out are still remembered here).
+    fn stale_before(&self, name: &str) -> u64 {
+        match self.dropped.lock().get(name) {
+            Some((at, version)) if at.elapsed() >= ABSENCE_TOMBSTONES_COVER => *version,
+            _ => 0,
+        }
+    }
+
+    /// Sends entries in batches (the first one with `admitted` and its `stale_before`, when given); returns the
+    /// keys (and versions) the owner acknowledged.
     async fn send_batches(
         &self,
         ks: &KeyspaceRuntime,
         owner: &Member,
         entries: Vec<(Arc<str>, Held)>,
         leaving: bool,
-        admitted: bool,
+        admitted: Option<u64>,
     ) -> HashMap<Arc<str>, u64> {
         // Cached NOT_FOUNDs do not move: the new owner asks its source (or previous owner) again.
         let entries: Vec<(Arc<str>, Held)> =
@@ -315,14 +341,20 @@ impl Engine {
         let mut acknowledged = HashMap::new();
         let batches =
             if entries.is_empty() { vec![Vec::new()] } else { chunks(entries, self.handoff.batch_bytes) };
-        for batch in batches {
-            if batch.is_empty() && !admitted {
+        for (i, batch) in batches.into_iter().enumerate() {
+            if batch.is_empty() && admitted.is_none() {
                 continue;
             }
             let versions: Vec<(Arc<str>, u64)> =
                 batch.iter().map(|(k, h)| (Arc::clone(k), held_version(h))).collect();
             let n = batch.len() as u64;
-            let call = HandoffBatch { keyspace: ks.config.name.clone(), entries: batch, leaving, admitted };
+            let call = HandoffBatch {
+                keyspace: ks.config.name.clone(),
+                entries: batch,
+                leaving,
+                admitted: admitted.is_some(),
+                stale_before: if i == 0 { admitted.unwrap_or(0) } else { 0 },
+            };
             match self.transport.handoff(owner, call).await {
                 Ok(HandoffReply { applied, ignored }) => {
                     self.metrics.handoff("sent", n);
@@ -384,8 +416,8 @@ impl Engine {
         from: &str,
         keyspace: &str,
         entries: Vec<(Arc<str>, Option<Held>)>,
-        leaving: bool,
-        admitted: bool,
+        (leaving, admitted): (bool, bool),
+        stale_before: u64,
     ) -> HandoffReply {
         if leaving && !from.is_empty() {
             let fresh = self
@@ -414,6 +446,14 @@ impl Engine {
         if admitted {
             ks.store.drop_hot();
         }
+        if stale_before > 0 && !self.is_leaving() {
+            tracing::warn!(
+                keyspace,
+                from,
+                "this node was out of the ring for longer than deletes are remembered: dropping its entries from before"
+            );
+            ks.store.forget_older_than(stale_before);
+        }
         let entries: Vec<(Arc<str>, Held)> = entries.into_iter().filter_map(|(k, h)| Some((k, h?))).collect();
         for (_, h) in &entries {
             self.hlc.observe(held_version(h));
@@ -432,7 +472,7 @@ impl Engine {
             let mut applied = kept;
             for (owner, batch) in by_owner {
                 let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-                if !self.send_batches(&ks, &owner, batch, true, false).await.is_empty() {
+                if !self.send_batches(&ks, &owner, batch, true, None).await.is_empty() {
                     applied += n;
                 }
             }
@@ -549,7 +589,7 @@ impl Engine {
             }
         }
         for (owner, batch) in by_owner {
-            self.send_batches(ks, &owner, batch, false, false).await;
+            self.send_batches(ks, &owner, batch, false, None).await;
         }
     }
 

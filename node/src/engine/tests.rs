@@ -646,7 +646,7 @@ async fn newer_wins_on_every_insert_path() {
     let handoff = |held: Held| {
         let e = Arc::clone(&a.engine);
         let k: Arc<str> = Arc::from(key.as_str());
-        async move { e.accept_handoff("node-b", ASIDE, vec![(k, Some(held))], false, false).await }
+        async move { e.accept_handoff("node-b", ASIDE, vec![(k, Some(held))], (false, false), 0).await }
     };
     // An older handoff, value or delete, is ignored.
     let r = handoff(Held::Entry(Entry::value(bytes("stale"), None).versioned(old))).await;
@@ -673,4 +673,37 @@ async fn newer_wins_on_every_insert_path() {
     // A write always wins: its version is newer than every version this node has seen.
     a.engine.put(ASIDE, &key, bytes("rewritten"), None).await.expect("put");
     assert_eq!(a.engine.get(ASIDE, &key).await.map(|v| v.bytes), Ok(bytes("rewritten")));
+}
+
+/// Deletes are remembered for `TOMBSTONE_TTL`; a member out for longer may have missed some whose tombstones are
+/// gone. It is re-admitted without its old entries (colder, never wrong); a short absence keeps them.
+#[tokio::test(start_paused = true)]
+async fn a_member_out_for_longer_than_deletes_are_remembered_comes_back_without_its_old_entries() {
+    let c = Cluster::new(&ABC).await;
+    let a = c.node("node-a");
+    let short = c.key_owned_by("node-c", &ABC, "short-");
+    let long = c.key_owned_by("node-c", &ABC, "long-");
+    a.engine.put(ASIDE, &short, bytes("kept"), None).await.expect("put");
+    c.net.set_fault("node-c", Some(Fault::Unreachable));
+    c.view(&["node-a", "node-b"], &["node-a", "node-b"]).await;
+    tokio::time::advance(Duration::from_secs(60)).await;
+    c.net.set_fault("node-c", None);
+    c.view(&["node-a", "node-b"], &ABC).await;
+    assert_eq!(a.engine.get(ASIDE, &short).await.map(|v| v.bytes), Ok(bytes("kept")), "a minute out: kept");
+
+    a.engine.put(ASIDE, &long, bytes("old"), None).await.expect("put");
+    c.net.set_fault("node-c", Some(Fault::Unreachable));
+    c.view(&["node-a", "node-b"], &["node-a", "node-b"]).await;
+    tokio::time::advance(Duration::from_secs(6 * 60)).await;
+    c.net.set_fault("node-c", None);
+    c.view(&["node-a", "node-b"], &ABC).await;
+    for n in &c.nodes {
+        let got = n.engine.get(ASIDE, &long).await.map_err(|e| e.code());
+        assert_eq!(
+            got,
+            Err(Code::NotFound),
+            "six minutes out: {} does not vouch for C's old entry",
+            n.member.name
+        );
+    }
 }

@@ -287,6 +287,7 @@ impl PeerTransport for GrpcPeers {
             entries: batch.entries.iter().filter_map(|(k, h)| held_to_pb(k, h)).collect(),
             leaving: batch.leaving,
             admitted: batch.admitted,
+            stale_before: batch.stale_before,
         };
         let resp = self
             .client(&peer.address)?

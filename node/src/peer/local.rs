@@ -166,7 +166,13 @@ impl PeerTransport for LocalTransport {
         let engine = self.network.reach(peer, Op::Handoff, self.timeout * 2).await?;
         let entries = batch.entries.into_iter().map(|(k, h)| (k, Some(h))).collect();
         Ok(engine
-            .accept_handoff(&self.local.name, &batch.keyspace, entries, batch.leaving, batch.admitted)
+            .accept_handoff(
+                &self.local.name,
+                &batch.keyspace,
+                entries,
+                (batch.leaving, batch.admitted),
+                batch.stale_before,
+            )
             .await)
     }
 
