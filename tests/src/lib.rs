@@ -13,6 +13,7 @@ use std::{
 pub mod dns;
 pub mod kubelet;
 pub mod nats;
+pub mod netns;
 pub mod operator;
 pub mod origin;
 pub mod procs;

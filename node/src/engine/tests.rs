@@ -686,7 +686,7 @@ async fn a_member_out_for_longer_than_deletes_are_remembered_comes_back_without_
     a.engine.put(ASIDE, &short, bytes("kept"), None).await.expect("put");
     c.net.set_fault("node-c", Some(Fault::Unreachable));
     c.view(&["node-a", "node-b"], &["node-a", "node-b"]).await;
-    tokio::time::advance(Duration::from_secs(60)).await;
+    tokio::time::advance(Duration::from_mins(1)).await;
     c.net.set_fault("node-c", None);
     c.view(&["node-a", "node-b"], &ABC).await;
     assert_eq!(a.engine.get(ASIDE, &short).await.map(|v| v.bytes), Ok(bytes("kept")), "a minute out: kept");
@@ -694,7 +694,7 @@ async fn a_member_out_for_longer_than_deletes_are_remembered_comes_back_without_
     a.engine.put(ASIDE, &long, bytes("old"), None).await.expect("put");
     c.net.set_fault("node-c", Some(Fault::Unreachable));
     c.view(&["node-a", "node-b"], &["node-a", "node-b"]).await;
-    tokio::time::advance(Duration::from_secs(6 * 60)).await;
+    tokio::time::advance(Duration::from_mins(6)).await;
     c.net.set_fault("node-c", None);
     c.view(&["node-a", "node-b"], &ABC).await;
     for n in &c.nodes {
