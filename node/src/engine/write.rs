@@ -183,7 +183,8 @@ impl Engine {
     }
 
     /// Invalidates copies on every other member (each must acknowledge) and on recent copy holders outside the
-    /// member list (best effort: such a node is joining, or gone; its copies expire within `HOT_MAX_TTL`).
+    /// member list (best effort: such a node is joining, or gone; its copies expire within `HOT_MAX_TTL`, and one
+    /// that does not answer is forgotten, so later writes do not wait for it).
     async fn invalidate_everywhere(&self, keyspace: &str, keys: Vec<Arc<str>>) -> Result<(), EngineError> {
         let ring = self.membership.ring();
         let local = &self.membership.local().name;
@@ -202,8 +203,13 @@ impl Engine {
             futures::future::join_all(best_effort),
         )
         .await;
-        for e in best_effort.into_iter().filter_map(Result::err) {
-            tracing::debug!(error = %e, "could not invalidate copies on a node outside the member list");
+        for (m, r) in outsiders.iter().zip(best_effort) {
+            if let Err(e) = r {
+                // Not asked again: its copies expire within HOT_MAX_TTL, and if it joins, whoever admits it tells
+                // it to drop them. Without this, every write would wait for a frozen or cut-off node.
+                self.copy_holders.remove(&m.name);
+                tracing::debug!(error = %e, "could not invalidate copies on a node outside the member list; forgetting it");
+            }
         }
         let failures: Vec<String> =
             required.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
