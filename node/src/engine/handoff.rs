@@ -479,16 +479,23 @@ impl Engine {
             return HandoffReply { applied, ignored: 0 };
         }
         let mut reply = HandoffReply::default();
+        let mut changed = Vec::new();
         for (k, h) in entries {
             let hash = key_hash(&k);
-            if ks.store.merge(k, hash, h) {
+            if ks.store.merge(Arc::clone(&k), hash, h) {
                 reply.applied += 1;
+                changed.push(k);
             } else {
                 reply.ignored += 1;
             }
         }
         self.metrics.handoff("received", u64::from(reply.applied));
         self.metrics.handoff("ignored", u64::from(reply.ignored));
+        if !changed.is_empty() {
+            // Another node may have copied the older value from here before this arrived (it admitted this node
+            // before the sender did): such copies go, as after a write.
+            self.invalidate_copies(&ks.config.name, changed).await;
+        }
         reply
     }
 

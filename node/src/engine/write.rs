@@ -223,6 +223,14 @@ impl Engine {
         )))
     }
 
+    /// Drops copies of keys on the other members and recent copy holders, best effort (after a handoff changed
+    /// entries here: copies of the older values must not outlive the change).
+    pub(super) async fn invalidate_copies(&self, keyspace: &str, keys: Vec<Arc<str>>) {
+        if let Err(e) = self.invalidate_everywhere(keyspace, keys).await {
+            tracing::debug!(error = %e, "could not drop every copy of handed-off keys; they expire within 30 s");
+        }
+    }
+
     /// Owner-side store for a peer: keys this node owns in its view are applied here, the others forwarded
     /// once to their owner in this view; a forwarded request is applied here (see [`Engine::load_for_peer`]).
     pub async fn store_for_peer(
