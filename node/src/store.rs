@@ -432,10 +432,7 @@ impl Store {
     /// Drops main-tier entries older than `version` (a node that was out of the ring for longer than deletes are
     /// remembered cannot tell which of its entries were deleted meanwhile).
     pub fn forget_older_than(&self, version: u64) {
-        for stripe in &*self.stripes {
-            let _guard = stripe.lock.lock();
-            stripe.bump();
-        }
+        self.bump_all();
         let tiers = std::iter::once(self.main.load_full()).chain(self.draining.load_full());
         for main in tiers {
             // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
@@ -446,12 +443,17 @@ impl Store {
         }
     }
 
-    /// Drops every hot copy (after a membership change; their owners may have changed).
-    pub fn drop_hot(&self) {
+    /// Bumps every stripe's epoch: in-flight fills of every key are discarded.
+    fn bump_all(&self) {
         for stripe in &*self.stripes {
             let _guard = stripe.lock.lock();
             stripe.bump();
         }
+    }
+
+    /// Drops every hot copy (after a membership change; their owners may have changed).
+    pub fn drop_hot(&self) {
+        self.bump_all();
         self.hot.load().invalidate_all();
     }
 
@@ -470,10 +472,7 @@ impl Store {
     /// Drops every entry of both tiers (or of the hot tier only). In-flight fills are discarded too: every epoch
     /// is bumped.
     pub fn purge(&self, hot_only: bool) {
-        for stripe in &*self.stripes {
-            let _guard = stripe.lock.lock();
-            stripe.bump();
-        }
+        self.bump_all();
         if !hot_only {
             self.main.load().invalidate_all();
             if let Some(old) = &*self.draining.load() {

@@ -176,6 +176,23 @@ impl Cluster {
         Ring::new(names.iter().map(|n| self.node(n).member.clone()).collect())
     }
 
+    /// A key (with `prefix`) that `before`'s ring gives to `from` and `after`'s ring to `to`.
+    fn key_moving(
+        &self,
+        prefix: &str,
+        (from, before): (&str, &[&str]),
+        (to, after): (&str, &[&str]),
+    ) -> String {
+        let (before, after) = (self.ring(before), self.ring(after));
+        (0..10_000)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|k| {
+                before.owner(key_hash(k)).is_some_and(|m| m.name == from)
+                    && after.owner(key_hash(k)).is_some_and(|m| m.name == to)
+            })
+            .expect("some key of 10000 moves between any two owners")
+    }
+
     /// A key that `names`' ring gives to `owner`.
     fn key_owned_by(&self, owner: &str, names: &[&str], prefix: &str) -> String {
         let ring = self.ring(names);
@@ -264,16 +281,11 @@ async fn while_rings_disagree_a_peer_request_goes_on_once_to_the_owner_and_stops
     // Rings disagree: X still thinks the cluster is {X, Y}; Y and Z already see Z.
     let (x, y, z) = (c.node("node-x"), c.node("node-y"), c.node("node-z"));
     x.engine.set_members(std::slice::from_ref(&y.member)).await;
-    let old = c.ring(&["node-x", "node-y"]);
-    let key = (0..10_000)
-        .map(|i| format!("moving-{i}"))
-        .find(|k| {
-            old.owner(key_hash(k)).is_some_and(|m| m.name == "node-y")
-                && c.ring(&["node-x", "node-y", "node-z"])
-                    .owner(key_hash(k))
-                    .is_some_and(|m| m.name == "node-z")
-        })
-        .expect("a key that moves from Y to Z");
+    let key = c.key_moving(
+        "moving-",
+        ("node-y", &["node-x", "node-y"]),
+        ("node-z", &["node-x", "node-y", "node-z"]),
+    );
     // A write through Z (the owner) is what X reads, through Y.
     z.engine.put(RT, &key, Bytes::from_static(b"written"), None).await.expect("put");
     assert_eq!(x.engine.get(RT, &key).await.map(|v| v.bytes), Ok(Bytes::from_static(b"written")));
@@ -282,15 +294,11 @@ async fn while_rings_disagree_a_peer_request_goes_on_once_to_the_owner_and_stops
     assert_eq!(c.net.calls("node-x", Op::Load), 0, "Z serves a forwarded request itself");
     assert_eq!(c.fetches(), 0, "nobody fetched a key that was written");
     // The same for a batch, with a key nobody wrote: one fetch, by its owner in the newest view.
-    let cold = (0..10_000)
-        .map(|i| format!("cold-moving-{i}"))
-        .find(|k| {
-            old.owner(key_hash(k)).is_some_and(|m| m.name == "node-y")
-                && c.ring(&["node-x", "node-y", "node-z"])
-                    .owner(key_hash(k))
-                    .is_some_and(|m| m.name == "node-z")
-        })
-        .expect("another key that moves from Y to Z");
+    let cold = c.key_moving(
+        "cold-moving-",
+        ("node-y", &["node-x", "node-y"]),
+        ("node-z", &["node-x", "node-y", "node-z"]),
+    );
     let keys = vec![cold.clone(), c.key_owned_by("node-y", &["node-x", "node-y", "node-z"], "batch-")];
     let results = x.engine.get_many(RT, &keys).await.expect("batch");
     assert!(results.iter().all(Result::is_ok), "{results:?}");
@@ -510,13 +518,7 @@ async fn a_write_acknowledged_while_rings_disagree_survives_convergence() {
     // C joins: A and B do not see it yet; the key moves from B to C.
     let ab = ["node-a", "node-b"];
     c.view(&ab, &ab).await;
-    let key = (0..10_000)
-        .map(|i| format!("disagree-{i}"))
-        .find(|k| {
-            c.ring(&ab).owner(key_hash(k)).is_some_and(|m| m.name == "node-b")
-                && c.ring(&ABC).owner(key_hash(k)).is_some_and(|m| m.name == "node-c")
-        })
-        .expect("a key moving from B to C");
+    let key = c.key_moving("disagree-", ("node-b", &ab), ("node-c", &ABC));
     a.engine.put(ASIDE, &key, bytes("acknowledged"), None).await.expect("put through A, stored on B");
     // B's view catches up, then A's.
     c.view(&["node-b"], &ABC).await;
@@ -525,13 +527,7 @@ async fn a_write_acknowledged_while_rings_disagree_survives_convergence() {
         assert_eq!(got, Ok(bytes("acknowledged")), "node {i} after the views converged");
     }
     // And the other way round: B already sees C, A does not; the write goes on from B to C.
-    let key2 = (0..10_000)
-        .map(|i| format!("disagree2-{i}"))
-        .find(|k| {
-            c.ring(&ab).owner(key_hash(k)).is_some_and(|m| m.name == "node-b")
-                && c.ring(&ABC).owner(key_hash(k)).is_some_and(|m| m.name == "node-c")
-        })
-        .expect("a key moving from B to C");
+    let key2 = c.key_moving("disagree2-", ("node-b", &ab), ("node-c", &ABC));
     c.view(&["node-a"], &ab).await;
     a.engine.put(ASIDE, &key2, bytes("forwarded"), None).await.expect("put");
     assert_eq!(c.net.calls("node-c", Op::Store), 1, "B passed the write on to C");
