@@ -59,6 +59,8 @@ pub(super) struct Previous {
     until: tokio::time::Instant,
     /// Members that left gracefully (they still answer until they exit).
     leavers: HashSet<String>,
+    /// Previous owners that did not answer a peek: not asked again (a pod that is gone costs one timeout).
+    silent: parking_lot::Mutex<HashSet<String>>,
 }
 
 /// What a handoff round sent, by keyspace: key → version, for entries the owner acknowledged.
@@ -205,6 +207,7 @@ impl Engine {
             ring: previous_ring,
             until: tokio::time::Instant::now() + self.handoff.grace,
             leavers: leaver.into_iter().collect(),
+            silent: parking_lot::Mutex::new(HashSet::new()),
         })));
         for ks in self.keyspaces.all() {
             // Hot copies: their owners may have changed, and a copy of a key this node now owns must not shadow
@@ -521,7 +524,7 @@ impl Engine {
         }
         let ring = self.membership.ring();
         let alive = ring.members().iter().any(|m| m == owner) || previous.leavers.contains(&owner.name);
-        alive.then(|| owner.clone())
+        (alive && !previous.silent.lock().contains(&owner.name)).then(|| owner.clone())
     }
 
     /// True while a previous-owner read may apply (a change happened within the grace window).
@@ -557,6 +560,9 @@ impl Engine {
                 Ok(_) => continue,
                 Err(e) => {
                     tracing::debug!(owner = %owner.name, error = %e, "previous owner did not answer; loading from the source");
+                    if let Some(p) = self.previous.load_full() {
+                        p.silent.lock().insert(owner.name.clone());
+                    }
                     continue;
                 }
             };
