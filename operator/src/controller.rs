@@ -189,12 +189,26 @@ impl Context {
     }
 
     async fn event(&self, dc: &DistCache, type_: EventType, reason: &str, note: String) {
+        self.event_related(dc, type_, reason, note, None).await;
+    }
+
+    /// An Event about `dc` that also names a `related` object. The recorder folds Events of one reason about the
+    /// same objects into one series (the first note, counted): the related object keeps, say, the steps of a
+    /// scale-in (one pod each) apart.
+    async fn event_related(
+        &self,
+        dc: &DistCache,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    ) {
         let event = Event {
             type_,
             reason: reason.to_owned(),
             note: Some(truncate(note, 1000)),
             action: "Reconcile".to_owned(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.recorder.publish(&event, &dc.object_ref(&())).await {
             tracing::warn!(error = %chain(&e), "failed to publish an Event");
@@ -290,13 +304,19 @@ async fn apply_and_observe(
         apply::apply_all(&ctx.client, &valid.namespace, &valid.owner.uid, &objects, pdb_api, cert_manager)
             .await?;
     if let Some(scale_in) = step.scale_in.as_ref().filter(|s| s.starts) {
+        let pod = format!("{}-{}", valid.name, scale_in.to);
         let note = format!(
-            "{}: node pod {}-{} hands its entries to the other nodes and stops; the next one only once it is gone",
+            "{}: node pod {pod} hands its entries to the other nodes and stops; the next one only once it is gone",
             scale_in.summary(),
-            valid.name,
-            scale_in.to
         );
-        ctx.event(dc, EventType::Normal, "ScalingIn", note).await;
+        let related = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Pod".to_owned()),
+            name: Some(pod),
+            namespace: Some(valid.namespace.clone()),
+            ..Default::default()
+        };
+        ctx.event_related(dc, EventType::Normal, "ScalingIn", note, Some(related)).await;
     }
     let tls = status::observe_tls(&ctx.client, valid, applied.certificate).await?;
     let nodes = status::observe_nodes(&ctx.client, &ctx.http, valid).await?;
