@@ -73,8 +73,10 @@ pub const MAX_REPLICAS: i32 = 1000;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DistCacheSpec {
-    /// Number of cache nodes (pods). Keys are sharded over the Ready nodes; scaling in removes the
-    /// highest-numbered pods first. Also settable through the scale subresource (`kubectl scale dc`). Default 3.
+    /// Number of cache nodes (pods). Keys are sharded over the nodes; new nodes start all at once, and scaling in
+    /// removes the highest-numbered pod first, one at a time: the next pod stops only once the previous one is
+    /// gone (it hands its entries to the remaining nodes while it stops, see handoff). Also settable through the
+    /// scale subresource (`kubectl scale dc`). Default 3.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
@@ -96,7 +98,7 @@ pub struct DistCacheSpec {
     #[schemars(length(max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub keyspaces: Vec<KeyspaceSpec>,
 
-    /// How the nodes find each other. Default: the Kubernetes API (Ready pods of this DistCache).
+    /// How the nodes find each other. Default: the Kubernetes API (the started pods of this DistCache).
     #[serde(default)]
     pub discovery: DiscoverySpec,
 
@@ -125,6 +127,11 @@ pub struct DistCacheSpec {
     /// cluster's network plugin enforces NetworkPolicies.
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
+
+    /// What a stopping node does with its entries (a scale-in, a roll, a drain): it pushes them to the nodes that
+    /// own them next, so that they do not start cold. Default: `timeout: 10s`.
+    #[serde(default)]
+    pub handoff: HandoffSpec,
 }
 
 fn default_replicas() -> i32 {
@@ -156,8 +163,9 @@ pub struct ImageSpec {
     "(has(self.kubernetes) ? 1 : 0) + (has(self.dns) ? 1 : 0) + (has(self.nats) ? 1 : 0) == 1"
 ).message("discovery: set exactly one of kubernetes, dns or nats"))]
 pub struct DiscoverySpec {
-    /// Watch the Ready pods of this DistCache through the Kubernetes API (the operator grants the nodes a Role
-    /// to list and watch pods). Members change as soon as a pod turns Ready or starts terminating.
+    /// Watch the pods of this DistCache through the Kubernetes API (the operator grants the nodes a Role to list
+    /// and watch pods). A pod is a member once its container has started, Ready or not, and leaves as soon as it
+    /// starts terminating; pods started together form one ring before any of them is Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesDiscoverySpec>,
     /// Resolve the headless Service `<name>-peers` (SRV records) through cluster DNS, every few seconds. For
@@ -374,6 +382,33 @@ impl Default for NetworkPolicySpec {
     fn default() -> Self {
         Self { enabled: true }
     }
+}
+
+/// Default of `spec.handoff.timeout`.
+pub const DEFAULT_HANDOFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest `spec.handoff.timeout`.
+pub const MAX_HANDOFF_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(5);
+
+/// The handoff of a stopping node's entries.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoffSpec {
+    /// Longest time a stopping node spends pushing its entries to the nodes that own them next, for example `10s`
+    /// (the default); what is not handed off by then is fetched again from the source when asked for. At most
+    /// 5m; `0s` turns the handoff off. The pods' terminationGracePeriodSeconds grows with it (shutdown delay +
+    /// this timeout + 25 s for the drain), so changing it rolls the pods.
+    #[serde(default = "default_handoff_timeout")]
+    pub timeout: crate::DurationString,
+}
+
+impl Default for HandoffSpec {
+    fn default() -> Self {
+        Self { timeout: default_handoff_timeout() }
+    }
+}
+
+fn default_handoff_timeout() -> crate::DurationString {
+    crate::DurationString(DEFAULT_HANDOFF_TIMEOUT)
 }
 
 /// The observed state of a DistCache, as the operator last applied and saw it.

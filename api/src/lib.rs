@@ -16,10 +16,10 @@ mod quantity;
 
 pub use admin::{KeyspaceCounters, KeyspaceReport, KeyspacesReport, LocalNode, PeerReport, PeersReport};
 pub use distcache::{
-    CertManagerSpec, ClientAuth, DEFAULT_REPLICAS, DiscoverySpec, DistCache, DistCacheSpec, DistCacheStatus,
-    DnsDiscoverySpec, GROUP, HookState, ImageSpec, IssuerRef, KeyspaceStatus, KubernetesDiscoverySpec,
-    MAX_REPLICAS, NatsDiscoverySpec, NetworkPolicySpec, PodDisruptionBudgetSpec, SchedulingSpec, ServiceSpec,
-    TlsSpec, VERSION,
+    CertManagerSpec, ClientAuth, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_REPLICAS, DiscoverySpec, DistCache,
+    DistCacheSpec, DistCacheStatus, DnsDiscoverySpec, GROUP, HandoffSpec, HookState, ImageSpec, IssuerRef,
+    KeyspaceStatus, KubernetesDiscoverySpec, MAX_HANDOFF_TIMEOUT, MAX_REPLICAS, NatsDiscoverySpec,
+    NetworkPolicySpec, PodDisruptionBudgetSpec, SchedulingSpec, ServiceSpec, TlsSpec, VERSION,
 };
 pub use duration::{DurationString, ParseDurationError};
 pub use host::{Host, HostPort, ParseHostPortError};

@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod build;
+pub mod scale;
 pub mod status;
 pub mod validate;
 
@@ -92,6 +93,17 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// Reading an owned object failed.
+    #[error("failed to read {kind} {name}")]
+    Read {
+        /// Object kind.
+        kind: String,
+        /// Object name.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
     /// Listing the node pods failed.
     #[error("failed to list the node pods of DistCache {name}")]
     Pods {
@@ -124,6 +136,7 @@ impl Error {
             Self::Delete { .. } => "DeleteFailed",
             Self::Discovery { .. } => "DiscoveryFailed",
             Self::Secret { .. } => "SecretUnreadable",
+            Self::Read { .. } => "ReadFailed",
             Self::Pods { .. } => "ListPodsFailed",
             Self::Status { .. } => "StatusFailed",
             Self::Invalid(_) => "InvalidObject",
@@ -176,12 +189,26 @@ impl Context {
     }
 
     async fn event(&self, dc: &DistCache, type_: EventType, reason: &str, note: String) {
+        self.event_related(dc, type_, reason, note, None).await;
+    }
+
+    /// An Event about `dc` that also names a `related` object. The recorder folds Events of one reason about the
+    /// same objects into one series (the first note, counted): the related object keeps, say, the steps of a
+    /// scale-in (one pod each) apart.
+    async fn event_related(
+        &self,
+        dc: &DistCache,
+        type_: EventType,
+        reason: &str,
+        note: String,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    ) {
         let event = Event {
             type_,
             reason: reason.to_owned(),
             note: Some(truncate(note, 1000)),
             action: "Reconcile".to_owned(),
-            secondary: None,
+            secondary: related,
         };
         if let Err(e) = self.recorder.publish(&event, &dc.object_ref(&())).await {
             tracing::warn!(error = %chain(&e), "failed to publish an Event");
@@ -258,7 +285,9 @@ async fn apply_and_observe(
         .pdb_api()
         .await
         .map_err(|source| Error::Discovery { api: "PodDisruptionBudget", source })?;
-    let objects = build::build(valid, &ctx.build);
+    // Scale-in goes one pod at a time: the StatefulSet's replicas may be above spec.replicas for a while.
+    let step = scale::observe(&ctx.client, valid).await?;
+    let objects = build::build(valid, &ctx.build).with_stateful_set_replicas(step.replicas);
     // Asked only when a Certificate is wanted, or may have to be removed (the DistCache had TLS, and so maybe a
     // Certificate, at the last status): DistCaches that never had TLS never depend on cert-manager.
     let had_tls =
@@ -274,6 +303,21 @@ async fn apply_and_observe(
     let applied =
         apply::apply_all(&ctx.client, &valid.namespace, &valid.owner.uid, &objects, pdb_api, cert_manager)
             .await?;
+    if let Some(scale_in) = step.scale_in.as_ref().filter(|s| s.starts) {
+        let pod = format!("{}-{}", valid.name, scale_in.to);
+        let note = format!(
+            "{}: node pod {pod} hands its entries to the other nodes and stops; the next one only once it is gone",
+            scale_in.summary(),
+        );
+        let related = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Pod".to_owned()),
+            name: Some(pod),
+            namespace: Some(valid.namespace.clone()),
+            ..Default::default()
+        };
+        ctx.event_related(dc, EventType::Normal, "ScalingIn", note, Some(related)).await;
+    }
     let tls = status::observe_tls(&ctx.client, valid, applied.certificate).await?;
     let nodes = status::observe_nodes(&ctx.client, &ctx.http, valid).await?;
     let observed = status::Observed {
@@ -281,6 +325,7 @@ async fn apply_and_observe(
         pdb: applied.pod_disruption_budget,
         keyspaces: status::keyspace_statuses(&valid.keyspaces, &nodes),
         tls,
+        scale_in: step.scale_in,
     };
     let new = status::compute(dc, &observed);
     report_transitions(ctx, dc, &new).await;
@@ -313,6 +358,13 @@ async fn report_transitions(ctx: &Context, dc: &DistCache, new: &distcache_api::
         && cert_manager_missing(&old).is_none()
     {
         ctx.event(dc, EventType::Warning, "CertManagerMissing", missing.message).await;
+    }
+    let scaling_in = |s: &distcache_api::DistCacheStatus| {
+        s.conditions.iter().any(|c| c.type_ == status::PROGRESSING && c.reason == status::SCALING_IN)
+    };
+    if scaling_in(&old) && !scaling_in(new) {
+        let note = format!("scaled in to {} node(s), one at a time", dc.spec.replicas);
+        ctx.event(dc, EventType::Normal, "ScaledIn", note).await;
     }
     for ks in new.keyspaces.iter().filter(|k| k.hook == HookState::Failed) {
         let was_failed = old.keyspaces.iter().any(|o| o.name == ks.name && o.hook == HookState::Failed);

@@ -332,6 +332,11 @@ struct Seen {
     /// Most pods short of `expected` at once, and the pods at that moment.
     worst: usize,
     worst_at: String,
+    /// Most pods terminating at once, and the pods at that moment.
+    most_terminating: usize,
+    most_terminating_at: String,
+    /// The pods in the order they started terminating (or vanished without being seen terminating).
+    stopped: Vec<String>,
     /// Watch errors (retried with backoff).
     errors: Vec<String>,
 }
@@ -373,6 +378,25 @@ impl Seen {
             self.worst = short;
             self.worst_at = self.describe();
         }
+        let terminating: Vec<String> = self
+            .pods
+            .values()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        if terminating.len() > self.most_terminating {
+            self.most_terminating = terminating.len();
+            self.most_terminating_at = self.describe();
+        }
+        for name in terminating {
+            self.stopping(name);
+        }
+    }
+
+    fn stopping(&mut self, name: String) {
+        if self.stopped.last() != Some(&name) && !self.stopped.contains(&name) {
+            self.stopped.push(name);
+        }
     }
 }
 
@@ -397,6 +421,29 @@ impl PodView {
         (seen.worst, seen.worst_at.clone())
     }
 
+    /// The pods that are not terminating and have an address (started, or about to start), whether Ready or not.
+    pub fn addressed(&self) -> Vec<Serving> {
+        self.lock()
+            .pods
+            .values()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                Some(Serving { uid: p.metadata.uid.clone()?, name: p.metadata.name.clone()?, ip: pod_ip(p)? })
+            })
+            .collect()
+    }
+
+    /// The most pods that were terminating at once since the watch started, and the pods at that moment.
+    pub fn most_terminating(&self) -> (usize, String) {
+        let seen = self.lock();
+        (seen.most_terminating, seen.most_terminating_at.clone())
+    }
+
+    /// The pods in the order they started stopping (terminating, or gone without being seen terminating).
+    pub fn stopped(&self) -> Vec<String> {
+        self.lock().stopped.clone()
+    }
+
     /// Every pod now, as `name: state (image)`.
     pub fn describe(&self) -> String {
         self.lock().describe()
@@ -408,9 +455,9 @@ impl PodView {
     }
 }
 
-/// Watches the pods of a label selector: which serve (for a reader that routes like a Service), and how many
-/// were ever missing from the expected number at once (a pod that is not Ready, terminating or not yet created
-/// counts as missing).
+/// Watches the pods of a label selector: which serve (for a reader that routes like a Service), how many were
+/// ever missing from the expected number at once (a pod that is not Ready, terminating or not yet created counts
+/// as missing), how many were terminating at once, and in which order pods stopped.
 pub struct PodWatch {
     view: PodView,
     task: tokio::task::JoinHandle<()>,
@@ -445,6 +492,9 @@ impl PodWatch {
                             let name = pod.metadata.name.clone().unwrap_or_default();
                             if seen.pods.get(&name).is_some_and(|p| p.metadata.uid == pod.metadata.uid) {
                                 seen.pods.remove(&name);
+                            }
+                            if seen.synced {
+                                seen.stopping(name);
                             }
                         }
                         Err(e) => seen.errors.push(e.to_string()),

@@ -108,6 +108,7 @@ fn valid(name: &str) -> Value {
                 }]
             },
             "podDisruptionBudget": { "enabled": true, "maxUnavailable": 1 },
+            "handoff": { "timeout": "15s" },
             "service": { "type": "ClusterIP", "annotations": { "example.com/team": "cache" } },
             "tls": { "secretName": "cache-certs", "clientAuth": "required" },
             "networkPolicy": { "enabled": true }

@@ -2,7 +2,7 @@
 //! watching their pods with a Role that only allows get/list/watch on pods, scaled 3 → 5 → 2. After each step
 //! every node's members are the Ready pods, every key is readable through every node, and a write through one
 //! node is read back through all (no node keeps serving a key it no longer owns). A pod that loses readiness
-//! leaves the ring.
+//! stays in the ring (a readiness flap moves no key); a pod whose process exits leaves it until it runs again.
 
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
@@ -187,29 +187,68 @@ async fn pods_find_each_other_through_the_api_as_the_statefulset_scales() -> any
         consistent(&nodes, step).await?;
     }
 
-    // A pod that loses readiness leaves the ring (its Ready condition as a kubelet reports a failed probe).
-    let nodes = ready(&pods).await?;
-    let (victim, _) =
-        nodes.iter().find(|(n, _)| n == "kd-1").cloned().ok_or_else(|| anyhow::anyhow!("kd-1"))?;
-    let (_, watcher_ip) =
-        nodes.iter().find(|(n, _)| n == "kd-0").cloned().ok_or_else(|| anyhow::anyhow!("kd-0"))?;
+    readiness_flaps_move_no_key_and_a_crash_does(&sets, &pods).await?;
+
+    sets.delete("kd", &DeleteParams::background()).await?;
+    ns.delete().await?;
+    Ok(())
+}
+
+/// With kd-0 and kd-1 running: kd-1 loses readiness (its Ready condition as a kubelet reports a failed probe)
+/// and stays in kd-0's ring — checked when kd-0 sees kd-2, which the StatefulSet creates after the readiness
+/// change, so kd-0 has seen that change by then. Then kd-1's process dies behind the kubelet's back: kd-1 leaves
+/// kd-0's ring, and rejoins once the kubelet has restarted it.
+async fn readiness_flaps_move_no_key_and_a_crash_does(
+    sets: &Api<StatefulSet>,
+    pods: &Api<Pod>,
+) -> anyhow::Result<()> {
+    let nodes = ready(pods).await?;
+    let ip_of = |name: &str| {
+        nodes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, ip)| ip.clone())
+            .ok_or_else(|| anyhow::anyhow!("{name}"))
+    };
+    let watcher_ip = ip_of("kd-0")?;
+    ip_of("kd-1")?;
     pods.patch_status(
-        &victim,
+        "kd-1",
         &PatchParams::default(),
         &Patch::Strategic(
             serde_json::json!({ "status": { "conditions": [{ "type": "Ready", "status": "False" }] } }),
         ),
     )
     .await?;
-    wait_for(Duration::from_secs(20), "kd-1 out of kd-0's ring", || {
-        let ip = watcher_ip.clone();
-        async move { Ok(members_seen(&ip).await? == BTreeSet::from(["kd-0".to_owned()])) }
+    sets.patch(
+        "kd",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "spec": { "replicas": 3 } })),
+    )
+    .await?;
+    let names = |list: &[&str]| list.iter().map(|n| (*n).to_owned()).collect::<BTreeSet<String>>();
+    let seen = std::sync::Mutex::new(BTreeSet::new());
+    wait_for(Duration::from_secs(30), "kd-2 in kd-0's ring", || async {
+        let members = members_seen(&watcher_ip).await?;
+        anyhow::ensure!(members.contains("kd-1"), "kd-1 left kd-0's ring on a readiness change: {members:?}");
+        let joined = members.contains("kd-2");
+        *seen.lock().expect("not poisoned") = members;
+        Ok(joined)
     })
     .await?;
+    assert_eq!(*seen.lock().expect("not poisoned"), names(&["kd-0", "kd-1", "kd-2"]));
 
-    sets.delete("kd", &DeleteParams::background()).await?;
-    ns.delete().await?;
-    Ok(())
+    let victim = pods.get("kd-1").await?;
+    let pid = distcache_tests::operator::pod_pid(&victim)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+    wait_for(Duration::from_secs(20), "kd-1 out of kd-0's ring after its process died", || async {
+        Ok(members_seen(&watcher_ip).await? == names(&["kd-0", "kd-2"]))
+    })
+    .await?;
+    wait_for(Duration::from_secs(30), "kd-1 back in kd-0's ring once restarted", || async {
+        Ok(members_seen(&watcher_ip).await? == names(&["kd-0", "kd-1", "kd-2"]))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

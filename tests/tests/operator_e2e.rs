@@ -1,20 +1,29 @@
 //! The operator end to end on the test bed, the way a user meets it:
 //! 1. `helm install` of charts/distcache runs the operator (its pod is run by the test kubelet with the chart's
 //!    RBAC, through a token of the chart's ServiceAccount), watching the test's namespace;
-//! 2. the example origin (examples/k8s/origin.yaml) runs as a pod, and the example DistCache
-//!    (examples/k8s/distcache.yaml) reads through the example hook, a ConfigMap module, from it;
+//! 2. the example origin (examples/k8s/origin.yaml, with 200 more users for the fetch counts below) runs as a pod,
+//!    and the example DistCache (examples/k8s/distcache.yaml) reads through the example hook, a ConfigMap module,
+//!    from it;
 //! 3. the DistCache becomes three Ready node pods, and `kubectl get dc` says so;
-//! 4. the `distcache` CLI reads every user through every node, and the origin was asked once per user;
+//! 4. the `distcache` CLI reads every example user through every node, and the origin was asked once per user;
 //! 5. a keyspace added with `kubectl apply` is served by every node without a restart;
 //! 6. `kubectl scale dc` to five nodes;
 //! 7. a new node image rolls the pods one at a time while a reader that routes like a Service sees no failed read;
-//! 8. TLS: a second DistCache with `spec.tls.secretName` (a CA and a certificate made here with rcgen, whose SANs
-//!    are those the operator asks cert-manager for): its pods serve TLS and the CLI reads through them with the
-//!    CA (and the nodes reach each other over mutual TLS on the peer port); the Secret is replaced with a
-//!    certificate of a new CA, and every node serves it without a restart (same pod UIDs, restartCount 0,
-//!    `distcache_tls_reloads_total{result="applied"}` up); its NetworkPolicy is present and correct;
-//! 9. deleting the DistCache garbage-collects every object it owned and stops every node process; `helm uninstall`
-//!    keeps the CRD.
+//!    the origin requests during the roll are reported against a cold cache's;
+//! 8. `kubectl scale dc` from five to two under the same reader: the operator stops one pod at a time (never two
+//!    terminating at once, highest ordinal first, `Progressing` saying each step), no read fails, and every key
+//!    reads through every node afterwards; the origin requests during the scale-in are reported against a cold
+//!    cache's, and at the end of the scenario they must be at most 10 % of it (the nodes hand their entries off
+//!    when they stop);
+//! 9. a second DistCache of five nodes started together: each pod, when first seen Ready, already has all five in
+//!    its ring (pods form one ring before any of them is Ready);
+//! 10. TLS: a third DistCache with `spec.tls.secretName` (a CA and a certificate made here with rcgen, whose SANs
+//!     are those the operator asks cert-manager for): its pods serve TLS and the CLI reads through them with the
+//!     CA (and the nodes reach each other over mutual TLS on the peer port); the Secret is replaced with a
+//!     certificate of a new CA, and every node serves it without a restart (same pod UIDs, restartCount 0,
+//!     `distcache_tls_reloads_total{result="applied"}` up); its NetworkPolicy is present and correct;
+//! 11. deleting the DistCache garbage-collects every object it owned and stops every node process; `helm uninstall`
+//!     keeps the CRD.
 
 use std::{
     collections::BTreeMap,
@@ -24,7 +33,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PutRequest};
+use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PurgeKeySpaceRequest, PutRequest};
 use distcache_tests::{
     hook_module, http_get,
     operator::{
@@ -78,6 +87,8 @@ struct Deployed {
     /// The read-through keyspace of the example and its users (key → the origin's bytes).
     keyspace: String,
     users: BTreeMap<String, Vec<u8>>,
+    /// More users of the origin (key → bytes), read in steps 7 and 8 only: enough keys for a fetch count.
+    bulk: BTreeMap<String, Vec<u8>>,
     /// The origin's address and the URL path its users are under (`/users`).
     origin: SocketAddr,
     users_path: String,
@@ -122,9 +133,42 @@ async fn scenario(env: &Env) -> anyhow::Result<()> {
     step("5. a keyspace added without a restart", add_keyspace(env, &mut deployed)).await?;
     step("6. kubectl scale to 5", scale(env, &deployed, 5)).await?;
     step("7. a rolling image change without a failed read", roll(env, &deployed)).await?;
-    step("8. TLS from a Secret, rotated without a restart", tls(env)).await?;
-    step("9. delete and uninstall", delete_and_uninstall(env, &name)).await?;
+    let fetched = step("8. scale-in 5 → 2 one pod at a time", scale_in(env, &deployed)).await?;
+    step("9. five pods started together form one ring", parallel_start(env)).await?;
+    step("10. TLS from a Secret, rotated without a restart", tls(env)).await?;
+    step("11. delete and uninstall", delete_and_uninstall(env, &name)).await?;
+    // Checked last, so that the steps after it run whatever it says: it needs the nodes' handoff on SIGTERM.
+    anyhow::ensure!(
+        fetched.ratio() <= 0.10,
+        "scale-in 5→2 asked the source {} times, {:.0}% of a cold cache's {} (at most 10 %: a stopping node \
+         hands its entries to their next owners)",
+        fetched.during,
+        fetched.ratio() * 100.0,
+        fetched.cold
+    );
     Ok(())
+}
+
+/// Origin requests during a change of the cluster, and what reading the same keys from a cold cache costs.
+#[derive(Clone, Copy, Debug)]
+struct Fetched {
+    during: u64,
+    cold: u64,
+}
+
+impl Fetched {
+    fn ratio(self) -> f64 {
+        self.during as f64 / self.cold.max(1) as f64
+    }
+
+    fn report(self, what: &str) {
+        eprintln!(
+            "{what}: {} source fetches vs cold baseline {} (ratio {:.2})",
+            self.during,
+            self.cold,
+            self.ratio()
+        );
+    }
 }
 
 /// Runs one step, saying how long it took (and which step failed).
@@ -203,7 +247,7 @@ async fn deploy(env: &Env) -> anyhow::Result<Deployed> {
         .create(&PostParams::default(), &hook)
         .await?;
 
-    let (origin, users) = start_origin(env).await?;
+    let (origin, users, bulk) = start_origin(env).await?;
 
     // The bed has no cluster DNS and no Service VIPs: the hook reaches the origin at its pod IP, so the example's
     // `http://<service>.<namespace>.svc:<port>/users` becomes `http://<pod IP>:<port>/users` (path kept).
@@ -225,16 +269,34 @@ async fn deploy(env: &Env) -> anyhow::Result<Deployed> {
         applied: distcache,
         keyspace: keyspace["name"].as_str().unwrap_or_default().to_owned(),
         users,
+        bulk,
         origin,
         users_path,
     })
 }
 
-/// Applies examples/k8s/origin.yaml in the test's namespace and waits until its pod answers; the origin's address
-/// and the users it serves (from the manifest's ConfigMap: `<id>.json` → bytes).
-async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, BTreeMap<String, Vec<u8>>)> {
+/// How many users the origin serves beyond the example's.
+const BULK_USERS: usize = 200;
+
+/// The origin's users: the example's, and more for the fetch counts.
+type Users = BTreeMap<String, Vec<u8>>;
+
+/// Applies examples/k8s/origin.yaml in the test's namespace, with [`BULK_USERS`] more users in its ConfigMap, and
+/// waits until its pod answers; the origin's address, the users of the manifest's ConfigMap (`<id>.json` →
+/// bytes) and the bulk users.
+async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, Users, Users)> {
     let mut docs = manifests(&repo_root().join("examples/k8s/origin.yaml"))?;
     let mut users = BTreeMap::new();
+    let bulk: Users = (0..BULK_USERS)
+        .map(|i| {
+            let id = format!("bulk-{i:03}");
+            let text = format!(
+                r#"{{"id":"{id}","name":"Bulk User {i}","plan":"free","padding":"{}"}}"#,
+                "x".repeat(64)
+            );
+            (id, text.into_bytes())
+        })
+        .collect();
     for doc in &mut docs {
         doc["metadata"]["namespace"] = env.ns.clone().into();
         if doc["kind"] == "ConfigMap" {
@@ -242,6 +304,9 @@ async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, BTreeMap<String,
                 if let (Some(id), Some(text)) = (file.strip_suffix(".json"), content.as_str()) {
                     users.insert(id.to_owned(), text.as_bytes().to_vec());
                 }
+            }
+            for (id, text) in &bulk {
+                doc["data"][format!("{id}.json")] = String::from_utf8_lossy(text).into_owned().into();
             }
         }
     }
@@ -272,7 +337,41 @@ async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, BTreeMap<String,
         Ok(http_get(addr, "/_stats").await.is_ok_and(|(status, _)| status == 200))
     })
     .await?;
-    Ok((addr, users))
+    Ok((addr, users, bulk))
+}
+
+/// Requests the origin has answered for users (`/_stats`: per path).
+async fn origin_requests(d: &Deployed) -> anyhow::Result<u64> {
+    let (status, body) = http_get(d.origin, "/_stats").await?;
+    anyhow::ensure!(status == 200, "/_stats answered {status}: {body}");
+    let hits: BTreeMap<String, u64> = serde_json::from_str(&body)?;
+    let prefix = format!("{}/", d.users_path);
+    Ok(hits.iter().filter(|(path, _)| path.starts_with(&prefix)).map(|(_, n)| n).sum())
+}
+
+/// Every user of the origin with its bytes: the example's and the bulk ones.
+fn all_keys(d: &Deployed) -> Vec<(String, Vec<u8>)> {
+    d.users.iter().chain(&d.bulk).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// A cold cache's cost of `keys`: the keyspace purged on every node, then each key read once (through the Ready
+/// nodes in turn); the origin requests that took. The keys are cached afterwards.
+async fn cold_baseline(env: &Env, d: &Deployed, keys: &[(String, Vec<u8>)]) -> anyhow::Result<u64> {
+    let nodes: Vec<String> = ready_nodes(env, &d.name).await?.into_values().collect();
+    anyhow::ensure!(!nodes.is_empty(), "no Ready node");
+    let mut clients = Vec::new();
+    for ip in &nodes {
+        clients.push(connect(ip).await?);
+    }
+    clients[0].purge_key_space(PurgeKeySpaceRequest { keyspace: d.keyspace.clone() }).await?;
+    let before = origin_requests(d).await?;
+    for (i, (key, want)) in keys.iter().enumerate() {
+        let n = i % clients.len();
+        let got = clients[n].get(GetRequest { keyspace: d.keyspace.clone(), key: key.clone() }).await;
+        let got = got.with_context(|| format!("{key} through {}", nodes[n]))?.into_inner();
+        assert_eq!(&got.value, want, "{key} through {} after the purge", nodes[n]);
+    }
+    Ok(origin_requests(d).await? - before)
 }
 
 // ---- 3 ----------------------------------------------------------------------------------------------------
@@ -482,11 +581,11 @@ async fn scale(env: &Env, d: &Deployed, replicas: usize) -> anyhow::Result<()> {
     read_everything_everywhere(env, d).await
 }
 
-/// Every user read through every Ready node.
+/// Every user (the example's and the bulk ones) read through every Ready node.
 async fn read_everything_everywhere(env: &Env, d: &Deployed) -> anyhow::Result<()> {
     for (pod, ip) in ready_nodes(env, &d.name).await? {
         let mut c = connect(&ip).await?;
-        for (user, want) in &d.users {
+        for (user, want) in d.users.iter().chain(&d.bulk) {
             let got = c.get(GetRequest { keyspace: d.keyspace.clone(), key: user.clone() }).await;
             let got = got.with_context(|| format!("{user} through {pod} ({ip})"))?.into_inner();
             assert_eq!(&got.value, want, "{user} through {pod} ({ip})");
@@ -507,8 +606,10 @@ async fn roll(env: &Env, d: &Deployed) -> anyhow::Result<()> {
         "not every pod serves before the roll: {}",
         view.describe()
     );
+    let keys = all_keys(d);
+    let cold = cold_baseline(env, d, &keys).await?;
+    let before = origin_requests(d).await?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let keys: Vec<(String, Vec<u8>)> = d.users.clone().into_iter().collect();
     let reader = spawn_reader(view.clone(), &d.keyspace, keys, stop.clone(), Duration::from_secs(150));
 
     let patch = r#"{"spec":{"image":{"tag":"test2"}}}"#;
@@ -565,10 +666,204 @@ async fn roll(env: &Env, d: &Deployed) -> anyhow::Result<()> {
     assert!(view.errors().is_empty(), "pod watch errors: {:?}", view.errors());
     let dc = distcaches(&env.bed.client, &env.ns).get(&d.name).await?;
     assert_eq!(dc.data["status"]["updatedReplicas"], json!(replicas), "status: {}", dc.data["status"]);
-    read_everything_everywhere(env, d).await
+    read_everything_everywhere(env, d).await?;
+    Fetched { during: origin_requests(d).await? - before, cold }.report("rolling update");
+    Ok(())
 }
 
 // ---- 8 ----------------------------------------------------------------------------------------------------
+
+/// `kubectl scale dc` from five to two while a reader reads every user through the serving pods: the operator
+/// stops one pod at a time (highest ordinal first, never two terminating at once, each step in the Progressing
+/// condition and an Event), no read fails, every user reads through every node afterwards. The origin requests
+/// from the scale until after that last read, against a cold cache's.
+async fn scale_in(env: &Env, d: &Deployed) -> anyhow::Result<Fetched> {
+    let pods: Api<Pod> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    let names: Vec<String> =
+        node_pods(env, &d.name).await?.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    anyhow::ensure!(names.len() == 5, "five node pods before the scale-in: {names:?}");
+    let keys = all_keys(d);
+    let cold = cold_baseline(env, d, &keys).await?;
+    // Two must serve throughout (the target); what the watch records of the terminating ones is the point.
+    let watch = PodWatch::start(pods, &node_selector(&d.name), 2).await?;
+    let view = watch.view();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let progress = spawn_progress_recorder(env, &d.name, stop.clone());
+    let before = origin_requests(d).await?;
+    let reader = spawn_reader(view.clone(), &d.keyspace, keys, stop.clone(), Duration::from_secs(150));
+
+    env.kubectl.run(&["scale", "dc", &d.name, "--replicas=2", "--namespace", &env.ns]).await?;
+    // Three steps of a stopping node each (shutdown delay, handoff, drain), one after the other.
+    let done = wait_available(env, &d.name, 2, Duration::from_secs(150)).await;
+    stop.cancel();
+    let reads = reader.await?;
+    let progress = progress.await?;
+    let (terminating, at) = view.most_terminating();
+    let (short, short_at) = view.worst();
+    eprintln!(
+        "scale-in 5→2: {} reads ok, {} failed; at most {terminating} pod(s) terminating at once; stopped in the \
+         order {:?}; at worst {short} of 2 pods not serving ({short_at}); Progressing said {progress:#?}",
+        reads.ok,
+        reads.failed,
+        view.stopped(),
+    );
+    done.with_context(|| {
+        format!("pods: {}; first failed reads:\n{}", view.describe(), reads.failures.join("\n"))
+    })?;
+    assert!(
+        reads.failed == 0,
+        "{} failed reads during the scale-in, first ones:\n{}",
+        reads.failed,
+        reads.failures.join("\n")
+    );
+    assert!(reads.ok >= 100, "the reader read only {} times", reads.ok);
+    assert_eq!(
+        terminating, 1,
+        "node pods terminating at once during the scale-in (at the worst moment: {at})"
+    );
+    let name = &d.name;
+    assert_eq!(view.stopped(), [format!("{name}-4"), format!("{name}-3"), format!("{name}-2")]);
+    assert!(view.errors().is_empty(), "pod watch errors: {:?}", view.errors());
+    for step in ["5 → 4", "4 → 3", "3 → 2"] {
+        let said = format!("scaling in: {step} of target 2");
+        assert!(
+            progress.iter().any(|m| m.starts_with(&said)),
+            "Progressing never said {said:?}: {progress:?}"
+        );
+    }
+    let notes = events(env, &d.name, "ScalingIn").await?;
+    assert_eq!(notes.len(), 3, "one ScalingIn Event per step: {notes:?}");
+    assert_eq!(events(env, &d.name, "ScaledIn").await?.len(), 1, "one ScaledIn Event at the end");
+
+    read_everything_everywhere(env, d).await?;
+    let fetched = Fetched { during: origin_requests(d).await? - before, cold };
+    fetched.report("scale-in 5→2");
+    Ok(fetched)
+}
+
+/// The distinct `Progressing` messages with reason ScalingIn of DistCache `name`, looked at every 100 ms until
+/// `stop` (or for at most 3 minutes).
+fn spawn_progress_recorder(
+    env: &Env,
+    name: &str,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let (api, name) = (distcaches(&env.bed.client, &env.ns), name.to_owned());
+    tokio::spawn(async move {
+        let mut seen: Vec<String> = Vec::new();
+        let deadline = Instant::now() + Duration::from_mins(3);
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        while !stop.is_cancelled() && Instant::now() < deadline {
+            every.tick().await;
+            let Ok(dc) = api.get(&name).await else { continue };
+            for c in dc.data["status"]["conditions"].as_array().into_iter().flatten() {
+                if c["type"] == "Progressing"
+                    && c["reason"] == "ScalingIn"
+                    && let Some(message) = c["message"].as_str()
+                    && !seen.iter().any(|m| m == message)
+                {
+                    seen.push(message.to_owned());
+                }
+            }
+        }
+        seen
+    })
+}
+
+/// The notes of the Events of `reason` about DistCache `name`.
+async fn events(env: &Env, name: &str, reason: &str) -> anyhow::Result<Vec<String>> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| e.note.unwrap_or_default())
+        .collect())
+}
+
+// ---- 9 ----------------------------------------------------------------------------------------------------
+
+/// A new DistCache of five nodes, whose pods start together (the StatefulSet manages them in parallel): each node,
+/// at the moment it turns ready (its `/readyz`, polled every 20 ms from the moment its pod has an address) and
+/// when its pod is first seen Ready, already has all five in its ring (`/admin/peers`) — above all the first one:
+/// no node becomes ready with a ring of itself. Then it is deleted.
+async fn parallel_start(env: &Env) -> anyhow::Result<()> {
+    const NAME: &str = "wide";
+    const N: usize = 5;
+    let pods: Api<Pod> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    let watch = PodWatch::start(pods, &node_selector(NAME), N).await?;
+    let view = watch.view();
+    let distcache = json!({
+        "apiVersion": "distcache.io/v1alpha1",
+        "kind": "DistCache",
+        "metadata": { "name": NAME, "namespace": env.ns },
+        "spec": { "replicas": N, "keyspaces": [{ "name": "sessions", "maxBytes": "1Mi" }] },
+    });
+    env.kubectl.run_stdin(&["apply", "-f", "-"], &to_yaml_stream(&[distcache])?).await?;
+    let all: std::collections::BTreeSet<String> = (0..N).map(|i| format!("{NAME}-{i}")).collect();
+    let ring = |pod: &str, seen: anyhow::Result<distcache_tests::operator::Peers>| match seen {
+        Ok(seen) if seen.local == pod && seen.members == all => "all five".to_owned(),
+        Ok(seen) => format!("{} sees {:?}", seen.local, seen.members),
+        Err(e) => format!("/admin/peers: {e:#}"),
+    };
+    // Pod name → its ring when its node turned ready, and when its pod was first seen Ready; in that order.
+    let node_ready: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+    let pod_ready: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+    let known = |list: &Mutex<Vec<(String, String)>>, pod: &str| {
+        list.lock().expect("not poisoned").iter().any(|(name, _)| name == pod)
+    };
+    let waited = wait_for(Duration::from_secs(90), "five Ready pods, each asked as it turned ready", || {
+        let (view, node_ready, pod_ready, ring, known) = (&view, &node_ready, &pod_ready, &ring, &known);
+        async move {
+            for pod in view.addressed() {
+                if known(node_ready, &pod.name) {
+                    continue;
+                }
+                let ready = http_get(format!("{}:7421", pod.ip).parse()?, "/readyz").await;
+                if ready.is_ok_and(|(status, _)| status == 200) {
+                    let answer = ring(&pod.name, members_seen(&pod.ip).await);
+                    node_ready.lock().expect("not poisoned").push((pod.name, answer));
+                }
+            }
+            for pod in view.serving() {
+                if !known(pod_ready, &pod.name) {
+                    let answer = ring(&pod.name, members_seen(&pod.ip).await);
+                    pod_ready.lock().expect("not poisoned").push((pod.name, answer));
+                }
+            }
+            Ok(pod_ready.lock().expect("not poisoned").len() == N)
+        }
+    })
+    .await;
+    let (node_ready, pod_ready) =
+        (node_ready.into_inner().expect("not poisoned"), pod_ready.into_inner().expect("not poisoned"));
+    eprintln!(
+        "five pods started together; rings in the order the nodes turned ready: {node_ready:?}; in the order \
+         the pods were seen Ready: {pod_ready:?}"
+    );
+    waited.with_context(|| format!("pods: {}", view.describe()))?;
+    let (first, answer) = &pod_ready[0];
+    assert_eq!(answer, "all five", "the first pod seen Ready, {first}, did not see the other four");
+    let (first, answer) = node_ready.first().ok_or_else(|| anyhow::anyhow!("no node seen turning ready"))?;
+    assert_eq!(answer, "all five", "the first node to turn ready, {first}, did not see the other four");
+    for (when, list) in [("turned ready", &node_ready), ("was seen Ready", &pod_ready)] {
+        assert!(
+            list.iter().all(|(_, a)| a == "all five"),
+            "a node {when} before it saw the other four: {list:?}"
+        );
+    }
+    let api = distcaches(&env.bed.client, &env.ns);
+    api.delete(NAME, &DeleteParams::background()).await?;
+    wait_for(Duration::from_mins(1), "the five-node DistCache's pods gone", || async {
+        Ok(node_pods(env, NAME).await?.is_empty() && api.get_opt(NAME).await?.is_none())
+    })
+    .await
+}
+
+// ---- 10 ---------------------------------------------------------------------------------------------------
 
 /// A test CA (rcgen): X.509 v3 with CA basic constraints, as rustls requires.
 struct Ca {
@@ -825,7 +1120,7 @@ async fn network_policy_of(env: &Env, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-// ---- 9 ----------------------------------------------------------------------------------------------------
+// ---- 11 ---------------------------------------------------------------------------------------------------
 
 async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
     let client = &env.bed.client;

@@ -104,6 +104,18 @@ pub struct Objects {
     pub certificate: Option<DynamicObject>,
 }
 
+impl Objects {
+    /// The objects with the StatefulSet at `replicas` pods instead of `spec.replicas`: the operator scales in one
+    /// pod at a time (see `scale`).
+    #[must_use]
+    pub fn with_stateful_set_replicas(mut self, replicas: i32) -> Self {
+        if let Some(spec) = self.stateful_set.spec.as_mut() {
+            spec.replicas = Some(replicas);
+        }
+        self
+    }
+}
+
 /// The cert-manager Certificate resource (cert-manager.io/v1).
 pub fn certificate_resource() -> ApiResource {
     ApiResource {
@@ -595,6 +607,14 @@ fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMou
     }
 }
 
+/// How long Kubernetes lets a stopping node pod take before it kills it: on SIGTERM the node turns not ready and
+/// keeps serving for its shutdown delay, hands its entries off for up to `spec.handoff.timeout`, then drains the
+/// requests in flight (DISTCACHE_SHUTDOWN_GRACE, 20 s); 5 s more as a margin.
+pub fn termination_grace_seconds(valid: &ValidSpec, config: &BuildConfig) -> i64 {
+    let handoff = valid.handoff_timeout.as_secs() + u64::from(valid.handoff_timeout.subsec_nanos() > 0);
+    i64::from(config.shutdown_delay_seconds) + i64::try_from(handoff).unwrap_or(i64::MAX / 2) + 25
+}
+
 fn stateful_set(valid: &ValidSpec, config: &BuildConfig) -> StatefulSet {
     let name = &valid.name;
     let (volumes, mounts) = volumes(valid);
@@ -603,8 +623,7 @@ fn stateful_set(valid: &ValidSpec, config: &BuildConfig) -> StatefulSet {
     let some_vec = |v: Vec<_>| if v.is_empty() { None } else { Some(v) };
     let pod = PodSpec {
         service_account_name: Some(format!("{name}-node")),
-        // SIGTERM → not ready + shutdownDelay + drain (DISTCACHE_SHUTDOWN_GRACE) fits well inside this.
-        termination_grace_period_seconds: Some(i64::from(config.shutdown_delay_seconds) + 25),
+        termination_grace_period_seconds: Some(termination_grace_seconds(valid, config)),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(65532),
@@ -817,6 +836,36 @@ spec:
             assert_eq!(v.service.type_, type_);
             assert_eq!(service_type(&build(&v, &config)).as_deref(), Some(text));
         }
+    }
+
+    #[test]
+    fn the_grace_period_covers_shutdown_delay_handoff_and_drain() {
+        let grace = |yaml: &str, delay: u32| {
+            let config = BuildConfig { shutdown_delay_seconds: delay, ..BuildConfig::default() };
+            let o = objects(&dc(&format!("{DEMO}{yaml}")), &config);
+            o.stateful_set.spec.and_then(|s| s.template.spec).and_then(|p| p.termination_grace_period_seconds)
+        };
+        assert_eq!(grace("", 5), Some(5 + 10 + 25), "default handoff timeout 10s");
+        assert_eq!(grace("  handoff: { timeout: 0s }\n", 5), Some(5 + 25), "no handoff");
+        assert_eq!(
+            grace("  handoff: { timeout: 1500ms }\n", 3),
+            Some(3 + 2 + 25),
+            "whole seconds, rounded up"
+        );
+    }
+
+    #[test]
+    fn the_stateful_set_replicas_can_differ_from_the_spec() {
+        let o = objects(&dc(DEMO), &BuildConfig::default());
+        let replicas = |o: &Objects| o.stateful_set.spec.as_ref().and_then(|s| s.replicas);
+        assert_eq!(replicas(&o), Some(3));
+        let stepped = o.clone().with_stateful_set_replicas(4);
+        assert_eq!(replicas(&stepped), Some(4));
+        assert_eq!(
+            stepped.stateful_set.spec.map(|s| s.template),
+            o.stateful_set.spec.map(|s| s.template),
+            "only the replicas"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use super::{
     Error,
     apply::{CertificateOutcome, PdbOutcome},
     build::{ADMIN_PORT, TLS_KEYS, selector_string},
+    scale::ScaleIn,
     validate::{TlsSource, ValidSpec},
 };
 use crate::FIELD_MANAGER;
@@ -34,6 +35,8 @@ pub const AVAILABLE: &str = "Available";
 pub const PROGRESSING: &str = "Progressing";
 /// Something needs the user's attention.
 pub const DEGRADED: &str = "Degraded";
+/// The reason of Progressing while the operator scales in one pod at a time.
+pub const SCALING_IN: &str = "ScalingIn";
 /// The TLS Secret is there with every key the nodes read (only with `spec.tls`).
 pub const TLS_READY: &str = "TLSReady";
 
@@ -275,6 +278,8 @@ pub struct Observed<'a> {
     pub keyspaces: Vec<KeyspaceStatus>,
     /// The TLS material, with `spec.tls`.
     pub tls: Option<TlsState>,
+    /// The scale-in under way (the StatefulSet is lowered one pod at a time).
+    pub scale_in: Option<ScaleIn>,
 }
 
 fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -318,7 +323,9 @@ pub fn compute(dc: &DistCache, observed: &Observed<'_>) -> DistCacheStatus {
         } else {
             condition(AVAILABLE, false, "NodesNotReady", format!("{ready}/{desired} nodes Ready"), generation)
         },
-        if settled {
+        if let Some(scale_in) = &observed.scale_in {
+            condition(PROGRESSING, true, SCALING_IN, scale_in.message(), generation)
+        } else if settled {
             condition(PROGRESSING, false, "Settled", "no roll or scale under way".to_owned(), generation)
         } else if updated < replicas || !rolled {
             let message = format!("{updated}/{desired} nodes run the current pod template");
@@ -533,6 +540,7 @@ spec:
             pdb: PdbOutcome::Applied("policy/v1beta1"),
             keyspaces: vec![],
             tls: None,
+            scale_in: None,
         };
         let s = compute(&dc, &ok);
         assert_eq!(
@@ -555,8 +563,31 @@ spec:
             cond(&s, DEGRADED).last_transition_time,
             "unchanged status keeps its time"
         );
-        let no_pdb = compute(&dc, &Observed { pdb: PdbOutcome::Unsupported, ..ok });
+        let no_pdb = compute(&dc, &Observed { pdb: PdbOutcome::Unsupported, ..ok.clone() });
         assert_eq!(cond(&no_pdb, DEGRADED).reason, "PodDisruptionBudgetUnsupported");
+
+        // Scaling in from 5 to 3, one pod at a time: the StatefulSet is at 4 and demo-4 still stops. The status
+        // says where the scale-in is even when the StatefulSet's counts already match the spec.
+        dc.spec.replicas = 3;
+        for sts in [set(5, 5, 5, true), set(3, 3, 3, true)] {
+            let scale_in = crate::controller::scale::ScaleIn {
+                from: 5,
+                to: 4,
+                target: 3,
+                waiting_for: vec!["demo-4".to_owned()],
+                starts: false,
+            };
+            let s = compute(&dc, &Observed { stateful_set: &sts, scale_in: Some(scale_in), ..ok.clone() });
+            let p = cond(&s, PROGRESSING);
+            assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", SCALING_IN));
+            assert_eq!(
+                p.message,
+                "scaling in: 5 → 4 of target 3 (waiting for demo-4 to hand off its entries and stop)"
+            );
+            assert_eq!(cond(&s, AVAILABLE).status, "True", "at least 3 nodes Ready");
+        }
+        let done = compute(&dc, &Observed { stateful_set: &set(3, 3, 3, true), ..ok });
+        assert_eq!(cond(&done, PROGRESSING).reason, "Settled");
     }
 
     fn secret(keys: &[(&str, &[u8])]) -> Secret {
@@ -602,6 +633,7 @@ spec:
                     pdb: PdbOutcome::Applied("policy/v1"),
                     keyspaces: vec![],
                     tls,
+                    scale_in: None,
                 },
             )
         };
@@ -652,6 +684,7 @@ spec:
                 pdb: PdbOutcome::Applied("policy/v1"),
                 keyspaces: vec![],
                 tls: None,
+                scale_in: None,
             },
         );
         dc.status = Some(applied.clone());

@@ -7,8 +7,8 @@
 use std::{collections::BTreeMap, fmt};
 
 use distcache_api::{
-    ClientAuth, DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_REPLICAS, SchedulingSpec, TlsSpec,
-    ValidKeyspace, validate_keyspaces,
+    ClientAuth, DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_HANDOFF_TIMEOUT, MAX_REPLICAS,
+    SchedulingSpec, TlsSpec, ValidKeyspace, validate_keyspaces,
 };
 use k8s_openapi::{
     api::core::v1::ResourceRequirements,
@@ -48,6 +48,9 @@ pub struct ValidSpec {
     pub tls: Option<Tls>,
     /// Whether the NetworkPolicy `<name>` is wanted.
     pub network_policy: bool,
+    /// Longest time a stopping node spends handing its entries off, at most [`MAX_HANDOFF_TIMEOUT`] (zero: no
+    /// handoff).
+    pub handoff_timeout: std::time::Duration,
 }
 
 /// TLS of the nodes: where the certificate comes from and whether clients must present one.
@@ -277,6 +280,14 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
         None => Some(None),
         Some(tls) => parse_tls(tls, &mut problems).map(Some),
     };
+    let handoff_timeout = spec.handoff.timeout.get();
+    if handoff_timeout > MAX_HANDOFF_TIMEOUT {
+        problems.push(format!(
+            "spec.handoff.timeout: {} is longer than the maximum of {}",
+            spec.handoff.timeout,
+            DurationString(MAX_HANDOFF_TIMEOUT)
+        ));
+    }
     let keyspaces = match validate_keyspaces(&spec.keyspaces) {
         Ok(k) => k,
         Err(errors) => {
@@ -308,6 +319,7 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
             service,
             tls,
             network_policy: spec.network_policy.enabled,
+            handoff_timeout,
         }),
         _ => Err(InvalidSpec(problems.0)),
     }
@@ -557,6 +569,7 @@ image: { pullPolicy: Sometimes }
 discovery: { kubernetes: {}, nats: { url: "http://x", subject: "distcache.>" } }
 podDisruptionBudget: { minAvailable: 1, maxUnavailable: "150%" }
 service: { type: ExternalName }
+handoff: { timeout: 6m }
 keyspaces:
   - { name: users, maxBytes: 1Ki }
   - { name: a, maxBytes: 1Mi, hook: { module: { url: "https://x/y.wasm" }, allowedHosts: ["nohost"] } }
@@ -573,12 +586,24 @@ keyspaces:
             "spec.podDisruptionBudget: set minAvailable or maxUnavailable, not both",
             "spec.podDisruptionBudget.maxUnavailable",
             "spec.service.type",
+            "spec.handoff.timeout: 6m is longer than the maximum of 5m",
             "spec.keyspaces[0].maxBytes",
             "spec.keyspaces[1].hook.module.sha256: required",
             "spec.keyspaces[1].hook.allowedHosts[0]",
         ] {
             assert!(err.contains(expected), "missing {expected:?} in {err}");
         }
+    }
+
+    #[test]
+    fn the_handoff_timeout_defaults_to_10s_and_may_be_off() {
+        let valid = check("demo", &spec("{}")).expect("valid");
+        assert_eq!(valid.handoff_timeout, std::time::Duration::from_secs(10));
+        let off = check("demo", &spec("handoff: { timeout: 0s }")).expect("0s turns it off");
+        assert_eq!(off.handoff_timeout, std::time::Duration::ZERO);
+        let most = check("demo", &spec("handoff: { timeout: 5m }")).expect("the maximum");
+        assert_eq!(most.handoff_timeout, MAX_HANDOFF_TIMEOUT);
+        assert!(serde_yaml::from_str::<DistCacheSpec>("handoff: { timeout: 10 }").is_err(), "no unit");
     }
 
     #[test]
