@@ -554,6 +554,8 @@ fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMou
         env("DISTCACHE_HOOKS__CONFIG_MAP_DIR", MODULES_DIR),
         env("DISTCACHE_SHUTDOWN_DELAY", format!("{}s", config.shutdown_delay_seconds)),
         env("DISTCACHE_SHUTDOWN_GRACE", "20s"),
+        // The node's `handoff.timeout`: how long it pushes its entries to their next owners on SIGTERM.
+        env("DISTCACHE_HANDOFF__TIMEOUT", distcache_api::DurationString(valid.handoff_timeout).to_string()),
     ];
     if let Some(tls) = &valid.tls {
         // The node's `tls` setting, one field per variable (each value a plain path, as Kubernetes users read
@@ -846,6 +848,14 @@ spec:
             o.stateful_set.spec.and_then(|s| s.template.spec).and_then(|p| p.termination_grace_period_seconds)
         };
         assert_eq!(grace("", 5), Some(5 + 10 + 25), "default handoff timeout 10s");
+        let handoff = |yaml: &str| {
+            env_value(
+                &container(&objects(&dc(&format!("{DEMO}{yaml}")), &BuildConfig::default())),
+                "DISTCACHE_HANDOFF__TIMEOUT",
+            )
+        };
+        assert_eq!(handoff("").as_deref(), Some("10s"), "the node's handoff.timeout");
+        assert_eq!(handoff("  handoff: { timeout: 1500ms }\n").as_deref(), Some("1s500ms"));
         assert_eq!(grace("  handoff: { timeout: 0s }\n", 5), Some(5 + 25), "no handoff");
         assert_eq!(
             grace("  handoff: { timeout: 1500ms }\n", 3),
