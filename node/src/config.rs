@@ -216,7 +216,7 @@ pub enum DiscoveryConfig {
     /// One node alone (`standalone: {}`).
     #[default]
     Standalone,
-    /// The Ready pods of a label selector, watched through the Kubernetes API.
+    /// The started pods of a label selector (Ready or not), watched through the Kubernetes API.
     Kubernetes(KubernetesDiscovery),
     /// Announcements and heartbeats on a NATS subject.
     Nats(NatsDiscovery),

@@ -57,8 +57,6 @@ impl Default for HandoffSettings {
 pub(super) struct Previous {
     ring: Arc<Ring>,
     until: tokio::time::Instant,
-    /// Members that left gracefully (they still answer until they exit).
-    leavers: HashSet<String>,
     /// Previous owners that did not answer a peek: not asked again (a pod that is gone costs one timeout).
     silent: parking_lot::Mutex<HashSet<String>>,
 }
@@ -138,7 +136,7 @@ impl Engine {
             self.departed.lock().retain(|name, until| *until > now && others.iter().any(|m| &m.name == name));
             *self.discovered.lock() = others.to_vec();
         }
-        self.apply_members(None).await;
+        self.apply_members().await;
         if first {
             // A node that restarts faster than discovery notices (same name, same address) is still marked as
             // departed by the others: tell them this is a new process.
@@ -162,12 +160,12 @@ impl Engine {
         };
         if expired {
             let _one = self.ring_change.lock().await;
-            self.apply_members(None).await;
+            self.apply_members().await;
         }
     }
 
-    /// Applies the effective members (must hold `ring_change`). `leaver`: a member that just announced its leave.
-    async fn apply_members(self: &Arc<Self>, leaver: Option<String>) {
+    /// Applies the effective members (must hold `ring_change`).
+    async fn apply_members(self: &Arc<Self>) {
         let others = self.effective_members();
         let first = !self.membership.is_known();
         let old = self.membership.ring();
@@ -206,7 +204,6 @@ impl Engine {
         self.previous.store(Some(Arc::new(Previous {
             ring: previous_ring,
             until: tokio::time::Instant::now() + self.handoff.grace,
-            leavers: leaver.into_iter().collect(),
             silent: parking_lot::Mutex::new(HashSet::new()),
         })));
         for ks in self.keyspaces.all() {
@@ -403,7 +400,7 @@ impl Engine {
         {
             let _one = self.ring_change.lock().await;
             self.membership.set_leaving();
-            self.apply_members(None).await;
+            self.apply_members().await;
         }
         let target = self.membership.ring();
         let sent = self.push_moved(&target, None, true).await;
@@ -431,13 +428,13 @@ impl Engine {
             if fresh {
                 tracing::info!(member = from, "member leaves; dropping it from the ring");
                 let _one = self.ring_change.lock().await;
-                self.apply_members(Some(from.to_owned())).await;
+                self.apply_members().await;
             }
         }
         if !leaving && keyspace.is_empty() && self.departed.lock().remove(from).is_some() {
             tracing::info!(member = from, "member is back after leaving");
             let _one = self.ring_change.lock().await;
-            self.apply_members(None).await;
+            self.apply_members().await;
         }
         if keyspace.is_empty() {
             return HandoffReply::default();
@@ -522,9 +519,10 @@ impl Engine {
         if &owner.name == local {
             return None;
         }
-        let ring = self.membership.ring();
-        let alive = ring.members().iter().any(|m| m == owner) || previous.leavers.contains(&owner.name);
-        (alive && !previous.silent.lock().contains(&owner.name)).then(|| owner.clone())
+        // Asked whether it is still a member or not: a member that leaves gracefully answers until it exits, and
+        // discovery may drop it before its leave notice arrives. One that does not answer (it crashed, or is cut
+        // off) is not asked again during this window: a peek waits at most a short deadline once.
+        (!previous.silent.lock().contains(&owner.name)).then(|| owner.clone())
     }
 
     /// True while a previous-owner read may apply (a change happened within the grace window).
@@ -542,7 +540,11 @@ impl Engine {
     ) -> Vec<Option<Result<Value, ()>>> {
         let mut answers = vec![None; keys.len()];
         let mut groups: HashMap<Member, Vec<usize>> = HashMap::new();
-        for (i, (_, hash, _)) in keys.iter().enumerate() {
+        for (i, (key, hash, _)) in keys.iter().enumerate() {
+            // Deleted here: nothing a previous owner holds is newer.
+            if matches!(ks.store.held(key), Some(Held::Deleted(_))) {
+                continue;
+            }
             if let Some(owner) = self.previous_owner(*hash) {
                 groups.entry(owner).or_default().push(i);
             }
@@ -571,11 +573,13 @@ impl Engine {
                 match h {
                     Some(Held::Entry(e)) => {
                         self.hlc.observe(e.version);
-                        let Some(bytes) = e.value.clone() else { continue };
-                        let ttl = e.ttl_left();
                         ks.store.fill(Tier::Main, Arc::clone(key), *hash, e, *epoch);
-                        self.metrics.previous_owner_hits.inc();
-                        answers[i] = Some(Ok(Value { bytes, ttl }));
+                        // What is here now: the peeked entry, or a write that landed meanwhile. Nothing means the
+                        // key was deleted here later than the peeked version: the source decides.
+                        if let Some(Ok(v)) = ks.store.get(Tier::Main, key).map(super::entry_to_value) {
+                            self.metrics.previous_owner_hits.inc();
+                            answers[i] = Some(Ok(v));
+                        }
                     }
                     Some(Held::Deleted(v)) => {
                         self.hlc.observe(v);

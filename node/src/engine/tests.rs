@@ -703,3 +703,17 @@ async fn a_member_out_for_longer_than_deletes_are_remembered_comes_back_without_
         );
     }
 }
+
+/// A previous owner's copy never undoes a delete made on the new owner since.
+#[tokio::test]
+async fn a_previous_owner_does_not_bring_back_a_key_deleted_on_the_new_owner() {
+    let c = Cluster::started(&ABC, &["node-a", "node-b"]).await;
+    let (a, cc) = (c.node("node-a"), c.node("node-c"));
+    let key = c.key_owned_by("node-c", &ABC, "del-prev-");
+    a.engine.put(ASIDE, &key, bytes("before"), None).await.expect("put");
+    c.view(&["node-c"], &ABC).await;
+    cc.engine.delete(ASIDE, &key).await.expect("delete on the new owner");
+    let got = cc.engine.get(ASIDE, &key).await.map_err(|e| e.code());
+    assert_eq!(got, Err(Code::NotFound), "the previous owner's value must not come back");
+    assert_eq!(c.net.calls("node-a", Op::Peek) + c.net.calls("node-b", Op::Peek), 0, "not even asked");
+}

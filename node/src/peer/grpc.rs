@@ -54,6 +54,9 @@ pub fn held_from_pb(e: pb::HandoffEntry) -> (Arc<str>, Option<Held>) {
     (key, Some(Held::Entry(Entry::value(e.value, ttl).versioned(e.version))))
 }
 
+/// Deadline of a previous-owner read (`Peek`).
+const PEEK_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// gRPC peer client pool.
 pub struct GrpcPeers {
     local: String,
@@ -307,9 +310,11 @@ impl PeerTransport for GrpcPeers {
         let n = keys.len();
         let req =
             PeekRequest { keyspace: keyspace.to_owned(), keys: key_names(&keys), from: self.local.clone() };
+        // From memory on the other side: a short deadline, so a previous owner that crashed or is cut off costs a
+        // reader little (it is not asked again).
         let resp = self
             .client(&peer.address)?
-            .peek(request(req, self.timeout))
+            .peek(request(req, self.timeout.min(PEEK_TIMEOUT)))
             .await
             .map_err(|s| Self::fail(peer, &s))?
             .into_inner();
