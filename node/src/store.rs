@@ -457,6 +457,14 @@ impl Store {
         self.hot.load().invalidate_all();
     }
 
+    /// Removes a key's hot copy and bumps its epoch.
+    pub fn drop_copy(&self, key: &str, hash: u64) {
+        let stripe = self.stripe(hash);
+        let _guard = stripe.lock.lock();
+        stripe.bump();
+        self.hot.load().invalidate(key);
+    }
+
     /// Removes a key from both tiers and bumps its epoch.
     pub fn remove(&self, key: &str, hash: u64) {
         let stripe = self.stripe(hash);

@@ -132,6 +132,13 @@ async fn a_frozen_node_that_was_dropped_comes_back_with_the_writes_made_while_it
     Ok(())
 }
 
+/// Wall-clock time of day with microseconds, to match the node logs.
+fn chrono_like_now() -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let day = d.as_secs() % 86_400;
+    format!("{:02}:{:02}:{:02}.{:06}", day / 3600, day / 60 % 60, day % 60, d.subsec_micros())
+}
+
 /// A read loop through the nodes that are up (as a Service routes to Ready pods), counting failures and wrong
 /// values.
 struct Reads {
@@ -142,8 +149,24 @@ struct Reads {
 }
 
 impl Reads {
+    fn total(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.wrong.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more reads were made.
+    async fn at_least(&self, n: usize, when: &str) -> anyhow::Result<()> {
+        let start = self.total();
+        distcache_tests::wait_for(Duration::from_secs(20), &format!("{n} reads {when}"), || {
+            std::future::ready(Ok(self.total() >= start + n))
+        })
+        .await
+    }
+
     fn problem(&self, counter: &AtomicUsize, what: String) {
         counter.fetch_add(1, Ordering::Relaxed);
+        let what = format!("{what} (at {})", chrono_like_now());
         let Ok(mut p) = self.first_problems.lock() else { return };
         if p.len() < 10 {
             p.push(what);
@@ -296,9 +319,12 @@ async fn a_rolling_restart_loses_no_key_and_fetches_a_fraction_of_a_cold_restart
         let others: Vec<usize> = (0..cluster.nodes.len()).filter(|&j| j != i).collect();
         let names: Vec<&str> = others.iter().map(|&j| ALL[j]).collect();
         cluster.wait_views(&others, &names, Duration::from_secs(15)).await?;
+        // Reads go on while the node is away, and after it is back: at least 50 in each phase.
+        reads.at_least(50, "while a node is away").await?;
         cluster.nodes[i].start()?;
         cluster.wait_views(&[0, 1, 2], &ALL, Duration::from_secs(30)).await?;
         down.store(usize::MAX, Ordering::Release);
+        reads.at_least(50, "after a node came back").await?;
     }
     stop.cancel();
     for r in readers {

@@ -514,15 +514,20 @@ impl Engine {
         if tokio::time::Instant::now() >= previous.until {
             return None;
         }
-        let owner = previous.ring.owner(hash)?;
         let local = &self.membership.local().name;
+        let mut owner = previous.ring.owner(hash)?.clone();
         if &owner.name == local {
-            return None;
+            // It was this node's: if the ring now names another owner, this node's entry went there (a request
+            // routed here just before the change can miss after the entry moved).
+            owner = self.membership.ring().owner(hash)?.clone();
+            if &owner.name == local {
+                return None;
+            }
         }
         // Asked whether it is still a member or not: a member that leaves gracefully answers until it exits, and
         // discovery may drop it before its leave notice arrives. One that does not answer (it crashed, or is cut
         // off) is not asked again during this window: a peek waits at most a short deadline once.
-        (!previous.silent.lock().contains(&owner.name)).then(|| owner.clone())
+        (!previous.silent.lock().contains(&owner.name)).then_some(owner)
     }
 
     /// True while a previous-owner read may apply (a change happened within the grace window).
@@ -530,8 +535,8 @@ impl Engine {
         self.previous.load().as_ref().is_some_and(|p| tokio::time::Instant::now() < p.until)
     }
 
-    /// Asks the keys' previous owners for what they hold; fills the main tier with what they answer (unless a
-    /// write landed since `epoch`, or something newer is here). Returns one answer per key: `Some(Ok)` a value,
+    /// Asks the keys' previous owners for what they hold; stores what they answer in the main tier unless
+    /// something newer is here (a write or a delete since). Returns one answer per key: `Some(Ok)` a value,
     /// `Some(Err)` deleted there, `None` nothing known.
     pub(super) async fn ask_previous_owners(
         &self,
@@ -545,7 +550,9 @@ impl Engine {
             if matches!(ks.store.held(key), Some(Held::Deleted(_))) {
                 continue;
             }
-            if let Some(owner) = self.previous_owner(*hash) {
+            let owner = self.previous_owner(*hash);
+            tracing::debug!(key = %key, previous_owner = ?owner.as_ref().map(|m| &m.name), "miss during the grace window");
+            if let Some(owner) = owner {
                 groups.entry(owner).or_default().push(i);
             }
         }
@@ -569,11 +576,15 @@ impl Engine {
                 }
             };
             for (i, h) in positions.into_iter().zip(held) {
-                let (key, hash, epoch) = &keys[i];
+                let (key, hash, _) = &keys[i];
+                tracing::debug!(key = %key, owner = %owner.name, held = ?h.as_ref().map(|h| match h { Held::Entry(e) => e.version, Held::Deleted(v) => *v }), "previous owner answered");
                 match h {
                     Some(Held::Entry(e)) => {
                         self.hlc.observe(e.version);
-                        ks.store.fill(Tier::Main, Arc::clone(key), *hash, e, *epoch);
+                        // Newer wins, not the epoch: a membership change bumps every epoch (it drops the hot
+                        // tier), and a read that spans it must still get the previous owner's value. A write or
+                        // delete here since is newer, and stays.
+                        ks.store.merge(Arc::clone(key), *hash, Held::Entry(e));
                         // What is here now: the peeked entry, or a write that landed meanwhile. Nothing means the
                         // key was deleted here later than the peeked version: the source decides.
                         if let Some(Ok(v)) = ks.store.get(Tier::Main, key).map(super::entry_to_value) {

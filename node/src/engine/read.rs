@@ -125,6 +125,17 @@ impl Engine {
             if missing.is_empty() {
                 return batch.finish();
             }
+            // A handoff may have brought some while the previous owners were asked.
+            missing.retain(|(i, key)| match ks.store.get(Tier::Main, &key.0) {
+                Some(entry) => {
+                    batch.set(*i, entry_to_value(entry));
+                    false
+                }
+                None => true,
+            });
+            if missing.is_empty() {
+                return batch.finish();
+            }
             let Some(source) = ks.source.clone() else {
                 for (i, _) in missing {
                     batch.set(i, Err(EngineError::NotFound));

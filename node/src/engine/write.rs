@@ -282,8 +282,15 @@ impl Engine {
     /// Drops copies of keys on this node (both tiers), sent by an owner after a write.
     pub fn invalidate(&self, keyspace: &str, keys: &[String]) -> Result<(), EngineError> {
         let ks = self.keyspace(keyspace)?;
+        // A leaving node keeps its main tier until it exits: new owners ask it for keys whose push has not
+        // arrived (their newer writes win anyway). Only its copies go.
+        let leaving = self.is_leaving();
         for key in keys {
-            ks.store.remove(key, key_hash(key));
+            if leaving {
+                ks.store.drop_copy(key, key_hash(key));
+            } else {
+                ks.store.remove(key, key_hash(key));
+            }
             ks.peer_flight.forget(key);
             ks.source_flight.forget(key);
         }
