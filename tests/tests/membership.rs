@@ -164,7 +164,7 @@ impl Reads {
         .await
     }
 
-    fn problem(&self, counter: &AtomicUsize, what: String) {
+    fn problem(&self, counter: &AtomicUsize, what: &str) {
         counter.fetch_add(1, Ordering::Relaxed);
         let what = format!("{what} (at {})", chrono_like_now());
         let Ok(mut p) = self.first_problems.lock() else { return };
@@ -210,13 +210,13 @@ async fn read_loop(
             }
             Ok(v) => reads.problem(
                 &reads.wrong,
-                format!("{keyspace}/{key} through node-{}: {:?}", node + 1, String::from_utf8_lossy(&v)),
+                &format!("{keyspace}/{key} through node-{}: {:?}", node + 1, String::from_utf8_lossy(&v)),
             ),
             // The node went down between choosing it and the call: a client retries elsewhere.
             Err(_) if down.load(Ordering::Acquire) == node => continue,
             Err(code) => {
                 let what = format!("{keyspace}/{key} through node-{}: {code:?}", node + 1);
-                reads.problem(&reads.failed, what);
+                reads.problem(&reads.failed, &what);
             }
         }
         i += 2;
