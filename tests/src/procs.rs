@@ -60,20 +60,23 @@ impl NodeProc {
     /// SIGTERM, then waits for the process to exit (it hands its entries off first).
     pub async fn stop(&mut self, within: Duration) -> anyhow::Result<()> {
         self.signal(Signal::SIGTERM)?;
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let child = self.child.as_mut().ok_or_else(|| anyhow::anyhow!("not running"))?;
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                anyhow::ensure!(status.success(), "{} exited with {status}", self.name);
-                return Ok(());
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "{} did not exit within {within:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut child = self.child.take().ok_or_else(|| anyhow::anyhow!("{} is not running", self.name))?;
+        let mut status = None;
+        let exited = wait_for(within, &format!("{} to exit after SIGTERM", self.name), || {
+            let done = child.try_wait().map(|s| {
+                status = s;
+                s.is_some()
+            });
+            std::future::ready(done.map_err(anyhow::Error::from))
+        })
+        .await;
+        if let Err(e) = exited {
+            self.child = Some(child);
+            return Err(e);
+        }
+        match status {
+            Some(s) if s.success() => Ok(()),
+            other => anyhow::bail!("{} exited with {other:?}", self.name),
         }
     }
 

@@ -83,6 +83,27 @@ fn held_bytes(key: &str, h: &Held) -> usize {
         }
 }
 
+/// Entries by the member that owns them, as they move.
+type Moving = HashMap<Member, Vec<(Arc<str>, Held)>>;
+
+/// Adds each entry to the batch of its owner under `ring`; returns the entries the ring gives to `local` (or to
+/// nobody: an empty ring), which stay.
+fn group_by_owner(
+    ring: &Ring,
+    local: &str,
+    entries: impl IntoIterator<Item = (Arc<str>, Held)>,
+    moving: &mut Moving,
+) -> Vec<(Arc<str>, Held)> {
+    let mut stay = Vec::new();
+    for (key, held) in entries {
+        match ring.owner(key_hash(&key)).filter(|m| m.name != local) {
+            Some(owner) => moving.entry(owner.clone()).or_default().push((key, held)),
+            None => stay.push((key, held)),
+        }
+    }
+    stay
+}
+
 /// Splits entries into batches of at most `max` bytes (at least one entry each).
 fn chunks(entries: Vec<(Arc<str>, Held)>, max: usize) -> Vec<Vec<(Arc<str>, Held)>> {
     let mut out = Vec::new();
@@ -230,17 +251,16 @@ impl Engine {
         let mut pending = Vec::new();
         for ks in self.keyspaces.all() {
             let done = already.get(&ks.config.name);
-            let mut moving: HashMap<Member, Vec<(Arc<str>, Held)>> = HashMap::new();
-            for (key, held) in ks.store.snapshot() {
-                let Some(owner) = ring.owner(key_hash(&key)).filter(|m| m.name != local) else { continue };
-                if done.and_then(|d| d.get(&key)).is_some_and(|v| *v == held_version(&held)) {
-                    if let Held::Entry(e) = &held {
-                        ks.store.forget_moved(&key, key_hash(&key), e.version);
-                    }
-                    continue;
+            // Entries the pre-join push delivered at this version are only dropped here.
+            let not_sent = ks.store.snapshot().into_iter().filter(|(key, held)| {
+                let sent = done.and_then(|d| d.get(key)).is_some_and(|v| *v == held_version(held));
+                if let (true, Held::Entry(e)) = (sent, held) {
+                    ks.store.forget_moved(key, key_hash(key), e.version);
                 }
-                moving.entry(owner.clone()).or_default().push((key, held));
-            }
+                !sent
+            });
+            let mut moving = Moving::new();
+            group_by_owner(ring, &local, not_sent, &mut moving);
             for (owner, entries) in moving {
                 pending.push(self.send(Arc::clone(&ks), owner, entries, false, true));
             }
@@ -254,19 +274,14 @@ impl Engine {
         let local = self.membership.local().name.clone();
         let mut pending = Vec::new();
         for ks in self.keyspaces.all() {
-            let mut moving: HashMap<Member, Vec<(Arc<str>, Held)>> = HashMap::new();
+            let mut moving = Moving::new();
+            group_by_owner(target, &local, ks.store.snapshot(), &mut moving);
             if let Some(only) = only {
+                moving.retain(|owner, _| only.contains(owner));
                 // Every joiner hears from this node, entries or not: it drops its hot copies.
                 for m in only {
                     moving.entry(m.clone()).or_default();
                 }
-            }
-            for (key, held) in ks.store.snapshot() {
-                let Some(owner) = target.owner(key_hash(&key)).filter(|m| m.name != local) else { continue };
-                if only.is_some_and(|o| !o.contains(owner)) {
-                    continue;
-                }
-                moving.entry(owner.clone()).or_default().push((key, held));
             }
             for (owner, entries) in moving {
                 let admitted = only.is_some().then(|| self.stale_before(&owner.name));
@@ -460,16 +475,17 @@ impl Engine {
         }
         if self.is_leaving() {
             // Not an owner any more: pass them on (newer wins there too).
-            let target = self.membership.ring();
-            let mut by_owner: HashMap<Member, Vec<(Arc<str>, Held)>> = HashMap::new();
-            let mut kept = 0u32;
-            for (k, h) in entries {
-                match target.owner(key_hash(&k)) {
-                    Some(owner) => by_owner.entry(owner.clone()).or_default().push((k, h)),
-                    None => kept += u32::from(ks.store.merge(Arc::clone(&k), key_hash(&k), h)),
-                }
+            let mut by_owner = Moving::new();
+            let stay = group_by_owner(
+                &self.membership.ring(),
+                &self.membership.local().name,
+                entries,
+                &mut by_owner,
+            );
+            let mut applied = 0u32;
+            for (k, h) in stay {
+                applied += u32::from(ks.store.merge(Arc::clone(&k), key_hash(&k), h));
             }
-            let mut applied = kept;
             for (owner, batch) in by_owner {
                 let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
                 if !self.send_batches(&ks, &owner, batch, true, None).await.is_empty() {
@@ -607,15 +623,9 @@ impl Engine {
     /// For keys this node stored although it does not own them in its view (a forwarded write while views
     /// differ): pushes them to their owner now, so the write is where readers look once views agree.
     pub(super) async fn push_to_owners(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, keys: &[Arc<str>]) {
-        let ring = self.membership.ring();
-        let local = self.membership.local().name.clone();
-        let mut by_owner: HashMap<Member, Vec<(Arc<str>, Held)>> = HashMap::new();
-        for k in keys {
-            let Some(owner) = ring.owner(key_hash(k)).filter(|m| m.name != local) else { continue };
-            if let Some(h) = ks.store.held(k) {
-                by_owner.entry(owner.clone()).or_default().push((Arc::clone(k), h));
-            }
-        }
+        let held = keys.iter().filter_map(|k| Some((Arc::clone(k), ks.store.held(k)?)));
+        let mut by_owner = Moving::new();
+        group_by_owner(&self.membership.ring(), &self.membership.local().name, held, &mut by_owner);
         for (owner, batch) in by_owner {
             self.send_batches(ks, &owner, batch, false, None).await;
         }
