@@ -37,6 +37,10 @@ pub struct KeyspacesFile {
 /// keyspace that it owns, up to `maxBytes` per keyspace.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.hook) || !(has(self.rateLimit) || has(self.circuitBreaker) || has(self.staleWhileRevalidate) || \
+     has(self.staleIfError) || has(self.refreshAhead) || has(self.warmUp))"
+).message("rateLimit, circuitBreaker, staleWhileRevalidate, staleIfError, refreshAhead and warmUp need a hook (they protect and use the data source)"))]
 pub struct KeyspaceSpec {
     /// Name used by clients (`Get(keyspace, key)`): lowercase letters, digits, '-', '_' and '.', at most 63
     /// characters, starting and ending with a letter or digit.
@@ -69,6 +73,87 @@ pub struct KeyspaceSpec {
     /// client may read and write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<AccessSpec>,
+    /// Most data-source fetches per second on each node (a token bucket). A fetch beyond it waits up to the
+    /// keyspace's fetchTimeout for a token, then fails with RESOURCE_EXHAUSTED. Background refreshes and
+    /// warm-up loads use the same budget and never wait. Needs a hook. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Stops calling a failing data source for a while: once at least `minimumRequests` fetches ended within
+    /// `window` and the share of failures (unavailable, timeout, hook trap; never not-found or an invalid key)
+    /// reaches `failureRatio`, the circuit opens and fetches fail at once with UNAVAILABLE (or serve a stale
+    /// value, see staleIfError) for `openFor`; then single probe fetches go through, and the first success
+    /// closes it again. Needs a hook. Absent: no breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// An expired entry at most this long past its expiry is answered at once, marked stale, while one
+    /// background fetch refreshes it (RFC 5861 stale-while-revalidate). Needs a hook. Absent: an expired entry
+    /// is fetched again before it is answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_while_revalidate: Option<DurationString>,
+    /// When a fetch fails (unavailable, timeout, hook trap, circuit open, rate limit), the last value, at most
+    /// this long past its expiry, is answered instead, marked stale (RFC 5861 stale-if-error). Expired entries
+    /// are kept in memory, counted in maxBytes, for the longer of the two stale windows. Needs a hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_if_error: Option<DurationString>,
+    /// A key read after this fraction of its time to live has passed is fetched again in the background, so
+    /// readers of a popular key never wait for it to expire (0.8: reads in the last fifth of the TTL refresh
+    /// it). Between 0.1 and 0.99. Needs a hook. Absent: no refresh ahead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.1, max = 0.99))]
+    pub refresh_ahead: Option<f64>,
+    /// Keys loaded before anyone asks: each node loads those it owns after it starts and after ownership moves
+    /// (readiness does not wait for it). Needs a hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_up: Option<WarmUpSpec>,
+}
+
+/// A token bucket on data-source fetches, per node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Sustained fetches per second, between 1 and 1000000.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub fetches_per_second: u32,
+    /// Fetches allowed at once above the sustained rate, between 1 and 1000000. Default: fetchesPerSecond.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub burst: Option<u32>,
+}
+
+/// The circuit breaker of a keyspace's data source, per node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.failureRatio) || (self.failureRatio > 0.0 && self.failureRatio <= 1.0)"
+).message("circuitBreaker.failureRatio must be greater than 0 and at most 1"))]
+pub struct CircuitBreakerSpec {
+    /// Share of failed fetches within the window that opens the circuit, above 0 and at most 1. Default 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_ratio: Option<f64>,
+    /// Fewest fetches within the window before the ratio counts, between 1 and 100000. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub minimum_requests: Option<u32>,
+    /// The sliding window fetches are counted in, between 1s and 1h. Default 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<DurationString>,
+    /// How long the circuit stays open before probe fetches go through, between 100ms and 1h. Default 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<DurationString>,
+}
+
+/// Keys to load ahead of readers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmUpSpec {
+    /// The keys, at most 10000; each node loads those it owns.
+    #[serde(default)]
+    #[schemars(length(max = 10000), inner(length(min = 1, max = 4096)))]
+    pub keys: Vec<String>,
+    /// Warm-up fetches per second on each node, between 1 and 100000. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub fetches_per_second: Option<u32>,
 }
 
 /// The callers allowed per operation. A call outside its list fails with PERMISSION_DENIED, naming the keyspace
@@ -221,8 +306,158 @@ pub struct ValidKeyspace {
     pub max_value_bytes: u64,
     /// The hook's `allowedHosts`, parsed (empty without a hook).
     pub allowed_hosts: Vec<HostPort>,
+    /// Protections of the data source and stale serving, with defaults applied.
+    pub protection: Protection,
     /// The spec it came from (hook settings are interpreted by the hook runtime).
     pub spec: KeyspaceSpec,
+}
+
+/// The validated `rateLimit`, `circuitBreaker`, stale windows, `refreshAhead` and `warmUp` of a keyspace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Protection {
+    /// Sustained fetches per second and burst.
+    pub rate_limit: Option<(u32, u32)>,
+    /// The circuit breaker.
+    pub circuit_breaker: Option<BreakerSettings>,
+    /// How long past expiry an entry is answered while it is refreshed.
+    pub stale_while_revalidate: Option<Duration>,
+    /// How long past expiry an entry is answered when a fetch fails.
+    pub stale_if_error: Option<Duration>,
+    /// Fraction of the TTL after which a read refreshes the entry in the background.
+    pub refresh_ahead: Option<f64>,
+    /// Keys to load ahead, and the warm-up rate (fetches per second).
+    pub warm_up: Option<(Vec<String>, u32)>,
+}
+
+impl Protection {
+    /// How long an expired entry stays useful (the longer stale window); zero without one.
+    pub fn stale_keep(&self) -> Duration {
+        self.stale_while_revalidate.unwrap_or_default().max(self.stale_if_error.unwrap_or_default())
+    }
+}
+
+/// A circuit breaker's settings, defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BreakerSettings {
+    /// Share of failures that opens it.
+    pub failure_ratio: f64,
+    /// Fewest fetches in the window before it may open.
+    pub minimum_requests: u32,
+    /// The counting window.
+    pub window: Duration,
+    /// How long it stays open.
+    pub open_for: Duration,
+}
+
+/// Default `circuitBreaker.failureRatio`.
+pub const DEFAULT_FAILURE_RATIO: f64 = 0.5;
+/// Default `circuitBreaker.minimumRequests`.
+pub const DEFAULT_MINIMUM_REQUESTS: u32 = 20;
+/// Default `circuitBreaker.window`.
+pub const DEFAULT_BREAKER_WINDOW: Duration = Duration::from_secs(10);
+/// Default `circuitBreaker.openFor`.
+pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(5);
+/// Default `warmUp.fetchesPerSecond`.
+pub const DEFAULT_WARM_UP_RATE: u32 = 50;
+/// Most `warmUp.keys`.
+pub const MAX_WARM_UP_KEYS: usize = 10_000;
+
+/// Validates the protections of one keyspace (`at` = `keyspaces[i]`).
+fn validate_protection(c: &mut Collector, at: &str, spec: &KeyspaceSpec) -> Protection {
+    let used = [
+        (spec.rate_limit.is_some(), "rateLimit"),
+        (spec.circuit_breaker.is_some(), "circuitBreaker"),
+        (spec.stale_while_revalidate.is_some(), "staleWhileRevalidate"),
+        (spec.stale_if_error.is_some(), "staleIfError"),
+        (spec.refresh_ahead.is_some(), "refreshAhead"),
+        (spec.warm_up.is_some(), "warmUp"),
+    ];
+    if spec.hook.is_none() {
+        for (_, field) in used.iter().filter(|(set, _)| *set) {
+            c.push(
+                format!("{at}.{field}"),
+                "needs a hook: it protects or uses the data source, and this keyspace has none",
+            );
+        }
+    }
+    let rate_limit = spec.rate_limit.as_ref().map(|r| {
+        if !(1..=1_000_000).contains(&r.fetches_per_second) {
+            c.push(format!("{at}.rateLimit.fetchesPerSecond"), "must be between 1 and 1000000");
+        }
+        if let Some(b) = r.burst
+            && !(1..=1_000_000).contains(&b)
+        {
+            c.push(format!("{at}.rateLimit.burst"), "must be between 1 and 1000000");
+        }
+        (r.fetches_per_second.max(1), r.burst.unwrap_or(r.fetches_per_second).max(1))
+    });
+    let circuit_breaker = spec.circuit_breaker.as_ref().map(|b| {
+        let failure_ratio = b.failure_ratio.unwrap_or(DEFAULT_FAILURE_RATIO);
+        if !(failure_ratio > 0.0 && failure_ratio <= 1.0) {
+            c.push(
+                format!("{at}.circuitBreaker.failureRatio"),
+                format!("{failure_ratio} must be greater than 0 and at most 1"),
+            );
+        }
+        let minimum_requests = b.minimum_requests.unwrap_or(DEFAULT_MINIMUM_REQUESTS);
+        if !(1..=100_000).contains(&minimum_requests) {
+            c.push(format!("{at}.circuitBreaker.minimumRequests"), "must be between 1 and 100000");
+        }
+        c.duration_in_range(
+            format!("{at}.circuitBreaker.window"),
+            b.window,
+            Duration::from_secs(1),
+            Duration::from_hours(1),
+        );
+        c.duration_in_range(
+            format!("{at}.circuitBreaker.openFor"),
+            b.open_for,
+            Duration::from_millis(100),
+            Duration::from_hours(1),
+        );
+        BreakerSettings {
+            failure_ratio,
+            minimum_requests,
+            window: b.window.map_or(DEFAULT_BREAKER_WINDOW, DurationString::get),
+            open_for: b.open_for.map_or(DEFAULT_OPEN_FOR, DurationString::get),
+        }
+    });
+    c.duration_in_range(format!("{at}.staleWhileRevalidate"), spec.stale_while_revalidate, MIN_TTL, MAX_TTL);
+    c.duration_in_range(format!("{at}.staleIfError"), spec.stale_if_error, MIN_TTL, MAX_TTL);
+    if let Some(r) = spec.refresh_ahead
+        && !(0.1..=0.99).contains(&r)
+    {
+        c.push(format!("{at}.refreshAhead"), format!("{r} is out of range: must be between 0.1 and 0.99"));
+    }
+    let warm_up = spec.warm_up.as_ref().map(|w| {
+        if w.keys.len() > MAX_WARM_UP_KEYS {
+            c.push(
+                format!("{at}.warmUp.keys"),
+                format!("{} keys given, at most {MAX_WARM_UP_KEYS} allowed", w.keys.len()),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (j, key) in w.keys.iter().enumerate() {
+            if key.is_empty() || key.len() > 4096 {
+                c.push(format!("{at}.warmUp.keys[{j}]"), "a key must be 1 to 4096 bytes long");
+            } else if !seen.insert(key.as_str()) {
+                c.push(format!("{at}.warmUp.keys[{j}]"), format!("duplicate key {key:?}"));
+            }
+        }
+        let rate = w.fetches_per_second.unwrap_or(DEFAULT_WARM_UP_RATE);
+        if !(1..=100_000).contains(&rate) {
+            c.push(format!("{at}.warmUp.fetchesPerSecond"), "must be between 1 and 100000");
+        }
+        (w.keys.clone(), rate.max(1))
+    });
+    Protection {
+        rate_limit,
+        circuit_breaker,
+        stale_while_revalidate: spec.stale_while_revalidate.map(DurationString::get),
+        stale_if_error: spec.stale_if_error.map(DurationString::get),
+        refresh_ahead: spec.refresh_ahead,
+        warm_up,
+    }
 }
 
 /// One problem found in a keyspaces file, naming the field (`keyspaces[1].maxBytes`).
@@ -438,6 +673,7 @@ pub fn validate_keyspaces(specs: &[KeyspaceSpec]) -> Result<Vec<ValidKeyspace>, 
                 }
             }
         }
+        let protection = validate_protection(&mut c, &at, spec);
         valid.push(ValidKeyspace {
             name: spec.name.clone(),
             max_bytes,
@@ -446,6 +682,7 @@ pub fn validate_keyspaces(specs: &[KeyspaceSpec]) -> Result<Vec<ValidKeyspace>, 
             fetch_timeout: spec.fetch_timeout.map_or(DEFAULT_FETCH_TIMEOUT, DurationString::get),
             max_value_bytes,
             allowed_hosts,
+            protection,
             spec: spec.clone(),
         });
     }
@@ -533,5 +770,66 @@ keyspaces:
         );
         let errors = validate_keyspaces(&file.keyspaces).expect_err("invalid").to_string();
         assert!(errors.contains("keyspaces[0].hook.module.sha256: required"), "{errors}");
+    }
+
+    #[test]
+    fn protections_validate_with_defaults_and_need_a_hook() {
+        let file = parse(
+            r#"
+keyspaces:
+  - name: users
+    maxBytes: 1Mi
+    hook: { module: { path: users.wasm } }
+    rateLimit: { fetchesPerSecond: 200, burst: 50 }
+    circuitBreaker: {}
+    staleWhileRevalidate: 30s
+    staleIfError: 10m
+    refreshAhead: 0.8
+    warmUp: { keys: [a, b] }
+  - { name: plain, maxBytes: 1Mi, rateLimit: { fetchesPerSecond: 10 }, staleIfError: 1m }
+"#,
+        );
+        let errors = validate_keyspaces(&file.keyspaces).expect_err("plain has no hook").to_string();
+        assert!(errors.contains("keyspaces[1].rateLimit: needs a hook"), "{errors}");
+        assert!(errors.contains("keyspaces[1].staleIfError: needs a hook"), "{errors}");
+        assert!(!errors.contains("keyspaces[0]"), "{errors}");
+        let valid = validate_keyspaces(&file.keyspaces[..1]).expect("valid");
+        let p = &valid[0].protection;
+        assert_eq!(p.rate_limit, Some((200, 50)));
+        let b = p.circuit_breaker.expect("breaker");
+        assert_eq!((b.failure_ratio, b.minimum_requests), (DEFAULT_FAILURE_RATIO, DEFAULT_MINIMUM_REQUESTS));
+        assert_eq!((b.window, b.open_for), (DEFAULT_BREAKER_WINDOW, DEFAULT_OPEN_FOR));
+        assert_eq!(p.stale_keep(), Duration::from_mins(10));
+        assert_eq!(p.warm_up, Some((vec!["a".to_owned(), "b".to_owned()], DEFAULT_WARM_UP_RATE)));
+    }
+
+    #[test]
+    fn protections_out_of_range_are_reported_with_their_field() {
+        let file = parse(
+            r#"
+keyspaces:
+  - name: users
+    maxBytes: 1Mi
+    hook: { module: { path: users.wasm } }
+    rateLimit: { fetchesPerSecond: 0 }
+    circuitBreaker: { failureRatio: 1.5, minimumRequests: 0, window: 10ms, openFor: 2h }
+    refreshAhead: 1.0
+    warmUp: { keys: [a, a, ""], fetchesPerSecond: 0 }
+"#,
+        );
+        let errors = validate_keyspaces(&file.keyspaces).expect_err("invalid").to_string();
+        for expected in [
+            "keyspaces[0].rateLimit.fetchesPerSecond",
+            "keyspaces[0].circuitBreaker.failureRatio: 1.5 must be greater than 0",
+            "keyspaces[0].circuitBreaker.minimumRequests",
+            "keyspaces[0].circuitBreaker.window: 10ms is out of range",
+            "keyspaces[0].circuitBreaker.openFor: 2h is out of range",
+            "keyspaces[0].refreshAhead: 1 is out of range",
+            "keyspaces[0].warmUp.keys[1]: duplicate key \"a\"",
+            "keyspaces[0].warmUp.keys[2]",
+            "keyspaces[0].warmUp.fetchesPerSecond",
+        ] {
+            assert!(errors.contains(expected), "missing {expected:?} in {errors}");
+        }
     }
 }

@@ -24,9 +24,10 @@ pub use distcache::{
 pub use duration::{DurationString, ParseDurationError};
 pub use host::{Host, HostPort, ParseHostPortError};
 pub use keyspace::{
-    AccessOp, AccessSpec, ConfigMapKeyRef, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_VALUE_BYTES, HookLimits,
-    HookSpec, KeyspaceSpec, KeyspacesFile, MAX_KEYSPACES, ModuleSource, ValidKeyspace, ValidationError,
-    ValidationErrors, validate_keyspaces,
+    AccessOp, AccessSpec, BreakerSettings, CircuitBreakerSpec, ConfigMapKeyRef, DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_MAX_VALUE_BYTES, HookLimits, HookSpec, KeyspaceSpec, KeyspacesFile, MAX_KEYSPACES, ModuleSource,
+    Protection, RateLimitSpec, ValidKeyspace, ValidationError, ValidationErrors, WarmUpSpec,
+    validate_keyspaces,
 };
 pub use pod::pod_is_serving;
 pub use quantity::{ByteSize, ParseSizeError};
