@@ -102,6 +102,46 @@ pub struct KeyspaceCounters {
     pub forwarded: u64,
     /// Loads done because the owner was unreachable.
     pub owner_fallbacks: u64,
+    /// The data source's circuit: `closed`, `open` or `half_open`; empty without a breaker.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub circuit_state: String,
+    /// Expired values answered stale.
+    pub stale_served: u64,
+    /// Fetches refused by the rate limit.
+    pub rate_limited: u64,
+    /// The keys read most often recently on this node, hottest first (estimated).
+    pub hot_keys: Vec<HotKey>,
+    /// Warm-up progress; absent without `warmUp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_up: Option<WarmUpProgress>,
+}
+
+/// A frequently read key and its estimated recent reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HotKey {
+    /// The key.
+    pub key: String,
+    /// Estimated reads (halved as time passes).
+    pub hits: u64,
+}
+
+/// Warm-up progress of a keyspace on one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WarmUpProgress {
+    /// Keys listed.
+    pub listed: u32,
+    /// Listed keys this node owns.
+    pub owned: u32,
+    /// Loaded by the warm-up.
+    pub loaded: u32,
+    /// Already held when the warm-up reached them.
+    pub present: u32,
+    /// Loads that failed (loaded on first read instead).
+    pub failed: u32,
+    /// Whether the last pass finished.
+    pub done: bool,
 }
 
 /// `/admin/peers`: the members a node sees.

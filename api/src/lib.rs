@@ -14,7 +14,10 @@ mod keyspace;
 mod pod;
 mod quantity;
 
-pub use admin::{KeyspaceCounters, KeyspaceReport, KeyspacesReport, LocalNode, PeerReport, PeersReport};
+pub use admin::{
+    HotKey, KeyspaceCounters, KeyspaceReport, KeyspacesReport, LocalNode, PeerReport, PeersReport,
+    WarmUpProgress,
+};
 pub use distcache::{
     CertManagerSpec, ClientAuth, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_REPLICAS, DiscoverySpec, DistCache,
     DistCacheSpec, DistCacheStatus, DnsDiscoverySpec, GROUP, HandoffSpec, HookState, ImageSpec, IssuerRef,

@@ -25,6 +25,7 @@ mod admin;
 mod handoff;
 mod read;
 mod routing;
+mod warmup;
 mod write;
 
 #[cfg(test)]
@@ -83,6 +84,8 @@ pub struct Engine {
     dropped: parking_lot::Mutex<HashMap<String, (tokio::time::Instant, u64)>>,
     /// Serializes membership changes (each one's handoff runs before the next one starts).
     ring_change: tokio::sync::Mutex<()>,
+    /// Set once the node has settled into the cluster: warm-ups run from then on.
+    warm_ups: std::sync::atomic::AtomicBool,
 }
 
 /// Checks a key against the API limits.
@@ -135,7 +138,7 @@ fn validate_write(ks: &KeyspaceRuntime, e: &WriteEntry) -> Result<(), EngineErro
 fn entry_to_value(entry: Entry) -> Result<Value, EngineError> {
     let ttl = entry.ttl_left();
     match entry.value {
-        Some(bytes) => Ok(Value { bytes, ttl }),
+        Some(bytes) => Ok(Value { bytes, ttl, stale: false }),
         None => Err(EngineError::NotFound),
     }
 }
@@ -187,6 +190,7 @@ impl Engine {
             previous: arc_swap::ArcSwapOption::empty(),
             dropped: parking_lot::Mutex::new(HashMap::new()),
             ring_change: tokio::sync::Mutex::new(()),
+            warm_ups: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -32,6 +32,8 @@ pub struct Value {
     pub bytes: bytes::Bytes,
     /// Time left before expiry; `None` = never expires.
     pub ttl: Option<Duration>,
+    /// An expired value answered anyway (stale-while-revalidate, stale-if-error).
+    pub stale: bool,
 }
 
 /// Everything one keyspace needs on the request path.
@@ -48,6 +50,8 @@ pub struct KeyspaceRuntime {
     pub source_flight: Arc<SingleFlight<Value>>,
     /// In-flight loads from owners (non-owner side).
     pub peer_flight: Arc<SingleFlight<Value>>,
+    /// Rate limit, circuit breaker and warm-up of the data source.
+    pub protect: Arc<crate::protect::Protections>,
 }
 
 impl KeyspaceRuntime {
@@ -177,6 +181,8 @@ pub struct Keyspaces {
     refusal_may_heal: AtomicBool,
     /// Whether any keyspace has `access` lists (requests skip the check when none has).
     any_access: AtomicBool,
+    /// Counts the sets applied (a warm-up follows each).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 fn unix_now() -> u64 {
@@ -193,7 +199,13 @@ impl Keyspaces {
             status: Mutex::new(ReloadStatus::default()),
             refusal_may_heal: AtomicBool::new(false),
             any_access: AtomicBool::new(false),
+            applied: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Wakes up after every set applied.
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// Whether any keyspace restricts its callers (`access`).
@@ -317,7 +329,18 @@ impl Keyspaces {
                 Some(old) => (Arc::clone(&old.source_flight), Arc::clone(&old.peer_flight)),
                 None => (Arc::default(), Arc::default()),
             };
-            let runtime = KeyspaceRuntime { config, store, source, metrics, source_flight, peer_flight };
+            // The breaker's state and the warm-up's progress survive a reload that leaves them as they were.
+            let protect = match &old {
+                Some(old) if old.config.protection == config.protection => Arc::clone(&old.protect),
+                _ => Arc::new(crate::protect::Protections::new(
+                    &config.protection,
+                    metrics.circuit_state.clone(),
+                    &config.name,
+                )),
+            };
+            store.set_stale_keep(config.protection.stale_keep());
+            let runtime =
+                KeyspaceRuntime { config, store, source, metrics, source_flight, peer_flight, protect };
             next.insert(runtime.config.name.clone(), Arc::new(runtime));
         }
         for name in current.keys() {
@@ -335,6 +358,7 @@ impl Keyspaces {
         }
         self.any_access.store(next.values().any(|rt| rt.config.spec.access.is_some()), Ordering::Release);
         self.map.store(Arc::new(next));
+        self.applied.send_modify(|n| *n += 1);
         let mut status = self.status.lock();
         status.file = file.map(Path::to_owned);
         status.applied_at = Some(unix_now());

@@ -42,6 +42,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhyLabels {
+    keyspace: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ExportLabels {
     keyspace: String,
     export: &'static str,
@@ -89,6 +95,11 @@ pub struct Metrics {
     handoff_entries: Family<DirectionLabel, Counter>,
     /// Misses of a new owner answered by the key's previous owner instead of the data source.
     pub previous_owner_hits: Counter,
+    circuit_state: Family<KeyspaceLabel, Gauge>,
+    stale_served: Family<WhyLabels, Counter>,
+    background_fetches: Family<WhyLabels, Counter>,
+    rate_limited: Family<KeyspaceLabel, Counter>,
+    circuit_rejected: Family<KeyspaceLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,7 +145,37 @@ impl Metrics {
         let tls_cert_expiry_seconds = Gauge::default();
         let handoff_entries = Family::<DirectionLabel, Counter>::default();
         let previous_owner_hits = Counter::default();
+        let circuit_state = Family::<KeyspaceLabel, Gauge>::default();
+        let stale_served = Family::<WhyLabels, Counter>::default();
+        let background_fetches = Family::<WhyLabels, Counter>::default();
+        let rate_limited = Family::<KeyspaceLabel, Counter>::default();
+        let circuit_rejected = Family::<KeyspaceLabel, Counter>::default();
         let r = &mut registry;
+        r.register(
+            "distcache_circuit_state",
+            "State of the data source's circuit breaker on this node: 0 closed, 1 open, 2 half-open",
+            circuit_state.clone(),
+        );
+        r.register(
+            "distcache_stale_served",
+            "Expired values answered stale, by reason (revalidate, source_error, circuit_open, rate_limited)",
+            stale_served.clone(),
+        );
+        r.register(
+            "distcache_background_fetches",
+            "Data-source fetches no reader waited for, by reason (revalidate, refresh_ahead, warm_up)",
+            background_fetches.clone(),
+        );
+        r.register(
+            "distcache_rate_limited",
+            "Data-source fetches refused by the keyspace's rate limit",
+            rate_limited.clone(),
+        );
+        r.register(
+            "distcache_circuit_rejected",
+            "Data-source fetches refused because the circuit was open",
+            circuit_rejected.clone(),
+        );
         r.register(
             "distcache_handoff_entries",
             "Entries moved to their new owner on membership changes, by direction (sent, received, ignored as older)",
@@ -219,6 +260,11 @@ impl Metrics {
             fetch_totals: Family::default(),
             handoff_entries,
             previous_owner_hits,
+            circuit_state,
+            stale_served,
+            background_fetches,
+            rate_limited,
+            circuit_rejected,
             members,
             peer_errors,
             discovery_errors,
@@ -248,7 +294,28 @@ impl Metrics {
         let entries = self.entries.get_or_create(&ks).clone();
         let bytes = self.bytes.get_or_create(&ks).clone();
         let fetches_total = self.fetch_totals.get_or_create(&ks).clone();
+        let why = |reason| WhyLabels { keyspace: name.to_owned(), reason };
+        let circuit_state = self.circuit_state.get_or_create(&ks).clone();
+        let stale_revalidate = self.stale_served.get_or_create(&why("revalidate")).clone();
+        let stale_source_error = self.stale_served.get_or_create(&why("source_error")).clone();
+        let stale_circuit_open = self.stale_served.get_or_create(&why("circuit_open")).clone();
+        let stale_rate_limited = self.stale_served.get_or_create(&why("rate_limited")).clone();
+        let background_revalidate = self.background_fetches.get_or_create(&why("revalidate")).clone();
+        let background_refresh_ahead = self.background_fetches.get_or_create(&why("refresh_ahead")).clone();
+        let background_warm_up = self.background_fetches.get_or_create(&why("warm_up")).clone();
+        let rate_limited = self.rate_limited.get_or_create(&ks).clone();
+        let circuit_rejected = self.circuit_rejected.get_or_create(&ks).clone();
         KeyspaceMetrics {
+            circuit_state,
+            stale_revalidate,
+            stale_source_error,
+            stale_circuit_open,
+            stale_rate_limited,
+            background_revalidate,
+            background_refresh_ahead,
+            background_warm_up,
+            rate_limited,
+            circuit_rejected,
             hits_main,
             hits_hot,
             misses,
@@ -318,6 +385,7 @@ impl Metrics {
         let ks = KeyspaceLabel { keyspace: name.to_owned() };
         self.entries.remove(&ks);
         self.bytes.remove(&ks);
+        self.circuit_state.remove(&ks);
     }
 
     /// Prometheus text exposition of every family.
@@ -355,4 +423,34 @@ pub struct KeyspaceMetrics {
     pub get_not_found: Counter,
     /// All fetches of this keyspace (any result), for `Stats`.
     pub fetches_total: Counter,
+    /// `distcache_circuit_state`.
+    pub circuit_state: Gauge,
+    /// Stale answers while revalidating.
+    pub stale_revalidate: Counter,
+    /// Stale answers because the source failed.
+    pub stale_source_error: Counter,
+    /// Stale answers because the circuit was open.
+    pub stale_circuit_open: Counter,
+    /// Stale answers because the rate limit was reached.
+    pub stale_rate_limited: Counter,
+    /// Background fetches of stale-while-revalidate.
+    pub background_revalidate: Counter,
+    /// Background fetches of refresh-ahead.
+    pub background_refresh_ahead: Counter,
+    /// Warm-up fetches.
+    pub background_warm_up: Counter,
+    /// Fetches refused by the rate limit.
+    pub rate_limited: Counter,
+    /// Fetches refused by the open circuit.
+    pub circuit_rejected: Counter,
+}
+
+impl KeyspaceMetrics {
+    /// Stale answers of every reason.
+    pub fn stale_served(&self) -> u64 {
+        self.stale_revalidate.get()
+            + self.stale_source_error.get()
+            + self.stale_circuit_open.get()
+            + self.stale_rate_limited.get()
+    }
 }

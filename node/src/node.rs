@@ -251,6 +251,21 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
 
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
+    {
+        // Every keyspaces set applied (a reload) starts the warm-ups again (a no-op before the node settled).
+        let (engine, stop) = (Arc::clone(&engine), shutdown.clone());
+        let mut applied = keyspaces.subscribe_applied();
+        tasks.push(tokio::spawn(async move {
+            applied.borrow_and_update();
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = applied.changed() => if changed.is_err() { return },
+                }
+                engine.warm_up_all();
+            }
+        }));
+    }
     let discovery_status = Arc::new(DiscoveryStatus::new(metrics.discovery_errors.clone()));
     let admin_state = Arc::new(AdminState {
         engine: Arc::clone(&engine),
@@ -374,6 +389,7 @@ fn spawn_membership(
                 settling = Some(tokio::spawn(async move {
                     settle(&engine).await;
                     admin.settled.store(true, Ordering::Release);
+                    engine.start_warm_ups();
                     health.set_serving::<CacheServer<CacheService>>().await;
                     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
                     tracing::info!(

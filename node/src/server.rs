@@ -50,7 +50,7 @@ fn ttl_to_pb(ttl: Option<Duration>) -> Option<prost_types::Duration> {
 }
 
 fn get_response(v: Value) -> GetResponse {
-    GetResponse { value: v.bytes, ttl: ttl_to_pb(v.ttl) }
+    GetResponse { value: v.bytes, ttl: ttl_to_pb(v.ttl), stale: v.stale }
 }
 
 fn key_error(e: &EngineError) -> Outcome {
@@ -303,6 +303,22 @@ impl pb::cache_server::Cache for CacheService {
                     evictions: s.evictions,
                     forwarded: s.forwarded,
                     owner_fallbacks: s.owner_fallbacks,
+                    circuit_state: s.circuit_state,
+                    stale_served: s.stale_served,
+                    rate_limited: s.rate_limited,
+                    hot_keys: s
+                        .hot_keys
+                        .into_iter()
+                        .map(|h| distcache_proto::v1::HotKey { key: h.key, hits: h.hits })
+                        .collect(),
+                    warm_up: s.warm_up.map(|w| distcache_proto::v1::WarmUp {
+                        listed: w.listed,
+                        owned: w.owned,
+                        loaded: w.loaded,
+                        present: w.present,
+                        failed: w.failed,
+                        done: w.done,
+                    }),
                 })
                 .collect(),
         }))

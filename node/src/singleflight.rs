@@ -112,6 +112,11 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
         self.inflight.remove(key);
     }
 
+    /// Whether a load of `key` is in flight.
+    pub fn contains(&self, key: &str) -> bool {
+        self.inflight.contains_key(key)
+    }
+
     /// Number of keys in flight.
     pub fn len(&self) -> usize {
         self.inflight.len()

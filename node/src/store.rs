@@ -48,6 +48,8 @@ pub const TOMBSTONE_TTL: Duration = Duration::from_mins(10);
 /// entries first.
 const HEAT_ROWS: usize = 4;
 const HEAT_WIDTH: usize = 4096;
+/// A key estimated at this many reads halves the whole sketch (a multiple of the hot-keys sample).
+const HEAT_AGE_AT: u16 = 1 << 14;
 
 /// A cached entry: a value, or a cached NOT_FOUND (negative entry).
 #[derive(Clone, Debug)]
@@ -58,18 +60,35 @@ pub struct Entry {
     pub expires_at: Option<Instant>,
     /// Version assigned by the owner (0 for hot copies, which never move).
     pub version: u64,
+    /// The TTL it was given, in milliseconds (saturating; 0 without one): refresh-ahead measures the part of
+    /// the lifetime that has passed.
+    pub lifetime_ms: u32,
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
 impl Entry {
     /// A positive entry with an optional TTL.
     /// A TTL too large to represent as an instant means "never expires".
     pub fn value(value: Bytes, ttl: Option<Duration>) -> Self {
-        Self { value: Some(value), expires_at: ttl.and_then(|t| Instant::now().checked_add(t)), version: 0 }
+        Self {
+            value: Some(value),
+            expires_at: ttl.and_then(|t| Instant::now().checked_add(t)),
+            version: 0,
+            lifetime_ms: ttl.map_or(0, millis),
+        }
     }
 
     /// A negative entry (cached NOT_FOUND).
     pub fn not_found(ttl: Duration) -> Self {
-        Self { value: None, expires_at: Instant::now().checked_add(ttl), version: 0 }
+        Self {
+            value: None,
+            expires_at: Instant::now().checked_add(ttl),
+            version: 0,
+            lifetime_ms: millis(ttl),
+        }
     }
 
     /// The entry with a version.
@@ -84,17 +103,52 @@ impl Entry {
         self.expires_at.map(|e| e.saturating_duration_since(Instant::now()))
     }
 
+    /// Whether it has expired at `now` (it may still be kept for the stale windows).
+    #[inline]
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// How long past its expiry it is at `now`; `None` while fresh.
+    pub fn stale_for(&self, now: Instant) -> Option<Duration> {
+        self.expires_at.filter(|e| *e <= now).map(|e| now - e)
+    }
+
+    /// Whether a read at `now` falls in the last part of its lifetime that refresh-ahead `fraction` leaves
+    /// (0.8: the last fifth).
+    pub fn refresh_due(&self, now: Instant, fraction: f64) -> bool {
+        let (Some(expires), true) = (self.expires_at, self.lifetime_ms > 0) else { return false };
+        let left = expires.saturating_duration_since(now);
+        left < Duration::from_millis(u64::from(self.lifetime_ms)).mul_f64(1.0 - fraction)
+    }
+
     fn weight(key: &str, value: &Self) -> u32 {
         let len = key.len() as u64 + value.value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD;
         u32::try_from(len).unwrap_or(u32::MAX)
     }
 }
 
-struct EntryExpiry;
+/// Expiry of the moka entries: an entry's own, plus (main tier, values only) how long the keyspace's stale
+/// windows keep an expired value (nanoseconds, changed by a reload).
+struct EntryExpiry {
+    keep: Option<Arc<AtomicU64>>,
+}
+
+impl EntryExpiry {
+    fn until(&self, value: &Entry, from: Instant) -> Option<Duration> {
+        let left = value.expires_at.map(|e| e.saturating_duration_since(from))?;
+        match (&self.keep, &value.value) {
+            (Some(keep), Some(_)) => {
+                Some(left.saturating_add(Duration::from_nanos(keep.load(Ordering::Relaxed))))
+            }
+            _ => Some(left),
+        }
+    }
+}
 
 impl moka::Expiry<Arc<str>, Entry> for EntryExpiry {
     fn expire_after_create(&self, _key: &Arc<str>, value: &Entry, created_at: Instant) -> Option<Duration> {
-        value.expires_at.map(|e| e.saturating_duration_since(created_at))
+        self.until(value, created_at)
     }
 
     fn expire_after_update(
@@ -105,7 +159,7 @@ impl moka::Expiry<Arc<str>, Entry> for EntryExpiry {
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         // A replaced value brings its own expiry (moka's default would keep the old one).
-        value.expires_at.map(|e| e.saturating_duration_since(updated_at))
+        self.until(value, updated_at)
     }
 }
 
@@ -149,8 +203,12 @@ pub struct Store {
     evictions: Counter,
     /// Versions of recent deletes, by key.
     tombstones: Cache<Arc<str>, u64, Hasher>,
-    /// Count-min sketch of main-tier hits by key hash (approximate, saturating; relaxed atomics).
+    /// Count-min sketch of reads by key hash (approximate; halved when a cell nears saturation; relaxed atomics).
     heat: Box<[std::sync::atomic::AtomicU16]>,
+    /// The hottest keys, fed by the sketch.
+    hot_keys: crate::hotkeys::HotKeys,
+    /// How long an expired value stays in the main tier for the stale windows (nanoseconds).
+    stale_keep: Arc<AtomicU64>,
 }
 
 /// What a node holds for a key, as it moves to another node: an entry, or the version of its delete.
@@ -166,11 +224,15 @@ pub enum Held {
 /// must resist flooding), several times cheaper than the default SipHash on short keys.
 type Hasher = foldhash::fast::RandomState;
 
-fn build_cache(capacity: u64, evictions: Counter) -> Cache<Arc<str>, Entry, Hasher> {
+fn build_cache(
+    capacity: u64,
+    evictions: Counter,
+    keep: Option<Arc<AtomicU64>>,
+) -> Cache<Arc<str>, Entry, Hasher> {
     Cache::builder()
         .max_capacity(capacity)
         .weigher(|k: &Arc<str>, v: &Entry| Entry::weight(k, v))
-        .expire_after(EntryExpiry)
+        .expire_after(EntryExpiry { keep })
         .support_invalidation_closures()
         .eviction_listener(move |_k, _v, cause| {
             if cause == RemovalCause::Size {
@@ -183,9 +245,14 @@ fn build_cache(capacity: u64, evictions: Counter) -> Cache<Arc<str>, Entry, Hash
 impl Store {
     /// A store whose main tier holds `max_bytes` and hot tier `max_bytes / 8`.
     pub fn new(max_bytes: u64, evictions: &Counter) -> Self {
+        let stale_keep = Arc::new(AtomicU64::new(0));
         Self {
-            main: ArcSwap::from_pointee(build_cache(max_bytes, evictions.clone())),
-            hot: ArcSwap::from_pointee(build_cache((max_bytes / 8).max(1), evictions.clone())),
+            main: ArcSwap::from_pointee(build_cache(
+                max_bytes,
+                evictions.clone(),
+                Some(Arc::clone(&stale_keep)),
+            )),
+            hot: ArcSwap::from_pointee(build_cache((max_bytes / 8).max(1), evictions.clone(), None)),
             draining: ArcSwapOption::empty(),
             resizes: AtomicU64::new(0),
             resize_lock: Mutex::new(()),
@@ -197,7 +264,20 @@ impl Store {
                 .time_to_live(TOMBSTONE_TTL)
                 .build_with_hasher(Hasher::default()),
             heat: (0..HEAT_ROWS * HEAT_WIDTH).map(|_| std::sync::atomic::AtomicU16::new(0)).collect(),
+            hot_keys: crate::hotkeys::HotKeys::default(),
+            stale_keep,
         }
+    }
+
+    /// Sets how long expired values stay in the main tier (the longer stale window; zero: not at all). Applies
+    /// to entries inserted from now on.
+    pub fn set_stale_keep(&self, keep: Duration) {
+        self.stale_keep.store(u64::try_from(keep.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// The hottest keys, at most `n`.
+    pub fn hot_keys(&self, n: usize) -> Vec<distcache_api::HotKey> {
+        self.hot_keys.top(n)
     }
 
     /// The sketch cells of a key hash, one per row.
@@ -207,16 +287,33 @@ impl Store {
         (0..HEAT_ROWS).map(move |row| row * HEAT_WIDTH + ((hash >> (row * 12)) as usize % HEAT_WIDTH))
     }
 
-    /// Counts a main-tier hit of a key (for "hottest first" handoffs). Lossy under races, never blocking.
+    /// Counts a read of a key (for "hottest first" handoffs and the hot-keys list). Lossy under races, never
+    /// blocking: every [`crate::hotkeys::SAMPLE`]th estimated read offers the key to the list.
     #[inline]
-    pub fn touch(&self, hash: u64) {
+    pub fn touch(&self, hash: u64, key: &str) {
+        let mut estimate = u16::MAX;
         for cell in Self::heat_cells(hash) {
             let c = &self.heat[cell];
-            let v = c.load(Ordering::Relaxed);
-            if v < u16::MAX {
-                c.store(v + 1, Ordering::Relaxed);
-            }
+            let v = c.load(Ordering::Relaxed).saturating_add(1);
+            c.store(v, Ordering::Relaxed);
+            estimate = estimate.min(v);
         }
+        if estimate % crate::hotkeys::SAMPLE == 0 {
+            if estimate >= HEAT_AGE_AT {
+                self.age_heat();
+            }
+            self.hot_keys.offer(key, u64::from(estimate));
+        }
+    }
+
+    /// Halves the sketch and the hot-keys list, so that both follow what is read now.
+    #[cold]
+    fn age_heat(&self) {
+        for c in &*self.heat {
+            let v = c.load(Ordering::Relaxed);
+            c.store(v / 2, Ordering::Relaxed);
+        }
+        self.hot_keys.age();
     }
 
     /// Estimated hits of a key (an upper bound, as count-min sketches give).
@@ -245,7 +342,8 @@ impl Store {
     /// [`Store::resize`], calling `copied` with the running count after each entry it copies (tests pause there).
     fn resize_with(&self, max_bytes: u64, mut copied: impl FnMut(usize)) {
         let _one_at_a_time = self.resize_lock.lock();
-        let main = Arc::new(build_cache(max_bytes, self.evictions.clone()));
+        let main =
+            Arc::new(build_cache(max_bytes, self.evictions.clone(), Some(Arc::clone(&self.stale_keep))));
         let old = {
             // No write or fill is between loading a tier and inserting into it while the swap happens, so
             // none can land in the old tier after the copy has passed its key.
@@ -254,7 +352,7 @@ impl Store {
             self.draining.store(Some(Arc::clone(&old)));
             self.resizes.fetch_add(1, Ordering::AcqRel);
             self.main.store(Arc::clone(&main));
-            self.hot.store(Arc::new(build_cache((max_bytes / 8).max(1), self.evictions.clone())));
+            self.hot.store(Arc::new(build_cache((max_bytes / 8).max(1), self.evictions.clone(), None)));
             old
         };
         let mut count = 0;
@@ -282,9 +380,16 @@ impl Store {
         &self.stripes[(hash % STRIPES as u64) as usize]
     }
 
-    /// Looks a key up in a tier.
+    /// Looks a key up in a tier: a fresh entry (expired values kept for the stale windows are not answered;
+    /// see [`Store::lookup`]).
     #[inline]
     pub fn get(&self, tier: Tier, key: &str) -> Option<Entry> {
+        self.lookup(tier, key).filter(|e| e.expires_at.is_none_or(|at| at > Instant::now()))
+    }
+
+    /// Looks a key up in a tier, expired values kept for the stale windows included.
+    #[inline]
+    pub fn lookup(&self, tier: Tier, key: &str) -> Option<Entry> {
         if tier == Tier::Hot {
             return self.hot.load().get(key);
         }
@@ -318,9 +423,15 @@ impl Store {
         let stripe = self.stripe(hash);
         let _guard = stripe.lock.lock();
         let cache = self.cache(tier);
-        let draining_has_it =
-            tier == Tier::Main && self.draining.load().as_ref().is_some_and(|d| d.contains_key(&key));
-        if stripe.epoch.load(Ordering::Acquire) != epoch || cache.contains_key(&key) || draining_has_it {
+        // An expired value kept for the stale windows is replaced like an absent one.
+        let now = Instant::now();
+        let fresh = |e: Entry| !e.is_expired(now);
+        let draining_has_it = tier == Tier::Main
+            && self.draining.load().as_ref().is_some_and(|d| d.get(&key).is_some_and(fresh));
+        if stripe.epoch.load(Ordering::Acquire) != epoch
+            || cache.get(&key).is_some_and(fresh)
+            || draining_has_it
+        {
             return false;
         }
         // An entry that moved from another node must not bring back a key deleted here later than it was written.
@@ -328,6 +439,35 @@ impl Store {
             return false;
         }
         cache.insert(key, entry);
+        true
+    }
+
+    /// A refresh (refresh-ahead, stale-while-revalidate): replaces the main-tier entry with a newly fetched one
+    /// unless the key changed since `epoch` (a write, delete or handoff won) or was deleted later. `None`
+    /// removes it (the source no longer has the key). Returns whether it changed.
+    pub fn refill(&self, key: Arc<str>, hash: u64, entry: Option<Entry>, epoch: u64) -> bool {
+        let stripe = self.stripe(hash);
+        let _guard = stripe.lock.lock();
+        if stripe.epoch.load(Ordering::Acquire) != epoch {
+            return false;
+        }
+        match entry {
+            Some(entry) => {
+                if self.tombstones.get(&key).is_some_and(|t| t >= entry.version) {
+                    return false;
+                }
+                if let Some(old) = &*self.draining.load() {
+                    old.invalidate(&key);
+                }
+                self.main.load().insert(key, entry);
+            }
+            None => {
+                self.main.load().invalidate(&key);
+                if let Some(old) = &*self.draining.load() {
+                    old.invalidate(&key);
+                }
+            }
+        }
         true
     }
 
@@ -401,8 +541,10 @@ impl Store {
     pub fn snapshot(&self) -> Vec<(Arc<str>, Held)> {
         let mut all: Vec<(Arc<str>, Held, u16)> = Vec::new();
         let tiers = std::iter::once(self.main.load_full()).chain(self.draining.load_full());
+        let now = Instant::now();
         for tier in tiers {
-            for (k, e) in tier.iter() {
+            // Expired values kept for the stale windows stay here: only fresh entries move.
+            for (k, e) in tier.iter().filter(|(_, e)| !e.is_expired(now)) {
                 let k: Arc<str> = Arc::clone(&k);
                 let heat = self.heat(crate::ring::key_hash(&k));
                 all.push((k, Held::Entry(e), heat));
@@ -488,6 +630,9 @@ impl Store {
             }
         }
         self.hot.load().invalidate_all();
+        if !hot_only {
+            self.hot_keys.clear();
+        }
     }
 
     /// Applies pending evictions and expirations so that sizes read next are exact.

@@ -6,6 +6,9 @@ use distcache_api::KeyspaceCounters;
 use super::Engine;
 use crate::error::{Code, EngineError};
 
+/// Hot keys reported per keyspace (`/admin/keyspaces`, `Stats`).
+pub const HOT_KEYS_REPORTED: usize = 20;
+
 impl Engine {
     /// Drops every entry of a keyspace on this node.
     pub fn purge_local(&self, keyspace: &str, hot_only: bool) -> Result<(), EngineError> {
@@ -83,6 +86,11 @@ impl Engine {
                     evictions: m.evictions.get(),
                     forwarded: m.forwarded.get(),
                     owner_fallbacks: m.fallbacks.get(),
+                    circuit_state: ks.protect.circuit().map(|c| c.as_str().to_owned()).unwrap_or_default(),
+                    stale_served: m.stale_served(),
+                    rate_limited: m.rate_limited.get(),
+                    hot_keys: ks.store.hot_keys(HOT_KEYS_REPORTED),
+                    warm_up: ks.protect.settings.warm_up.as_ref().map(|_| ks.protect.warm_up.progress()),
                 }
             })
             .collect())

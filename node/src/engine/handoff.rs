@@ -242,6 +242,8 @@ impl Engine {
             self.discovered.lock().iter().find(|m| &m.name == name).map(|m| m.address.clone())
         }));
         self.transport.retain_addresses(&keep);
+        // Keys listed for warm-up that this node owns now are loaded (those handed over are present).
+        self.warm_up_all();
     }
 
     /// After a change: offers every main-tier entry this node no longer owns to its owner (those the pre-join

@@ -14,6 +14,7 @@ use crate::{
     keyspace::{KeyspaceRuntime, Value},
     metrics::Metrics,
     peer::KeyResults,
+    protect::{Refusal, counts_as_failure},
     ring::{Member, Ring, key_hash},
     source::{DataSource, FetchError, Fetched},
     store::{Entry, HOT_MAX_TTL, Tier},
@@ -21,6 +22,39 @@ use crate::{
 
 /// The keys of one owner that missed this node's cache: position in the batch, and the key to load.
 type Misses = Vec<(usize, LoadKey)>;
+
+/// How a load from the data source runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Fetch {
+    /// A reader waits for it: it waits for a rate-limit token up to the fetch's deadline.
+    Blocking,
+    /// Nobody waits for it: it refreshes an entry or warms one up, and never waits for a token.
+    Background(Why),
+}
+
+/// Why a fetch runs in the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Why {
+    /// An expired entry answered stale within staleWhileRevalidate.
+    Revalidate,
+    /// A fresh entry read in the last part of its TTL.
+    RefreshAhead,
+    /// A listed key loaded by the warm-up.
+    WarmUp,
+}
+
+/// Why a value is answered stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StaleWhy {
+    SourceError,
+    CircuitOpen,
+    RateLimited,
+}
+
+/// A stale answer: the value of an expired entry, with no time left.
+fn stale_value(bytes: bytes::Bytes) -> Value {
+    Value { bytes, ttl: Some(Duration::ZERO), stale: true }
+}
 
 /// Where the keys of a batch are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +75,7 @@ impl Engine {
             Err(e)
         } else {
             let hash = key_hash(key);
+            ks.store.touch(hash, key);
             match self.remote_owner(hash) {
                 None => self.get_owned(&ks, key, hash).await,
                 Some(owner) => self.get_remote(&ks, key, hash, owner).await,
@@ -66,13 +101,65 @@ impl Engine {
         hash: u64,
     ) -> Result<Value, EngineError> {
         let epoch = ks.store.epoch(hash);
-        if let Some(entry) = ks.store.get(Tier::Main, key) {
-            ks.metrics.hits_main.inc();
-            ks.store.touch(hash);
-            return entry_to_value(entry);
+        if let Some(answer) = self.answer_main(ks, key, hash, epoch) {
+            return answer;
         }
         ks.metrics.misses.inc();
         self.load_owned(ks, (Arc::from(key), hash, epoch)).await
+    }
+
+    /// The owner's answer from its main tier: a fresh entry (refreshed in the background when read in the last
+    /// part of its TTL, with refreshAhead), or an expired value within staleWhileRevalidate, answered stale
+    /// while one background fetch refreshes it. `None`: a miss.
+    fn answer_main(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        key: &str,
+        hash: u64,
+        epoch: u64,
+    ) -> Option<Result<Value, EngineError>> {
+        let entry = ks.store.lookup(Tier::Main, key)?;
+        let Some(expires_at) = entry.expires_at else {
+            ks.metrics.hits_main.inc();
+            return Some(entry_to_value(entry));
+        };
+        let now = std::time::Instant::now();
+        let settings = &ks.protect.settings;
+        if expires_at > now {
+            ks.metrics.hits_main.inc();
+            if let Some(fraction) = settings.refresh_ahead
+                && entry.value.is_some()
+                && entry.refresh_due(now, fraction)
+            {
+                self.refresh(ks, key, hash, epoch, Why::RefreshAhead);
+            }
+            return Some(entry_to_value(entry));
+        }
+        let window = settings.stale_while_revalidate?;
+        let bytes = entry.value?;
+        if now - expires_at > window {
+            return None;
+        }
+        ks.metrics.hits_main.inc();
+        ks.metrics.stale_revalidate.inc();
+        self.refresh(ks, key, hash, epoch, Why::Revalidate);
+        Some(Ok(stale_value(bytes)))
+    }
+
+    /// Starts a background fetch of a key this node owns, through its single flight (nothing starts when a load
+    /// of the key is in flight already). `epoch` was recorded before the lookup that found the entry: a write
+    /// since then wins over the refresh.
+    fn refresh(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, key: &str, hash: u64, epoch: u64, why: Why) {
+        let Some(source) = ks.source.clone() else { return };
+        if ks.source_flight.contains(key) {
+            return;
+        }
+        let (this, rt) = (Arc::clone(self), Arc::clone(ks));
+        // The flight runs the load as its own task; nobody awaits it here.
+        drop(ks.source_flight.load_many(&[Arc::from(key)], move |led| {
+            let keys = led.into_iter().map(|k| (k, hash, epoch)).collect();
+            this.source_load(&rt, source, keys, Tier::Main, Fetch::Background(why))
+        }));
     }
 
     /// The owner's load of a key that missed its main tier: joins the key's load in flight or leads a new one.
@@ -87,16 +174,19 @@ impl Engine {
         }
         let name = Arc::clone(&key.0);
         // The load is built only by the leader; callers that join an in-flight load build nothing.
-        ks.source_flight.load(&name, || self.owner_load(ks, vec![key]).map(super::single).boxed()).await
+        ks.source_flight
+            .load(&name, || self.owner_load(ks, vec![key], Fetch::Blocking).map(super::single).boxed())
+            .await
     }
 
     /// Builds the owner's load of keys that missed its main tier: the main tier again (a load that finished
     /// meanwhile), then the keys' previous owners during the grace window after a membership change, then the
     /// data source (NOT_FOUND for a cache-aside keyspace).
-    fn owner_load(
+    pub(super) fn owner_load(
         self: &Arc<Self>,
         ks: &Arc<KeyspaceRuntime>,
         keys: Vec<LoadKey>,
+        fetch: Fetch,
     ) -> BoxFuture<'static, KeyResults<Value>> {
         let ks = Arc::clone(ks);
         let this = Arc::clone(self);
@@ -143,7 +233,7 @@ impl Engine {
                 return batch.finish();
             };
             let (positions, keys): (Vec<usize>, Vec<LoadKey>) = missing.into_iter().unzip();
-            let results = this.source_load(&ks, source, keys, Tier::Main).await;
+            let results = this.source_load(&ks, source, keys, Tier::Main, fetch).await;
             batch.fill(positions, results);
             batch.finish()
         }
@@ -182,12 +272,18 @@ impl Engine {
     /// finished between the caller's cache lookup and its flight lookup has filled the cache and left the
     /// flight, which made this caller a new leader. Answering from the cache then keeps "one fetch per cold
     /// key" true (groupcache does the same).
+    ///
+    /// The fetch first passes the keyspace's protections: the circuit breaker, then the rate limit (a
+    /// [`Fetch::Blocking`] fetch waits for tokens within the fetchTimeout, a background one does not wait). When
+    /// the fetch is refused or fails, an owner answers the key's last value instead if it is within
+    /// staleIfError (marked stale).
     fn source_load(
         &self,
         ks: &Arc<KeyspaceRuntime>,
         source: Arc<dyn DataSource>,
         keys: Vec<LoadKey>,
         tier: Tier,
+        mode: Fetch,
     ) -> BoxFuture<'static, KeyResults<Value>> {
         let ks = Arc::clone(ks);
         let metrics = Arc::clone(&self.metrics);
@@ -196,22 +292,73 @@ impl Engine {
         async move {
             let mut batch = Batch::new(keys.len());
             let mut missing = Vec::with_capacity(keys.len());
+            let now = std::time::Instant::now();
+            let refresh_ahead =
+                ks.protect.settings.refresh_ahead.filter(|_| mode == Fetch::Background(Why::RefreshAhead));
             for (i, key) in keys.into_iter().enumerate() {
                 match ks.store.get(tier, &key.0) {
-                    Some(entry) => batch.set(i, entry_to_value(entry)),
-                    None => missing.push((i, key)),
+                    // A refresh-ahead whose entry is no longer due was done by another load meanwhile.
+                    Some(entry) if refresh_ahead.is_none_or(|f| !entry.refresh_due(now, f)) => {
+                        batch.set(i, entry_to_value(entry));
+                    }
+                    _ => missing.push((i, key)),
                 }
             }
             if missing.is_empty() {
                 return batch.finish();
             }
             let (positions, keys): (Vec<usize>, Vec<LoadKey>) = missing.into_iter().unzip();
-            let (fetched, cut) = fetch(&ks, source.as_ref(), &keys).await;
-            let results = keys
-                .into_iter()
-                .zip(fetched)
-                .map(|(key, r)| settle(&ks, &metrics, (tier, version), key, r, cut));
-            batch.fill(positions, results.collect());
+            let budget = ks.config.fetch_timeout;
+            let deadline = tokio::time::Instant::now() + budget;
+            let wait = (mode == Fetch::Blocking).then_some(deadline);
+            let results: Vec<Result<Value, EngineError>> = match ks.protect.admit(keys.len(), wait).await {
+                Err(refusal) => {
+                    let n = keys.len() as u64;
+                    let (why, error) = match refusal {
+                        Refusal::RateLimited => {
+                            ks.metrics.rate_limited.inc_by(n);
+                            (StaleWhy::RateLimited, rate_limited(&ks))
+                        }
+                        Refusal::CircuitOpen(retry_in) => {
+                            ks.metrics.circuit_rejected.inc_by(n);
+                            (StaleWhy::CircuitOpen, circuit_open(&ks, retry_in))
+                        }
+                    };
+                    keys.iter()
+                        .map(|key| fallback(&ks, tier, &key.0, why).unwrap_or_else(|| Err(error.clone())))
+                        .collect()
+                }
+                Ok(admission) => {
+                    if let Fetch::Background(why) = mode {
+                        let counter = match why {
+                            Why::Revalidate => &ks.metrics.background_revalidate,
+                            Why::RefreshAhead => &ks.metrics.background_refresh_ahead,
+                            Why::WarmUp => &ks.metrics.background_warm_up,
+                        };
+                        counter.inc_by(keys.len() as u64);
+                    }
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let (fetched, cut) = fetch(&ks, source.as_ref(), &keys, left).await;
+                    admission.record(&fetched);
+                    // A refresh replaces the entry it refreshes (a fill only takes the place of no entry).
+                    let replace = matches!(mode, Fetch::Background(Why::Revalidate | Why::RefreshAhead));
+                    keys.into_iter()
+                        .zip(fetched)
+                        .map(|(key, r)| {
+                            let failed = counts_as_failure(&r);
+                            let name = Arc::clone(&key.0);
+                            let answer = settle(&ks, &metrics, (tier, version, replace), key, r, cut);
+                            match answer {
+                                Err(e) if failed => {
+                                    fallback(&ks, tier, &name, StaleWhy::SourceError).unwrap_or(Err(e))
+                                }
+                                answer => answer,
+                            }
+                        })
+                        .collect()
+                }
+            };
+            batch.fill(positions, results);
             batch.finish()
         }
         .boxed()
@@ -253,7 +400,7 @@ impl Engine {
                     match ks.source.clone() {
                         // The epochs recorded before the hot-tier lookup still apply: an invalidation that
                         // arrived meanwhile must win over this fallback's result too.
-                        Some(source) => this.source_load(&ks, source, keys, Tier::Hot).await,
+                        Some(source) => this.source_load(&ks, source, keys, Tier::Hot, Fetch::Blocking).await,
                         None => vec![Err(peer_unreachable(&e)); keys.len()],
                     }
                 }
@@ -321,7 +468,7 @@ impl Engine {
         };
         let mut pending = Vec::new();
         for (owner, items) in groups {
-            let misses = lookup(ks, owner.is_some(), keys, items, &mut batch);
+            let misses = self.lookup(ks, owner.is_some(), keys, items, &mut batch);
             if !misses.is_empty() {
                 pending.extend(self.load_misses(ks, owner, misses, &mut batch, route == Route::Peer));
             }
@@ -362,7 +509,7 @@ impl Engine {
                     }
                     return Vec::new();
                 }
-                ks.source_flight.load_many(&names, |led| self.owner_load(ks, with_hash(led)))
+                ks.source_flight.load_many(&names, |led| self.owner_load(ks, with_hash(led), Fetch::Blocking))
             }
             Some(owner) => {
                 ks.metrics.forwarded.inc_by(misses.len() as u64);
@@ -373,33 +520,90 @@ impl Engine {
     }
 }
 
-/// Looks up one owner's keys in this node's tier for them (main when local, hot when remote): hits are
-/// answered in `batch`, misses returned with the epoch recorded before the lookup.
-fn lookup(
-    ks: &KeyspaceRuntime,
-    remote: bool,
-    keys: &[String],
-    items: Vec<(usize, u64)>,
-    batch: &mut Batch<Value>,
-) -> Misses {
-    let (tier, hits) =
-        if remote { (Tier::Hot, &ks.metrics.hits_hot) } else { (Tier::Main, &ks.metrics.hits_main) };
-    let mut misses = Vec::new();
-    for (i, hash) in items {
-        let key = &keys[i];
-        let epoch = ks.store.epoch(hash);
-        if let Some(entry) = ks.store.get(tier, key) {
-            hits.inc();
-            if !remote {
-                ks.store.touch(hash);
+impl Engine {
+    /// Looks up one owner's keys in this node's tier for them (main when local, hot when remote): hits are
+    /// answered in `batch`, misses returned with the epoch recorded before the lookup.
+    fn lookup(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        remote: bool,
+        keys: &[String],
+        items: Vec<(usize, u64)>,
+        batch: &mut Batch<Value>,
+    ) -> Misses {
+        let mut misses = Vec::new();
+        for (i, hash) in items {
+            let key = &keys[i];
+            ks.store.touch(hash, key);
+            let epoch = ks.store.epoch(hash);
+            let answer = if remote {
+                ks.store.get(Tier::Hot, key).map(|entry| {
+                    ks.metrics.hits_hot.inc();
+                    entry_to_value(entry)
+                })
+            } else {
+                self.answer_main(ks, key, hash, epoch)
+            };
+            match answer {
+                Some(answer) => batch.set(i, answer),
+                None => {
+                    ks.metrics.misses.inc();
+                    misses.push((i, (Arc::from(key.as_str()), hash, epoch)));
+                }
             }
-            batch.set(i, entry_to_value(entry));
-        } else {
-            ks.metrics.misses.inc();
-            misses.push((i, (Arc::from(key.as_str()), hash, epoch)));
         }
+        misses
     }
-    misses
+}
+
+/// The answer for a key whose fetch was refused or failed: the entry if it is still fresh (a refresh-ahead
+/// that failed), or its value marked stale when it expired less than staleIfError ago (owners only: hot copies
+/// are not kept past expiry). `None`: the error stands.
+fn fallback(
+    ks: &KeyspaceRuntime,
+    tier: Tier,
+    key: &str,
+    why: StaleWhy,
+) -> Option<Result<Value, EngineError>> {
+    if tier != Tier::Main {
+        return None;
+    }
+    let entry = ks.store.lookup(Tier::Main, key)?;
+    let now = std::time::Instant::now();
+    let Some(age) = entry.stale_for(now) else {
+        return Some(entry_to_value(entry));
+    };
+    let window = ks.protect.settings.stale_if_error?;
+    let bytes = entry.value?;
+    if age > window {
+        return None;
+    }
+    match why {
+        StaleWhy::SourceError => ks.metrics.stale_source_error.inc(),
+        StaleWhy::CircuitOpen => ks.metrics.stale_circuit_open.inc(),
+        StaleWhy::RateLimited => ks.metrics.stale_rate_limited.inc(),
+    };
+    Some(Ok(stale_value(bytes)))
+}
+
+fn rate_limited(ks: &KeyspaceRuntime) -> EngineError {
+    let rate = ks.protect.limiter.as_ref().map_or(0, crate::protect::Limiter::per_second);
+    EngineError::ResourceExhausted(format!(
+        "keyspace {}: source fetch rate limit ({rate}/s) reached",
+        ks.config.name
+    ))
+}
+
+fn circuit_open(ks: &KeyspaceRuntime, retry_in: Duration) -> EngineError {
+    let when = if retry_in.is_zero() {
+        "a probe fetch is in flight".to_owned()
+    } else {
+        format!("retrying in {:.1}s", retry_in.as_secs_f64())
+    };
+    EngineError::Unavailable(format!(
+        "circuit open for keyspace {}: its data source failed too often, {when}",
+        ks.config.name
+    ))
 }
 
 /// Calls the data source for `keys` within the keyspace's fetchTimeout. Returns one result per key and whether
@@ -408,9 +612,9 @@ async fn fetch(
     ks: &KeyspaceRuntime,
     source: &dyn DataSource,
     keys: &[LoadKey],
+    timeout: Duration,
 ) -> (Vec<Result<Fetched, FetchError>>, bool) {
     let started = std::time::Instant::now();
-    let timeout = ks.config.fetch_timeout;
     let outcome = if let [(key, _, _)] = keys {
         match tokio::time::timeout(timeout, source.fetch(key)).await {
             Ok(r) => (vec![r], false),
@@ -435,7 +639,7 @@ async fn fetch(
 fn settle(
     ks: &KeyspaceRuntime,
     metrics: &Metrics,
-    (tier, version): (Tier, u64),
+    (tier, version, replace): (Tier, u64, bool),
     (key, hash, epoch): LoadKey,
     result: Result<Fetched, FetchError>,
     cut: bool,
@@ -452,15 +656,39 @@ fn settle(
             let ttl = f.ttl.or(ks.config.ttl);
             if ttl != Some(Duration::ZERO) {
                 let entry = Entry::value(f.value.clone(), tier_ttl(ttl)).versioned(version);
-                ks.store.fill(tier, key, hash, entry, epoch);
+                if replace {
+                    ks.store.refill(key, hash, Some(entry), epoch);
+                } else {
+                    ks.store.fill(tier, key, hash, entry, epoch);
+                }
             }
-            Ok(Value { bytes: f.value, ttl })
+            Ok(Value { bytes: f.value, ttl, stale: false })
         }
         Err(FetchError::NotFound { negative_ttl }) => {
             metrics.fetch(name, "not_found");
-            if let Some(ttl) = negative_ttl.or(ks.config.negative_ttl).filter(|t| !t.is_zero()) {
-                let ttl = tier_ttl(Some(ttl)).unwrap_or(ttl);
-                ks.store.fill(tier, key, hash, Entry::not_found(ttl).versioned(version), epoch);
+            let negative = negative_ttl.or(ks.config.negative_ttl).filter(|t| !t.is_zero());
+            match negative {
+                Some(ttl) => {
+                    let entry = Entry::not_found(tier_ttl(Some(ttl)).unwrap_or(ttl)).versioned(version);
+                    if replace {
+                        ks.store.refill(key, hash, Some(entry), epoch);
+                    } else {
+                        ks.store.fill(tier, key, hash, entry, epoch);
+                    }
+                }
+                // The source no longer has the key: a value kept for it (refreshed, or expired and kept for
+                // the stale windows) must not be answered again.
+                None if tier == Tier::Main => {
+                    if replace
+                        || ks
+                            .store
+                            .lookup(Tier::Main, &key)
+                            .is_some_and(|e| e.is_expired(std::time::Instant::now()))
+                    {
+                        ks.store.refill(key, hash, None, epoch);
+                    }
+                }
+                None => {}
             }
             Err(EngineError::NotFound)
         }
@@ -502,6 +730,8 @@ fn fill_copy(
     result: Result<Value, EngineError>,
 ) -> Result<Value, EngineError> {
     match result {
+        // A stale answer is not copied: it has no time left.
+        Ok(v) if v.stale => Ok(v),
         Ok(v) => {
             let ttl = Some(v.ttl.map_or(HOT_MAX_TTL, |t| t.min(HOT_MAX_TTL)));
             ks.store.fill(Tier::Hot, key, hash, Entry::value(v.bytes.clone(), ttl), epoch);

@@ -170,9 +170,11 @@ fn unit_results(peer: &Member, n: usize, results: Vec<pb::KeyResult>) -> Result<
 /// Converts a per-key result of a peer into the engine's form.
 pub fn value_result(r: pb::KeyResult) -> Result<Value, EngineError> {
     match r.outcome {
-        Some(Outcome::Value(v)) => {
-            Ok(Value { bytes: v.value, ttl: v.ttl.as_ref().and_then(distcache_proto::to_std_duration) })
-        }
+        Some(Outcome::Value(v)) => Ok(Value {
+            bytes: v.value,
+            ttl: v.ttl.as_ref().and_then(distcache_proto::to_std_duration),
+            stale: v.stale,
+        }),
         Some(Outcome::Error(e)) => Err(EngineError::from_code(e.code, e.message)),
         Some(Outcome::Ok(_)) | None => Err(EngineError::Internal("peer answered without a value".into())),
     }
