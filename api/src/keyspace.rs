@@ -775,7 +775,7 @@ keyspaces:
     #[test]
     fn protections_validate_with_defaults_and_need_a_hook() {
         let file = parse(
-            r#"
+            r"
 keyspaces:
   - name: users
     maxBytes: 1Mi
@@ -787,7 +787,7 @@ keyspaces:
     refreshAhead: 0.8
     warmUp: { keys: [a, b] }
   - { name: plain, maxBytes: 1Mi, rateLimit: { fetchesPerSecond: 10 }, staleIfError: 1m }
-"#,
+",
         );
         let errors = validate_keyspaces(&file.keyspaces).expect_err("plain has no hook").to_string();
         assert!(errors.contains("keyspaces[1].rateLimit: needs a hook"), "{errors}");

@@ -30,6 +30,8 @@ mod write;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_protect;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

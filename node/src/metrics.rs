@@ -306,16 +306,6 @@ impl Metrics {
         let rate_limited = self.rate_limited.get_or_create(&ks).clone();
         let circuit_rejected = self.circuit_rejected.get_or_create(&ks).clone();
         KeyspaceMetrics {
-            circuit_state,
-            stale_revalidate,
-            stale_source_error,
-            stale_circuit_open,
-            stale_rate_limited,
-            background_revalidate,
-            background_refresh_ahead,
-            background_warm_up,
-            rate_limited,
-            circuit_rejected,
             hits_main,
             hits_hot,
             misses,
@@ -328,6 +318,16 @@ impl Metrics {
             get_ok,
             get_not_found,
             fetches_total,
+            circuit_state,
+            stale_revalidate,
+            stale_source_error,
+            stale_circuit_open,
+            stale_rate_limited,
+            background_revalidate,
+            background_refresh_ahead,
+            background_warm_up,
+            rate_limited,
+            circuit_rejected,
         }
     }
 

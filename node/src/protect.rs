@@ -159,8 +159,17 @@ impl Admission {
 
     /// Records the outcomes of the fetch (one per key).
     pub fn record<'a>(
+        self,
+        outcomes: impl IntoIterator<Item = &'a Result<crate::source::Fetched, FetchError>>,
+    ) {
+        self.record_at(outcomes, Instant::now());
+    }
+
+    /// [`Admission::record`] at `now`.
+    fn record_at<'a>(
         mut self,
         outcomes: impl IntoIterator<Item = &'a Result<crate::source::Fetched, FetchError>>,
+        now: Instant,
     ) {
         self.recorded = true;
         let Some(breaker) = self.breaker.take() else { return };
@@ -172,7 +181,7 @@ impl Admission {
                 ok += 1;
             }
         }
-        breaker.record(self.probe, ok, failed, Instant::now());
+        breaker.record(self.probe, ok, failed, now);
     }
 }
 
@@ -402,6 +411,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::unnecessary_wraps, reason = "an outcome as the breaker records it")]
     fn ok() -> Result<Fetched, FetchError> {
         Ok(Fetched { value: bytes::Bytes::from_static(b"v"), ttl: None })
     }
@@ -412,19 +422,19 @@ mod tests {
         let t0 = Instant::now();
         // Three failures: below the minimum of four outcomes.
         for _ in 0..3 {
-            b.admit(t0).expect("closed").record([&Err(FetchError::Unavailable("down".into()))]);
+            b.admit(t0).expect("closed").record_at([&Err(FetchError::Unavailable("down".into()))], t0);
         }
         assert_eq!(b.state(), CircuitState::Closed);
-        b.admit(t0).expect("closed").record([&ok()]);
+        b.admit(t0).expect("closed").record_at([&ok()], t0);
         // 3 of 4 failed: open.
-        assert!(matches!(b.admit(t0), Err(Refusal::CircuitOpen(d)) if d <= Duration::from_secs(5)));
+        assert!(matches!(b.admit(t0), Err(Refusal::CircuitOpen(d)) if d == Duration::from_secs(5)));
         let later = t0 + Duration::from_secs(6);
         let probe = b.admit(later).expect("a probe goes through");
         assert!(matches!(b.admit(later), Err(Refusal::CircuitOpen(Duration::ZERO))), "one probe at a time");
-        probe.record([&Err(FetchError::Timeout)]);
+        probe.record_at([&Err(FetchError::Timeout)], later);
         assert!(b.admit(later).is_err(), "a failed probe opens it again");
         let much_later = later + Duration::from_secs(6);
-        b.admit(much_later).expect("probe").record([&ok()]);
+        b.admit(much_later).expect("probe").record_at([&ok()], much_later);
         assert_eq!(b.state(), CircuitState::Closed);
         b.admit(much_later).expect("closed again");
     }
@@ -447,7 +457,7 @@ mod tests {
         let b = Arc::new(Breaker::new(settings(), Gauge::default(), "users"));
         let t0 = Instant::now();
         for _ in 0..4 {
-            b.admit(t0).expect("closed").record([&Err(FetchError::Internal("trap".into()))]);
+            b.admit(t0).expect("closed").record_at([&Err(FetchError::Internal("trap".into()))], t0);
         }
         let later = t0 + Duration::from_secs(6);
         drop(b.admit(later).expect("probe"));

@@ -451,22 +451,17 @@ impl Store {
         if stripe.epoch.load(Ordering::Acquire) != epoch {
             return false;
         }
+        if let Some(entry) = &entry
+            && self.tombstones.get(&key).is_some_and(|t| t >= entry.version)
+        {
+            return false;
+        }
+        if let Some(old) = &*self.draining.load() {
+            old.invalidate(&key);
+        }
         match entry {
-            Some(entry) => {
-                if self.tombstones.get(&key).is_some_and(|t| t >= entry.version) {
-                    return false;
-                }
-                if let Some(old) = &*self.draining.load() {
-                    old.invalidate(&key);
-                }
-                self.main.load().insert(key, entry);
-            }
-            None => {
-                self.main.load().invalidate(&key);
-                if let Some(old) = &*self.draining.load() {
-                    old.invalidate(&key);
-                }
-            }
+            Some(entry) => self.main.load().insert(key, entry),
+            None => self.main.load().invalidate(&key),
         }
         true
     }

@@ -544,12 +544,11 @@ impl Engine {
             } else {
                 self.answer_main(ks, key, hash, epoch)
             };
-            match answer {
-                Some(answer) => batch.set(i, answer),
-                None => {
-                    ks.metrics.misses.inc();
-                    misses.push((i, (Arc::from(key.as_str()), hash, epoch)));
-                }
+            if let Some(answer) = answer {
+                batch.set(i, answer);
+            } else {
+                ks.metrics.misses.inc();
+                misses.push((i, (Arc::from(key.as_str()), hash, epoch)));
             }
         }
         misses
@@ -678,15 +677,14 @@ fn settle(
                 }
                 // The source no longer has the key: a value kept for it (refreshed, or expired and kept for
                 // the stale windows) must not be answered again.
-                None if tier == Tier::Main => {
-                    if replace
+                None if tier == Tier::Main
+                    && (replace
                         || ks
                             .store
                             .lookup(Tier::Main, &key)
-                            .is_some_and(|e| e.is_expired(std::time::Instant::now()))
-                    {
-                        ks.store.refill(key, hash, None, epoch);
-                    }
+                            .is_some_and(|e| e.is_expired(std::time::Instant::now()))) =>
+                {
+                    ks.store.refill(key, hash, None, epoch);
                 }
                 None => {}
             }
