@@ -14,10 +14,16 @@
 #   distcache GetMany(16)  distcache bench ... --batch 16          (keys/s)
 #   redis SET P1           redis-benchmark -t set -d 100 -c 50 -P 1 -r 1000000000   (nearly every SET a new key)
 #   distcache Get miss     distcache bench --op get --concurrency 50 --keyspace misses --unique-keys
+#   expiring, no SWR       distcache bench --op get --concurrency 50 --keys 1000 --keyspace expiring
+#   expiring, SWR          distcache bench --op get --concurrency 50 --keys 1000 --keyspace expiring-swr
 # The miss run reads keyspace `misses`, whose hook is the test hook (hooks/testing/test-hook) in `echo` mode with a
 # 100 B prefix: every Get uses a key never used before, so each one is a miss that runs the WebAssembly hook (which
 # answers prefix + key without I/O: the cost measured is the node's miss path, not an origin's) and stores the value.
 # The node's counters are checked around that run: no hit, one hook fetch per Get.
+# The two expiring-key runs read 1,000 keys through the http-json example hook from distcache-origin answering in
+# 20 ms (--delay 20ms), with a 1 s TTL, so that keys keep expiring under the readers: keyspace `expiring` fetches an
+# expired key before it answers, `expiring-swr` (staleWhileRevalidate: 30s) answers it stale at once while one
+# background fetch refreshes it. Reported: p99 with SWR ÷ p99 without (and the origin fetches of each).
 # Server CPU per request (per key for batches) comes from utime+stime in /proc/PID/stat of the server process,
 # sampled around the measured window. The table and the ratios (distcache ÷ redis, and TLS ÷ plain Get, whose goal
 # is ≥ 0.85 for ops/s) go to stdout, every raw number to ${CARGO_TARGET_DIR:-target}/bench/results.json.
@@ -56,6 +62,13 @@ require_release_bins
 # The miss path's data source, built from hooks/testing/test-hook by `make hooks`.
 TEST_HOOK="$(target_dir)/hooks/wasm32-wasip2/release/distcache_test_hook.wasm"
 [[ -f $TEST_HOOK ]] || die "$TEST_HOOK not found; build it first: make hooks"
+# The expiring-key runs' data source: the http-json example hook in front of distcache-origin.
+HTTP_HOOK="$(target_dir)/hooks/wasm32-wasip2/release/http_json.wasm"
+[[ -f $HTTP_HOOK ]] || die "$HTTP_HOOK not found; build it first: make hooks"
+ORIGIN_BIN="$BIN_DIR/distcache-origin"
+[[ -x $ORIGIN_BIN ]] || die "$ORIGIN_BIN not found; build it first: make build"
+EXPIRING_KEYS=1000
+ORIGIN_DELAY=20ms
 CLK_TCK=$(getconf CLK_TCK)
 
 OUT_DIR="$(target_dir)/bench"
@@ -103,10 +116,10 @@ rss_kib() {
 
 # --- servers ---------------------------------------------------------------------------------------------------
 
-read -r REDIS_PORT GRPC_PORT PEER_PORT ADMIN_PORT TLS_GRPC_PORT TLS_PEER_PORT TLS_ADMIN_PORT < <(
+read -r REDIS_PORT GRPC_PORT PEER_PORT ADMIN_PORT TLS_GRPC_PORT TLS_PEER_PORT TLS_ADMIN_PORT ORIGIN_PORT < <(
   python3 -c '
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(8)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -162,6 +175,16 @@ node_config bench-node-tls "$TLS_GRPC_PORT" "$TLS_PEER_PORT" "$TLS_ADMIN_PORT" \
 # 27 B of `distcache bench --unique-keys`). maxBytes is large enough that a run never evicts, and the pool has an
 # instance for every request in flight, so no miss waits for a free instance.
 cp "$TEST_HOOK" "$WORK/test-hook.wasm"
+cp "$HTTP_HOOK" "$WORK/http-json.wasm"
+# The origin's data for the expiring-key runs: one 100 B file per key that `distcache bench --keys` draws.
+mkdir -p "$WORK/origin/exp"
+python3 - "$WORK/origin/exp" "$EXPIRING_KEYS" "$VALUE_SIZE" <<'PY'
+import os, sys
+path, keys, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(keys):
+    with open(os.path.join(path, "key-%08d" % i), "wb") as f:
+        f.write(b"o" * size)
+PY
 MISS_PREFIX=$(printf "%${VALUE_SIZE}s" '' | tr ' ' x)
 cat >"$WORK/keyspaces.yaml" <<EOF
 keyspaces:
@@ -173,6 +196,21 @@ keyspaces:
       module: { path: ./test-hook.wasm }
       config: { mode: echo, prefix: "$MISS_PREFIX" }
       limits: { poolSize: $CONCURRENCY }
+  - name: expiring
+    maxBytes: 64Mi
+    ttl: 1s
+    fetchTimeout: 5s
+    hook: &origin
+      module: { path: ./http-json.wasm }
+      config: { baseUrl: "http://127.0.0.1:$ORIGIN_PORT/exp" }
+      allowedHosts: ["127.0.0.1:$ORIGIN_PORT"]
+      limits: { poolSize: $CONCURRENCY, maxConcurrentRequests: $CONCURRENCY }
+  - name: expiring-swr
+    maxBytes: 64Mi
+    ttl: 1s
+    fetchTimeout: 5s
+    hook: *origin
+    staleWhileRevalidate: 30s
 EOF
 
 phase "starting redis-server on 127.0.0.1:$REDIS_PORT, distcache-node on $ENDPOINT (admin :$ADMIN_PORT) and on $TLS_ENDPOINT (admin :$TLS_ADMIN_PORT)"
@@ -184,11 +222,15 @@ start_bg distcache-node "$WORK/node.log" "$NODE_BIN" --config "$WORK/node.yaml"
 NODE_PID=$LAST_PID
 start_bg distcache-node-tls "$WORK/node-tls.log" "$NODE_BIN" --config "$WORK/node-tls.yaml"
 TLS_NODE_PID=$LAST_PID
+start_bg distcache-origin "$WORK/origin.log" "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" --dir "$WORK/origin" \
+  --delay "$ORIGIN_DELAY"
+ORIGIN_PID=$LAST_PID
 
 redis_ping() { [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
 wait_ready "$REDIS_PID" 30 "redis PING" redis_ping
 wait_http_ready "$NODE_PID" 127.0.0.1 "$ADMIN_PORT" /readyz 30
 wait_http_ready "$TLS_NODE_PID" 127.0.0.1 "$TLS_ADMIN_PORT" /readyz 30
+wait_http_ready "$ORIGIN_PID" 127.0.0.1 "$ORIGIN_PORT" /_stats 30
 
 # --- data ------------------------------------------------------------------------------------------------------
 
@@ -344,6 +386,11 @@ redis_run redis-get-p16 "$BATCH"
 distcache_run distcache-getmany-16 "$BATCH" "$KEYSPACE"
 redis_run redis-set-p1 1 set "$SET_KEY_RANGE"
 distcache_run distcache-get-miss 1 "$MISS_KEYSPACE" --unique-keys
+# Keys that keep expiring (1 s TTL) behind an origin answering in 20 ms: without, then with staleWhileRevalidate.
+DC_COMMON=(--concurrency "$CONCURRENCY" --value-size "$VALUE_SIZE" --keys "$EXPIRING_KEYS")
+[[ -z $BENCH_CONNECTIONS ]] || DC_COMMON+=(--connections "$BENCH_CONNECTIONS")
+distcache_run distcache-expiring 1 expiring
+distcache_run distcache-expiring-swr 1 expiring-swr
 
 "$CLI_BIN" --endpoint "$ENDPOINT" stats "$KEYSPACE" >"$WORK/distcache-stats.txt" 2>&1 || true
 "$CLI_BIN" --endpoint "$ENDPOINT" stats "$MISS_KEYSPACE" >"$WORK/distcache-miss-stats.txt" 2>&1 || true
@@ -438,6 +485,8 @@ rows = [
     redis_row("redis-set-p1", "redis SET P1"),
     distcache_row("distcache-get-miss", f"distcache Get miss c{concurrency}"),
     distcache_row("distcache-get-c50-tls", f"distcache Get c{concurrency} TLS"),
+    distcache_row("distcache-expiring", "distcache Get expiring, no SWR"),
+    distcache_row("distcache-expiring-swr", "distcache Get expiring, SWR 30s"),
 ]
 ratios = []
 for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5])):
@@ -471,9 +520,27 @@ tls_summary = {
     "setup": "TLS 1.3 (rustls, ring), ECDSA P-256 certificate, server authentication only",
 }
 
+# Keys whose 1 s TTL keeps expiring behind a 20 ms origin: p99 with staleWhileRevalidate ÷ without.
+no_swr, swr = rows[7], rows[8]
+swr_ratio = {
+    "label": "  ratio SWR ÷ no SWR",
+    "ops_per_sec": ratio(swr["ops_per_sec"], no_swr["ops_per_sec"]),
+    "p50_us": ratio(swr["p50_us"], no_swr["p50_us"]),
+    "p99_us": ratio(swr["p99_us"], no_swr["p99_us"]),
+    "server_cpu_us_per_key": ratio(swr["server_cpu_us_per_key"], no_swr["server_cpu_us_per_key"]),
+}
+swr_summary = {
+    "p99_ratio": swr_ratio["p99_us"],
+    "no_swr": {"p99_us": no_swr["p99_us"], "p50_us": no_swr["p50_us"], "ops_per_sec": no_swr["ops_per_sec"],
+               "source_fetches": no_swr["raw"]["meta"]["node_fetches_ok"]},
+    "swr": {"p99_us": swr["p99_us"], "p50_us": swr["p50_us"], "ops_per_sec": swr["ops_per_sec"],
+            "source_fetches": swr["raw"]["meta"]["node_fetches_ok"]},
+    "setup": "1,000 keys, ttl 1s, http-json hook, distcache-origin --delay 20ms, 50 concurrent readers",
+}
+
 cols = [("ops/s (keys/s)", "ops_per_sec"), ("p50 µs", "p50_us"), ("p99 µs", "p99_us"),
         ("server CPU µs/req", "server_cpu_us_per_key")]
-width = max(len(r["label"]) for r in rows + ratios + [tls_ratio]) + 2
+width = max(len(r["label"]) for r in rows + ratios + [tls_ratio, swr_ratio]) + 2
 
 
 def fmt(value, key, is_ratio):
@@ -497,7 +564,7 @@ print(f"GET, {value_size} B values, {keys:,} keys, {concurrency} concurrent clie
 print()
 print("".ljust(width) + "".join(c.rjust(20) for c, _ in cols))
 groups = ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1]), (rows[4], rows[5], ratios[2]),
-          (rows[1], rows[6], tls_ratio))
+          (rows[1], rows[6], tls_ratio), (rows[7], rows[8], swr_ratio))
 for group in groups:
     for r in group:
         is_ratio = r["label"].strip().startswith("ratio")
@@ -510,8 +577,13 @@ print(f"TLS: Get ops/s TLS ÷ plain = {fmt(tls_ops, 'ops_per_sec', True)} (goal 
       f"{fmt(plain_get['server_cpu_us_per_key'], 'server_cpu_us_per_key', False)} plain, "
       f"{fmt(tls_get['server_cpu_us_per_key'], 'server_cpu_us_per_key', False)} TLS")
 
+print(f"Expiring keys (1,000 keys, TTL 1 s, origin 20 ms): p99 with staleWhileRevalidate ÷ without = "
+      f"{fmt(swr_ratio['p99_us'], 'p99_us', True)} ({swr['p99_us']:,.0f} µs vs {no_swr['p99_us']:,.0f} µs); "
+      f"origin fetches {swr_summary['swr']['source_fetches']:,} with SWR, "
+      f"{swr_summary['no_swr']['source_fetches']:,} without")
+
 warnings = []
-for r in rows:
+for r in rows[:7]:
     if r["errors"]:
         warnings.append(f"{r['label']}: {r['errors']} errors")
     if r["misses"]:
@@ -547,8 +619,9 @@ result = {
                "batch": batch, "distcache_warmup_s": warmup},
     "versions": {"redis": read("redis-version.txt"), "distcache": read("distcache-version.txt")},
     "rows": rows,
-    "ratios": ratios + [tls_ratio],
+    "ratios": ratios + [tls_ratio, swr_ratio],
     "tls": tls_summary,
+    "stale_while_revalidate": swr_summary,
     "distcache_preload": last_json_object(read("dc-preload.json")) if read("dc-preload.json") else None,
     "distcache_tls_preload": last_json_object(read("dc-preload-tls.json")) if read("dc-preload-tls.json") else None,
     "distcache_stats_after": read("distcache-stats.txt"),

@@ -302,7 +302,9 @@ impl Store {
             if estimate >= HEAT_AGE_AT {
                 self.age_heat();
             }
-            self.hot_keys.offer(key, u64::from(estimate));
+            if self.hot_keys.may_enter(u64::from(estimate)) {
+                self.hot_keys.offer(key, u64::from(estimate));
+            }
         }
     }
 
