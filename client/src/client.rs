@@ -44,13 +44,21 @@ const MAX_RESPONSE_BYTES: usize = 1 << 30;
 pub struct Value {
     /// The bytes exactly as stored (or as the keyspace's data source returned them).
     pub value: Bytes,
-    /// Time left before the entry expires; `None` when it does not expire.
+    /// Time left before the entry expires; `None` when it does not expire (zero for a stale value).
     pub ttl: Option<Duration>,
+    /// True when the value has expired and the node answered it anyway: within the keyspace's
+    /// `staleWhileRevalidate` window while a background fetch refreshes it, or within its `staleIfError` window
+    /// because the data source failed, its circuit breaker is open or its fetch rate limit was reached.
+    pub stale: bool,
 }
 
 impl From<pb::GetResponse> for Value {
     fn from(response: pb::GetResponse) -> Self {
-        Self { value: response.value, ttl: response.ttl.as_ref().and_then(to_std_duration) }
+        Self {
+            value: response.value,
+            ttl: response.ttl.as_ref().and_then(to_std_duration),
+            stale: response.stale,
+        }
     }
 }
 
@@ -121,6 +129,64 @@ pub struct KeyspaceStats {
     pub forwarded: u64,
     /// Loads this node did itself because the owner could not be reached.
     pub owner_fallbacks: u64,
+    /// State of the data source's circuit breaker on this node: `closed`, `open` or `half_open`; empty when the
+    /// keyspace has no `circuitBreaker`.
+    pub circuit_state: String,
+    /// Expired values answered stale (stale-while-revalidate and stale-if-error).
+    pub stale_served: u64,
+    /// Fetches refused by the keyspace's `rateLimit`.
+    pub rate_limited: u64,
+    /// The keys this node served most often recently, hottest first: an estimate (a count-min sketch with a
+    /// top-K, counts halving as time passes), for this node only.
+    pub hot_keys: Vec<HotKey>,
+    /// Progress of the keyspace's warm-up on this node; `None` when the keyspace has no `warmUp`.
+    pub warm_up: Option<WarmUp>,
+}
+
+/// A frequently read key and its estimated recent reads on one node (see [`KeyspaceStats::hot_keys`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HotKey {
+    /// The key.
+    pub key: String,
+    /// Estimated recent reads (not an exact count: the estimate halves as time passes).
+    pub hits: u64,
+}
+
+/// Warm-up progress of one keyspace on one node: the listed keys it owns are loaded at the warm-up rate after
+/// the node starts and after ownership moves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WarmUp {
+    /// Keys listed in the keyspace's `warmUp.keys`.
+    pub listed: u32,
+    /// Of those, the keys this node owns now.
+    pub owned: u32,
+    /// Loaded from the data source (or a previous owner) by the warm-up.
+    pub loaded: u32,
+    /// Already in memory when the warm-up reached them.
+    pub present: u32,
+    /// Whose load failed (they are loaded on first read instead).
+    pub failed: u32,
+    /// True when the last warm-up pass has finished.
+    pub done: bool,
+}
+
+impl From<pb::HotKey> for HotKey {
+    fn from(h: pb::HotKey) -> Self {
+        Self { key: h.key, hits: h.hits }
+    }
+}
+
+impl From<pb::WarmUp> for WarmUp {
+    fn from(w: pb::WarmUp) -> Self {
+        Self {
+            listed: w.listed,
+            owned: w.owned,
+            loaded: w.loaded,
+            present: w.present,
+            failed: w.failed,
+            done: w.done,
+        }
+    }
 }
 
 impl From<pb::KeySpaceStats> for KeyspaceStats {
@@ -136,6 +202,11 @@ impl From<pb::KeySpaceStats> for KeyspaceStats {
             evictions: s.evictions,
             forwarded: s.forwarded,
             owner_fallbacks: s.owner_fallbacks,
+            circuit_state: s.circuit_state,
+            stale_served: s.stale_served,
+            rate_limited: s.rate_limited,
+            hot_keys: s.hot_keys.into_iter().map(HotKey::from).collect(),
+            warm_up: s.warm_up.map(WarmUp::from),
         }
     }
 }

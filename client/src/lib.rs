@@ -17,7 +17,7 @@ mod testing;
 mod tls;
 
 pub use client::{
-    Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ENDPOINT, KeyspaceInfo, KeyspaceStats, Member,
-    MemberEvent, MemberEvents, Stats, Value,
+    Client, ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ENDPOINT, HotKey, KeyspaceInfo, KeyspaceStats,
+    Member, MemberEvent, MemberEvents, Stats, Value, WarmUp,
 };
 pub use error::Error;

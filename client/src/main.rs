@@ -1,8 +1,10 @@
-//! `distcache`: the command-line client of `DistCache` — read, write and delete keys, inspect keyspaces, members
-//! and counters, and benchmark a cluster. Human-readable output by default, `--json` for scripts.
+//! `distcache`: the command-line client of `DistCache` — read, write and delete keys, inspect keyspaces, members,
+//! counters and hot keys, and benchmark a cluster. Human-readable output by default, `--json` for scripts.
 
 use std::{
+    collections::HashMap,
     io::{self, Read, Write},
+    net::IpAddr,
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -13,7 +15,8 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use distcache_api::ByteSize;
 use distcache_client::{
-    Client, ClientBuilder, DEFAULT_ENDPOINT, Error, KeyspaceInfo, Member, MemberEvent, Stats, Value,
+    Client, ClientBuilder, DEFAULT_ENDPOINT, Error, HotKey, KeyspaceInfo, KeyspaceStats, Member, MemberEvent,
+    Stats, Value,
     bench::{self, BenchConfig, Phase},
 };
 use distcache_duration::format_duration;
@@ -25,6 +28,10 @@ const EXIT_NOT_FOUND: u8 = 3;
 
 /// Per-call deadline when `--timeout` is not given (except for `bench`, which has none unless asked).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The note `get` prints on stderr for a value the node answered stale.
+const STALE_NOTE: &str =
+    "(stale: the value has expired and was served while the data source refreshes it or is failing)";
 
 const AFTER_HELP: &str = "\
 Exit codes:
@@ -70,6 +77,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print the value of a key (loaded from the data source on a miss in a read-through keyspace).
+    ///
+    /// An expired value the node answers anyway (the keyspace's staleWhileRevalidate or staleIfError window) is
+    /// printed as usual, with a "(stale: ...)" note on stderr; with --json, "stale" is true.
     Get {
         /// Keyspace name (see `distcache keyspaces`).
         keyspace: String,
@@ -105,9 +115,35 @@ enum Command {
         watch: bool,
     },
     /// Show the node's per-keyspace counters (this node only, not cluster-wide).
+    ///
+    /// CIRCUIT is the state of the data source's circuit breaker (closed, open, half_open; "-" without one),
+    /// STALE the expired values answered stale, RATE_LIMITED the fetches refused by the rate limit. A line per
+    /// keyspace with a warm-up follows the table. --json also carries each keyspace's hot keys.
     Stats {
         /// Only this keyspace.
         keyspace: Option<String>,
+    },
+    /// Show a keyspace's hottest keys: estimated recent reads, hottest first.
+    ///
+    /// By default the keys the node at --endpoint served most often recently (its own estimate: counts halve as
+    /// time passes, and a node reports at most its 20 hottest). With --all-members, every member is asked and
+    /// the hits are summed per key; a member that cannot be asked is reported on stderr and the exit code is 1.
+    HotKeys {
+        /// Keyspace name.
+        keyspace: String,
+        /// Show at most this many keys.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = parse_positive)]
+        top: usize,
+        /// Ask every member and sum the hits per key.
+        ///
+        /// Members advertise their peer address (host:peer-port). Each is dialled at that host, on its peer port
+        /// shifted as the node at --endpoint's is: by the endpoint's port minus that node's peer port (7422 ->
+        /// 7420 with the default ports), so the members' addresses must be reachable from here (not through a
+        /// port-forward to one pod). The TLS options apply to every member; the certificate is checked against
+        /// --tls-server-name, or else the endpoint's host name. A member that answers under another name is
+        /// reported, not counted.
+        #[arg(long)]
+        all_members: bool,
     },
     /// Drop every entry of a keyspace on every node.
     Purge {
@@ -263,7 +299,25 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 impl Cli {
     /// The client the command uses: the endpoint and the TLS options of the global flags.
     fn client_builder(&self, connections: usize, timeout: Option<Duration>) -> ClientBuilder {
-        let mut builder = Client::builder(&self.endpoint).connections(connections);
+        self.builder_for(&self.endpoint, connections, timeout)
+    }
+
+    /// A client of another member at `endpoint`, with the TLS options of the global flags. Without
+    /// --tls-server-name, the certificate is checked against the host name of --endpoint (the name the
+    /// cluster's nodes share, e.g. its Service), since members are dialled by address.
+    fn member_builder(&self, endpoint: &str, timeout: Duration) -> ClientBuilder {
+        let mut builder = self.builder_for(endpoint, 1, Some(timeout));
+        if self.tls_server_name.is_none()
+            && endpoint.starts_with("https://")
+            && let Some(host) = endpoint_host(&self.endpoint)
+        {
+            builder = builder.tls_server_name(host);
+        }
+        builder
+    }
+
+    fn builder_for(&self, endpoint: &str, connections: usize, timeout: Option<Duration>) -> ClientBuilder {
+        let mut builder = Client::builder(endpoint).connections(connections);
         if let Some(timeout) = timeout {
             builder = builder.timeout(timeout);
         }
@@ -291,6 +345,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = cli.client_builder(connections, timeout).connect().await?;
     let json = cli.json;
     match cli.command {
+        Command::HotKeys { ref keyspace, top, all_members } => {
+            let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+            hot_keys(&cli, &client, keyspace, top, all_members.then_some(timeout)).await
+        }
         Command::Get { keyspace, key } => get(&client, json, &keyspace, &key).await,
         Command::Put { keyspace, key, value, ttl } => put(&client, json, &keyspace, &key, &value, ttl).await,
         Command::Delete { keyspace, keys } => delete(&client, json, &keyspace, keys).await,
@@ -340,6 +398,9 @@ async fn get(client: &Client, json: bool, keyspace: &str, key: &str) -> anyhow::
         emit(&value_json(keyspace, key, &value))?;
     } else {
         emit(&String::from_utf8_lossy(&value.value))?;
+        if value.stale {
+            eprintln!("{STALE_NOTE}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -466,7 +527,8 @@ fn millis(duration: Option<Duration>) -> Option<u64> {
 }
 
 fn value_json(keyspace: &str, key: &str, value: &Value) -> String {
-    let mut doc = json!({ "keyspace": keyspace, "key": key, "ttl_ms": millis(value.ttl) });
+    let mut doc =
+        json!({ "keyspace": keyspace, "key": key, "ttl_ms": millis(value.ttl), "stale": value.stale });
     match std::str::from_utf8(&value.value) {
         Ok(text) => doc["value"] = json!(text),
         Err(_) => doc["value_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&value.value)),
@@ -557,23 +619,26 @@ fn member_event_line(event: &MemberEvent) -> String {
 
 fn stats_table(stats: &Stats) -> String {
     let rows = stats.keyspaces.iter().map(|k| {
-        [
-            k.hits,
-            k.hot_hits,
-            k.misses,
-            k.source_fetches,
-            k.entries,
-            k.bytes,
-            k.evictions,
-            k.forwarded,
-            k.owner_fallbacks,
-        ]
-        .iter()
-        .map(u64::to_string)
-        .fold(vec![k.name.clone()], |mut row, cell| {
-            row.push(cell);
-            row
-        })
+        let mut row = vec![k.name.clone()];
+        row.extend(
+            [
+                k.hits,
+                k.hot_hits,
+                k.misses,
+                k.source_fetches,
+                k.entries,
+                k.bytes,
+                k.evictions,
+                k.forwarded,
+                k.owner_fallbacks,
+            ]
+            .iter()
+            .map(u64::to_string),
+        );
+        row.push(if k.circuit_state.is_empty() { "-".to_owned() } else { k.circuit_state.clone() });
+        row.push(k.stale_served.to_string());
+        row.push(k.rate_limited.to_string());
+        row
     });
     let headers = [
         "KEYSPACE",
@@ -586,8 +651,34 @@ fn stats_table(stats: &Stats) -> String {
         "EVICTIONS",
         "FORWARDED",
         "OWNER_FALLBACKS",
+        "CIRCUIT",
+        "STALE",
+        "RATE_LIMITED",
     ];
-    format!("node {} ({} members)\n{}", stats.node, stats.members, table(&headers, rows))
+    let mut out = format!("node {} ({} members)\n{}", stats.node, stats.members, table(&headers, rows));
+    for line in stats.keyspaces.iter().filter_map(warm_up_line) {
+        out.push('\n');
+        out.push_str(&line);
+    }
+    out
+}
+
+/// `warm-up users: 12/12 owned keys loaded or present (30 listed), 0 failed, done`; `None` without a warm-up.
+fn warm_up_line(stats: &KeyspaceStats) -> Option<String> {
+    let w = stats.warm_up?;
+    Some(format!(
+        "warm-up {}: {}/{} owned keys loaded or present ({} listed), {} failed, {}",
+        stats.name,
+        u64::from(w.loaded) + u64::from(w.present),
+        w.owned,
+        w.listed,
+        w.failed,
+        if w.done { "done" } else { "in progress" }
+    ))
+}
+
+fn hot_keys_json(keys: &[HotKey]) -> serde_json::Value {
+    keys.iter().map(|h| json!({ "key": h.key, "hits": h.hits })).collect()
 }
 
 fn stats_json(stats: &Stats) -> String {
@@ -606,10 +697,206 @@ fn stats_json(stats: &Stats) -> String {
                 "evictions": k.evictions,
                 "forwarded": k.forwarded,
                 "owner_fallbacks": k.owner_fallbacks,
+                "circuit_state": (!k.circuit_state.is_empty()).then_some(&k.circuit_state),
+                "stale_served": k.stale_served,
+                "rate_limited": k.rate_limited,
+                "hot_keys": hot_keys_json(&k.hot_keys),
+                "warm_up": k.warm_up.map(|w| json!({
+                    "listed": w.listed,
+                    "owned": w.owned,
+                    "loaded": w.loaded,
+                    "present": w.present,
+                    "failed": w.failed,
+                    "done": w.done,
+                })),
             })
         })
         .collect();
     json!({ "node": stats.node, "members": stats.members, "keyspaces": keyspaces }).to_string()
+}
+
+/// What `hot-keys` found: the nodes whose estimates were summed, the members that could not be asked, and the
+/// merged keys.
+#[derive(Debug, Default)]
+struct HotKeysReport {
+    keyspace: String,
+    /// Names of the nodes that answered, the one at --endpoint first.
+    nodes: Vec<String>,
+    /// Members that could not be asked: name, endpoint dialled (when one was derived), why.
+    failed: Vec<(String, Option<String>, String)>,
+    /// Hottest first, at most --top.
+    keys: Vec<HotKey>,
+}
+
+async fn hot_keys(
+    cli: &Cli,
+    client: &Client,
+    keyspace: &str,
+    top: usize,
+    all_members: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    // The node at --endpoint first: an unknown keyspace fails here with the node's own message.
+    let (node, keys) = node_hot_keys(client, keyspace).await?;
+    let mut report = HotKeysReport { keyspace: keyspace.to_owned(), nodes: vec![node], ..Default::default() };
+    let mut lists = vec![keys];
+    if let Some(timeout) = all_members {
+        let members = client.members().await?;
+        let local = members
+            .iter()
+            .find(|m| m.local)
+            .ok_or_else(|| Error::Protocol("the node's member list does not include itself".to_owned()))?;
+        // Behind a load balancer a reconnection may reach another node: its list would be the wrong one to
+        // leave the answering node out of.
+        if local.name != report.nodes[0] {
+            anyhow::bail!(
+                "{} answered as {} and then as {}: point --endpoint at one node",
+                cli.endpoint,
+                report.nodes[0],
+                local.name
+            );
+        }
+        let others: Vec<&Member> = members.iter().filter(|m| !m.local).collect();
+        let answers = futures::future::join_all(
+            others.iter().map(|member| member_hot_keys(cli, keyspace, local, member, timeout)),
+        )
+        .await;
+        for (member, answer) in others.into_iter().zip(answers) {
+            match answer {
+                Ok(keys) => {
+                    report.nodes.push(member.name.clone());
+                    lists.push(keys);
+                }
+                Err((endpoint, err)) => {
+                    report.failed.push((member.name.clone(), endpoint, format!("{err:#}")));
+                }
+            }
+        }
+    }
+    report.keys = merge_hot_keys(lists, top);
+    for (name, endpoint, message) in &report.failed {
+        let at = endpoint.as_deref().map(|e| format!(" at {e}")).unwrap_or_default();
+        eprintln!("error: member {name}{at} not counted: {message}");
+    }
+    emit(&if cli.json { hot_keys_report_json(&report) } else { hot_keys_report_table(&report) })?;
+    Ok(if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) })
+}
+
+/// The answering node's name and its hot keys of `keyspace`.
+async fn node_hot_keys(client: &Client, keyspace: &str) -> Result<(String, Vec<HotKey>), Error> {
+    let stats = client.stats(Some(keyspace)).await?;
+    match stats.keyspaces.into_iter().find(|k| k.name == keyspace) {
+        Some(found) => Ok((stats.node, found.hot_keys)),
+        None => Err(Error::UnknownKeyspace(format!("node {} reported no keyspace {keyspace:?}", stats.node))),
+    }
+}
+
+/// The hot keys of one other member, dialled at its client endpoint; the error comes with that endpoint when
+/// it could be derived.
+async fn member_hot_keys(
+    cli: &Cli,
+    keyspace: &str,
+    local: &Member,
+    member: &Member,
+    timeout: Duration,
+) -> Result<Vec<HotKey>, (Option<String>, anyhow::Error)> {
+    let endpoint = member_endpoint(&cli.endpoint, &local.address, &member.address)
+        .map_err(|message| (None, anyhow::anyhow!(message)))?;
+    let fail = |err: anyhow::Error| (Some(endpoint.clone()), err);
+    let client = cli.member_builder(&endpoint, timeout).connect().await.map_err(|e| fail(e.into()))?;
+    let (node, keys) = node_hot_keys(&client, keyspace).await.map_err(|e| fail(e.into()))?;
+    if node != member.name {
+        return Err(fail(anyhow::anyhow!(
+            "the node there is {node}: the member's client port is not where --all-members looks for it"
+        )));
+    }
+    Ok(keys)
+}
+
+/// The client endpoint of a member whose advertised (peer) address is `member_peer`: the same host, and the
+/// port shifted as far from its peer port as the endpoint's port is from the peer port of the node at the
+/// endpoint (`local_peer`); the endpoint's scheme.
+fn member_endpoint(endpoint: &str, local_peer: &str, member_peer: &str) -> Result<String, String> {
+    let uri = endpoint_uri(endpoint)?;
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let endpoint_port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+    let (_, local_port) = split_address(local_peer)?;
+    let (host, member_port) = split_address(member_peer)?;
+    let port = i32::from(member_port) + i32::from(endpoint_port) - i32::from(local_port);
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("no client port follows from the member address {member_peer}"))?;
+    Ok(format!("{scheme}://{host}:{port}"))
+}
+
+/// The endpoint as a URI, `http://` when it has no scheme (as the client reads it).
+fn endpoint_uri(endpoint: &str) -> Result<tonic::transport::Uri, String> {
+    let endpoint = endpoint.trim();
+    let full = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    full.parse().map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))
+}
+
+/// `host:port` (`[v6]:port` too) into the host, brackets kept, and the port.
+fn split_address(address: &str) -> Result<(&str, u16), String> {
+    address
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host, port.parse().ok()?)))
+        .filter(|(host, _)| !host.is_empty())
+        .ok_or_else(|| format!("member address {address:?} is not host:port"))
+}
+
+/// The host of an endpoint when it is a name (not an IP address): what a TLS certificate shared by the cluster's
+/// nodes carries.
+fn endpoint_host(endpoint: &str) -> Option<String> {
+    let uri = endpoint_uri(endpoint).ok()?;
+    let host = uri.host()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>().is_err().then(|| host.to_owned())
+}
+
+/// Sums the hits per key over the nodes' lists; hottest first (ties by key), at most `top`.
+fn merge_hot_keys(lists: impl IntoIterator<Item = Vec<HotKey>>, top: usize) -> Vec<HotKey> {
+    let mut sums: HashMap<String, u64> = HashMap::new();
+    for HotKey { key, hits } in lists.into_iter().flatten() {
+        let sum = sums.entry(key).or_default();
+        *sum = sum.saturating_add(hits);
+    }
+    let mut keys: Vec<HotKey> = sums.into_iter().map(|(key, hits)| HotKey { key, hits }).collect();
+    keys.sort_by(|a, b| b.hits.cmp(&a.hits).then_with(|| a.key.cmp(&b.key)));
+    keys.truncate(top);
+    keys
+}
+
+fn hot_keys_report_table(report: &HotKeysReport) -> String {
+    let summed = if report.nodes.len() > 1 { ", summed over the nodes" } else { "" };
+    let mut out = format!(
+        "hot keys of {} on {} (estimated recent reads{summed})\n",
+        report.keyspace,
+        report.nodes.join(", ")
+    );
+    out.push_str(&table(
+        &["KEY", "HITS"],
+        report.keys.iter().map(|h| vec![h.key.clone(), h.hits.to_string()]),
+    ));
+    if report.keys.is_empty() {
+        out.push_str("\n(none yet: no key was read often enough recently)");
+    }
+    out
+}
+
+fn hot_keys_report_json(report: &HotKeysReport) -> String {
+    let failed: Vec<_> = report
+        .failed
+        .iter()
+        .map(|(name, endpoint, message)| json!({ "name": name, "endpoint": endpoint, "message": message }))
+        .collect();
+    json!({
+        "keyspace": report.keyspace,
+        "nodes": report.nodes,
+        "failed": failed,
+        "hot_keys": hot_keys_json(&report.keys),
+    })
+    .to_string()
 }
 
 /// Left-aligned columns separated by two spaces, like `kubectl get`.
@@ -637,7 +924,7 @@ fn table(headers: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> Strin
 mod tests {
     use bytes::Bytes;
     use clap::error::ErrorKind;
-    use distcache_client::KeyspaceStats;
+    use distcache_client::WarmUp;
 
     use super::*;
 
@@ -757,12 +1044,22 @@ mod tests {
 
     #[test]
     fn values_are_text_or_base64_in_json() {
-        let text = Value { value: Bytes::from_static(b"alice"), ttl: Some(Duration::from_millis(1500)) };
+        let text = Value {
+            value: Bytes::from_static(b"alice"),
+            ttl: Some(Duration::from_millis(1500)),
+            stale: false,
+        };
         let doc: serde_json::Value = serde_json::from_str(&value_json("users", "42", &text)).expect("json");
-        assert_eq!(doc, json!({ "keyspace": "users", "key": "42", "value": "alice", "ttl_ms": 1500 }));
-        let binary = Value { value: Bytes::from_static(&[0xff, 0x00, 0x01]), ttl: None };
+        assert_eq!(
+            doc,
+            json!({ "keyspace": "users", "key": "42", "value": "alice", "ttl_ms": 1500, "stale": false })
+        );
+        let binary = Value { value: Bytes::from_static(&[0xff, 0x00, 0x01]), ttl: None, stale: true };
         let doc: serde_json::Value = serde_json::from_str(&value_json("k", "b", &binary)).expect("json");
-        assert_eq!(doc, json!({ "keyspace": "k", "key": "b", "value_base64": "/wAB", "ttl_ms": null }));
+        assert_eq!(
+            doc,
+            json!({ "keyspace": "k", "key": "b", "value_base64": "/wAB", "ttl_ms": null, "stale": true })
+        );
     }
 
     #[test]
@@ -798,26 +1095,195 @@ mod tests {
         assert_eq!(doc["keyspaces"][0]["negative_ttl_ms"], serde_json::Value::Null);
     }
 
-    #[test]
-    fn stats_table_has_every_counter() {
-        let stats = Stats {
+    fn hot(key: &str, hits: u64) -> HotKey {
+        HotKey { key: key.to_owned(), hits }
+    }
+
+    fn stats_with_protections() -> Stats {
+        Stats {
             node: "node-1".to_owned(),
             members: 3,
-            keyspaces: vec![KeyspaceStats {
-                name: "users".to_owned(),
-                hits: 7,
-                owner_fallbacks: 2,
-                ..Default::default()
-            }],
-        };
-        let out = stats_table(&stats);
+            keyspaces: vec![
+                KeyspaceStats {
+                    name: "users".to_owned(),
+                    hits: 7,
+                    owner_fallbacks: 2,
+                    circuit_state: "half_open".to_owned(),
+                    stale_served: 4,
+                    rate_limited: 5,
+                    hot_keys: vec![hot("42", 9)],
+                    warm_up: Some(WarmUp {
+                        listed: 30,
+                        owned: 12,
+                        loaded: 10,
+                        present: 2,
+                        failed: 0,
+                        done: true,
+                    }),
+                    ..Default::default()
+                },
+                KeyspaceStats { name: "sessions".to_owned(), ..Default::default() },
+            ],
+        }
+    }
+
+    #[test]
+    fn stats_table_has_every_counter() {
+        let out = stats_table(&stats_with_protections());
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "node node-1 (3 members)");
-        assert_eq!(lines[1].split_whitespace().count(), 10);
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "KEYSPACE",
+                "HITS",
+                "HOT_HITS",
+                "MISSES",
+                "SOURCE_FETCHES",
+                "ENTRIES",
+                "BYTES",
+                "EVICTIONS",
+                "FORWARDED",
+                "OWNER_FALLBACKS",
+                "CIRCUIT",
+                "STALE",
+                "RATE_LIMITED"
+            ]
+        );
         assert_eq!(
             lines[2].split_whitespace().collect::<Vec<_>>(),
-            ["users", "7", "0", "0", "0", "0", "0", "0", "0", "2"]
+            ["users", "7", "0", "0", "0", "0", "0", "0", "0", "2", "half_open", "4", "5"]
         );
+        // No breaker: "-".
+        assert_eq!(
+            lines[3].split_whitespace().collect::<Vec<_>>(),
+            ["sessions", "0", "0", "0", "0", "0", "0", "0", "0", "0", "-", "0", "0"]
+        );
+        // One warm-up line per keyspace that has one.
+        assert_eq!(lines[4], "warm-up users: 12/12 owned keys loaded or present (30 listed), 0 failed, done");
+        assert_eq!(lines.len(), 5);
+    }
+
+    #[test]
+    fn warm_up_in_progress_is_said() {
+        let stats = KeyspaceStats {
+            name: "users".to_owned(),
+            warm_up: Some(WarmUp { listed: 3, owned: 2, loaded: 1, present: 0, failed: 1, done: false }),
+            ..Default::default()
+        };
+        assert_eq!(
+            warm_up_line(&stats).as_deref(),
+            Some("warm-up users: 1/2 owned keys loaded or present (3 listed), 1 failed, in progress")
+        );
+    }
+
+    #[test]
+    fn stats_json_carries_every_field() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&stats_json(&stats_with_protections())).expect("json");
+        let users = &doc["keyspaces"][0];
+        assert_eq!(users["circuit_state"], "half_open");
+        assert_eq!((users["stale_served"].as_u64(), users["rate_limited"].as_u64()), (Some(4), Some(5)));
+        assert_eq!(users["hot_keys"], json!([{ "key": "42", "hits": 9 }]));
+        assert_eq!(
+            users["warm_up"],
+            json!({ "listed": 30, "owned": 12, "loaded": 10, "present": 2, "failed": 0, "done": true })
+        );
+        let sessions = &doc["keyspaces"][1];
+        assert_eq!(sessions["circuit_state"], serde_json::Value::Null);
+        assert_eq!(sessions["warm_up"], serde_json::Value::Null);
+        assert_eq!(sessions["hot_keys"], json!([]));
+    }
+
+    #[test]
+    fn hot_keys_parse() {
+        let cli = parse(&["hot-keys", "users"]).expect("valid");
+        assert!(matches!(
+            cli.command,
+            Command::HotKeys { ref keyspace, top: 20, all_members: false } if keyspace == "users"
+        ));
+        let cli = parse(&["hot-keys", "users", "--top", "5", "--all-members", "--json"]).expect("valid");
+        assert!(matches!(cli.command, Command::HotKeys { top: 5, all_members: true, .. }));
+        assert!(cli.json);
+        assert_eq!(parse(&["hot-keys"]).expect_err("no keyspace").exit_code(), 2);
+        assert_eq!(parse(&["hot-keys", "users", "--top", "0"]).expect_err("top 0").exit_code(), 2);
+    }
+
+    #[test]
+    fn hot_keys_merge_by_summing_hits() {
+        let merged = merge_hot_keys(
+            vec![vec![hot("a", 10), hot("b", 8), hot("c", 1)], vec![hot("b", 5), hot("d", 9)], vec![]],
+            3,
+        );
+        assert_eq!(merged, [hot("b", 13), hot("a", 10), hot("d", 9)]);
+        // Ties: by key, so the output is stable.
+        assert_eq!(merge_hot_keys(vec![vec![hot("y", 2), hot("x", 2)]], 20), [hot("x", 2), hot("y", 2)]);
+        assert_eq!(
+            merge_hot_keys(vec![vec![hot("k", u64::MAX)], vec![hot("k", 1)]], 1),
+            [hot("k", u64::MAX)]
+        );
+    }
+
+    #[test]
+    fn hot_keys_render() {
+        let mut report = HotKeysReport {
+            keyspace: "users".to_owned(),
+            nodes: vec!["node-1".to_owned()],
+            keys: vec![hot("alice", 120), hot("bob", 7)],
+            ..Default::default()
+        };
+        assert_eq!(
+            hot_keys_report_table(&report),
+            "hot keys of users on node-1 (estimated recent reads)\nKEY    HITS\nalice  120\nbob    7"
+        );
+        report.nodes.push("node-2".to_owned());
+        report.failed.push((
+            "node-3".to_owned(),
+            Some("http://10.0.0.3:7420".to_owned()),
+            "refused".to_owned(),
+        ));
+        let out = hot_keys_report_table(&report);
+        assert!(
+            out.starts_with("hot keys of users on node-1, node-2 (estimated recent reads, summed"),
+            "{out}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&hot_keys_report_json(&report)).expect("json");
+        assert_eq!(
+            doc,
+            json!({
+                "keyspace": "users",
+                "nodes": ["node-1", "node-2"],
+                "failed": [{ "name": "node-3", "endpoint": "http://10.0.0.3:7420", "message": "refused" }],
+                "hot_keys": [{ "key": "alice", "hits": 120 }, { "key": "bob", "hits": 7 }],
+            })
+        );
+        report.keys.clear();
+        assert!(
+            hot_keys_report_table(&report).ends_with("(none yet: no key was read often enough recently)")
+        );
+    }
+
+    #[test]
+    fn members_are_dialled_at_their_client_port() {
+        // Kubernetes: client 7420, peer 7422 on every pod.
+        assert_eq!(
+            member_endpoint("https://demo.cache.svc:7420", "10.0.0.1:7422", "10.0.0.2:7422").as_deref(),
+            Ok("https://10.0.0.2:7420")
+        );
+        // The local example: three nodes on one host, each peer port two above its client port.
+        assert_eq!(
+            member_endpoint("127.0.0.1:7420", "127.0.0.1:7422", "127.0.0.1:7432").as_deref(),
+            Ok("http://127.0.0.1:7430")
+        );
+        assert_eq!(
+            member_endpoint("http://localhost:7430", "127.0.0.1:7432", "[fd00::3]:7442").as_deref(),
+            Ok("http://[fd00::3]:7440")
+        );
+        assert!(member_endpoint("127.0.0.1:7420", "127.0.0.1:7422", "no-port").is_err());
+        assert!(member_endpoint("127.0.0.1:1", "127.0.0.1:7422", "127.0.0.1:2").is_err(), "port below 1");
+        assert_eq!(endpoint_host("https://demo.cache.svc:7420").as_deref(), Some("demo.cache.svc"));
+        assert_eq!(endpoint_host("https://10.0.0.7:7420"), None);
+        assert_eq!(endpoint_host("https://[::1]:7420"), None);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! An in-process fake of the `distcache.v1.Cache` service, so the client and the bench loop are tested over real
 //! gRPC without a node. It serves one keyspace, `users`, with a few scripted behaviours:
-//! key `slow` answers after 2 s (deadlines), key `bad` is rejected per key (`INVALID_ARGUMENT`), any other
-//! keyspace is `FAILED_PRECONDITION`, and `WatchMembers` sends a two-member snapshot then stays open.
+//! key `slow` answers after 2 s (deadlines), key `bad` is rejected per key (`INVALID_ARGUMENT`), key `stale`
+//! always reads as the expired value `old` answered stale, any other keyspace is `FAILED_PRECONDITION` (`Stats`
+//! included, as on a node), and `WatchMembers` sends a two-member snapshot then stays open. `Stats` reports the
+//! protection fields (circuit, stale, rate limit, hot keys, warm-up); [`FakeCache::set_cluster`] names the node,
+//! its members and its hot keys, for tests that fan out to several fakes.
 
 use std::{
     collections::HashMap,
@@ -25,9 +28,43 @@ pub(crate) struct FakeCache {
     entries: Mutex<HashMap<String, Bytes>>,
     /// Calls served, to check that work reaches the server.
     pub(crate) calls: AtomicU64,
+    /// What `Stats` and `WatchMembers` say; `None` = the defaults (node-1 and node-2, two hot keys).
+    cluster: Mutex<Option<Cluster>>,
+}
+
+/// The identity a fake reports: its node name, the members it lists (itself included) and its hot keys.
+struct Cluster {
+    node: String,
+    members: Vec<pb::Member>,
+    hot_keys: Vec<pb::HotKey>,
+}
+
+/// The key `Get` and `GetMany` always answer stale, with the value [`STALE_VALUE`].
+pub(crate) const STALE_KEY: &str = "stale";
+pub(crate) const STALE_VALUE: &[u8] = b"old";
+
+fn stale_value() -> pb::GetResponse {
+    let ttl = Some(distcache_proto::from_std_duration(Duration::ZERO));
+    pb::GetResponse { value: Bytes::from_static(STALE_VALUE), ttl, stale: true }
 }
 
 impl FakeCache {
+    /// Makes this fake the node `node` of a cluster of `members` (name, address; `node` is the local one), with
+    /// `hot_keys` (key, hits) in its `Stats`. `WatchMembers` then sends the snapshot and stays open.
+    pub(crate) fn set_cluster(&self, node: &str, members: &[(&str, SocketAddr)], hot_keys: &[(&str, u64)]) {
+        let members = members
+            .iter()
+            .map(|(name, address)| pb::Member {
+                name: (*name).to_owned(),
+                address: address.to_string(),
+                local: *name == node,
+            })
+            .collect();
+        let hot_keys =
+            hot_keys.iter().map(|(key, hits)| pb::HotKey { key: (*key).to_owned(), hits: *hits }).collect();
+        *self.cluster.lock().expect("test lock") = Some(Cluster { node: node.to_owned(), members, hot_keys });
+    }
+
     fn check_keyspace(&self, keyspace: &str) -> Result<(), Status> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         if keyspace == KEYSPACE {
@@ -70,6 +107,9 @@ impl cache_server::Cache for FakeCache {
         if request.key == "slow" {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
+        if request.key == STALE_KEY {
+            return Ok(Response::new(stale_value()));
+        }
         let value = self.lookup(&request.key).ok_or_else(|| Status::not_found("no such key"))?;
         let ttl = Some(distcache_proto::from_std_duration(Duration::from_mins(1)));
         Ok(Response::new(pb::GetResponse { value, ttl, stale: false }))
@@ -85,9 +125,12 @@ impl cache_server::Cache for FakeCache {
             .keys
             .into_iter()
             .map(|key| {
-                let found = self
-                    .lookup(&key)
-                    .map(|value| Outcome::Value(pb::GetResponse { value, ttl: None, stale: false }));
+                let found = if key == STALE_KEY {
+                    Some(Outcome::Value(stale_value()))
+                } else {
+                    self.lookup(&key)
+                        .map(|value| Outcome::Value(pb::GetResponse { value, ttl: None, stale: false }))
+                };
                 key_result(key, found.ok_or_else(|| Status::not_found("no such key")))
             })
             .collect();
@@ -177,22 +220,48 @@ impl cache_server::Cache for FakeCache {
         &self,
         _: Request<pb::WatchMembersRequest>,
     ) -> Result<Response<Self::WatchMembersStream>, Status> {
-        let events = vec![
-            member_event(Type::Join, "node-1", true),
-            member_event(Type::Join, "node-2", false),
-            pb::MemberEvent { r#type: Type::SnapshotEnd as i32, member: None },
-            member_event(Type::Leave, "node-2", false),
-        ];
+        let snapshot_end = pb::MemberEvent { r#type: Type::SnapshotEnd as i32, member: None };
+        let events = match &*self.cluster.lock().expect("test lock") {
+            Some(cluster) => cluster
+                .members
+                .iter()
+                .map(|m| pb::MemberEvent { r#type: Type::Join as i32, member: Some(m.clone()) })
+                .chain([snapshot_end])
+                .collect(),
+            None => vec![
+                member_event(Type::Join, "node-1", true),
+                member_event(Type::Join, "node-2", false),
+                snapshot_end,
+                member_event(Type::Leave, "node-2", false),
+            ],
+        };
         let events = futures::stream::iter(events.into_iter().map(Ok));
         Ok(Response::new(events.chain(futures::stream::pending()).boxed()))
     }
 
     async fn stats(&self, request: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         let request = request.into_inner();
-        let stats = pb::KeySpaceStats { name: KEYSPACE.to_owned(), hits: 7, ..Default::default() };
-        let keyspaces =
-            if request.keyspace.is_empty() || request.keyspace == KEYSPACE { vec![stats] } else { vec![] };
-        Ok(Response::new(pb::StatsResponse { node: "node-1".to_owned(), keyspaces, members: 2 }))
+        if !request.keyspace.is_empty() {
+            self.check_keyspace(&request.keyspace)?;
+        }
+        let hot = |key: &str, hits| pb::HotKey { key: key.to_owned(), hits };
+        let (node, members, hot_keys) = self.cluster.lock().expect("test lock").as_ref().map_or_else(
+            || ("node-1".to_owned(), 2, vec![hot("42", 12), hot("7", 3)]),
+            |c| (c.node.clone(), c.members.len(), c.hot_keys.clone()),
+        );
+        let warm_up = pb::WarmUp { listed: 30, owned: 12, loaded: 10, present: 2, failed: 0, done: true };
+        let stats = pb::KeySpaceStats {
+            name: KEYSPACE.to_owned(),
+            hits: 7,
+            circuit_state: "closed".to_owned(),
+            stale_served: 1,
+            rate_limited: 2,
+            hot_keys,
+            warm_up: Some(warm_up),
+            ..Default::default()
+        };
+        let members = u32::try_from(members).expect("a few members");
+        Ok(Response::new(pb::StatsResponse { node, keyspaces: vec![stats], members }))
     }
 }
 

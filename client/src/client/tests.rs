@@ -149,7 +149,43 @@ async fn admin_calls_decode() {
     assert_eq!(client.purge(KEYSPACE).await.expect("purge"), 3);
     let stats = client.stats(Some(KEYSPACE)).await.expect("stats");
     assert_eq!((stats.node.as_str(), stats.members, stats.keyspaces[0].hits), ("node-1", 2, 7));
-    assert!(client.stats(Some("other")).await.expect("stats").keyspaces.is_empty());
+    let users = &stats.keyspaces[0];
+    assert_eq!((users.circuit_state.as_str(), users.stale_served, users.rate_limited), ("closed", 1, 2));
+    assert_eq!(users.hot_keys[0], HotKey { key: "42".to_owned(), hits: 12 });
+    assert_eq!(
+        users.warm_up,
+        Some(WarmUp { listed: 30, owned: 12, loaded: 10, present: 2, failed: 0, done: true })
+    );
+    let err = client.stats(Some("other")).await.expect_err("unknown keyspace");
+    assert!(matches!(&err, Error::UnknownKeyspace(m) if m.contains("other")), "{err:?}");
+}
+
+#[tokio::test]
+async fn stale_values_are_marked() {
+    let (addr, _fake) = testing::serve().await;
+    let client = Client::connect(addr.to_string()).await.expect("connect");
+    let value = client.get(KEYSPACE, testing::STALE_KEY).await.expect("get").expect("a stale value");
+    assert!(value.stale);
+    assert_eq!((&value.value[..], value.ttl), (testing::STALE_VALUE, Some(Duration::ZERO)));
+    client.put(KEYSPACE, "fresh", "v", None).await.expect("put");
+    assert!(!client.get(KEYSPACE, "fresh").await.expect("get").expect("stored").stale);
+    let read = client.get_many(KEYSPACE, ["fresh", testing::STALE_KEY]).await.expect("get_many");
+    let stale: Vec<bool> = read.iter().map(|r| matches!(r, Ok(Some(v)) if v.stale)).collect();
+    assert_eq!(stale, [false, true]);
+}
+
+#[tokio::test]
+async fn stats_and_members_come_from_the_node_asked() {
+    let (addr, fake) = testing::serve().await;
+    fake.set_cluster("node-b", &[("node-a", addr), ("node-b", addr)], &[("k", 5)]);
+    let client =
+        Client::builder(addr.to_string()).timeout(Duration::from_secs(5)).connect().await.expect("connect");
+    let stats = client.stats(None).await.expect("stats");
+    assert_eq!((stats.node.as_str(), stats.members), ("node-b", 2));
+    assert_eq!(stats.keyspaces[0].hot_keys, [HotKey { key: "k".to_owned(), hits: 5 }]);
+    let members = client.members().await.expect("members");
+    let local: Vec<(&str, bool)> = members.iter().map(|m| (m.name.as_str(), m.local)).collect();
+    assert_eq!(local, [("node-a", false), ("node-b", true)]);
 }
 
 #[tokio::test]
