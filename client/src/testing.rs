@@ -72,7 +72,7 @@ impl cache_server::Cache for FakeCache {
         }
         let value = self.lookup(&request.key).ok_or_else(|| Status::not_found("no such key"))?;
         let ttl = Some(distcache_proto::from_std_duration(Duration::from_mins(1)));
-        Ok(Response::new(pb::GetResponse { value, ttl }))
+        Ok(Response::new(pb::GetResponse { value, ttl, stale: false }))
     }
 
     async fn get_many(
@@ -85,8 +85,9 @@ impl cache_server::Cache for FakeCache {
             .keys
             .into_iter()
             .map(|key| {
-                let found =
-                    self.lookup(&key).map(|value| Outcome::Value(pb::GetResponse { value, ttl: None }));
+                let found = self
+                    .lookup(&key)
+                    .map(|value| Outcome::Value(pb::GetResponse { value, ttl: None, stale: false }));
                 key_result(key, found.ok_or_else(|| Status::not_found("no such key")))
             })
             .collect();

@@ -50,7 +50,7 @@ fn ttl_to_pb(ttl: Option<Duration>) -> Option<prost_types::Duration> {
 }
 
 fn get_response(v: Value) -> GetResponse {
-    GetResponse { value: v.bytes, ttl: ttl_to_pb(v.ttl) }
+    GetResponse { value: v.bytes, ttl: ttl_to_pb(v.ttl), stale: false }
 }
 
 fn key_error(e: &EngineError) -> Outcome {
