@@ -90,7 +90,19 @@ fn valid(name: &str) -> Value {
                     }
                 },
                 { "name": "local", "maxBytes": "1Mi", "hook": { "module": { "path": "hooks/local.wasm" } } },
-                { "name": "sessions", "maxBytes": "16Mi", "ttl": "30m", "maxValueBytes": "1Mi" }
+                { "name": "sessions", "maxBytes": "16Mi", "ttl": "30m", "maxValueBytes": "1Mi" },
+                {
+                    "name": "protected",
+                    "maxBytes": "8Mi",
+                    "ttl": "1m",
+                    "hook": { "module": { "path": "hooks/protected.wasm" } },
+                    "rateLimit": { "fetchesPerSecond": 200, "burst": 50 },
+                    "circuitBreaker": { "failureRatio": 0.5, "minimumRequests": 20, "window": "10s", "openFor": "5s" },
+                    "staleWhileRevalidate": "30s",
+                    "staleIfError": "10m",
+                    "refreshAhead": 0.8,
+                    "warmUp": { "keys": ["alice", "bob"], "fetchesPerSecond": 50 }
+                }
             ],
             "discovery": { "kubernetes": {} },
             "scheduling": {
@@ -154,6 +166,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     let hosts = "/spec/keyspaces/0/hook/allowedHosts";
     let case = |what, object, expect, cel| Case { what, object, expect, cel };
     let mut all = tls_cases()?;
+    all.extend(protection_cases()?);
     all.extend([
         case("a hook module without a source", with("no-source", module, json!({}))?, MODULE, true),
         case(
@@ -226,6 +239,79 @@ fn cases() -> anyhow::Result<Vec<Case>> {
         ),
     ]);
     Ok(all)
+}
+
+/// The keyspace protections (rateLimit, circuitBreaker, stale windows, refreshAhead, warmUp): `valid` sets them
+/// all on keyspace 4, `protected`; keyspace 3, `sessions`, has no hook.
+fn protection_cases() -> anyhow::Result<Vec<Case>> {
+    const HOOK: &str = "rateLimit, circuitBreaker, staleWhileRevalidate, staleIfError, refreshAhead and warmUp need \
+                        a hook (they protect and use the data source)";
+    const RATIO: &str = "circuitBreaker.failureRatio must be greater than 0 and at most 1";
+    let protected = "/spec/keyspaces/4";
+    let case = |what, object, expect, cel| Case { what, object, expect, cel };
+    Ok(vec![
+        case(
+            "staleIfError on a keyspace without a hook",
+            with(
+                "stale-no-hook",
+                "/spec/keyspaces/3",
+                json!({ "name": "sessions", "maxBytes": "16Mi", "staleIfError": "1m" }),
+            )?,
+            HOOK,
+            true,
+        ),
+        case(
+            "rateLimit on a keyspace without a hook",
+            with(
+                "limit-no-hook",
+                "/spec/keyspaces/3",
+                json!({ "name": "sessions", "maxBytes": "16Mi", "rateLimit": { "fetchesPerSecond": 10 } }),
+            )?,
+            HOOK,
+            true,
+        ),
+        case(
+            "a circuit breaker that opens at a failure ratio of 0",
+            with("ratio-zero", &format!("{protected}/circuitBreaker/failureRatio"), json!(0))?,
+            RATIO,
+            true,
+        ),
+        case(
+            "a circuit breaker failure ratio above 1",
+            with("ratio-high", &format!("{protected}/circuitBreaker/failureRatio"), json!(1.5))?,
+            RATIO,
+            true,
+        ),
+        // Plain schema bounds.
+        case(
+            "refreshAhead 1.0 (at most 0.99: a refresh at expiry is no refresh ahead)",
+            with("refresh-one", &format!("{protected}/refreshAhead"), json!(1.0))?,
+            "less than or equal to 0.99",
+            false,
+        ),
+        case(
+            "rateLimit of 0 fetches per second",
+            with("rate-zero", &format!("{protected}/rateLimit/fetchesPerSecond"), json!(0))?,
+            "greater than or equal to 1",
+            false,
+        ),
+        case(
+            "an empty warm-up key",
+            with("warm-empty", &format!("{protected}/warmUp/keys"), json!(["alice", ""]))?,
+            "at least 1 chars long",
+            false,
+        ),
+        case(
+            "more than 10000 warm-up keys",
+            with(
+                "warm-many",
+                &format!("{protected}/warmUp/keys"),
+                (0..=10_000).map(|i| format!("k{i}")).collect::<Value>(),
+            )?,
+            "must have at most 10000 items",
+            false,
+        ),
+    ])
 }
 
 fn tls_cases() -> anyhow::Result<Vec<Case>> {

@@ -189,8 +189,12 @@ async fn invalid_specs_and_pod_disruption_budgets(
         &serde_json::json!({
             "replicas": 1,
             "podDisruptionBudget": { "minAvailable": 1, "maxUnavailable": 1 },
-            "keyspaces": [{ "name": "a", "maxBytes": "1Mi",
-                            "hook": { "module": { "url": "http://127.0.0.1:1/x.wasm" }, "allowedHosts": ["nohost"] } }],
+            "keyspaces": [
+                { "name": "a", "maxBytes": "1Mi",
+                  "hook": { "module": { "url": "http://127.0.0.1:1/x.wasm" }, "allowedHosts": ["nohost"] } },
+                // Serving stale values needs a data source: without a hook there is nothing to protect.
+                { "name": "b", "maxBytes": "1Mi", "staleIfError": "1m" },
+            ],
         }),
     )?;
     caches.create(&PostParams::default(), &bad).await?;
@@ -212,10 +216,15 @@ async fn invalid_specs_and_pod_disruption_budgets(
         "spec.podDisruptionBudget: set minAvailable or maxUnavailable, not both",
         "spec.keyspaces[0].hook.module.sha256: required",
         "spec.keyspaces[0].hook.allowedHosts[0]",
+        "spec.keyspaces[1].staleIfError: needs a hook",
     ] {
         assert!(degraded.message.contains(field), "missing {field:?} in {}", degraded.message);
     }
-    assert!(!events(client, "bad", "InvalidSpec").await?.is_empty(), "an InvalidSpec Event on bad");
+    let invalid_events = events(client, "bad", "InvalidSpec").await?;
+    assert!(
+        invalid_events.iter().any(|note| note.contains("spec.keyspaces[1].staleIfError: needs a hook")),
+        "an InvalidSpec Event on bad naming every field: {invalid_events:?}"
+    );
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
     assert!(sets.get_opt("bad").await?.is_none(), "nothing is built from an invalid spec");
 

@@ -6,7 +6,10 @@
 //!    from it;
 //! 3. the DistCache becomes three Ready node pods, and `kubectl get dc` says so;
 //! 4. the `distcache` CLI reads every example user through every node, and the origin was asked once per user;
-//! 5. a keyspace added with `kubectl apply` is served by every node without a restart;
+//! 5. keyspaces added with `kubectl apply` are served by every node without a restart: a cache-aside one, and one
+//!    reading through the example hook with every protection set (rate limit, circuit breaker, both stale
+//!    windows, refresh ahead, warm-up); each node reports its circuit closed and its warm-up done on
+//!    `/admin/keyspaces`, the warm-up asked the origin once per listed key, and reads go through the hook;
 //! 6. `kubectl scale dc` to five nodes;
 //! 7. a new node image rolls the pods one at a time while a reader that routes like a Service sees no failed read;
 //!    the origin requests during the roll are reported against a cold cache's;
@@ -130,7 +133,8 @@ async fn scenario(env: &Env) -> anyhow::Result<()> {
     let name = deployed.name.clone();
     step("3. three Ready nodes", wait_available(env, &name, 3, Duration::from_mins(1))).await?;
     step("4. read-through with the CLI", read_through(env, &deployed)).await?;
-    step("5. a keyspace added without a restart", add_keyspace(env, &mut deployed)).await?;
+    step("5. keyspaces added without a restart, one with every protection", add_keyspace(env, &mut deployed))
+        .await?;
     step("6. kubectl scale to 5", scale(env, &deployed, 5)).await?;
     step("7. a rolling image change without a failed read", roll(env, &deployed)).await?;
     let fetched = step("8. scale-in 5 → 2 one pod at a time", scale_in(env, &deployed)).await?;
@@ -305,7 +309,7 @@ async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, Users, Users)> {
                     users.insert(id.to_owned(), text.as_bytes().to_vec());
                 }
             }
-            for (id, text) in &bulk {
+            for (id, text) in bulk.iter().chain(&protected_users()) {
                 doc["data"][format!("{id}.json")] = String::from_utf8_lossy(text).into_owned().into();
             }
         }
@@ -340,13 +344,18 @@ async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, Users, Users)> {
     Ok((addr, users, bulk))
 }
 
-/// Requests the origin has answered for users (`/_stats`: per path).
-async fn origin_requests(d: &Deployed) -> anyhow::Result<u64> {
+/// The origin's requests per path (`/_stats`).
+async fn origin_hits(d: &Deployed) -> anyhow::Result<BTreeMap<String, u64>> {
     let (status, body) = http_get(d.origin, "/_stats").await?;
     anyhow::ensure!(status == 200, "/_stats answered {status}: {body}");
-    let hits: BTreeMap<String, u64> = serde_json::from_str(&body)?;
-    let prefix = format!("{}/", d.users_path);
-    Ok(hits.iter().filter(|(path, _)| path.starts_with(&prefix)).map(|(_, n)| n).sum())
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// Requests the origin has answered for the example's users and the bulk ones: the keys of the example keyspace.
+/// The protected keyspace's users (step 5) are left out: their warm-up runs again whenever ownership moves.
+async fn origin_requests(d: &Deployed) -> anyhow::Result<u64> {
+    let hits = origin_hits(d).await?;
+    Ok(d.users.keys().chain(d.bulk.keys()).filter_map(|k| hits.get(&format!("{}/{k}", d.users_path))).sum())
 }
 
 /// Every user of the origin with its bytes: the example's and the bulk ones.
@@ -510,10 +519,15 @@ async fn add_keyspace(env: &Env, d: &mut Deployed) -> anyhow::Result<()> {
     let sets: Api<StatefulSet> = Api::namespaced(env.bed.client.clone(), &env.ns);
     let template_before = sets.get(&d.name).await?.spec.map(|s| s.template);
 
-    d.applied["spec"]["keyspaces"]
-        .as_array_mut()
-        .ok_or_else(|| anyhow::anyhow!("spec.keyspaces"))?
-        .push(json!({ "name": "sessions", "maxBytes": "1Mi" }));
+    let keyspaces =
+        d.applied["spec"]["keyspaces"].as_array_mut().ok_or_else(|| anyhow::anyhow!("spec.keyspaces"))?;
+    let example = keyspaces
+        .iter()
+        .find(|k| k["name"] == d.keyspace.as_str())
+        .ok_or_else(|| anyhow::anyhow!("keyspace {} not applied", d.keyspace))?;
+    let protected = protected_keyspace(&example["hook"]);
+    keyspaces.push(json!({ "name": "sessions", "maxBytes": "1Mi" }));
+    keyspaces.push(protected);
     env.kubectl.run_stdin(&["apply", "-f", "-"], &to_yaml_stream(std::slice::from_ref(&d.applied))?).await?;
 
     let api = distcaches(&env.bed.client, &env.ns);
@@ -523,11 +537,11 @@ async fn add_keyspace(env: &Env, d: &mut Deployed) -> anyhow::Result<()> {
     })
     .await?;
     let nodes = ready_nodes(env, &d.name).await?;
-    wait_for(Duration::from_secs(30), "every node serving keyspace sessions", || async {
+    wait_for(Duration::from_secs(30), "every node serving keyspaces sessions and protected", || async {
         for ip in nodes.values() {
             let mut c = connect(ip).await?;
             let list = c.list_key_spaces(ListKeySpacesRequest {}).await?.into_inner();
-            if !list.keyspaces.iter().any(|k| k.name == "sessions") {
+            if !["sessions", PROTECTED].iter().all(|name| list.keyspaces.iter().any(|k| k.name == *name)) {
                 return Ok(false);
             }
         }
@@ -569,7 +583,111 @@ async fn add_keyspace(env: &Env, d: &mut Deployed) -> anyhow::Result<()> {
     );
 
     wait_keyspace_status(env, &d.name, "sessions", "None", nodes.len()).await?;
+    wait_keyspace_status(env, &d.name, PROTECTED, "Loaded", nodes.len()).await?;
+    protections_at_work(d, &nodes).await
+}
+
+/// The keyspace of step 5 with every protection.
+const PROTECTED: &str = "protected";
+/// The origin's users of that keyspace: the first [`WARM_KEYS`] are its warm-up list, the others are not.
+fn protected_users() -> Users {
+    (0..4)
+        .map(|i| {
+            let id = format!("protected-{i}");
+            (id.clone(), format!(r#"{{"id":"{id}","name":"Protected User {i}","plan":"pro"}}"#).into_bytes())
+        })
+        .collect()
+}
+/// How many of [`protected_users`] the keyspace warms up.
+const WARM_KEYS: usize = 3;
+
+/// A keyspace reading through `hook` (the example's, pointed at the bed's origin) with every protection set.
+fn protected_keyspace(hook: &Value) -> Value {
+    let warm: Vec<String> = protected_users().into_keys().take(WARM_KEYS).collect();
+    json!({
+        "name": PROTECTED,
+        "maxBytes": "4Mi",
+        // Longer than the scenario: no refresh ahead or stale serving changes what the steps after this count.
+        "ttl": "30m",
+        "hook": hook,
+        "rateLimit": { "fetchesPerSecond": 200, "burst": 50 },
+        "circuitBreaker": {},
+        "staleWhileRevalidate": "30s",
+        "staleIfError": "10m",
+        "refreshAhead": 0.8,
+        "warmUp": { "keys": warm, "fetchesPerSecond": 50 },
+    })
+}
+
+/// The protected keyspace on every node: the circuit closed and the warm-up done (each node loaded or already
+/// held every listed key it owns, and together they own each listed key once) before anyone read a key; the
+/// origin was asked once per listed key; every key reads through every node with the origin's bytes.
+async fn protections_at_work(d: &Deployed, nodes: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let last = Mutex::new(BTreeMap::new());
+    let warmed =
+        wait_for(Duration::from_secs(30), "warm-up done with the circuit closed on every node", || {
+            let last = &last;
+            async move {
+                let mut owned = 0;
+                let mut done = true;
+                for (pod, ip) in nodes {
+                    let stats = protected_stats(ip).await?;
+                    let warm_up = &stats["warm_up"];
+                    let (loaded, present) = (warm_up["loaded"].as_u64(), warm_up["present"].as_u64());
+                    done &= stats["circuit_state"] == "closed"
+                        && warm_up["done"] == true
+                        && warm_up["listed"] == json!(WARM_KEYS)
+                        && loaded.zip(present).map(|(l, p)| l + p) == warm_up["owned"].as_u64();
+                    owned += warm_up["owned"].as_u64().unwrap_or_default();
+                    last.lock().expect("not poisoned").insert(pod.clone(), stats);
+                }
+                Ok(done && owned == WARM_KEYS as u64)
+            }
+        })
+        .await;
+    warmed.with_context(|| {
+        format!("stats of {PROTECTED} on each node: {:?}", last.lock().expect("not poisoned"))
+    })?;
+
+    let users = protected_users();
+    let path = |key: &str| format!("{}/{key}", d.users_path);
+    let hits = origin_hits(d).await?;
+    for (key, _) in users.iter().take(WARM_KEYS) {
+        assert_eq!(hits.get(&path(key)), Some(&1), "origin requests for warm-up key {key}: {hits:?}");
+    }
+    for (pod, ip) in nodes {
+        let mut c = connect(ip).await?;
+        for (key, want) in &users {
+            let got = c.get(GetRequest { keyspace: PROTECTED.into(), key: key.clone() }).await;
+            let got = got.with_context(|| format!("{PROTECTED}/{key} through {pod} ({ip})"))?.into_inner();
+            assert_eq!(&got.value, want, "{PROTECTED}/{key} through {pod} ({ip})");
+        }
+    }
+    // The warmed keys were served from the cache, the other one loaded through the hook once for all nodes.
+    let hits = origin_hits(d).await?;
+    for (i, key) in users.keys().enumerate() {
+        assert_eq!(
+            hits.get(&path(key)),
+            Some(&1),
+            "origin requests for {key} (warm-up key: {})",
+            i < WARM_KEYS
+        );
+    }
     Ok(())
+}
+
+/// The `stats` of the protected keyspace in the node's `/admin/keyspaces` report.
+async fn protected_stats(ip: &str) -> anyhow::Result<Value> {
+    let (status, body) = http_get(format!("{ip}:7421").parse()?, "/admin/keyspaces").await?;
+    anyhow::ensure!(status == 200, "/admin/keyspaces of {ip} answered {status}: {body}");
+    let report: Value = serde_json::from_str(&body)?;
+    report["keyspaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["name"] == PROTECTED)
+        .map(|k| k["stats"].clone())
+        .ok_or_else(|| anyhow::anyhow!("{ip} does not serve {PROTECTED}: {body}"))
 }
 
 // ---- 6 ----------------------------------------------------------------------------------------------------

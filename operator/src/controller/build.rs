@@ -752,6 +752,48 @@ spec:
     }
 
     #[test]
+    fn protections_reach_the_keyspaces_file_as_given() {
+        let dc = dc(r"
+apiVersion: distcache.io/v1alpha1
+kind: DistCache
+metadata: { name: demo, namespace: apps }
+spec:
+  keyspaces:
+    - name: users
+      maxBytes: 64Mi
+      ttl: 5m
+      hook: { module: { configMap: { name: users-hook, key: http-json.wasm } } }
+      rateLimit: { fetchesPerSecond: 200, burst: 50 }
+      circuitBreaker: { failureRatio: 0.25, minimumRequests: 10, window: 30s, openFor: 2s }
+      staleWhileRevalidate: 30s
+      staleIfError: 10m
+      refreshAhead: 0.8
+      warmUp: { keys: [alice, bob], fetchesPerSecond: 5 }
+");
+        let o = objects(&dc, &BuildConfig::default());
+        let text = &o.config_map.data.as_ref().expect("data")[KEYSPACES_KEY];
+        for field in [
+            "rateLimit:",
+            "fetchesPerSecond: 200",
+            "circuitBreaker:",
+            "failureRatio: 0.25",
+            "openFor: 2s",
+            "staleWhileRevalidate: 30s",
+            "staleIfError: 10m",
+            "refreshAhead: 0.8",
+            "warmUp:",
+        ] {
+            assert!(text.contains(field), "{field:?} missing in the keyspaces file:\n{text}");
+        }
+        // The nodes read the same protections, with the same defaults, as the operator validated.
+        let file: KeyspacesFile = serde_yaml::from_str(text).expect("the nodes can read it");
+        assert_eq!(file.keyspaces, dc.spec.keyspaces);
+        let on_node = distcache_api::validate_keyspaces(&file.keyspaces).expect("valid on the node");
+        assert_eq!(on_node[0].protection, valid(&dc).keyspaces[0].protection);
+        assert_eq!(on_node[0].protection.warm_up, Some((vec!["alice".to_owned(), "bob".to_owned()], 5)));
+    }
+
+    #[test]
     fn keyspace_changes_leave_the_pod_template_alone() {
         let before = dc(DEMO);
         let mut after = before.clone();

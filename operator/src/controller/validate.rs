@@ -763,6 +763,47 @@ keyspaces:
     }
 
     #[test]
+    fn keyspace_protections_are_checked_and_named_by_field() {
+        let s = spec(
+            r"
+keyspaces:
+  - { name: plain, maxBytes: 1Mi, staleIfError: 1m }
+  - name: users
+    maxBytes: 1Mi
+    hook: { module: { path: users.wasm } }
+    circuitBreaker: { failureRatio: 1.5 }
+    refreshAhead: 1.0
+    rateLimit: { fetchesPerSecond: 0 }
+",
+        );
+        let err = check("demo", &s).expect_err("invalid").0;
+        for expected in [
+            "spec.keyspaces[0].staleIfError: needs a hook",
+            "spec.keyspaces[1].circuitBreaker.failureRatio: 1.5 must be greater than 0 and at most 1",
+            "spec.keyspaces[1].refreshAhead: 1 is out of range",
+            "spec.keyspaces[1].rateLimit.fetchesPerSecond: must be between 1 and 1000000",
+        ] {
+            assert!(err.iter().any(|e| e.starts_with(expected)), "missing {expected:?} in {err:?}");
+        }
+        assert_eq!(err.len(), 4, "one problem per bad field: {err:?}");
+
+        let fixed = spec(
+            r"
+keyspaces:
+  - name: users
+    maxBytes: 1Mi
+    hook: { module: { path: users.wasm } }
+    circuitBreaker: {}
+    staleIfError: 1m
+",
+        );
+        let valid = check("demo", &fixed).expect("protections with a hook are valid");
+        let breaker = valid.keyspaces[0].protection.circuit_breaker.expect("breaker");
+        assert_eq!((breaker.failure_ratio, breaker.minimum_requests), (0.5, 20), "the defaults applied");
+        assert_eq!(valid.keyspaces[0].protection.stale_if_error, Some(std::time::Duration::from_mins(1)));
+    }
+
+    #[test]
     fn unknown_keyspace_fields_are_rejected_when_parsing() {
         let err = serde_yaml::from_str::<DistCacheSpec>("keyspaces: [{ name: a, maxBytes: 1Mi, tll: 5m }]")
             .expect_err("typo")
