@@ -151,7 +151,14 @@ async fn stale_if_error_serves_the_last_value_while_the_source_fails_and_not_bey
     let ks = e.keyspaces().get("ks").expect("ks");
     assert_eq!(ks.metrics.stale_source_error.get(), 1);
     // Past the window, the error stands.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ks2 = Arc::clone(&ks);
+    wait_until("the value to be older than staleIfError", move || {
+        ks2.store
+            .lookup(crate::store::Tier::Main, "k")
+            .and_then(|entry| entry.stale_for(std::time::Instant::now()))
+            .is_none_or(|age| age > Duration::from_millis(300))
+    })
+    .await;
     let err = e.get("ks", "k").await.expect_err("beyond staleIfError");
     assert_eq!(err.code(), Code::Unavailable);
     // A key never cached has nothing to fall back on.
@@ -179,7 +186,9 @@ async fn the_breaker_opens_refuses_without_calling_the_source_then_half_opens_an
     assert_eq!(origin.fetches(), before, "no fetch while open");
     assert_eq!(ks.metrics.circuit_rejected.get(), 10);
     origin.failing.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    let breaker = ks.protect.breaker.clone().expect("a breaker");
+    wait_until("the circuit to half-open", || breaker.state() == crate::protect::CircuitState::HalfOpen)
+        .await;
     assert_eq!(
         e.get("ks", "after").await.expect("the probe succeeds").bytes,
         format!("after#{}", before + 1)
