@@ -23,6 +23,8 @@ pub struct NodeProc {
     pub peer: SocketAddr,
     /// Admin HTTP address.
     pub admin: SocketAddr,
+    /// RESP address, when the cluster was started with [`ProcCluster::start_resp`].
+    pub resp: Option<SocketAddr>,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -116,6 +118,17 @@ impl ProcCluster {
     /// Writes configs for `n` nodes (keyspaces file `keyspaces` in the same directory; `extra` appended to every
     /// node config) and starts them.
     pub fn start(n: usize, keyspaces: &str, extra: &str) -> anyhow::Result<Self> {
+        Self::start_with(n, keyspaces, extra, None)
+    }
+
+    /// As [`ProcCluster::start`], with the RESP front end on: each node listens on its own free address, with
+    /// `resp_fields` (YAML flow-map entries such as `defaultKeyspace: users, password: secret`) added to its
+    /// `resp` section.
+    pub fn start_resp(n: usize, keyspaces: &str, extra: &str, resp_fields: &str) -> anyhow::Result<Self> {
+        Self::start_with(n, keyspaces, extra, Some(resp_fields))
+    }
+
+    fn start_with(n: usize, keyspaces: &str, extra: &str, resp_fields: Option<&str>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("keyspaces.yaml"), keyspaces)?;
         let addrs: Vec<(SocketAddr, SocketAddr, SocketAddr)> =
@@ -125,17 +138,24 @@ impl ProcCluster {
         for (i, (grpc, peer, admin)) in addrs.into_iter().enumerate() {
             let name = format!("node-{}", i + 1);
             let config = dir.path().join(format!("{name}.yaml"));
+            let resp = resp_fields.map(|fields| free_addr().map(|addr| (addr, fields))).transpose()?;
+            let resp_section = match resp {
+                Some((addr, "")) => format!("resp: {{ listen: \"{addr}\" }}\n"),
+                Some((addr, fields)) => format!("resp: {{ listen: \"{addr}\", {fields} }}\n"),
+                None => String::new(),
+            };
             std::fs::write(
                 &config,
                 format!(
                     "name: {name}\nlisten: {grpc}\npeerListen: {peer}\nadvertise: {peer}\nadmin: {admin}\n\
                      discovery:\n  static: {{ peers: [{}], probeInterval: 250ms }}\n\
-                     keyspacesFile: ./keyspaces.yaml\n{extra}\n",
+                     keyspacesFile: ./keyspaces.yaml\n{resp_section}{extra}\n",
                     peers.join(", ")
                 ),
             )?;
             let log = dir.path().join(format!("{name}.log"));
-            let mut node = NodeProc { name, grpc, peer, admin, config, log, child: None };
+            let resp = resp.map(|(addr, _)| addr);
+            let mut node = NodeProc { name, grpc, peer, admin, resp, config, log, child: None };
             node.start()?;
             nodes.push(node);
         }
