@@ -198,6 +198,11 @@ impl Engine {
         let ring = self.membership.ring();
         let local = &self.membership.local().name;
         let members: Vec<&Member> = ring.members().iter().filter(|m| &m.name != local).collect();
+        // Alone, with no node having loaded from this one: nobody holds a copy (the common case of a single
+        // node, and what every write there would otherwise pay for: a pass over the holders' map).
+        if members.is_empty() && self.copy_holders.is_empty() {
+            return Ok(());
+        }
         self.copy_holders.retain(|_, (_, seen)| seen.elapsed() < HOT_MAX_TTL);
         let outsiders: Vec<Member> = self
             .copy_holders
