@@ -8,7 +8,8 @@
 #   make setup       scripts/setup.sh, idempotent (seconds when all is there): Debian packages (apt-get as root; else
 #                    it says what to install), the Rust toolchain's components and target (rust-toolchain.toml),
 #                    cargo-nextest, the test bed's binaries and helm (built or fetched once, about 20 minutes on 2
-#                    cores, cached in /var/cache/distcache/testbed)
+#                    cores, cached in /var/cache/distcache/testbed), the RESP test clients redis-py and ioredis
+#                    (/var/cache/distcache/clients)
 #   make shellcheck  shellcheck every shell script git knows (*.sh, .ci/run; scripts/shellcheck.sh)
 #   make testbed-up  start the Kubernetes test bed (etcd, kube-apiserver and kube-controller-manager v1.20.2, the test
 #                    kubelet; binaries built once and cached in /var/cache/distcache/testbed), write
