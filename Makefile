@@ -22,7 +22,8 @@
 #                    (examples/local-cluster), run a scripted CLI session (read-through, then cache-aside), keep it up
 #                    until Ctrl-C (DEMO_ARGS=--no-wait: stop right after the session)
 #   make bench       build (binaries and hooks), then benchmark a 1-node DistCache against Redis side by side: hits
-#                    (Get/GetMany vs GET) and the miss path (hook loads vs SET) (needs redis-server and redis-tools;
+#                    (Get/GetMany vs GET), the miss path (hook loads vs SET), the RESP front end (one redis-benchmark
+#                    against both) and memory per cached entry (needs redis-server and redis-tools;
 #                    BENCH_SECONDS=10); raw numbers in ${CARGO_TARGET_DIR:-target}/bench/results.json; then the cost a
 #                    hook adds to one fetch, pooled vs fresh instance (cargo bench -p distcache-node --bench hooks)
 #   make generate    regenerate crds/distcache.yaml and the chart's copy from the Rust types (make verify: check only)
