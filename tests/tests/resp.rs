@@ -281,7 +281,8 @@ async fn commands_answer_as_redis_clients_expect() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn pipelines_keep_their_order_and_writes_are_seen_through_every_node() -> anyhow::Result<()> {
-    let keys: Vec<String> = (0..50).map(|i| format!("p{i}")).collect();
+    let keys: Vec<String> =
+        (0..50).map(|i| format!("p{i}")).chain((0..30).map(|i| format!("q{i}"))).collect();
     let (_data, origin) = origin_with(&keys).await?;
     let cluster = cluster(2, &keyspaces(&origin, "")?, "").await?;
     let mut one = connect(&cluster, 0, "", "").await?;
@@ -311,9 +312,26 @@ async fn pipelines_keep_their_order_and_writes_are_seen_through_every_node() -> 
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
         assert_eq!(g, e, "reply {i} of the pipeline");
     }
-    for key in &keys {
+    for key in &keys[..50] {
         assert_eq!(origin_requests(&origin, key), 1, "{key} fetched once");
     }
+    // 30 GETs of cold keys in a row load together (one batch per keyspace), not one after the other; each still
+    // answers its own command, in order, and each key reaches the origin once.
+    let batched_before = get_many_requests(cluster.nodes[1].admin).await?;
+    let mut run = redis::pipe();
+    for i in 0..30 {
+        run.cmd("GET").arg(format!("users:q{i}"));
+    }
+    run.cmd("GET").arg("users:p0");
+    let got: Vec<Option<String>> = run.query_async(&mut two).await?;
+    let mut want: Vec<Option<String>> = (0..30).map(|i| Some(value_of(&format!("q{i}")))).collect();
+    want.push(Some(value_of("p0")));
+    assert_eq!(got, want);
+    for i in 0..30 {
+        assert_eq!(origin_requests(&origin, &format!("q{i}")), 1, "q{i} fetched once");
+    }
+    let batched = get_many_requests(cluster.nodes[1].admin).await? - batched_before;
+    assert!((1..=2).contains(&batched), "30 cold GETs in a row took {batched} batch loads");
     // What one node wrote, the other answers (it held a copy of the old value: the write dropped it).
     for i in 0..50 {
         let key = format!("kv:k{i}");
@@ -381,6 +399,20 @@ async fn exchange(stream: &mut TcpStream, request: &[u8]) -> anyhow::Result<Stri
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Batch loads of keyspace `users` a node ran for its clients (`distcache_requests_total{op="get_many"}`).
+async fn get_many_requests(admin: SocketAddr) -> anyhow::Result<u64> {
+    let (_, text) = http_get(admin, "/metrics").await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("distcache_requests_total{")
+                && l.contains("op=\"get_many\"")
+                && l.contains("keyspace=\"users\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
 }
 
 /// `distcache_resp_disconnects_total{reason}` of a node.

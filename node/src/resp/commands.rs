@@ -338,6 +338,66 @@ impl Session {
         Flow::Continue
     }
 
+    /// GETs of a pipeline, in order, the first of which must load (so [`Session::run_sync`] declined it and
+    /// counted it): each key is answered from memory when it can be, the others load in one batch per keyspace.
+    /// Each GET gets its own reply (a value, nil or its error), in the order of the commands.
+    pub(super) async fn get_run(&mut self, buf: &[u8], keys: &[Range<usize>], out: &mut Out) {
+        let engine = &self.shared.engine;
+        engine.metrics().resp_commands.inc_by(keys.len().saturating_sub(1) as u64);
+        let mut answers: Vec<Option<Result<Option<Value>, String>>> = vec![None; keys.len()];
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, range) in keys.iter().enumerate() {
+            let (ks, key) = match self.resolve(&buf[range.clone()], "get", AccessOp::Read) {
+                Ok(pair) => pair,
+                Err(message) => {
+                    answers[i] = Some(Err(message));
+                    continue;
+                }
+            };
+            if let Some(answer) = engine.get_cached(&ks, key) {
+                answers[i] = Some(match answer {
+                    Ok(v) => Ok(Some(v)),
+                    Err(EngineError::NotFound) => Ok(None),
+                    Err(e) => Err(error_text(&e)),
+                });
+                continue;
+            }
+            match groups.iter_mut().find(|g| Arc::ptr_eq(&g.0, &ks)) {
+                Some(g) => {
+                    g.1.push(i);
+                    g.2.push(key.to_owned());
+                }
+                None => groups.push((ks, vec![i], vec![key.to_owned()])),
+            }
+        }
+        for (ks, positions, names) in groups {
+            match engine.get_many(ks.name(), &names).await {
+                Ok(results) => {
+                    for (i, result) in positions.into_iter().zip(results) {
+                        answers[i] = Some(match result {
+                            Ok(v) => Ok(Some(v)),
+                            Err(EngineError::NotFound) => Ok(None),
+                            Err(e) => Err(error_text(&e)),
+                        });
+                    }
+                }
+                Err(e) => {
+                    let message = error_text(&e);
+                    for i in positions {
+                        answers[i] = Some(Err(message.clone()));
+                    }
+                }
+            }
+        }
+        for answer in answers {
+            match answer {
+                Some(Ok(v)) => reply_option(out, v.as_ref()),
+                Some(Err(message)) => out.error(&message),
+                None => out.error("ERR internal: a GET of the pipeline got no answer"),
+            }
+        }
+    }
+
     /// The keyspace and key of a RESP key, checked against the keyspace's `access` lists for `op`.
     fn resolve<'k>(
         &self,

@@ -19,6 +19,37 @@ use super::{
 /// How long a closing connection may take to deliver its last replies (QUIT's `+OK`, a protocol error).
 const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
+/// Most GETs of a pipeline loaded together.
+const MAX_GET_RUN: usize = 1024;
+
+/// Whether a parsed command is `GET key`.
+fn is_get(frame: &[u8], args: &[std::ops::Range<usize>]) -> bool {
+    args.len() == 2 && frame[args[0].clone()].eq_ignore_ascii_case(b"GET")
+}
+
+/// The key of a GET that must load (`first`) and of the GETs right behind it in `buf` (from `*len`, which
+/// advances past them), as ranges of `buf`.
+fn gets_behind(
+    buf: &[u8],
+    first: std::ops::Range<usize>,
+    len: &mut usize,
+    args: &mut Vec<std::ops::Range<usize>>,
+    max_request: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut keys = vec![first];
+    while keys.len() < MAX_GET_RUN {
+        let at = *len;
+        match parse(&buf[at..], args, max_request) {
+            Ok(Some(next)) if is_get(&buf[at..at + next], args) => {
+                keys.push(args[1].start + at..args[1].end + at);
+                *len += next;
+            }
+            _ => break,
+        }
+    }
+    keys
+}
+
 /// What woke the connection.
 enum Wake {
     Read(std::io::Result<usize>),
@@ -28,6 +59,7 @@ enum Wake {
 }
 
 /// Serves one connection until the client leaves, misbehaves or the node stops.
+#[allow(clippy::too_many_lines, reason = "the connection's loop reads top to bottom: wait, parse, answer, write")]
 pub(super) async fn serve(
     shared: &Arc<Shared>,
     mut stream: TcpStream,
@@ -40,6 +72,7 @@ pub(super) async fn serve(
     let mut rbuf = BytesMut::with_capacity(16 << 10);
     let mut out = Out::new();
     let mut args = Vec::with_capacity(8);
+    let mut more = Vec::with_capacity(8);
     let stop = shutdown.cancelled_owned();
     tokio::pin!(stop);
     let reason = 'conn: loop {
@@ -87,7 +120,7 @@ pub(super) async fn serve(
         }
         // Every complete command in the buffer, in order.
         loop {
-            let len = match parse(&rbuf, &mut args, shared.max_request) {
+            let mut len = match parse(&rbuf, &mut args, shared.max_request) {
                 Ok(Some(len)) => len,
                 Ok(None) if rbuf.len() <= shared.max_request => break,
                 Ok(None) => {
@@ -108,6 +141,14 @@ pub(super) async fn serve(
                 let frame = &rbuf[..len];
                 match session.run_sync(frame, &args, &mut out) {
                     Some(flow) => flow,
+                    None if is_get(frame, &args) => {
+                        // A GET that must load: it and the GETs right behind it in the buffer load together (one
+                        // batch per keyspace, one peer call per owner), instead of one cold key after the other.
+                        let keys =
+                            gets_behind(&rbuf, args[1].clone(), &mut len, &mut more, shared.max_request);
+                        session.get_run(&rbuf, &keys, &mut out).await;
+                        Flow::Continue
+                    }
                     None => session.run_async(frame, &args, &mut out).await,
                 }
             };
