@@ -83,6 +83,110 @@ pub struct NodeConfig {
     /// Moving entries to their new owner on membership changes.
     #[serde(default)]
     pub handoff: HandoffConfig,
+    /// The Redis-protocol (RESP2/RESP3) front end: off unless `resp.listen` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp: Option<RespConfig>,
+}
+
+/// `resp:` — the Redis-protocol front end (see `docs/design.md`, "The RESP front end").
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RespConfig {
+    /// Listen address, such as `0.0.0.0:6379`.
+    pub listen: SocketAddr,
+    /// The keyspace of a key without a known `keyspace:` prefix. Without it, such a key gets an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_keyspace: Option<String>,
+    /// Password of the `default` user (`AUTH password`, `HELLO 3 AUTH default password`). When a password or
+    /// users are set, every connection must authenticate first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A file holding the `default` user's password (trailing newline ignored), such as a mounted Secret.
+    /// Relative to the config file's directory. Not together with `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Named users (`AUTH name password`): the name is the client's identity in the keyspaces' `access` lists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<RespUser>,
+    /// Most client connections at once; a connection over the limit gets an error and is closed. Default 10000.
+    #[serde(default = "default_resp_max_connections")]
+    pub max_connections: u32,
+    /// A connection idle this long is closed; 0s (the default) keeps idle connections open.
+    #[serde(default = "default_resp_idle")]
+    pub idle_timeout: DurationString,
+    /// Largest backlog of replies a client has not read; a client that lets it grow past this is disconnected
+    /// (Redis's client-output-buffer-limit). Default 64Mi.
+    #[serde(default = "default_resp_max_output")]
+    pub max_output_bytes: ByteSize,
+    /// Largest request (one command with its arguments). Default 64Mi; values are bounded per keyspace too.
+    #[serde(default = "default_resp_max_request")]
+    pub max_request_bytes: ByteSize,
+}
+
+/// A named RESP user.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RespUser {
+    /// User name, and the identity the keyspaces' `access` lists name.
+    pub name: String,
+    /// Password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A file holding the password (trailing newline ignored), relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl RespConfig {
+    /// Checks what serde cannot: one password source per user, unique names, sane limits.
+    pub fn check(&self) -> Result<(), String> {
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err("resp: set password or passwordFile, not both".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, user) in self.users.iter().enumerate() {
+            if user.name.is_empty() || user.name.chars().any(char::is_whitespace) {
+                return Err(format!("resp.users[{i}].name must be a non-empty name without spaces"));
+            }
+            if user.name == "default" && (self.password.is_some() || self.password_file.is_some()) {
+                return Err(format!(
+                    "resp.users[{i}]: user \"default\" is set twice (by resp.password/passwordFile too)"
+                ));
+            }
+            if !names.insert(user.name.as_str()) {
+                return Err(format!("resp.users[{i}].name {:?} appears twice", user.name));
+            }
+            if user.password.is_some() == user.password_file.is_some() {
+                return Err(format!(
+                    "resp.users[{i}] ({}) needs exactly one of password and passwordFile",
+                    user.name
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("resp.maxConnections must be at least 1".into());
+        }
+        if self.max_output_bytes.bytes() < 64 << 10 {
+            return Err("resp.maxOutputBytes must be at least 64Ki".into());
+        }
+        if self.max_request_bytes.bytes() < 4 << 10 {
+            return Err("resp.maxRequestBytes must be at least 4Ki".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_resp_max_connections() -> u32 {
+    10_000
+}
+fn default_resp_idle() -> DurationString {
+    DurationString(Duration::ZERO)
+}
+fn default_resp_max_output() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_resp_max_request() -> ByteSize {
+    ByteSize(64 << 20)
 }
 
 /// `handoff:` — how entries move when members join and leave.
@@ -474,6 +578,7 @@ impl Default for NodeConfig {
             worker_threads: None,
             hooks: HooksConfig::default(),
             handoff: HandoffConfig::default(),
+            resp: None,
         }
     }
 }
@@ -606,8 +711,16 @@ impl NodeConfig {
                 Some(f) => (Some(&mut f.cert_file), Some(&mut f.key_file), Some(&mut f.ca_file)),
                 None => (None, None, None),
             };
+            let (resp_password, resp_users) = match config.resp.as_mut() {
+                Some(r) => (
+                    r.password_file.as_mut(),
+                    r.users.iter_mut().filter_map(|u| u.password_file.as_mut()).collect(),
+                ),
+                None => (None, Vec::new()),
+            };
             for file in [
                 config.keyspaces_file.as_mut(),
+                resp_password,
                 hooks.cache_dir.as_mut(),
                 Some(&mut hooks.config_map_dir),
                 cert,
@@ -616,6 +729,7 @@ impl NodeConfig {
             ]
             .into_iter()
             .flatten()
+            .chain(resp_users)
             {
                 if file.is_relative() {
                     *file = dir.join(&*file);
@@ -627,6 +741,9 @@ impl NodeConfig {
                 origin: "config".into(),
                 message: "admin.tls is true but tls (certFile, keyFile, caFile) is not set".into(),
             });
+        }
+        if let Some(resp) = &config.resp {
+            resp.check().map_err(|message| ConfigError::Invalid { origin: "config".into(), message })?;
         }
         if !(1..=100_000).contains(&config.hooks.max_instances) {
             return Err(ConfigError::Invalid {

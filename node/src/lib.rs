@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod protect;
+pub mod resp;
 pub mod ring;
 pub mod server;
 pub mod singleflight;

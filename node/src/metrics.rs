@@ -100,6 +100,16 @@ pub struct Metrics {
     background_fetches: Family<WhyLabels, Counter>,
     rate_limited: Family<KeyspaceLabel, Counter>,
     circuit_rejected: Family<KeyspaceLabel, Counter>,
+    /// Open RESP client connections.
+    pub resp_connections: Gauge,
+    /// RESP commands executed.
+    pub resp_commands: Counter,
+    resp_disconnects: Family<CauseLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -150,7 +160,25 @@ impl Metrics {
         let background_fetches = Family::<WhyLabels, Counter>::default();
         let rate_limited = Family::<KeyspaceLabel, Counter>::default();
         let circuit_rejected = Family::<KeyspaceLabel, Counter>::default();
+        let resp_connections = Gauge::default();
+        let resp_commands = Counter::default();
+        let resp_disconnects = Family::<CauseLabel, Counter>::default();
         let r = &mut registry;
+        r.register(
+            "distcache_resp_connections",
+            "Open RESP (Redis protocol) client connections",
+            resp_connections.clone(),
+        );
+        r.register(
+            "distcache_resp_commands",
+            "RESP (Redis protocol) commands executed",
+            resp_commands.clone(),
+        );
+        r.register(
+            "distcache_resp_disconnects",
+            "RESP connections the node closed, by reason (output_limit, idle, max_connections, protocol_error)",
+            resp_disconnects.clone(),
+        );
         r.register(
             "distcache_circuit_state",
             "State of the data source's circuit breaker on this node: 0 closed, 1 open, 2 half-open",
@@ -265,12 +293,20 @@ impl Metrics {
             background_fetches,
             rate_limited,
             circuit_rejected,
+            resp_connections,
+            resp_commands,
+            resp_disconnects,
             members,
             peer_errors,
             discovery_errors,
             tls_reloads,
             tls_cert_expiry_seconds,
         }
+    }
+
+    /// Counts a RESP connection the node closed, by reason.
+    pub fn resp_disconnect(&self, reason: &'static str) {
+        self.resp_disconnects.get_or_create(&CauseLabel { reason }).inc();
     }
 
     /// Resolves the per-keyspace handles used on the request path.

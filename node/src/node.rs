@@ -61,6 +61,9 @@ pub enum StartError {
     /// The TLS material is unusable.
     #[error("tls: {0}")]
     Tls(#[from] distcache_tls::LoadError),
+    /// The RESP front end's settings are unusable (an unreadable password file).
+    #[error("{0}")]
+    Resp(String),
 }
 
 /// How to start a node.
@@ -104,6 +107,8 @@ pub struct RunningNode {
     pub peer_addr: SocketAddr,
     /// Bound admin address.
     pub admin_addr: SocketAddr,
+    /// Bound RESP address, when the front end is on.
+    pub resp_addr: Option<SocketAddr>,
     /// Address peers dial.
     pub advertise: String,
     engine: Arc<Engine>,
@@ -218,6 +223,18 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     };
     let Listeners { grpc, grpc_addr, peer, peer_addr, admin: admin_l, admin_addr } =
         Listeners::bind(&config, grpc_listener, peer_listener, admin_listener).await?;
+    let resp = match &config.resp {
+        Some(settings) => {
+            let server = crate::resp::RespServer::bind(settings, None).await?;
+            let addr = server.local_addr().map_err(|source| StartError::Bind {
+                what: "RESP",
+                addr: settings.listen,
+                source,
+            })?;
+            Some((server, addr))
+        }
+        None => None,
+    };
     let name = config.member_name();
     let advertise = config.advertise_address(peer_addr);
     let max_message = usize::try_from(config.max_message_bytes.bytes()).unwrap_or(usize::MAX);
@@ -315,13 +332,21 @@ pub async fn start(opts: NodeOptions) -> Result<RunningNode, StartError> {
     let (admin_tls, router) =
         (tls.clone().filter(|_| config.admin.tls), admin::router(Arc::clone(&admin_state)));
     tasks.push(spawn_admin(admin_l, admin_addr, router, admin_tls, shutdown.clone()));
+    let resp_addr = match resp {
+        Some((server, addr)) => {
+            tasks.push(tokio::spawn(server.run(Arc::clone(&engine), shutdown.clone())));
+            Some(addr)
+        }
+        None => None,
+    };
     tracing::info!(name = %name, grpc = %grpc_addr, peer = %peer_addr, advertise = %advertise, admin = %admin_addr,
-        tls = tls.is_some(), "node started");
+        resp = ?resp_addr, tls = tls.is_some(), "node started");
     Ok(RunningNode {
         name,
         grpc_addr,
         peer_addr,
         admin_addr,
+        resp_addr,
         advertise,
         engine,
         admin: admin_state,

@@ -93,6 +93,40 @@ impl Engine {
         result
     }
 
+    /// Get of one key answered from memory without awaiting: the owner's main tier (with the same fresh, stale
+    /// and refresh-ahead rules as [`Engine::get`]) or, on a non-owner, its hot tier. `None` when the answer needs
+    /// a load (a miss, or a key the limits refuse, which [`Engine::get`] then reports): the caller falls back to
+    /// [`Engine::get`]. Counted like [`Engine::get`]. The RESP front end answers hits through this, in the
+    /// connection's task, without a task switch.
+    pub fn get_cached(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        key: &str,
+    ) -> Option<Result<Value, EngineError>> {
+        if validate_key(key).is_err() {
+            return None;
+        }
+        let hash = key_hash(key);
+        let answer = if self.remote_owner(hash).is_some() {
+            let entry = ks.store.get(Tier::Hot, key)?;
+            ks.metrics.hits_hot.inc();
+            entry_to_value(entry)
+        } else {
+            let epoch = ks.store.epoch(hash);
+            self.answer_main(ks, key, hash, epoch)?
+        };
+        ks.store.touch(hash, key);
+        match &answer {
+            Ok(_) => ks.metrics.get_ok.inc(),
+            Err(EngineError::NotFound) => ks.metrics.get_not_found.inc(),
+            Err(e) => {
+                self.metrics.request("get", ks.name(), e.code());
+                0
+            }
+        };
+        Some(answer)
+    }
+
     /// Owner-side get: main tier, then the data source through single flight.
     async fn get_owned(
         self: &Arc<Self>,
