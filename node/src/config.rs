@@ -953,4 +953,36 @@ mod tests {
         assert_eq!(c.peer_listen.port(), PEER_PORT);
         assert_eq!(c.advertise_address(SocketAddr::from(([0, 0, 0, 0], PEER_PORT))), "127.0.0.1:7422");
     }
+    #[test]
+    fn resp_settings_parse_from_the_file_and_the_environment_and_bad_ones_say_which() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.yaml");
+        std::fs::write(&file, "resp: { listen: 127.0.0.1:6379, passwordFile: ./pw }\n").expect("write");
+        let env = vec![
+            ("DISTCACHE_RESP__DEFAULT_KEYSPACE".to_owned(), "users".to_owned()),
+            ("DISTCACHE_RESP__MAX_OUTPUT_BYTES".to_owned(), "1Mi".to_owned()),
+        ];
+        let resp = NodeConfig::load(Some(&file), env).expect("loads").resp.expect("resp");
+        assert_eq!(resp.listen, SocketAddr::from(([127, 0, 0, 1], 6379)));
+        assert_eq!(resp.default_keyspace.as_deref(), Some("users"));
+        assert_eq!(resp.max_output_bytes.bytes(), 1 << 20);
+        assert_eq!(resp.max_connections, 10_000, "default");
+        assert!(resp.idle_timeout.get().is_zero(), "idle connections stay open by default");
+        assert_eq!(resp.password_file, Some(dir.path().join("./pw")), "relative to the config file");
+        assert!(NodeConfig::default().resp.is_none(), "off unless configured");
+        for (yaml, says) in [
+            ("resp: { listen: 127.0.0.1:1, password: a, passwordFile: b }", "not both"),
+            ("resp: { listen: 127.0.0.1:1, users: [{ name: x }] }", "resp.users[0] (x) needs exactly one"),
+            (
+                "resp: { listen: 127.0.0.1:1, users: [{ name: x, password: a }, { name: x, password: b }] }",
+                "appears twice",
+            ),
+            ("resp: { listen: 127.0.0.1:1, maxConnections: 0 }", "maxConnections"),
+            ("resp: { listen: 127.0.0.1:1, maxOutputBytes: 1Ki }", "maxOutputBytes"),
+            ("resp: { listen: 127.0.0.1:1, defaultKeyspce: users }", "defaultKeyspce"),
+        ] {
+            let err = load_yaml(yaml).expect_err(yaml).to_string();
+            assert!(err.contains(says), "{yaml}: {err}");
+        }
+    }
 }

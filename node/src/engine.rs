@@ -252,6 +252,18 @@ impl Engine {
         access: distcache_api::AccessOp,
         identities: &[String],
     ) -> Result<(), EngineError> {
+        self.authorize_as(keyspace, op, access, identities, "no client certificate was presented")
+    }
+
+    /// [`Engine::authorize`], with what a refusal says when the caller has no identity (`anonymous`).
+    pub fn authorize_as(
+        &self,
+        keyspace: &str,
+        op: &'static str,
+        access: distcache_api::AccessOp,
+        identities: &[String],
+        anonymous: &str,
+    ) -> Result<(), EngineError> {
         // The common case, on every request: no keyspace has lists, so no lookup.
         if !self.keyspaces.any_access() {
             return Ok(());
@@ -262,7 +274,7 @@ impl Engine {
         match &ks.config.spec.access {
             Some(lists) if !lists.allows(access, identities) => {
                 self.metrics.request(op, keyspace, crate::error::Code::PermissionDenied);
-                let why = if identities.is_empty() { " (no client certificate was presented)" } else { "" };
+                let why = if identities.is_empty() { format!(" ({anonymous})") } else { String::new() };
                 Err(EngineError::PermissionDenied(format!(
                     "keyspace {keyspace:?}: this client may not {} ({op}){why}",
                     access.as_str()

@@ -321,6 +321,9 @@ impl Metrics {
         let hits_main = self.hits.get_or_create(&tier("main")).clone();
         let hits_hot = self.hits.get_or_create(&tier("hot")).clone();
         let get_ok = self.requests.get_or_create(&req(Code::Ok)).clone();
+        let ok = |op| RequestLabels { op, keyspace: name.to_owned(), code: Code::Ok.label() };
+        let put_ok = self.requests.get_or_create(&ok("put")).clone();
+        let delete_ok = self.requests.get_or_create(&ok("delete")).clone();
         let get_not_found = self.requests.get_or_create(&req(Code::NotFound)).clone();
         let misses = self.misses.get_or_create(&ks).clone();
         let evictions = self.evictions.get_or_create(&ks).clone();
@@ -342,6 +345,8 @@ impl Metrics {
         let rate_limited = self.rate_limited.get_or_create(&ks).clone();
         let circuit_rejected = self.circuit_rejected.get_or_create(&ks).clone();
         KeyspaceMetrics {
+            put_ok,
+            delete_ok,
             hits_main,
             hits_hot,
             misses,
@@ -435,6 +440,10 @@ impl Metrics {
 /// Pre-resolved metric handles of one keyspace (cheap atomic increments on the request path).
 #[derive(Clone, Debug)]
 pub struct KeyspaceMetrics {
+    /// Successful Puts of one key (`distcache_requests_total{op="put",code="ok"}`), resolved once.
+    pub put_ok: Counter,
+    /// Successful Deletes of one key (`{op="delete",code="ok"}`).
+    pub delete_ok: Counter,
     /// Hits in the main tier.
     pub hits_main: Counter,
     /// Hits in the hot tier.

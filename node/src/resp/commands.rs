@@ -367,7 +367,11 @@ impl Session {
                 keyspaces.names()
             ));
         };
-        self.shared.engine.authorize(ks.name(), op, access, &self.identities).map_err(|e| error_text(&e))?;
+        let anonymous = "not authenticated as a user: AUTH as one the keyspace's access lists name";
+        self.shared
+            .engine
+            .authorize_as(ks.name(), op, access, &self.identities, anonymous)
+            .map_err(|e| error_text(&e))?;
         Ok((ks, key))
     }
 

@@ -72,7 +72,12 @@ pub(super) async fn serve(
             }
         };
         match wake {
-            Wake::Read(Ok(0) | Err(_)) | Wake::Wrote(Ok(0) | Err(_)) | Wake::Stop => break None,
+            // The client finished sending (`printf 'GET k\r\n' | nc …`): what it was sent still goes out.
+            Wake::Read(Ok(0)) => {
+                flush(&mut stream, &mut out).await;
+                break None;
+            }
+            Wake::Read(Err(_)) | Wake::Wrote(Ok(0) | Err(_)) | Wake::Stop => break None,
             Wake::Idle => break Some("idle"),
             Wake::Wrote(Ok(n)) => {
                 out.advance(n);

@@ -205,3 +205,50 @@ impl Drop for ConnectionGuard {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> RespConfig {
+        serde_yaml::from_str(yaml).expect("config")
+    }
+
+    #[test]
+    fn passwords_come_from_the_config_or_files_and_name_identities() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").expect("write");
+        let yaml = format!(
+            "{{ listen: 127.0.0.1:1, password: top, users: [{{ name: ops, passwordFile: {} }}] }}",
+            file.display()
+        );
+        let auth = Auth::load(&config(&yaml)).expect("loads");
+        assert!(auth.required());
+        assert_eq!(auth.check(b"default", b"top"), Some(Vec::new()), "the default user has no identity");
+        assert_eq!(
+            auth.check(b"ops", b"from-file"),
+            Some(vec!["ops".to_owned()]),
+            "trailing newline ignored"
+        );
+        assert_eq!(auth.check(b"ops", b"from-file\n"), None);
+        assert_eq!(auth.check(b"ops", b"top"), None);
+        assert_eq!(auth.check(b"nobody", b"top"), None);
+        assert!(!Auth::load(&config("{ listen: 127.0.0.1:1 }")).expect("loads").required());
+        let missing = format!("{{ listen: 127.0.0.1:1, passwordFile: {}/absent }}", dir.path().display());
+        let err = Auth::load(&config(&missing)).err().unwrap_or_default();
+        assert!(err.contains("absent") && err.contains("user default"), "{err}");
+        std::fs::write(&file, "\n").expect("write");
+        let empty = format!("{{ listen: 127.0.0.1:1, passwordFile: {} }}", file.display());
+        assert!(Auth::load(&config(&empty)).err().unwrap_or_default().contains("empty"));
+    }
+
+    #[test]
+    fn password_comparison_needs_every_byte() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"ab", b"abc"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+}
