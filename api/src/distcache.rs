@@ -72,6 +72,10 @@ pub const MAX_REPLICAS: i32 = 1000;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.resp) || !has(self.resp.defaultKeyspace) || \
+     (has(self.keyspaces) && self.keyspaces.exists(k, k.name == self.resp.defaultKeyspace))"
+).message("resp.defaultKeyspace must be the name of one of spec.keyspaces"))]
 pub struct DistCacheSpec {
     /// Number of cache nodes (pods). Keys are sharded over the nodes; new nodes start all at once, and scaling in
     /// removes the highest-numbered pod first, one at a time: the next pod stops only once the previous one is
@@ -111,7 +115,8 @@ pub struct DistCacheSpec {
     #[serde(default)]
     pub pod_disruption_budget: PodDisruptionBudgetSpec,
 
-    /// The client Service `<name>` that applications connect to (gRPC port 7420).
+    /// The client Service `<name>` that applications connect to (gRPC port 7420, and the Redis-protocol port
+    /// `resp` when spec.resp is enabled).
     #[serde(default)]
     pub service: ServiceSpec,
 
@@ -123,8 +128,8 @@ pub struct DistCacheSpec {
     pub tls: Option<TlsSpec>,
 
     /// The NetworkPolicy `<name>` that admits the peer port 7422 only from the node pods of this DistCache (the
-    /// client port 7420 and the admin port 7421 stay open). Default: enabled. It is enforced only where the
-    /// cluster's network plugin enforces NetworkPolicies.
+    /// client port 7420, the admin port 7421 and the Redis-protocol port of spec.resp stay open). Default:
+    /// enabled. It is enforced only where the cluster's network plugin enforces NetworkPolicies.
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
 
@@ -132,6 +137,14 @@ pub struct DistCacheSpec {
     /// own them next, so that they do not start cold. Default: `timeout: 10s`.
     #[serde(default)]
     pub handoff: HandoffSpec,
+
+    /// A Redis-protocol (RESP2/RESP3) front end on every node, for clients that speak Redis (`redis-cli`, any
+    /// Redis client library): `GET users:42` reads key 42 of keyspace users through the cache like the gRPC Get
+    /// does. When enabled, each node also listens on `port` (default 6379), which the client Service `<name>`
+    /// exposes as the port `resp`. Plain TCP even with `spec.tls`. Default: off. Turning it on or off, or
+    /// changing any of its fields, rolls the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp: Option<RespSpec>,
 }
 
 fn default_replicas() -> i32 {
@@ -372,8 +385,9 @@ pub struct IssuerRef {
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
     /// Whether the operator creates the NetworkPolicy `<name>`: ingress to the node pods on the peer port 7422
-    /// only from node pods of this DistCache; the client port 7420 and the admin port 7421 (probes, metrics)
-    /// from anywhere; nothing else. Default true. Disabling it deletes the one the operator made.
+    /// only from node pods of this DistCache; the client port 7420, the admin port 7421 (probes, metrics) and,
+    /// with spec.resp enabled, its Redis-protocol port from anywhere; nothing else. Default true. Disabling it
+    /// deletes the one the operator made.
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -409,6 +423,52 @@ impl Default for HandoffSpec {
 
 fn default_handoff_timeout() -> crate::DurationString {
     crate::DurationString(DEFAULT_HANDOFF_TIMEOUT)
+}
+
+/// Default of `spec.resp.port`, Redis's own port.
+pub const DEFAULT_RESP_PORT: u16 = 6379;
+
+/// The Redis-protocol front end of the nodes.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.port) || !(self.port in [7420, 7421, 7422])")
+    .message("resp.port must not be 7420, 7421 or 7422: the nodes' client, admin and peer ports"))]
+pub struct RespSpec {
+    /// Whether the nodes serve the Redis protocol on `port`. Default false: the other fields are then checked
+    /// but not used.
+    #[serde(default)]
+    pub enabled: bool,
+    /// TCP port of the front end on every node and on the client Service (named `resp`). 1 to 65535, not one
+    /// of the nodes' other ports (7420 client gRPC, 7421 admin, 7422 peer). Default 6379.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// The keyspace of a key that does not start with the name of a keyspace and a colon: with
+    /// `defaultKeyspace: users`, `GET 42` reads key 42 of users (and `GET users:42` too). Must be one of
+    /// `spec.keyspaces`. Default: none, and a key without a keyspace prefix is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub default_keyspace: Option<String>,
+    /// A key of a Secret in the DistCache's namespace that holds the password clients must give first
+    /// (`AUTH <password>`, `redis-cli -a <password>`; a trailing newline is ignored). The Secret is mounted
+    /// read-only into the node pods, which wait for it to exist. Default: none, and no password is asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the DistCache's namespace.
+#[derive(KubeSchema, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+    /// Key inside the Secret's data, for example `password`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
 }
 
 /// The observed state of a DistCache, as the operator last applied and saw it.

@@ -19,10 +19,11 @@ pub use admin::{
     WarmUpProgress,
 };
 pub use distcache::{
-    CertManagerSpec, ClientAuth, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_REPLICAS, DiscoverySpec, DistCache,
-    DistCacheSpec, DistCacheStatus, DnsDiscoverySpec, GROUP, HandoffSpec, HookState, ImageSpec, IssuerRef,
-    KeyspaceStatus, KubernetesDiscoverySpec, MAX_HANDOFF_TIMEOUT, MAX_REPLICAS, NatsDiscoverySpec,
-    NetworkPolicySpec, PodDisruptionBudgetSpec, SchedulingSpec, ServiceSpec, TlsSpec, VERSION,
+    CertManagerSpec, ClientAuth, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_REPLICAS, DEFAULT_RESP_PORT, DiscoverySpec,
+    DistCache, DistCacheSpec, DistCacheStatus, DnsDiscoverySpec, GROUP, HandoffSpec, HookState, ImageSpec,
+    IssuerRef, KeyspaceStatus, KubernetesDiscoverySpec, MAX_HANDOFF_TIMEOUT, MAX_REPLICAS, NatsDiscoverySpec,
+    NetworkPolicySpec, PodDisruptionBudgetSpec, RespSpec, SchedulingSpec, SecretKeyRef, ServiceSpec, TlsSpec,
+    VERSION,
 };
 pub use duration::{DurationString, ParseDurationError};
 pub use host::{Host, HostPort, ParseHostPortError};

@@ -123,7 +123,13 @@ fn valid(name: &str) -> Value {
             "handoff": { "timeout": "15s" },
             "service": { "type": "ClusterIP", "annotations": { "example.com/team": "cache" } },
             "tls": { "secretName": "cache-certs", "clientAuth": "required" },
-            "networkPolicy": { "enabled": true }
+            "networkPolicy": { "enabled": true },
+            "resp": {
+                "enabled": true,
+                "port": 6380,
+                "defaultKeyspace": "users",
+                "passwordSecret": { "name": "cache-redis", "key": "password" }
+            }
         }
     })
 }
@@ -167,6 +173,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     let case = |what, object, expect, cel| Case { what, object, expect, cel };
     let mut all = tls_cases()?;
     all.extend(protection_cases()?);
+    all.extend(resp_cases()?);
     all.extend([
         case("a hook module without a source", with("no-source", module, json!({}))?, MODULE, true),
         case(
@@ -340,6 +347,58 @@ fn tls_cases() -> anyhow::Result<Vec<Case>> {
     ])
 }
 
+/// `spec.resp`: its port is none of the nodes' other ports, and its default keyspace one of spec.keyspaces.
+fn resp_cases() -> anyhow::Result<Vec<Case>> {
+    const PORT: &str = "resp.port must not be 7420, 7421 or 7422: the nodes' client, admin and peer ports";
+    const DEFAULT: &str = "resp.defaultKeyspace must be the name of one of spec.keyspaces";
+    let case = |what, object, expect, cel| Case { what, object, expect, cel };
+    Ok(vec![
+        case(
+            "a RESP port that is the client gRPC port",
+            with("resp-grpc", "/spec/resp/port", json!(7420))?,
+            PORT,
+            true,
+        ),
+        case(
+            "a RESP port that is the peer port",
+            with("resp-peer", "/spec/resp/port", json!(7422))?,
+            PORT,
+            true,
+        ),
+        case(
+            "a RESP default keyspace that is not a keyspace",
+            with("resp-orders", "/spec/resp/defaultKeyspace", json!("orders"))?,
+            DEFAULT,
+            true,
+        ),
+        case(
+            "a RESP default keyspace without keyspaces",
+            with("resp-none", "/spec/keyspaces", json!([]))?,
+            DEFAULT,
+            true,
+        ),
+        // Plain schema bounds.
+        case(
+            "RESP port 0",
+            with("resp-zero", "/spec/resp/port", json!(0))?,
+            "greater than or equal to 1",
+            false,
+        ),
+        case(
+            "RESP port 65536",
+            with("resp-high", "/spec/resp/port", json!(65536))?,
+            "less than or equal to 65535",
+            false,
+        ),
+        case(
+            "a RESP password Secret key with a slash",
+            with("resp-key", "/spec/resp/passwordSecret/key", json!("a/b"))?,
+            "should match",
+            false,
+        ),
+    ])
+}
+
 /// Creates `object`, retrying while the server is still wiring the new resource up (404 right after Established).
 async fn create_when_served(api: &Api<DynamicObject>, object: &Value) -> anyhow::Result<()> {
     let object: DynamicObject = serde_json::from_value(object.clone())?;
@@ -416,6 +475,8 @@ async fn cel_rules_refuse(bed: Testbed, ns: String) -> anyhow::Result<()> {
         "/spec/podDisruptionBudget",
         json!({ "enabled": true, "minAvailable": "50%" }),
     )?);
+    accepted.push(with("good-resp", "/spec/resp", json!({ "enabled": true }))?);
+    accepted.push(with("good-resp-off", "/spec/resp", json!({ "enabled": false, "port": 16379 }))?);
     let mut example = example()?;
     example["metadata"]["name"] = "example".into();
     accepted.push(example);

@@ -2,9 +2,10 @@
 //! private test bed (its own API server, so the CRD here never meets the Helm release of the end-to-end test),
 //! with the operator binary run as a process with the bed's admin credentials.
 //!
-//! - An invalid DistCache gets `Degraded=True InvalidSpec` naming every bad field and an `InvalidSpec` Event, no
-//!   StatefulSet, and never holds up a valid DistCache in the same namespace; fixing it makes it Available. A
-//!   DistCache named like a Service the user has reports `NameConflict` and leaves the Service alone.
+//! - An invalid DistCache (among its problems a `spec.resp.defaultKeyspace` that names no keyspace) gets
+//!   `Degraded=True InvalidSpec` naming every bad field and an `InvalidSpec` Event, no StatefulSet, and never
+//!   holds up a valid DistCache in the same namespace; fixing it makes it Available. A DistCache named like a
+//!   Service the user has reports `NameConflict` and leaves the Service alone.
 //! - 1.20 serves PodDisruptionBudgets only as policy/v1beta1: the operator writes it in that version and says so
 //!   in the Degraded condition's message; disabling it in the spec deletes it.
 //! - A keyspace whose hook module ConfigMap does not exist yet shows `hook: Failed` with the node's message, a
@@ -17,6 +18,8 @@
 //! - the client Service exposes only the client port 7420, the headless `<name>-peers` only the peer port 7422,
 //!   and the NetworkPolicy `<name>` admits 7422 only from the DistCache's own pods (7420 and 7421 from anywhere);
 //!   disabling it deletes it. (The bed enforces no NetworkPolicy: this checks the object, not the traffic.)
+//!   `spec.resp` enabled adds its port (`resp`) to the client Service and to the NetworkPolicy's ports open to
+//!   anyone, never to the peer Service; disabled again, the port is gone from both.
 //! - `spec.tls.secretName`: `TLSReady=False SecretMissing` until the Secret exists, `KeyMissing` naming `ca.crt`
 //!   for a kubernetes.io/tls Secret without it, `True SecretReady` once it has it; the pod template mounts the
 //!   Secret, and a new certificate in it leaves the StatefulSet alone (the nodes reload it in place).
@@ -41,6 +44,7 @@ use k8s_openapi::{
         networking::v1::NetworkPolicy,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
     Api, Client,
@@ -195,6 +199,8 @@ async fn invalid_specs_and_pod_disruption_budgets(
                 // Serving stale values needs a data source: without a hook there is nothing to protect.
                 { "name": "b", "maxBytes": "1Mi", "staleIfError": "1m" },
             ],
+            // The Redis-protocol front end's keys without a prefix would go to a keyspace that does not exist.
+            "resp": { "enabled": true, "defaultKeyspace": "c" },
         }),
     )?;
     caches.create(&PostParams::default(), &bad).await?;
@@ -217,6 +223,7 @@ async fn invalid_specs_and_pod_disruption_budgets(
         "spec.keyspaces[0].hook.module.sha256: required",
         "spec.keyspaces[0].hook.allowedHosts[0]",
         "spec.keyspaces[1].staleIfError: needs a hook",
+        r#"spec.resp.defaultKeyspace: "c" is not one of spec.keyspaces (a, b)"#,
     ] {
         assert!(degraded.message.contains(field), "missing {field:?} in {}", degraded.message);
     }
@@ -246,8 +253,8 @@ async fn invalid_specs_and_pod_disruption_budgets(
     assert_eq!(pdb.data["spec"]["maxUnavailable"], 1, "{:?}", pdb.data);
 
     // Fixing the invalid one makes it Available; the ConfigMap of keyspaces follows the spec.
-    let fix = serde_json::json!({ "spec": { "podDisruptionBudget": { "minAvailable": null }, "keyspaces": [
-        { "name": "a", "maxBytes": "1Mi" } ] } });
+    let fix = serde_json::json!({ "spec": { "podDisruptionBudget": { "minAvailable": null }, "resp": null,
+        "keyspaces": [ { "name": "a", "maxBytes": "1Mi" } ] } });
     caches.patch("bad", &PatchParams::default(), &Patch::Merge(fix)).await?;
     wait_status(caches, "bad", Duration::from_mins(1), "bad Available once fixed", |s| {
         condition(s, "Available").is_some_and(|c| c.status == "True")
@@ -413,10 +420,65 @@ async fn ports_and_network_policy(client: &Client, caches: &Api<DistCache>) -> a
     let dc = caches.get("guarded").await?;
     let owner = policy.metadata.owner_references.unwrap_or_default();
     assert!(owner.iter().any(|r| Some(&r.uid) == dc.metadata.uid.as_ref() && r.controller == Some(true)));
+    resp_port(caches, &services, &policies).await?;
 
     let off = serde_json::json!({ "spec": { "networkPolicy": { "enabled": false } } });
     caches.patch("guarded", &PatchParams::default(), &Patch::Merge(off)).await?;
     wait_object(&policies, "guarded", true, Duration::from_secs(30)).await
+}
+
+/// `spec.resp`: turning it on adds its port to the client Service (never to the peer Service) and to the
+/// NetworkPolicy's ports open to anyone; turning it off takes the port away again (the operator's server-side
+/// apply no longer owns it).
+async fn resp_port(
+    caches: &Api<DistCache>,
+    services: &Api<Service>,
+    policies: &Api<NetworkPolicy>,
+) -> anyhow::Result<()> {
+    let ports = |s: Option<&Service>| -> Vec<i32> {
+        s.and_then(|s| s.spec.as_ref())
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .map(|p| p.port)
+            .collect()
+    };
+    let open = |p: Option<&NetworkPolicy>| -> Vec<serde_json::Value> {
+        p.and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.ingress.as_ref())
+            .and_then(|rules| rules.get(1))
+            .iter()
+            .flat_map(|r| r.ports.iter().flatten())
+            .filter_map(|p| serde_json::to_value(p.port.as_ref()?).ok())
+            .collect()
+    };
+    for (resp, client, anyone) in [
+        (serde_json::json!({ "enabled": true, "port": 16379 }), vec![7420, 16379], vec![7420, 7421, 16379]),
+        (serde_json::Value::Null, vec![7420], vec![7420, 7421]),
+    ] {
+        let patch = serde_json::json!({ "spec": { "resp": resp } });
+        caches.patch("guarded", &PatchParams::default(), &Patch::Merge(patch)).await?;
+        let what = format!("client Service ports {client:?}, NetworkPolicy open to anyone on {anyone:?}");
+        let anyone: Vec<serde_json::Value> = anyone.into_iter().map(serde_json::Value::from).collect();
+        wait_for(Duration::from_secs(30), &what, || async {
+            let service = services.get_opt("guarded").await?;
+            let policy = policies.get_opt("guarded").await?;
+            Ok(ports(service.as_ref()) == client && open(policy.as_ref()) == anyone)
+        })
+        .await?;
+        let peers = services.get("guarded-peers").await?;
+        assert_eq!(ports(Some(&peers)), [7422], "the peer Service never carries the RESP port");
+        let service = services.get("guarded").await?;
+        let resp = service.spec.iter().flat_map(|s| s.ports.iter().flatten()).find(|p| p.port == 16379);
+        if let Some(p) = resp {
+            assert_eq!(p.name.as_deref(), Some("resp"));
+            assert_eq!(
+                p.target_port,
+                Some(IntOrString::String("resp".to_owned())),
+                "the container port by name"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn tls_secret(name: &str, keys: &[(&str, &str)]) -> anyhow::Result<Secret> {

@@ -25,7 +25,11 @@
 //!     CA (and the nodes reach each other over mutual TLS on the peer port); the Secret is replaced with a
 //!     certificate of a new CA, and every node serves it without a restart (same pod UIDs, restartCount 0,
 //!     `distcache_tls_reloads_total{result="applied"}` up); its NetworkPolicy is present and correct;
-//! 11. deleting the DistCache garbage-collects every object it owned and stops every node process; `helm uninstall`
+//! 11. the Redis protocol: a fourth DistCache with `spec.resp` (the example's read-through keyspace as its default
+//!     keyspace, a password from a Secret): its client Service has the port `resp`, and through every node
+//!     `redis-cli GET <user>` and `GET <keyspace>:<user>` return the origin's bytes, loaded once per user for all
+//!     nodes; without the password a node answers NOAUTH;
+//! 12. deleting the DistCache garbage-collects every object it owned and stops every node process; `helm uninstall`
 //!     keeps the CRD.
 
 use std::{
@@ -57,6 +61,7 @@ use k8s_openapi::{
         rbac::v1::{Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
     Api, Resource,
@@ -140,7 +145,8 @@ async fn scenario(env: &Env) -> anyhow::Result<()> {
     let fetched = step("8. scale-in 5 → 2 one pod at a time", scale_in(env, &deployed)).await?;
     step("9. five pods started together form one ring", parallel_start(env)).await?;
     step("10. TLS from a Secret, rotated without a restart", tls(env)).await?;
-    step("11. delete and uninstall", delete_and_uninstall(env, &name)).await?;
+    step("11. the Redis protocol through every node", redis_protocol(env, &deployed)).await?;
+    step("12. delete and uninstall", delete_and_uninstall(env, &name)).await?;
     // Checked last, so that the steps after it run whatever it says: it needs the nodes' handoff on SIGTERM.
     anyhow::ensure!(
         fetched.ratio() <= 0.10,
@@ -1239,6 +1245,143 @@ async fn network_policy_of(env: &Env, name: &str) -> anyhow::Result<()> {
 }
 
 // ---- 11 ---------------------------------------------------------------------------------------------------
+
+/// The RESP port of step 11. Not Redis's 6379: a redis-server on the test machine (`make bench`) may hold it on
+/// 0.0.0.0, and the bed's pods share the host's network.
+const RESP_PORT: u16 = 16379;
+
+/// A DistCache of two nodes with the Redis-protocol front end, reading through the example's hook keyspace, which
+/// is also its default keyspace, with a password from a Secret (stored with a trailing newline, which the node
+/// ignores). Its client Service carries the port `resp`, which names the pods' container port; through that port
+/// of every node `redis-cli GET <user>` and `GET <keyspace>:<user>` return the origin's bytes, and the origin was
+/// asked once per user for both nodes; without the password a node answers NOAUTH. Then it is deleted.
+async fn redis_protocol(env: &Env, d: &Deployed) -> anyhow::Result<()> {
+    const NAME: &str = "redis";
+    const SECRET: &str = "redis-auth";
+    const PASSWORD: &str = "e2e-s3cret";
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.bed.client.clone(), &env.ns);
+    let secret = k8s_openapi::api::core::v1::Secret {
+        data: Some([("password".to_owned(), ByteString(format!("{PASSWORD}\n").into_bytes()))].into()),
+        ..serde_json::from_value(json!({ "metadata": { "name": SECRET } }))?
+    };
+    secrets.create(&PostParams::default(), &secret).await?;
+    let keyspace = d.applied["spec"]["keyspaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["name"] == d.keyspace.as_str())
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("keyspace {} not applied", d.keyspace))?;
+    let distcache = json!({
+        "apiVersion": "distcache.io/v1alpha1",
+        "kind": "DistCache",
+        "metadata": { "name": NAME, "namespace": env.ns },
+        "spec": {
+            "replicas": 2,
+            "keyspaces": [keyspace],
+            "resp": {
+                "enabled": true,
+                "port": RESP_PORT,
+                "defaultKeyspace": d.keyspace,
+                "passwordSecret": { "name": SECRET, "key": "password" },
+            },
+        },
+    });
+    env.kubectl.run_stdin(&["apply", "-f", "-"], &to_yaml_stream(&[distcache])?).await?;
+    wait_available(env, NAME, 2, Duration::from_secs(90)).await?;
+
+    // Where a Service would send a client of its port `resp`: the pods' container port of that name.
+    let service = Api::<Service>::namespaced(env.bed.client.clone(), &env.ns).get(NAME).await?;
+    let ports: Vec<(Option<String>, i32, Option<IntOrString>)> = service
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .map(|p| (p.name.clone(), p.port, p.target_port.clone()))
+        .collect();
+    let named =
+        |name: &str, port: i32| (Some(name.to_owned()), port, Some(IntOrString::String(name.to_owned())));
+    assert_eq!(ports, [named("grpc", 7420), named("resp", i32::from(RESP_PORT))], "client Service {NAME}");
+    let mut nodes = Vec::new();
+    for pod in node_pods(env, NAME).await? {
+        let port = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some("resp"))
+            .map(|p| p.container_port)
+            .ok_or_else(|| anyhow::anyhow!("pod {:?} has no container port resp", pod.metadata.name))?;
+        let (name, ip) = (pod.metadata.name.clone().unwrap_or_default(), pod_ip(&pod).unwrap_or_default());
+        nodes.push((name, format!("{ip}:{port}")));
+    }
+
+    let before = origin_requests(d).await?;
+    for (pod, addr) in &nodes {
+        for (user, want) in &d.users {
+            for key in [user.clone(), format!("{}:{user}", d.keyspace)] {
+                let got = redis_cli(addr, Some(PASSWORD), &["GET", &key]).await?;
+                assert_eq!(
+                    got.trim_end(),
+                    String::from_utf8_lossy(want).trim_end(),
+                    "`redis-cli GET {key}` through {pod} ({addr})"
+                );
+            }
+        }
+        let user = d.users.keys().next().ok_or_else(|| anyhow::anyhow!("no users"))?;
+        let refused = redis_cli(addr, None, &["GET", user]).await;
+        assert!(
+            refused.as_ref().is_err_and(|e| format!("{e:#}").contains("NOAUTH")),
+            "`redis-cli GET {user}` without the password through {pod} ({addr}): {refused:?}"
+        );
+    }
+    let fetched = origin_requests(d).await? - before;
+    assert_eq!(
+        fetched,
+        d.users.len() as u64,
+        "origin requests for {} users read over RESP through {} nodes, with and without the keyspace prefix",
+        d.users.len(),
+        nodes.len()
+    );
+
+    let api = distcaches(&env.bed.client, &env.ns);
+    api.delete(NAME, &DeleteParams::background()).await?;
+    wait_for(Duration::from_mins(1), "the RESP DistCache's pods gone", || async {
+        Ok(node_pods(env, NAME).await?.is_empty() && api.get_opt(NAME).await?.is_none())
+    })
+    .await?;
+    secrets.delete(SECRET, &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// `redis-cli -e -h <host> -p <port> <args>` (the password, if any, through `REDISCLI_AUTH`), within 10 s: its
+/// output, or an error with what it printed (`-e`: an error reply such as NOAUTH fails it).
+async fn redis_cli(addr: &str, password: Option<&str>, args: &[&str]) -> anyhow::Result<String> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("{addr} is not host:port"))?;
+    let mut command = tokio::process::Command::new("redis-cli");
+    command
+        .args(["-e", "-h", host, "-p", port])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(password) = password {
+        command.env("REDISCLI_AUTH", password);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(10), command.output())
+        .await
+        .map_err(|_| anyhow::anyhow!("redis-cli -h {host} -p {port} {args:?} did not finish within 10 s"))?
+        .context("cannot run redis-cli (Debian package redis-tools)")?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "redis-cli -h {host} -p {port} {}: {}: {stdout}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
+// ---- 12 ---------------------------------------------------------------------------------------------------
 
 async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
     let client = &env.bed.client;

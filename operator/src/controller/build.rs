@@ -10,7 +10,7 @@ use k8s_openapi::{
         apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
         core::v1::{
             Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-            EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec,
+            EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
             PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
             ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
         },
@@ -28,7 +28,7 @@ use k8s_openapi::{
 
 use kube::api::{ApiResource, DynamicObject};
 
-use super::validate::{CertManager, Discovery, Image, PdbPolicy, TlsSource, ValidSpec};
+use super::validate::{CertManager, Discovery, Image, PdbPolicy, Resp, TlsSource, ValidSpec};
 use crate::labels;
 
 /// Client gRPC port of the nodes (Cache, health, reflection): the client Service's port.
@@ -51,6 +51,13 @@ pub const KEYSPACES_DIR: &str = "/etc/distcache/keyspaces";
 pub const MODULES_DIR: &str = "/etc/distcache/modules";
 /// The node's compiled-hook cache (an emptyDir: the root filesystem stays read-only).
 pub const HOOK_CACHE_DIR: &str = "/var/cache/distcache";
+/// Where the Secret of `spec.resp.passwordSecret` is mounted in the node container (its one key as
+/// [`RESP_PASSWORD_FILE`]).
+pub const RESP_DIR: &str = "/etc/distcache/resp";
+/// The file in [`RESP_DIR`] that holds the RESP password: the node's `resp.passwordFile`.
+pub const RESP_PASSWORD_FILE: &str = "password";
+/// Name of the RESP port on the node container and the client Service.
+pub const RESP_PORT_NAME: &str = "resp";
 /// Container name of the node.
 pub const CONTAINER: &str = "node";
 
@@ -317,12 +324,18 @@ fn client_service(valid: &ValidSpec) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(valid.service.type_.as_str().to_owned()),
             selector: Some(selector_labels(&valid.name)),
-            // The client port only: the Peer service is never behind the client Service.
-            ports: Some(vec![service_port("grpc", GRPC_PORT)]),
+            // The client ports only: the Peer service is never behind the client Service.
+            ports: Some(client_ports(valid).map(|(name, port)| service_port(name, port)).collect()),
             ..ServiceSpec::default()
         }),
         ..Service::default()
     }
+}
+
+/// The ports applications use, by name: gRPC, and the Redis-protocol front end when it is enabled.
+fn client_ports(valid: &ValidSpec) -> impl Iterator<Item = (&'static str, i32)> {
+    let resp = valid.resp.as_ref().map(|r| (RESP_PORT_NAME, i32::from(r.port)));
+    std::iter::once(("grpc", GRPC_PORT)).chain(resp)
 }
 
 fn pod_disruption_budget(valid: &ValidSpec) -> Option<PodDisruptionBudget> {
@@ -347,8 +360,9 @@ fn pod_disruption_budget(valid: &ValidSpec) -> Option<PodDisruptionBudget> {
 }
 
 /// Ingress to the node pods: the peer port only from node pods of this DistCache (same namespace, the selector
-/// labels), the client and admin ports from anywhere (applications, probes, Prometheus, the operator). Egress is
-/// not restricted: nodes reach the API server, NATS, DNS and their hooks' origins.
+/// labels), the client ports (gRPC, RESP when enabled) and the admin port from anywhere (applications, probes,
+/// Prometheus, the operator). Egress is not restricted: nodes reach the API server, NATS, DNS and their hooks'
+/// origins.
 fn network_policy(valid: &ValidSpec) -> Option<NetworkPolicy> {
     if !valid.network_policy {
         return None;
@@ -374,7 +388,15 @@ fn network_policy(valid: &ValidSpec) -> Option<NetworkPolicy> {
                     ports: Some(vec![port(PEER_PORT)]),
                 },
                 // No `from`: any source.
-                NetworkPolicyIngressRule { from: None, ports: Some(vec![port(GRPC_PORT), port(ADMIN_PORT)]) },
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(
+                        [port(GRPC_PORT), port(ADMIN_PORT)]
+                            .into_iter()
+                            .chain(valid.resp.as_ref().map(|r| port(i32::from(r.port))))
+                            .collect(),
+                    ),
+                },
             ]),
             ..NetworkPolicySpec::default()
         }),
@@ -458,8 +480,30 @@ fn discovery_env(valid: &ValidSpec, config: &BuildConfig) -> String {
     value.to_string()
 }
 
-/// The node pod's volumes and the container's mounts: keyspaces file, hook cache, the TLS Secret, one per module
-/// ConfigMap.
+/// An environment value that the node reads (as YAML) as the string `s`: `s` itself when that is how YAML reads
+/// it, else `s` quoted (a keyspace named `123` or `true` would otherwise be a number or a boolean).
+fn yaml_string(s: &str) -> String {
+    match serde_yaml::from_str::<serde_yaml::Value>(s) {
+        Ok(serde_yaml::Value::String(read)) if read == s => s.to_owned(),
+        // JSON strings are YAML strings.
+        _ => serde_json::Value::from(s).to_string(),
+    }
+}
+
+/// The node's `resp` setting, one field per variable.
+fn resp_env(resp: &Resp, bind: &str) -> Vec<EnvVar> {
+    let mut vars = vec![env("DISTCACHE_RESP__LISTEN", format!("{bind}:{}", resp.port))];
+    if let Some(keyspace) = &resp.default_keyspace {
+        vars.push(env("DISTCACHE_RESP__DEFAULT_KEYSPACE", yaml_string(keyspace)));
+    }
+    if resp.password_secret.is_some() {
+        vars.push(env("DISTCACHE_RESP__PASSWORD_FILE", format!("{RESP_DIR}/{RESP_PASSWORD_FILE}")));
+    }
+    vars
+}
+
+/// The node pod's volumes and the container's mounts: keyspaces file, hook cache, the TLS Secret, the RESP
+/// password Secret, one per module ConfigMap.
 fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
     let name = &valid.name;
     let mut volumes = vec![
@@ -506,6 +550,30 @@ fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
         mounts.push(VolumeMount {
             name: "tls".to_owned(),
             mount_path: TLS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    if let Some(secret) = valid.resp.as_ref().and_then(|r| r.password_secret.as_ref()) {
+        volumes.push(Volume {
+            name: "resp-password".to_owned(),
+            // Its one key as a file of a fixed name. Not optional: a node that is to ask for a password never
+            // starts without it (the pod waits for the Secret).
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: secret.key.clone(),
+                    path: RESP_PASSWORD_FILE.to_owned(),
+                    ..KeyToPath::default()
+                }]),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "resp-password".to_owned(),
+            mount_path: RESP_DIR.to_owned(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -567,6 +635,9 @@ fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMou
             env("DISTCACHE_TLS__CLIENT_AUTH", tls.client_auth.as_str()),
         ]);
     }
+    if let Some(resp) = &valid.resp {
+        env_vars.extend(resp_env(resp, bind));
+    }
     let port = |name: &str, port: i32| ContainerPort {
         name: Some(name.to_owned()),
         container_port: port,
@@ -578,7 +649,12 @@ fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMou
         image: Some(node_image(&valid.image, config)),
         image_pull_policy: valid.image.pull_policy.map(|p| p.as_str().to_owned()),
         env: Some(env_vars),
-        ports: Some(vec![port("grpc", GRPC_PORT), port("peer", PEER_PORT), port("admin", ADMIN_PORT)]),
+        ports: Some(
+            [port("grpc", GRPC_PORT), port("peer", PEER_PORT), port("admin", ADMIN_PORT)]
+                .into_iter()
+                .chain(valid.resp.as_ref().map(|r| port(RESP_PORT_NAME, i32::from(r.port))))
+                .collect(),
+        ),
         readiness_probe: Some(Probe {
             http_get: Some(admin_probe("/readyz")),
             period_seconds: Some(2),
@@ -1257,6 +1333,147 @@ spec:
             structural_errors(&schema["properties"]["spec"], &bad, "spec", &mut errors);
             assert!(errors.iter().any(|e| e.contains(expected)), "{bad} gave {errors:?}");
         }
+    }
+
+    fn with_resp(yaml: &str) -> DistCache {
+        dc(&format!("{DEMO}  resp: {yaml}\n"))
+    }
+
+    fn client_ports(o: &Objects) -> Vec<(Option<String>, i32, Option<IntOrString>)> {
+        o.client_service
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .map(|p| (p.name.clone(), p.port, p.target_port.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn without_resp_enabled_the_objects_are_those_without_resp() {
+        let config = BuildConfig::default();
+        let json = |d: &DistCache| {
+            let o = objects(d, &config);
+            serde_json::to_string(&(
+                &o.stateful_set,
+                &o.client_service,
+                &o.peers_service,
+                &o.network_policy,
+                &o.config_map,
+            ))
+            .expect("json")
+        };
+        let absent = json(&dc(DEMO));
+        assert_eq!(json(&with_resp("{}")), absent, "resp: {{}} is off");
+        assert_eq!(
+            json(&with_resp(
+                "{ enabled: false, port: 7000, defaultKeyspace: users, passwordSecret: { name: s, key: k } }"
+            )),
+            absent,
+            "a disabled front end leaves no trace"
+        );
+        assert!(!absent.contains("DISTCACHE_RESP") && !absent.contains(r#""resp"#), "{absent}");
+    }
+
+    #[test]
+    fn resp_adds_its_port_to_the_pods_the_client_service_and_the_network_policy() {
+        let config = BuildConfig::default();
+        let o = objects(&with_resp("{ enabled: true, defaultKeyspace: users }"), &config);
+        let c = container(&o);
+        let declared: Vec<(Option<String>, i32)> =
+            c.ports.iter().flatten().map(|p| (p.name.clone(), p.container_port)).collect();
+        assert_eq!(
+            declared,
+            [
+                (Some("grpc".to_owned()), 7420),
+                (Some("peer".to_owned()), 7422),
+                (Some("admin".to_owned()), 7421),
+                (Some("resp".to_owned()), 6379),
+            ]
+        );
+        assert_eq!(
+            client_ports(&o),
+            [
+                (Some("grpc".to_owned()), 7420, Some(IntOrString::String("grpc".to_owned()))),
+                (Some("resp".to_owned()), 6379, Some(IntOrString::String("resp".to_owned()))),
+            ]
+        );
+        let peer_ports: Vec<i32> =
+            o.peers_service.spec.iter().flat_map(|s| s.ports.iter().flatten()).map(|p| p.port).collect();
+        assert_eq!(peer_ports, [7422], "the headless peer Service carries the peer port only");
+        assert_eq!(env_value(&c, "DISTCACHE_RESP__LISTEN").as_deref(), Some("0.0.0.0:6379"));
+        assert_eq!(env_value(&c, "DISTCACHE_RESP__DEFAULT_KEYSPACE").as_deref(), Some("users"));
+        assert_eq!(env_value(&c, "DISTCACHE_RESP__PASSWORD_FILE"), None, "no password asked for");
+        assert!(c.volume_mounts.iter().flatten().all(|m| m.name != "resp-password"));
+        let rules = o.network_policy.and_then(|p| p.spec).and_then(|s| s.ingress).expect("ingress rules");
+        let open: Vec<Option<IntOrString>> =
+            rules[1].ports.iter().flatten().map(|p| p.port.clone()).collect();
+        assert_eq!(
+            open,
+            [Some(IntOrString::Int(7420)), Some(IntOrString::Int(7421)), Some(IntOrString::Int(6379))],
+            "RESP clients come from anywhere, as gRPC clients do"
+        );
+        assert_eq!(rules[1].from, None);
+
+        // Another port; on the test bed's shared network, the pod IP like the other ports.
+        let on_pod_ip = BuildConfig { listen_on_pod_ip: true, ..BuildConfig::default() };
+        let o = objects(&with_resp("{ enabled: true, port: 16379 }"), &on_pod_ip);
+        let c = container(&o);
+        assert_eq!(env_value(&c, "DISTCACHE_RESP__LISTEN").as_deref(), Some("$(POD_IP):16379"));
+        assert_eq!(env_value(&c, "DISTCACHE_RESP__DEFAULT_KEYSPACE"), None);
+        assert_eq!(client_ports(&o)[1].1, 16379);
+        assert!(
+            c.ports.iter().flatten().any(|p| p.name.as_deref() == Some("resp") && p.container_port == 16379)
+        );
+
+        let template = |d: &DistCache| objects(d, &config).stateful_set.spec.expect("spec").template;
+        assert_ne!(
+            template(&dc(DEMO)),
+            template(&with_resp("{ enabled: true }")),
+            "turning it on rolls the pods"
+        );
+    }
+
+    #[test]
+    fn the_resp_password_secret_is_mounted_read_only_and_named_to_the_node() {
+        let o = objects(
+            &with_resp("{ enabled: true, passwordSecret: { name: redis-auth, key: the-password } }"),
+            &BuildConfig::default(),
+        );
+        let c = container(&o);
+        assert_eq!(
+            env_value(&c, "DISTCACHE_RESP__PASSWORD_FILE").as_deref(),
+            Some("/etc/distcache/resp/password")
+        );
+        let mount = c.volume_mounts.iter().flatten().find(|m| m.name == "resp-password").expect("mounted");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/distcache/resp", Some(true)));
+        let pod = o.stateful_set.spec.expect("spec").template.spec.expect("pod");
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "resp-password").expect("volume");
+        let secret = volume.secret.clone().expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("redis-auth"));
+        assert_eq!(secret.optional, None, "required: the pod waits for the Secret");
+        let items = secret.items.expect("only the named key");
+        assert_eq!(
+            items.iter().map(|i| (i.key.as_str(), i.path.as_str())).collect::<Vec<_>>(),
+            [("the-password", "password")]
+        );
+        let text = serde_json::to_string(&pod).expect("json");
+        assert!(!text.contains("secretKeyRef"), "the password never goes into the environment");
+    }
+
+    #[test]
+    fn a_default_keyspace_reaches_the_node_as_the_string_it_is() {
+        for name in ["users", "a.b", "a-b_c", "123", "1e3", "true", "null", "0x1f", "1.5"] {
+            let value = yaml_string(name);
+            assert_eq!(
+                serde_yaml::from_str::<String>(&value).ok().as_deref(),
+                Some(name),
+                "{name} as {value}"
+            );
+            let read: serde_yaml::Value = serde_yaml::from_str(&value).expect("yaml");
+            assert_eq!(read, serde_yaml::Value::String(name.to_owned()), "{name} as {value}");
+        }
+        assert_eq!(yaml_string("users"), "users", "plain where plain reads back");
+        assert_eq!(yaml_string("123"), r#""123""#);
     }
 
     #[test]

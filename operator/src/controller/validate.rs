@@ -7,14 +7,16 @@
 use std::{collections::BTreeMap, fmt};
 
 use distcache_api::{
-    ClientAuth, DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_HANDOFF_TIMEOUT, MAX_REPLICAS,
-    SchedulingSpec, TlsSpec, ValidKeyspace, validate_keyspaces,
+    ClientAuth, DEFAULT_RESP_PORT, DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_HANDOFF_TIMEOUT,
+    MAX_REPLICAS, RespSpec, SchedulingSpec, SecretKeyRef, TlsSpec, ValidKeyspace, validate_keyspaces,
 };
 use k8s_openapi::{
     api::core::v1::ResourceRequirements,
     apimachinery::pkg::{apis::meta::v1::OwnerReference, util::intstr::IntOrString},
 };
 use kube::{Resource, ResourceExt};
+
+use super::build::{ADMIN_PORT, GRPC_PORT, PEER_PORT};
 
 /// A DistCache that passed validation: who it is and what it asks for, typed, with its defaults applied.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,6 +53,19 @@ pub struct ValidSpec {
     /// Longest time a stopping node spends handing its entries off, at most [`MAX_HANDOFF_TIMEOUT`] (zero: no
     /// handoff).
     pub handoff_timeout: std::time::Duration,
+    /// The Redis-protocol front end, when `spec.resp.enabled`.
+    pub resp: Option<Resp>,
+}
+
+/// The nodes' Redis-protocol front end, with its defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resp {
+    /// Its port on every node and on the client Service: not one of the nodes' other ports.
+    pub port: u16,
+    /// The keyspace of keys without a keyspace prefix: one of the spec's keyspaces.
+    pub default_keyspace: Option<String>,
+    /// The Secret key holding the password clients must give (`AUTH`), if any.
+    pub password_secret: Option<SecretKeyRef>,
 }
 
 /// TLS of the nodes: where the certificate comes from and whether clients must present one.
@@ -280,6 +295,11 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
         None => Some(None),
         Some(tls) => parse_tls(tls, &mut problems).map(Some),
     };
+    // Checked also while disabled, as the CRD's rules check it; built only when enabled.
+    let resp = match &spec.resp {
+        None => Some(None),
+        Some(r) => parse_resp(r, spec, &mut problems).map(|resp| r.enabled.then_some(resp)),
+    };
     let handoff_timeout = spec.handoff.timeout.get();
     if handoff_timeout > MAX_HANDOFF_TIMEOUT {
         problems.push(format!(
@@ -295,7 +315,16 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
             Vec::new()
         }
     };
-    match (problems.0.is_empty(), namespace, owner, image, discovery, pod_disruption_budget, service, tls) {
+    match (
+        problems.0.is_empty(),
+        namespace,
+        owner,
+        image,
+        discovery,
+        pod_disruption_budget,
+        service,
+        (tls, resp),
+    ) {
         (
             true,
             Some(namespace),
@@ -304,7 +333,7 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
             Some(discovery),
             Some(pdb),
             Some(service),
-            Some(tls),
+            (Some(tls), Some(resp)),
         ) => Ok(ValidSpec {
             name,
             namespace,
@@ -320,6 +349,7 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
             tls,
             network_policy: spec.network_policy.enabled,
             handoff_timeout,
+            resp,
         }),
         _ => Err(InvalidSpec(problems.0)),
     }
@@ -431,6 +461,60 @@ fn parse_service(spec: &DistCacheSpec, problems: &mut Problems) -> Option<Client
         }
     };
     Some(ClientService { type_, annotations: spec.service.annotations.clone() })
+}
+
+/// `spec.resp` with its defaults, whether enabled or not; `None` when it has a problem.
+fn parse_resp(resp: &RespSpec, spec: &DistCacheSpec, problems: &mut Problems) -> Option<Resp> {
+    let RespSpec { enabled: _, port, default_keyspace, password_secret } = resp;
+    let mut ok = true;
+    let port = port.unwrap_or(DEFAULT_RESP_PORT);
+    let taken = [(GRPC_PORT, "client gRPC"), (ADMIN_PORT, "admin"), (PEER_PORT, "peer")];
+    if port == 0 {
+        problems.push("spec.resp.port: 0 is out of range: must be between 1 and 65535");
+        ok = false;
+    } else if let Some((_, what)) = taken.iter().find(|(p, _)| *p == i32::from(port)) {
+        problems.push(format!(
+            "spec.resp.port: {port} is the nodes' {what} port: choose another (default {DEFAULT_RESP_PORT})"
+        ));
+        ok = false;
+    }
+    if let Some(name) = default_keyspace
+        && !spec.keyspaces.iter().any(|k| k.name == *name)
+    {
+        let known: Vec<&str> = spec.keyspaces.iter().map(|k| k.name.as_str()).collect();
+        problems.push(format!(
+            "spec.resp.defaultKeyspace: {name:?} is not one of spec.keyspaces ({})",
+            if known.is_empty() { "there are none".to_owned() } else { known.join(", ") }
+        ));
+        ok = false;
+    }
+    if let Some(secret) = password_secret {
+        if !valid_subdomain(&secret.name) {
+            problems
+                .push(format!("spec.resp.passwordSecret.name: {:?} is not a valid Secret name", secret.name));
+            ok = false;
+        }
+        if !valid_secret_key(&secret.key) {
+            problems.push(format!(
+                "spec.resp.passwordSecret.key: {:?} must be 1 to 253 letters, digits, '-', '_' or '.'",
+                secret.key
+            ));
+            ok = false;
+        }
+    }
+    ok.then(|| Resp {
+        port,
+        default_keyspace: default_keyspace.clone(),
+        password_secret: password_secret.clone(),
+    })
+}
+
+/// A key of a Secret's data.
+fn valid_secret_key(key: &str) -> bool {
+    (1..=253).contains(&key.len())
+        && key.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && key != "."
+        && key != ".."
 }
 
 /// A Kubernetes object name (a DNS subdomain).
@@ -801,6 +885,75 @@ keyspaces:
         let breaker = valid.keyspaces[0].protection.circuit_breaker.expect("breaker");
         assert_eq!((breaker.failure_ratio, breaker.minimum_requests), (0.5, 20), "the defaults applied");
         assert_eq!(valid.keyspaces[0].protection.stale_if_error, Some(std::time::Duration::from_mins(1)));
+    }
+
+    const TWO_KEYSPACES: &str =
+        "keyspaces: [{ name: users, maxBytes: 1Mi }, { name: sessions, maxBytes: 1Mi }]\n";
+
+    #[test]
+    fn resp_is_off_unless_enabled_and_typed_with_its_defaults() {
+        let resp = |yaml: &str| check("demo", &spec(&format!("{TWO_KEYSPACES}{yaml}"))).expect("valid").resp;
+        assert_eq!(resp(""), None, "no front end without spec.resp");
+        assert_eq!(resp("resp: {}"), None, "disabled by default");
+        assert_eq!(resp("resp: { enabled: false, port: 7000, defaultKeyspace: users }"), None);
+        assert_eq!(
+            resp("resp: { enabled: true }"),
+            Some(Resp { port: 6379, default_keyspace: None, password_secret: None }),
+            "Redis's port by default, no default keyspace, no password"
+        );
+        assert_eq!(
+            resp(
+                "resp: { enabled: true, port: 7000, defaultKeyspace: sessions, \
+                 passwordSecret: { name: redis-auth, key: password } }"
+            ),
+            Some(Resp {
+                port: 7000,
+                default_keyspace: Some("sessions".to_owned()),
+                password_secret: Some(SecretKeyRef {
+                    name: "redis-auth".to_owned(),
+                    key: "password".to_owned()
+                }),
+            })
+        );
+        assert!(resp("resp: { enabled: true, port: 1 }").is_some_and(|r| r.port == 1));
+        assert!(resp("resp: { enabled: true, port: 65535 }").is_some_and(|r| r.port == 65535));
+    }
+
+    #[test]
+    fn resp_problems_name_their_field() {
+        let err =
+            |yaml: &str| check("demo", &spec(&format!("{TWO_KEYSPACES}{yaml}"))).expect_err("invalid").0;
+        assert_eq!(
+            err("resp: { enabled: true, port: 0 }"),
+            ["spec.resp.port: 0 is out of range: must be between 1 and 65535"]
+        );
+        for (port, what) in [(7420, "client gRPC"), (7421, "admin"), (7422, "peer")] {
+            assert_eq!(
+                err(&format!("resp: {{ enabled: true, port: {port} }}")),
+                [format!("spec.resp.port: {port} is the nodes' {what} port: choose another (default 6379)")]
+            );
+        }
+        assert_eq!(
+            err("resp: { enabled: true, defaultKeyspace: orders }"),
+            [r#"spec.resp.defaultKeyspace: "orders" is not one of spec.keyspaces (users, sessions)"#]
+        );
+        let none = check("demo", &spec("resp: { enabled: true, defaultKeyspace: users }"))
+            .expect_err("no keyspaces");
+        assert_eq!(
+            none.0,
+            [r#"spec.resp.defaultKeyspace: "users" is not one of spec.keyspaces (there are none)"#]
+        );
+        assert_eq!(
+            err("resp: { enabled: true, passwordSecret: { name: Bad_Name, key: 'a/b' } }"),
+            [
+                r#"spec.resp.passwordSecret.name: "Bad_Name" is not a valid Secret name"#,
+                r#"spec.resp.passwordSecret.key: "a/b" must be 1 to 253 letters, digits, '-', '_' or '.'"#,
+            ]
+        );
+        // Checked while disabled too, as the CRD's rules are.
+        assert_eq!(err("resp: { port: 7422, defaultKeyspace: users }").len(), 1);
+        assert!(serde_yaml::from_str::<DistCacheSpec>("resp: { enabled: true, port: 65536 }").is_err());
+        assert!(serde_yaml::from_str::<DistCacheSpec>("resp: { enabled: true, port: -1 }").is_err());
     }
 
     #[test]
