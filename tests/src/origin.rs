@@ -98,6 +98,22 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// An origin on a free loopback port serving `items/<key>.json` with `value(key)` for each of `keys`, from a
+/// temporary directory that lives as long as the returned handle.
+pub async fn serving_items(
+    keys: &[String],
+    value: impl Fn(&str) -> Vec<u8>,
+) -> std::io::Result<(tempfile::TempDir, Origin)> {
+    let data = tempfile::tempdir()?;
+    let items = data.path().join("items");
+    std::fs::create_dir_all(&items)?;
+    for key in keys {
+        std::fs::write(items.join(format!("{key}.json")), value(key))?;
+    }
+    let origin = Origin::start(SocketAddr::from(([127, 0, 0, 1], 0)), data.path()).await?;
+    Ok((data, origin))
+}
+
 /// A running origin.
 pub struct Origin {
     /// Bound address.

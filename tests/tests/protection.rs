@@ -49,14 +49,7 @@ fn value_of(key: &str) -> Bytes {
 
 /// An origin serving `items/<key>.json` for each of `keys`.
 async fn origin_with(keys: &[String]) -> anyhow::Result<(tempfile::TempDir, Origin)> {
-    let data = tempfile::tempdir()?;
-    let items = data.path().join("items");
-    std::fs::create_dir_all(&items)?;
-    for key in keys {
-        std::fs::write(items.join(format!("{key}.json")), value_of(key))?;
-    }
-    let origin = Origin::start("127.0.0.1:0".parse()?, data.path()).await?;
-    Ok((data, origin))
+    Ok(distcache_tests::origin::serving_items(keys, |key| value_of(key).to_vec()).await?)
 }
 
 fn keys(prefix: &str, n: usize) -> Vec<String> {
