@@ -59,7 +59,10 @@ enum Wake {
 }
 
 /// Serves one connection until the client leaves, misbehaves or the node stops.
-#[allow(clippy::too_many_lines, reason = "the connection's loop reads top to bottom: wait, parse, answer, write")]
+#[allow(
+    clippy::too_many_lines,
+    reason = "the connection's loop reads top to bottom: wait, parse, answer, write"
+)]
 pub(super) async fn serve(
     shared: &Arc<Shared>,
     mut stream: TcpStream,
