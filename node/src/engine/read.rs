@@ -81,16 +81,21 @@ impl Engine {
                 Some(owner) => self.get_remote(&ks, key, hash, owner).await,
             }
         };
-        match &result {
+        self.count_get(&ks, &result);
+        result
+    }
+
+    /// Counts one Get's outcome (the common ones through handles resolved once).
+    fn count_get(&self, ks: &KeyspaceRuntime, result: &Result<Value, EngineError>) {
+        match result {
             Ok(_) => {
                 ks.metrics.get_ok.inc();
             }
             Err(EngineError::NotFound) => {
                 ks.metrics.get_not_found.inc();
             }
-            Err(e) => self.metrics.request("get", keyspace, e.code()),
+            Err(e) => self.metrics.request("get", ks.name(), e.code()),
         }
-        result
     }
 
     /// Get of one key answered from memory without awaiting: the owner's main tier (with the same fresh, stale
@@ -116,14 +121,7 @@ impl Engine {
             self.answer_main(ks, key, hash, epoch)?
         };
         ks.store.touch(hash, key);
-        match &answer {
-            Ok(_) => ks.metrics.get_ok.inc(),
-            Err(EngineError::NotFound) => ks.metrics.get_not_found.inc(),
-            Err(e) => {
-                self.metrics.request("get", ks.name(), e.code());
-                0
-            }
-        };
+        self.count_get(ks, &answer);
         Some(answer)
     }
 

@@ -354,31 +354,16 @@ impl Session {
                     continue;
                 }
             };
-            if let Some(answer) = engine.get_cached(&ks, key) {
-                answers[i] = Some(match answer {
-                    Ok(v) => Ok(Some(v)),
-                    Err(EngineError::NotFound) => Ok(None),
-                    Err(e) => Err(error_text(&e)),
-                });
-                continue;
-            }
-            match groups.iter_mut().find(|g| Arc::ptr_eq(&g.0, &ks)) {
-                Some(g) => {
-                    g.1.push(i);
-                    g.2.push(key.to_owned());
-                }
-                None => groups.push((ks, vec![i], vec![key.to_owned()])),
+            match engine.get_cached(&ks, key) {
+                Some(result) => answers[i] = Some(answer(result)),
+                None => add_to_group(&mut groups, ks, i, key),
             }
         }
         for (ks, positions, names) in groups {
             match engine.get_many(ks.name(), &names).await {
                 Ok(results) => {
                     for (i, result) in positions.into_iter().zip(results) {
-                        answers[i] = Some(match result {
-                            Ok(v) => Ok(Some(v)),
-                            Err(EngineError::NotFound) => Ok(None),
-                            Err(e) => Err(error_text(&e)),
-                        });
+                        answers[i] = Some(answer(result));
                     }
                 }
                 Err(e) => {
@@ -438,11 +423,7 @@ impl Session {
     /// A read-through read of one key: `None` when it has no value.
     async fn read(&self, raw: &[u8]) -> Result<Option<Value>, String> {
         let (ks, key) = self.resolve(raw, "get", AccessOp::Read)?;
-        match self.shared.engine.get(ks.name(), key).await {
-            Ok(v) => Ok(Some(v)),
-            Err(EngineError::NotFound) => Ok(None),
-            Err(e) => Err(error_text(&e)),
-        }
+        answer(self.shared.engine.get(ks.name(), key).await)
     }
 
     /// A write of one key (`ttl` none: the keyspace's default).
@@ -466,13 +447,7 @@ impl Session {
         let mut n = 0;
         for (i, raw) in keys.enumerate() {
             let (ks, key) = self.resolve(raw, op, access)?;
-            match groups.iter_mut().find(|g| Arc::ptr_eq(&g.0, &ks)) {
-                Some(g) => {
-                    g.1.push(i);
-                    g.2.push(key.to_owned());
-                }
-                None => groups.push((ks, vec![i], vec![key.to_owned()])),
-            }
+            add_to_group(&mut groups, ks, i, key);
             n = i + 1;
         }
         Ok((n, groups))
@@ -489,11 +464,7 @@ impl Session {
         for (ks, positions, keys) in groups {
             let results = self.shared.engine.get_many(ks.name(), &keys).await.map_err(|e| error_text(&e))?;
             for (position, result) in positions.into_iter().zip(results) {
-                match result {
-                    Ok(v) => values[position] = Some(v),
-                    Err(EngineError::NotFound) => {}
-                    Err(e) => return Err(error_text(&e)),
-                }
+                values[position] = answer(result)?;
             }
         }
         Ok(values)
@@ -969,6 +940,26 @@ fn command(frame: &[u8], args: &[Range<usize>], out: &mut Out) {
             "ERR unknown subcommand '{}'. Try COMMAND HELP.",
             String::from_utf8_lossy(&frame[args[1].clone()])
         )),
+    }
+}
+
+/// A read's outcome as a reply sees it: a value, no value, or the error's reply text.
+fn answer(result: Result<Value, EngineError>) -> Result<Option<Value>, String> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(EngineError::NotFound) => Ok(None),
+        Err(e) => Err(error_text(&e)),
+    }
+}
+
+/// Adds key `key` at position `i` to its keyspace's group (made when it is the keyspace's first key).
+fn add_to_group(groups: &mut Vec<Group>, ks: Arc<KeyspaceRuntime>, i: usize, key: &str) {
+    match groups.iter_mut().find(|g| Arc::ptr_eq(&g.0, &ks)) {
+        Some(g) => {
+            g.1.push(i);
+            g.2.push(key.to_owned());
+        }
+        None => groups.push((ks, vec![i], vec![key.to_owned()])),
     }
 }
 
