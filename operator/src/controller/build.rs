@@ -490,6 +490,16 @@ fn yaml_string(s: &str) -> String {
     }
 }
 
+/// A read-only mount of the volume `name` at `path` (Secrets: certificates, the RESP password).
+fn read_only_mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
 /// The node's `resp` setting, one field per variable.
 fn resp_env(resp: &Resp, bind: &str) -> Vec<EnvVar> {
     let mut vars = vec![env("DISTCACHE_RESP__LISTEN", format!("{bind}:{}", resp.port))];
@@ -547,12 +557,7 @@ fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
             }),
             ..Volume::default()
         });
-        mounts.push(VolumeMount {
-            name: "tls".to_owned(),
-            mount_path: TLS_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
+        mounts.push(read_only_mount("tls", TLS_DIR));
     }
     if let Some(secret) = valid.resp.as_ref().and_then(|r| r.password_secret.as_ref()) {
         volumes.push(Volume {
@@ -571,12 +576,7 @@ fn volumes(valid: &ValidSpec) -> (Vec<Volume>, Vec<VolumeMount>) {
             }),
             ..Volume::default()
         });
-        mounts.push(VolumeMount {
-            name: "resp-password".to_owned(),
-            mount_path: RESP_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
+        mounts.push(read_only_mount("resp-password", RESP_DIR));
     }
     for cm in module_config_maps(valid) {
         let volume = module_volume_name(&cm);
