@@ -41,6 +41,7 @@ pub mod server;
 pub mod singleflight;
 pub mod source;
 pub mod store;
+pub mod table;
 
 pub use config::NodeConfig;
 pub use node::{NodeOptions, RunningNode, start};

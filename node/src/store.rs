@@ -1,5 +1,5 @@
 //! The memory of one keyspace on one node: a main tier for the keys this node owns and a hot tier for copies of
-//! keys owned by other nodes, both moka caches weighed in bytes.
+//! keys owned by other nodes, both [`Table`]s weighed in bytes.
 //!
 //! Writes and fills race: a load that started before a Put may finish after it. Two rules settle every race:
 //! - a *fill* (the result of a load) never replaces an entry that is present: only writes do;
@@ -27,16 +27,15 @@ use std::{
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use moka::{notification::RemovalCause, sync::Cache};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 
-/// Fixed per-entry overhead added to key and value bytes when weighing an entry: moka's entry, its order queues
-/// and hash table slot, the `Arc<str>` key header, the `Bytes` handle, the expiry bookkeeping and the allocator's
-/// rounding. Measured: a node holding 1,000,000 entries of a 16 B key and a 100 B value grew by 537 B of RSS per
-/// entry, so 421 B beyond key and value (`make bench`, memory per cached entry). With 400, `maxBytes` bounds what a
-/// keyspace really takes within a few percent (it was 128, which let a full keyspace take 2.2× its `maxBytes`).
-pub const ENTRY_OVERHEAD: u64 = 400;
+use crate::table::Table;
+
+/// Fixed per-entry overhead added to key and value bytes when weighing an entry: the entry's header and `Arc`
+/// counts, its slab slot, visited byte and index bucket in the [`Table`], and the allocator's rounding. Measured
+/// with `make bench` (memory per cached entry): see the README's benchmark section.
+pub const ENTRY_OVERHEAD: u64 = 96;
 
 /// Copies in the hot tier live at most this long, bounding how stale a copy can be when an invalidation cannot
 /// reach this node (partition). Writes invalidate copies eagerly; this is the fallback.
@@ -124,46 +123,6 @@ impl Entry {
         let left = expires.saturating_duration_since(now);
         left < Duration::from_millis(u64::from(self.lifetime_ms)).mul_f64(1.0 - fraction)
     }
-
-    fn weight(key: &str, value: &Self) -> u32 {
-        let len = key.len() as u64 + value.value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD;
-        u32::try_from(len).unwrap_or(u32::MAX)
-    }
-}
-
-/// Expiry of the moka entries: an entry's own, plus (main tier, values only) how long the keyspace's stale
-/// windows keep an expired value (nanoseconds, changed by a reload).
-struct EntryExpiry {
-    keep: Option<Arc<AtomicU64>>,
-}
-
-impl EntryExpiry {
-    fn until(&self, value: &Entry, from: Instant) -> Option<Duration> {
-        let left = value.expires_at.map(|e| e.saturating_duration_since(from))?;
-        match (&self.keep, &value.value) {
-            (Some(keep), Some(_)) => {
-                Some(left.saturating_add(Duration::from_nanos(keep.load(Ordering::Relaxed))))
-            }
-            _ => Some(left),
-        }
-    }
-}
-
-impl moka::Expiry<Arc<str>, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _key: &Arc<str>, value: &Entry, created_at: Instant) -> Option<Duration> {
-        self.until(value, created_at)
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &Arc<str>,
-        value: &Entry,
-        updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        // A replaced value brings its own expiry (moka's default would keep the old one).
-        self.until(value, updated_at)
-    }
 }
 
 /// Which tier an operation addresses.
@@ -192,11 +151,11 @@ impl Stripe {
 /// Both tiers of one keyspace plus the epoch stripes. The caches sit behind `ArcSwap` so that a resize can
 /// replace them in place while every writer keeps going through this one `Store`.
 pub struct Store {
-    main: ArcSwap<Cache<Arc<str>, Entry, Hasher>>,
-    hot: ArcSwap<Cache<Arc<str>, Entry, Hasher>>,
+    main: ArcSwap<Table>,
+    hot: ArcSwap<Table>,
     /// While a resize copies: the main tier being replaced. Reads that miss the new main tier look here; writes,
     /// removals and purges drop keys here too, so the copy never brings back a key changed since the swap.
-    draining: ArcSwapOption<Cache<Arc<str>, Entry, Hasher>>,
+    draining: ArcSwapOption<Table>,
     /// Odd while a resize is between its swap and the end of its copy (a sequence lock for readers, so that a
     /// read racing the end of a copy retries instead of missing a key that moved under it).
     resizes: AtomicU64,
@@ -204,8 +163,8 @@ pub struct Store {
     resize_lock: Mutex<()>,
     stripes: Box<[Stripe]>,
     evictions: Counter,
-    /// Versions of recent deletes, by key.
-    tombstones: Cache<Arc<str>, u64, Hasher>,
+    /// Versions of recent deletes, by key (entries without a value whose version is the delete's).
+    tombstones: Table,
     /// Count-min sketch of reads by key hash (approximate; halved when a cell nears saturation; relaxed atomics).
     heat: Box<[std::sync::atomic::AtomicU16]>,
     /// The hottest keys, fed by the sketch.
@@ -223,35 +182,13 @@ pub enum Held {
     Deleted(u64),
 }
 
-/// The hasher of the cache tiers: foldhash, randomly seeded per process (keys are client-chosen, so the hash
-/// must resist flooding), several times cheaper than the default SipHash on short keys.
-type Hasher = foldhash::fast::RandomState;
-
-/// Entries a cache's hash table is sized for at the start: one per 1 KiB of capacity, at most 1 Mi. Growing the
-/// table rehashes every entry while inserts wait (the miss path's tail grew with the entry count); a table sized
-/// up front for the entries a keyspace is likely to hold skips the first doublings. The table's memory is
-/// 8 bytes per slot, untouched until used.
-fn initial_entries(capacity: u64) -> usize {
-    usize::try_from((capacity / 1024).min(1 << 20)).unwrap_or(1 << 20)
+fn build_cache(capacity: u64, evictions: Counter, keep: Option<Arc<AtomicU64>>) -> Table {
+    Table::new(capacity, ENTRY_OVERHEAD, Some(evictions), keep)
 }
 
-fn build_cache(
-    capacity: u64,
-    evictions: Counter,
-    keep: Option<Arc<AtomicU64>>,
-) -> Cache<Arc<str>, Entry, Hasher> {
-    Cache::builder()
-        .max_capacity(capacity)
-        .initial_capacity(initial_entries(capacity))
-        .weigher(|k: &Arc<str>, v: &Entry| Entry::weight(k, v))
-        .expire_after(EntryExpiry { keep })
-        .support_invalidation_closures()
-        .eviction_listener(move |_k, _v, cause| {
-            if cause == RemovalCause::Size {
-                evictions.inc();
-            }
-        })
-        .build_with_hasher(Hasher::default())
+/// A tombstone: the version of a delete, kept for [`TOMBSTONE_TTL`].
+fn tombstone(version: u64) -> Entry {
+    Entry::not_found(TOMBSTONE_TTL).versioned(version)
 }
 
 impl Store {
@@ -270,11 +207,7 @@ impl Store {
             resize_lock: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
             evictions: evictions.clone(),
-            tombstones: Cache::builder()
-                .max_capacity((max_bytes / 16).max(64 << 10))
-                .weigher(|k: &Arc<str>, _: &u64| u32::try_from(k.len() + 64).unwrap_or(u32::MAX))
-                .time_to_live(TOMBSTONE_TTL)
-                .build_with_hasher(Hasher::default()),
+            tombstones: Table::new((max_bytes / 16).max(64 << 10), 64, None, None),
             heat: (0..HEAT_ROWS * HEAT_WIDTH).map(|_| std::sync::atomic::AtomicU16::new(0)).collect(),
             hot_keys: crate::hotkeys::HotKeys::default(),
             stale_keep,
@@ -335,7 +268,7 @@ impl Store {
         Self::heat_cells(hash).map(|cell| self.heat[cell].load(Ordering::Relaxed)).min().unwrap_or(0)
     }
 
-    fn cache(&self, tier: Tier) -> arc_swap::Guard<Arc<Cache<Arc<str>, Entry, Hasher>>> {
+    fn cache(&self, tier: Tier) -> arc_swap::Guard<Arc<Table>> {
         match tier {
             Tier::Main => self.main.load(),
             Tier::Hot => self.hot.load(),
@@ -370,17 +303,16 @@ impl Store {
             old
         };
         let mut count = 0;
-        for (key, _) in old.iter() {
-            let key: Arc<str> = Arc::clone(&key);
+        for (key, _) in old.entries() {
             let stripe = self.stripe(crate::ring::key_hash(&key));
             let copied_one = {
                 let _guard = stripe.lock.lock();
                 // Read again under the lock: a change since the swap removed the key from `old` (and a write put
                 // its new value in `main`).
-                if let Some(current) = old.get(key.as_ref())
-                    && !main.contains_key(key.as_ref())
+                if let Some(current) = old.get(&key)
+                    && !main.contains_key(&key)
                 {
-                    main.insert(key, current);
+                    main.insert(&key, &current);
                     true
                 } else {
                     false
@@ -441,7 +373,7 @@ impl Store {
 
     /// Stores a fill result unless the key changed since `epoch` was recorded or an entry is present (only
     /// writes replace entries). Returns whether it was stored.
-    pub fn fill(&self, tier: Tier, key: Arc<str>, hash: u64, entry: Entry, epoch: u64) -> bool {
+    pub fn fill(&self, tier: Tier, key: &str, hash: u64, entry: &Entry, epoch: u64) -> bool {
         let stripe = self.stripe(hash);
         let _guard = stripe.lock.lock();
         let cache = self.cache(tier);
@@ -449,15 +381,15 @@ impl Store {
         let now = Instant::now();
         let fresh = |e: Entry| !e.is_expired(now);
         let draining_has_it = tier == Tier::Main
-            && self.draining.load().as_ref().is_some_and(|d| d.get(&key).is_some_and(fresh));
+            && self.draining.load().as_ref().is_some_and(|d| d.get(key).is_some_and(fresh));
         if stripe.epoch.load(Ordering::Acquire) != epoch
-            || cache.get(&key).is_some_and(fresh)
+            || cache.get(key).is_some_and(fresh)
             || draining_has_it
         {
             return false;
         }
         // An entry that moved from another node must not bring back a key deleted here later than it was written.
-        if tier == Tier::Main && self.tombstones.get(&key).is_some_and(|t| t >= entry.version) {
+        if tier == Tier::Main && self.tombstones.get(key).is_some_and(|t| t.version >= entry.version) {
             return false;
         }
         cache.insert(key, entry);
@@ -467,80 +399,80 @@ impl Store {
     /// A refresh (refresh-ahead, stale-while-revalidate): replaces the main-tier entry with a newly fetched one
     /// unless the key changed since `epoch` (a write, delete or handoff won) or was deleted later. `None`
     /// removes it (the source no longer has the key). Returns whether it changed.
-    pub fn refill(&self, key: Arc<str>, hash: u64, entry: Option<Entry>, epoch: u64) -> bool {
+    pub fn refill(&self, key: &str, hash: u64, entry: Option<&Entry>, epoch: u64) -> bool {
         let stripe = self.stripe(hash);
         let _guard = stripe.lock.lock();
         if stripe.epoch.load(Ordering::Acquire) != epoch {
             return false;
         }
         if let Some(entry) = &entry
-            && self.tombstones.get(&key).is_some_and(|t| t >= entry.version)
+            && self.tombstones.get(key).is_some_and(|t| t.version >= entry.version)
         {
             return false;
         }
         if let Some(old) = &*self.draining.load() {
-            old.invalidate(&key);
+            old.invalidate(key);
         }
         match entry {
             Some(entry) => self.main.load().insert(key, entry),
-            None => self.main.load().invalidate(&key),
+            None => self.main.load().invalidate(key),
         }
         true
     }
 
     /// A write: stores the entry in `tier`, drops any copy in the other tier, and bumps the epoch so in-flight
     /// fills of the key are discarded.
-    pub fn write(&self, tier: Tier, key: Arc<str>, hash: u64, entry: Entry) {
+    pub fn write(&self, tier: Tier, key: &str, hash: u64, entry: &Entry) {
         let stripe = self.stripe(hash);
         let _guard = stripe.lock.lock();
         stripe.bump();
         let other = if tier == Tier::Main { Tier::Hot } else { Tier::Main };
-        self.cache(other).invalidate(&key);
+        self.cache(other).invalidate(key);
         if let Some(old) = &*self.draining.load() {
-            old.invalidate(&key);
+            old.invalidate(key);
         }
         if tier == Tier::Main {
-            self.tombstones.invalidate(&key);
+            self.tombstones.invalidate(key);
         }
         self.cache(tier).insert(key, entry);
     }
 
     /// The owner's delete: removes the key from both tiers and remembers the delete's version.
-    pub fn delete(&self, key: Arc<str>, hash: u64, version: u64) {
-        self.remove(&key, hash);
-        self.tombstones.insert(key, version);
+    pub fn delete(&self, key: &str, hash: u64, version: u64) {
+        self.remove(key, hash);
+        self.tombstones.insert(key, &tombstone(version));
     }
 
     /// Inserts an entry that moved from another node (a handoff or a previous owner's answer) if it is newer
     /// than the main-tier entry present and than a delete of the key. Returns whether it was stored.
-    pub fn merge(&self, key: Arc<str>, hash: u64, held: Held) -> bool {
+    pub fn merge(&self, key: &str, hash: u64, held: Held) -> bool {
         let stripe = self.stripe(hash);
         let _guard = stripe.lock.lock();
         let version = match &held {
             Held::Entry(e) => e.version,
             Held::Deleted(v) => *v,
         };
-        if self.tombstones.get(&key).is_some_and(|t| t >= version) {
+        if self.tombstones.get(key).is_some_and(|t| t.version >= version) {
             return false;
         }
         let main = self.main.load();
-        let present = main.get(&key).or_else(|| self.draining.load().as_ref().and_then(|d| d.get(&key)));
+        let present = main.get(key).or_else(|| self.draining.load().as_ref().and_then(|d| d.get(key)));
         if present.is_some_and(|p| p.version >= version) {
             return false;
         }
         stripe.bump();
-        self.hot.load().invalidate(&key);
+        self.hot.load().invalidate(key);
         if let Some(old) = &*self.draining.load() {
-            old.invalidate(&key);
+            old.invalidate(key);
         }
         match held {
             Held::Entry(entry) => {
-                self.tombstones.invalidate(&key);
-                main.insert(key, entry);
+                self.tombstones.invalidate(key);
+                main.insert(key, &entry);
             }
             Held::Deleted(v) => {
-                main.invalidate(&key);
-                self.tombstones.insert(key, v);
+                main.invalidate(key);
+                self.tombstones.insert(key, &tombstone(v));
             }
         }
         true
@@ -550,7 +482,7 @@ impl Store {
     pub fn held(&self, key: &str) -> Option<Held> {
         match self.get(Tier::Main, key) {
             Some(e) => Some(Held::Entry(e)),
-            None => self.tombstones.get(key).map(Held::Deleted),
+            None => self.tombstones.get(key).map(|t| Held::Deleted(t.version)),
         }
     }
 
@@ -561,14 +493,13 @@ impl Store {
         let now = Instant::now();
         for tier in tiers {
             // Expired values kept for the stale windows stay here: only fresh entries move.
-            for (k, e) in tier.iter().filter(|(_, e)| !e.is_expired(now)) {
-                let k: Arc<str> = Arc::clone(&k);
+            for (k, e) in tier.entries().into_iter().filter(|(_, e)| !e.is_expired(now)) {
                 let heat = self.heat(crate::ring::key_hash(&k));
                 all.push((k, Held::Entry(e), heat));
             }
         }
-        for (k, v) in &self.tombstones {
-            all.push((Arc::clone(&k), Held::Deleted(v), 0));
+        for (k, t) in self.tombstones.entries() {
+            all.push((k, Held::Deleted(t.version), 0));
         }
         all.sort_by_key(|e| std::cmp::Reverse(e.2));
         all.into_iter().map(|(k, h, _)| (k, h)).collect()
@@ -588,17 +519,15 @@ impl Store {
         }
     }
 
-    /// Drops main-tier entries older than `version` (a node that was out of the ring for longer than deletes are
-    /// remembered cannot tell which of its entries were deleted meanwhile).
+    /// Drops main-tier entries not newer than `version` (a node that was out of the ring for longer than deletes
+    /// are remembered cannot tell which of its entries were deleted meanwhile). An entry whose version equals
+    /// `version` goes too: versions of different nodes tie when they were made in the same clock tick, and
+    /// dropping such an entry only makes the node colder, never wrong.
     pub fn forget_older_than(&self, version: u64) {
         self.bump_all();
         let tiers = std::iter::once(self.main.load_full()).chain(self.draining.load_full());
         for main in tiers {
-            // Reason: the predicate registry only fails when invalidation closures are disabled, and they are
-            // enabled in `build_cache`; if it ever failed, dropping everything is the safe fallback.
-            if main.invalidate_entries_if(move |_, e| e.version < version).is_err() {
-                main.invalidate_all();
-            }
+            main.invalidate_entries_if(|e| e.version <= version);
         }
     }
 
@@ -688,8 +617,8 @@ mod tests {
         let (s, _) = store(1 << 20);
         let h = crate::ring::key_hash("k");
         let epoch = s.epoch(h);
-        s.write(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"new"), None));
-        assert!(!s.fill(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"old"), None), epoch));
+        s.write(Tier::Main, "k", h, &Entry::value(Bytes::from_static(b"new"), None));
+        assert!(!s.fill(Tier::Main, "k", h, &Entry::value(Bytes::from_static(b"old"), None), epoch));
         assert_eq!(s.get(Tier::Main, "k").and_then(|e| e.value), Some(Bytes::from_static(b"new")));
     }
 
@@ -697,9 +626,9 @@ mod tests {
     fn a_fill_never_replaces_a_present_entry() {
         let (s, _) = store(1 << 20);
         let h = crate::ring::key_hash("k");
-        s.write(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"written"), None));
+        s.write(Tier::Main, "k", h, &Entry::value(Bytes::from_static(b"written"), None));
         let epoch = s.epoch(h);
-        assert!(!s.fill(Tier::Main, "k".into(), h, Entry::value(Bytes::from_static(b"loaded"), None), epoch));
+        assert!(!s.fill(Tier::Main, "k", h, &Entry::value(Bytes::from_static(b"loaded"), None), epoch));
         assert_eq!(s.get(Tier::Main, "k").and_then(|e| e.value), Some(Bytes::from_static(b"written")));
     }
 
@@ -709,7 +638,7 @@ mod tests {
         for i in 0..500 {
             let key = format!("key-{i}");
             let h = crate::ring::key_hash(&key);
-            s.write(Tier::Main, key.into(), h, Entry::value(Bytes::from(vec![0u8; 1000]), None));
+            s.write(Tier::Main, &key, h, &Entry::value(Bytes::from(vec![0u8; 1000]), None));
         }
         s.resize(256 << 10);
         s.sync();
@@ -727,9 +656,9 @@ mod tests {
             let key = format!("key-{i}");
             s.write(
                 Tier::Main,
-                key.as_str().into(),
+                &key,
                 crate::ring::key_hash(&key),
-                Entry::value(Bytes::from_static(b"v"), None),
+                &Entry::value(Bytes::from_static(b"v"), None),
             );
         }
         let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -753,18 +682,13 @@ mod tests {
             let s = Arc::clone(&s);
             std::thread::spawn(move || {
                 let h = crate::ring::key_hash("written-during-copy");
-                s.write(
-                    Tier::Main,
-                    "written-during-copy".into(),
-                    h,
-                    Entry::value(Bytes::from_static(b"w"), None),
-                );
+                s.write(Tier::Main, "written-during-copy", h, &Entry::value(Bytes::from_static(b"w"), None));
                 s.remove("key-500", crate::ring::key_hash("key-500"));
                 s.write(
                     Tier::Main,
-                    "key-7".into(),
+                    "key-7",
                     crate::ring::key_hash("key-7"),
-                    Entry::value(Bytes::from_static(b"new"), None),
+                    &Entry::value(Bytes::from_static(b"new"), None),
                 );
                 let readable = (0..1000).filter(|i| s.get(Tier::Main, &format!("key-{i}")).is_some()).count();
                 done_tx.send(readable).expect("test waits");
@@ -798,7 +722,7 @@ mod tests {
         for i in 0..2_000 {
             let key = format!("key-{i}");
             let h = crate::ring::key_hash(&key);
-            s.write(Tier::Main, key.into(), h, Entry::value(Bytes::from(vec![0u8; 1000]), None));
+            s.write(Tier::Main, &key, h, &Entry::value(Bytes::from(vec![0u8; 1000]), None));
         }
         s.sync();
         assert!(s.tier_bytes(Tier::Main) <= 256 << 10, "{} bytes", s.tier_bytes(Tier::Main));
@@ -809,13 +733,8 @@ mod tests {
     fn per_entry_ttl_expires() {
         let (s, _) = store(1 << 20);
         let h = crate::ring::key_hash("k");
-        s.write(
-            Tier::Main,
-            "k".into(),
-            h,
-            Entry::value(Bytes::from_static(b"v"), Some(Duration::from_millis(30))),
-        );
-        s.write(Tier::Main, "p".into(), 1, Entry::value(Bytes::from_static(b"v"), None));
+        s.write(Tier::Main, "k", h, &Entry::value(Bytes::from_static(b"v"), Some(Duration::from_millis(30))));
+        s.write(Tier::Main, "p", 1, &Entry::value(Bytes::from_static(b"v"), None));
         let deadline = Instant::now() + Duration::from_secs(5);
         while s.get(Tier::Main, "k").is_some() {
             assert!(Instant::now() < deadline, "entry did not expire");

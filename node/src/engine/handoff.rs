@@ -486,7 +486,7 @@ impl Engine {
             );
             let mut applied = 0u32;
             for (k, h) in stay {
-                applied += u32::from(ks.store.merge(Arc::clone(&k), key_hash(&k), h));
+                applied += u32::from(ks.store.merge(&k, key_hash(&k), h));
             }
             for (owner, batch) in by_owner {
                 let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
@@ -500,7 +500,7 @@ impl Engine {
         let mut changed = Vec::new();
         for (k, h) in entries {
             let hash = key_hash(&k);
-            if ks.store.merge(Arc::clone(&k), hash, h) {
+            if ks.store.merge(&k, hash, h) {
                 reply.applied += 1;
                 changed.push(k);
             } else {
@@ -602,7 +602,7 @@ impl Engine {
                         // Newer wins, not the epoch: a membership change bumps every epoch (it drops the hot
                         // tier), and a read that spans it must still get the previous owner's value. A write or
                         // delete here since is newer, and stays.
-                        ks.store.merge(Arc::clone(key), *hash, Held::Entry(e));
+                        ks.store.merge(key, *hash, Held::Entry(e));
                         // What is here now: the peeked entry, or a write that landed meanwhile. Nothing means the
                         // key was deleted here later than the peeked version: the source decides.
                         if let Some(Ok(v)) = ks.store.get(Tier::Main, key).map(super::entry_to_value) {
@@ -612,7 +612,7 @@ impl Engine {
                     }
                     Some(Held::Deleted(v)) => {
                         self.hlc.observe(v);
-                        ks.store.merge(Arc::clone(key), *hash, Held::Deleted(v));
+                        ks.store.merge(key, *hash, Held::Deleted(v));
                         answers[i] = Some(Err(()));
                     }
                     None => {}

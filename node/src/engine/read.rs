@@ -688,9 +688,9 @@ fn settle(
             if ttl != Some(Duration::ZERO) {
                 let entry = Entry::value(f.value.clone(), tier_ttl(ttl)).versioned(version);
                 if replace {
-                    ks.store.refill(key, hash, Some(entry), epoch);
+                    ks.store.refill(&key, hash, Some(&entry), epoch);
                 } else {
-                    ks.store.fill(tier, key, hash, entry, epoch);
+                    ks.store.fill(tier, &key, hash, &entry, epoch);
                 }
             }
             Ok(Value { bytes: f.value, ttl, stale: false })
@@ -702,9 +702,9 @@ fn settle(
                 Some(ttl) => {
                     let entry = Entry::not_found(tier_ttl(Some(ttl)).unwrap_or(ttl)).versioned(version);
                     if replace {
-                        ks.store.refill(key, hash, Some(entry), epoch);
+                        ks.store.refill(&key, hash, Some(&entry), epoch);
                     } else {
-                        ks.store.fill(tier, key, hash, entry, epoch);
+                        ks.store.fill(tier, &key, hash, &entry, epoch);
                     }
                 }
                 // The source no longer has the key: a value kept for it (refreshed, or expired and kept for
@@ -716,7 +716,7 @@ fn settle(
                             .lookup(Tier::Main, &key)
                             .is_some_and(|e| e.is_expired(std::time::Instant::now()))) =>
                 {
-                    ks.store.refill(key, hash, None, epoch);
+                    ks.store.refill(&key, hash, None, epoch);
                 }
                 None => {}
             }
@@ -764,7 +764,7 @@ fn fill_copy(
         Ok(v) if v.stale => Ok(v),
         Ok(v) => {
             let ttl = Some(v.ttl.map_or(HOT_MAX_TTL, |t| t.min(HOT_MAX_TTL)));
-            ks.store.fill(Tier::Hot, key, hash, Entry::value(v.bytes.clone(), ttl), epoch);
+            ks.store.fill(Tier::Hot, &key, hash, &Entry::value(v.bytes.clone(), ttl), epoch);
             Ok(v)
         }
         // The owner has not loaded this keyspace yet (its reload lags ours): transient.

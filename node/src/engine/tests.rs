@@ -661,10 +661,7 @@ async fn newer_wins_on_every_insert_path() {
     let hash = key_hash(&key);
     let epoch = ks.store.epoch(hash);
     let late = Entry::value(bytes("late-fill"), None).versioned(newer);
-    assert!(
-        !ks.store.fill(Tier::Main, Arc::from(key.as_str()), hash, late, epoch),
-        "a fill older than the delete"
-    );
+    assert!(!ks.store.fill(Tier::Main, &key, hash, &late, epoch), "a fill older than the delete");
     assert_eq!(a.engine.get(ASIDE, &key).await.map(|v| v.bytes).map_err(|e| e.code()), Err(Code::NotFound));
     // A write always wins: its version is newer than every version this node has seen.
     a.engine.put(ASIDE, &key, bytes("rewritten"), None).await.expect("put");

@@ -173,12 +173,12 @@ impl Engine {
                 Write::Put(e) => {
                     let ttl = e.ttl.or(ks.config.ttl);
                     let entry = Entry::value(e.value, ttl).versioned(self.next_version());
-                    ks.store.write(Tier::Main, Arc::clone(&e.key), hash, entry);
+                    ks.store.write(Tier::Main, &e.key, hash, &entry);
                     ks.source_flight.forget(&e.key);
                     keys.push(e.key);
                 }
                 Write::Delete(key) => {
-                    ks.store.delete(Arc::clone(&key), hash, self.next_version());
+                    ks.store.delete(&key, hash, self.next_version());
                     ks.source_flight.forget(&key);
                     keys.push(key);
                 }
