@@ -15,7 +15,8 @@
 //! - **Admin** ([`admin`](self::admin)): purge, per-keyspace counters.
 //!
 //! Nothing on the request path takes a keyspace- or node-wide lock: keyspaces and the ring are `ArcSwap`
-//! snapshots, caches are moka (sharded), single flight is a sharded map, write/fill races use striped epochs.
+//! snapshots, cache tiers are sharded tables ([`crate::table`]), single flight is a sharded map, write/fill
+//! races use striped epochs.
 //!
 //! The engine does no IO of its own: other nodes are behind [`PeerTransport`] (gRPC in production, the
 //! in-process [`LocalNetwork`](crate::peer::local::LocalNetwork) in the unit tests) and data sources behind

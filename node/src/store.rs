@@ -581,10 +581,11 @@ impl Store {
         }
     }
 
-    /// Applies pending evictions and expirations so that sizes read next are exact.
+    /// Reclaims expired entries (and tombstones) so that sizes read next are exact.
     pub fn sync(&self) {
         self.main.load().run_pending_tasks();
         self.hot.load().run_pending_tasks();
+        self.tombstones.run_pending_tasks();
     }
 
     /// Entries held (both tiers).

@@ -3,18 +3,20 @@
 //!
 //! Layout: the table is split into up to [`SHARDS`] shards by key hash, each behind a reader-writer lock. A shard keeps
 //! its entries in a slab (`Vec<Option<Arc<[u8]>>>`, holes reused), a hash index of slab positions
-//! (`hashbrown::HashTable<u32>`, 5 bytes per bucket) and one "visited" byte per slot. An entry is a single
-//! allocation holding a 20-byte header, the key and the value (see [`Node`]); with a 16-byte key and a 100-byte
-//! value that is one 160-byte malloc chunk, plus about 30 bytes of slab and index.
+//! (`hashbrown::HashTable<u32>`, 5 bytes per bucket) and a 4-byte *meta* word per slot: 31 bits of the key's hash
+//! (so that growing the index rehashes without touching the entries: a few µs per thousand entries) and a
+//! *visited* bit. An entry is a single allocation holding a 20-byte header, the key and the value (see
+//! [`Node`]); with a 16-byte key and a 100-byte value that is one 160-byte malloc chunk, plus about 35 bytes of
+//! slab, meta and index.
 //!
-//! - **Reads** take the shard's read lock, find the entry, set its visited byte (a relaxed store, skipped when it
-//!   is already set) and clone the entry's `Arc`. Nothing else is written: no access queue, no read log.
+//! - **Reads** take the shard's read lock, find the entry, set its visited bit (skipped when it is already set)
+//!   and clone the entry's `Arc`. Nothing else is written: no access queue, no read log.
 //! - **Eviction** is CLOCK per shard: when the table's bytes exceed its capacity, the writer that went over evicts
-//!   from the shards in turn (a rotating shard hand); in each, a hand sweeps the slab, clearing visited bytes and
+//!   from the shards in turn (a rotating shard hand); in each, a hand sweeps the slab, clearing visited bits and
 //!   evicting the first entry that was not read since the hand last passed it. Expired entries met on the way go
 //!   first (they are not counted as evictions).
 //! - **Expiry** is checked on every read (an entry past its deadline is never answered). Expired entries are
-//!   reclaimed by the sweep, by [`Table::run_pending_tasks`] (which the metrics refresh calls) and by writes,
+//!   reclaimed by the sweep, by [`Table::run_pending_tasks`] (which a metrics scrape calls) and by writes,
 //!   which look at two slots of their shard beyond the expiry hand each time.
 //!
 //! Why not moka (used before): its per-entry bookkeeping (entry, access and write order queue nodes, timer
@@ -25,7 +27,7 @@ use std::{
     hash::BuildHasher,
     sync::{
         Arc, LazyLock,
-        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -37,8 +39,9 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::store::Entry;
 
-/// Shards of a large table (a power of two).
-const SHARDS: usize = 64;
+/// Shards of a large table (a power of two). Many, so that each shard's index is small and grows in a short
+/// pause (its growth blocks the shard's writers and readers).
+const SHARDS: usize = 256;
 
 /// A table gets a shard per this many bytes of capacity (up to [`SHARDS`]): a small table has few shards, so
 /// that its CLOCK is close to one over all its entries.
@@ -47,6 +50,9 @@ const BYTES_PER_SHARD: u64 = 256 << 10;
 /// Bytes of an entry's header: version (8), expiry in µs (6), lifetime in ms with the negative flag (4), key
 /// length (2).
 const HEADER: usize = 20;
+
+/// The visited bit of a slot's meta word; the other 31 bits are the key's index hash.
+const VISITED: u32 = 1 << 31;
 
 /// Set in the lifetime field of a cached NOT_FOUND.
 const NEGATIVE: u32 = 1 << 31;
@@ -171,8 +177,9 @@ struct Shard {
     /// Slab positions by key hash.
     index: HashTable<u32>,
     slots: Vec<Option<Arc<[u8]>>>,
-    /// One per slot: read since the CLOCK hand last passed.
-    visited: Vec<AtomicU8>,
+    /// One per slot: the key's index hash (31 bits) and [`VISITED`], set when read since the CLOCK hand last
+    /// passed.
+    meta: Vec<AtomicU32>,
     /// Empty slots, reused first.
     free: Vec<u32>,
     /// The CLOCK hand (a slot position).
@@ -234,6 +241,7 @@ impl Table {
         }
     }
 
+    /// The key's hash: its bits from 40 on pick the shard, its low 31 bits are the index hash.
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
     }
@@ -272,14 +280,15 @@ impl Table {
     pub fn get(&self, key: &str) -> Option<Entry> {
         let hash = self.hash(key.as_bytes());
         let shard = self.shard(hash).read();
-        let slot = *shard.index.find(hash, |&i| slot_key(&shard.slots, i) == Some(key.as_bytes()))?;
+        let slot =
+            *shard.index.find(index_hash(hash), |&i| slot_key(&shard.slots, i) == Some(key.as_bytes()))?;
         let node = shard.slots[slot as usize].as_ref()?;
         if !self.live(node, &mut None) {
             return None;
         }
-        let visited = &shard.visited[slot as usize];
-        if visited.load(Ordering::Relaxed) == 0 {
-            visited.store(1, Ordering::Relaxed);
+        let meta = &shard.meta[slot as usize];
+        if meta.load(Ordering::Relaxed) & VISITED == 0 {
+            meta.fetch_or(VISITED, Ordering::Relaxed);
         }
         Some(Node::decode(node))
     }
@@ -290,7 +299,7 @@ impl Table {
         let shard = self.shard(hash).read();
         shard
             .index
-            .find(hash, |&i| slot_key(&shard.slots, i) == Some(key.as_bytes()))
+            .find(index_hash(hash), |&i| slot_key(&shard.slots, i) == Some(key.as_bytes()))
             .and_then(|&i| shard.slots[i as usize].as_ref())
             .is_some_and(|node| self.live(node, &mut None))
     }
@@ -314,17 +323,20 @@ impl Table {
         {
             let mut guard = self.shard(hash).write();
             let shard = &mut *guard;
-            let found =
-                shard.index.find(hash, |&i| slot_key(&shard.slots, i) == Some(key.as_bytes())).copied();
+            let found = shard
+                .index
+                .find(index_hash(hash), |&i| slot_key(&shard.slots, i) == Some(key.as_bytes()))
+                .copied();
             if let Some(i) = found {
                 if let Some(old) = shard.slots[i as usize].replace(node) {
                     freed.add(&old);
                 }
             } else {
-                let i = shard.place(node);
-                let Shard { index, slots, .. } = shard;
-                let hasher = &self.hasher;
-                index.insert_unique(hash, i, |&j| slot_key(slots, j).map_or(0, |k| hasher.hash_one(k)));
+                let i = shard.place(node, hash);
+                let Shard { index, meta, .. } = shard;
+                index.insert_unique(index_hash(hash), i, |&j| {
+                    meta.get(j as usize).map_or(0, |m| index_hash(u64::from(m.load(Ordering::Relaxed))))
+                });
             }
             self.expire_some(shard, &mut freed);
         }
@@ -342,7 +354,9 @@ impl Table {
             let mut guard = self.shard(hash).write();
             let shard = &mut *guard;
             let Shard { index, slots, .. } = shard;
-            let Ok(found) = index.find_entry(hash, |&i| slot_key(slots, i) == Some(key.as_bytes())) else {
+            let Ok(found) =
+                index.find_entry(index_hash(hash), |&i| slot_key(slots, i) == Some(key.as_bytes()))
+            else {
                 return;
             };
             let (i, _) = found.remove();
@@ -381,7 +395,7 @@ impl Table {
                     .filter_map(|(i, n)| n.as_ref().filter(|n| remove(&Node::decode(n))).map(|_| i))
                     .collect();
                 for i in doomed {
-                    if let Some(node) = self.remove_slot(&mut guard, i) {
+                    if let Some(node) = guard.remove_slot(i) {
                         freed.add(&node);
                     }
                 }
@@ -407,22 +421,47 @@ impl Table {
         all
     }
 
-    /// Reclaims every expired entry, so that [`Table::entry_count`] and [`Table::weighted_size`] are exact.
+    /// Reclaims every expired entry, so that [`Table::entry_count`] and [`Table::weighted_size`] are exact. Scans
+    /// each shard in chunks under its read lock, taking the write lock only for a chunk that has expired entries,
+    /// so that reads go on during the scan.
     pub fn run_pending_tasks(&self) {
+        const CHUNK: usize = 1024;
+        let mut now = None;
         for shard in &*self.shards {
-            let mut freed = Freed::default();
-            {
-                let mut guard = shard.write();
-                let mut now = None;
-                for i in 0..guard.slots.len() {
-                    if guard.slots[i].as_ref().is_some_and(|n| !self.live(n, &mut now))
-                        && let Some(node) = self.remove_slot(&mut guard, i)
-                    {
-                        freed.add(&node);
+            let mut start = 0;
+            loop {
+                let expired: Vec<usize> = {
+                    let guard = shard.read();
+                    if start >= guard.slots.len() {
+                        break;
+                    }
+                    let end = (start + CHUNK).min(guard.slots.len());
+                    (start..end)
+                        .filter(|&i| guard.slots[i].as_ref().is_some_and(|n| !self.live(n, &mut now)))
+                        .collect()
+                };
+                start += CHUNK;
+                if expired.is_empty() {
+                    continue;
+                }
+                let mut freed = Freed::default();
+                {
+                    let mut guard = shard.write();
+                    for i in expired {
+                        // Checked again: the slot may have been rewritten since the read.
+                        if guard
+                            .slots
+                            .get(i)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|n| !self.live(n, &mut now))
+                            && let Some(node) = guard.remove_slot(i)
+                        {
+                            freed.add(&node);
+                        }
                     }
                 }
+                self.release(&freed);
             }
-            self.release(&freed);
         }
     }
 
@@ -443,17 +482,6 @@ impl Table {
         }
     }
 
-    /// Removes the entry in slot `i` of a locked shard from its index and slab.
-    fn remove_slot(&self, shard: &mut Shard, i: usize) -> Option<Arc<[u8]>> {
-        let node = shard.slots.get(i)?.as_ref()?;
-        let hash = self.hash(Node::key(node));
-        let slot = u32::try_from(i).ok()?;
-        if let Ok(found) = shard.index.find_entry(hash, |&j| j == slot) {
-            found.remove();
-        }
-        shard.vacate(slot)
-    }
-
     /// Looks at the next few slots past the shard's expiry hand and removes the expired entries among them.
     fn expire_some(&self, shard: &mut Shard, freed: &mut Freed) {
         let len = shard.slots.len();
@@ -465,7 +493,7 @@ impl Table {
             let i = shard.expiry_hand % len;
             shard.expiry_hand = i + 1;
             if shard.slots[i].as_ref().is_some_and(|n| !self.live(n, &mut now))
-                && let Some(node) = self.remove_slot(shard, i)
+                && let Some(node) = shard.remove_slot(i)
             {
                 freed.add(&node);
             }
@@ -473,7 +501,7 @@ impl Table {
     }
 
     /// Evicts until the bytes held are within the capacity, going through the shards in turn. A shard whose
-    /// entries were all read since its hand last passed gives none this time (its visited bytes are cleared on
+    /// entries were all read since its hand last passed gives none this time (its visited bits are cleared on
     /// the way), so the eviction moves on to a shard that has a cold entry; only after a whole round of shards
     /// without one do read entries go.
     fn evict_to_capacity(&self) {
@@ -497,7 +525,7 @@ impl Table {
         }
     }
 
-    /// One CLOCK turn at most in a shard: sweeps from its hand, clearing visited bytes, and removes the first
+    /// One CLOCK turn at most in a shard: sweeps from its hand, clearing visited bits, and removes the first
     /// entry not visited (true) or an expired entry met on the way (false; `freed` counts it).
     fn evict_one(&self, shard: &mut Shard, freed: &mut Freed) -> bool {
         let len = shard.slots.len();
@@ -507,13 +535,13 @@ impl Table {
             shard.hand = i + 1;
             let Some(node) = &shard.slots[i] else { continue };
             if !self.live(node, &mut now) {
-                if let Some(node) = self.remove_slot(shard, i) {
+                if let Some(node) = shard.remove_slot(i) {
                     freed.add(&node);
                 }
                 return false;
             }
-            if shard.visited[i].swap(0, Ordering::Relaxed) == 0 {
-                if let Some(node) = self.remove_slot(shard, i) {
+            if shard.meta[i].fetch_and(!VISITED, Ordering::Relaxed) & VISITED == 0 {
+                if let Some(node) = shard.remove_slot(i) {
                     freed.add(&node);
                 }
                 return true;
@@ -525,18 +553,32 @@ impl Table {
 
 impl Shard {
     /// Puts a node in a free slot (or a new one) and returns its position.
-    fn place(&mut self, node: Arc<[u8]>) -> u32 {
+    fn place(&mut self, node: Arc<[u8]>, hash: u64) -> u32 {
+        // Reason: the meta word keeps the low 31 bits of the hash.
+        #[allow(clippy::cast_possible_truncation)]
+        let meta = hash as u32 & !VISITED;
         if let Some(i) = self.free.pop() {
             self.slots[i as usize] = Some(node);
-            self.visited[i as usize].store(0, Ordering::Relaxed);
+            self.meta[i as usize].store(meta, Ordering::Relaxed);
             return i;
         }
         self.slots.push(Some(node));
-        self.visited.push(AtomicU8::new(0));
+        self.meta.push(AtomicU32::new(meta));
         // Reason: a shard holds far fewer than 2^32 entries (each takes at least 21 bytes of memory).
         #[allow(clippy::cast_possible_truncation)]
         let i = (self.slots.len() - 1) as u32;
         i
+    }
+
+    /// Removes the entry in slot `i` from the index and the slab.
+    fn remove_slot(&mut self, i: usize) -> Option<Arc<[u8]>> {
+        self.slots.get(i)?.as_ref()?;
+        let hash = index_hash(u64::from(self.meta[i].load(Ordering::Relaxed)));
+        let slot = u32::try_from(i).ok()?;
+        if let Ok(found) = self.index.find_entry(hash, |&j| j == slot) {
+            found.remove();
+        }
+        self.vacate(slot)
     }
 
     /// Empties a slot (already removed from the index) and returns what it held.
@@ -545,6 +587,13 @@ impl Shard {
         self.free.push(i);
         Some(node)
     }
+}
+
+/// The hash the index works with: the key hash's low 31 bits (what a slot's meta word keeps), spread so that
+/// hashbrown's bucket (low bits) and tag (top 7 bits) both come from them.
+fn index_hash(hash: u64) -> u64 {
+    let low = hash & u64::from(!VISITED);
+    low | (low << 33)
 }
 
 /// Shards for a table of `capacity` bytes: a power of two from 1 to [`SHARDS`].
@@ -655,7 +704,7 @@ mod tests {
         assert_eq!(slots, 1000, "freed slots are reused");
         assert_eq!(
             (shard_count(0), shard_count(1 << 20), shard_count(5 << 20), shard_count(1 << 40)),
-            (1, 4, 32, 64)
+            (1, 4, 32, 256)
         );
         assert_eq!(t.entries().len(), 1000);
         t.invalidate_all();
