@@ -30,7 +30,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 
-use crate::table::Table;
+use crate::table::{Stored, Table};
 
 /// Fixed per-entry overhead added to key and value bytes when weighing an entry: the entry's header and `Arc`
 /// counts, its slab slot, visited byte and index bucket in the [`Table`], and the allocator's rounding. Measured
@@ -338,23 +338,35 @@ impl Store {
     /// see [`Store::lookup`]).
     #[inline]
     pub fn get(&self, tier: Tier, key: &str) -> Option<Entry> {
-        self.lookup(tier, key).filter(|e| e.expires_at.is_none_or(|at| at > Instant::now()))
+        self.get_stored(tier, key).map(|s| s.to_entry())
+    }
+
+    /// [`Store::get`], the entry as stored (nothing copied).
+    #[inline]
+    pub fn get_stored(&self, tier: Tier, key: &str) -> Option<Stored> {
+        self.lookup_stored(tier, key).filter(|e| e.expires_at().is_none_or(|at| at > Instant::now()))
     }
 
     /// Looks a key up in a tier, expired values kept for the stale windows included.
     #[inline]
     pub fn lookup(&self, tier: Tier, key: &str) -> Option<Entry> {
+        self.lookup_stored(tier, key).map(|s| s.to_entry())
+    }
+
+    /// [`Store::lookup`], the entry as stored (nothing copied).
+    #[inline]
+    pub fn lookup_stored(&self, tier: Tier, key: &str) -> Option<Stored> {
         if tier == Tier::Hot {
-            return self.hot.load().get(key);
+            return self.hot.load().get_stored(key);
         }
         loop {
             let resizes = self.resizes.load(Ordering::Acquire);
-            if let Some(entry) = self.main.load().get(key) {
+            if let Some(entry) = self.main.load().get_stored(key) {
                 return Some(entry);
             }
             if resizes % 2 == 1
                 && let Some(old) = &*self.draining.load()
-                && let Some(entry) = old.get(key)
+                && let Some(entry) = old.get_stored(key)
             {
                 return Some(entry);
             }

@@ -172,6 +172,44 @@ impl AsRef<[u8]> for ValueOf {
     }
 }
 
+/// An entry as the table holds it, shared with the table: cloning it or reading its value copies and allocates
+/// nothing (the RESP hit path writes the value straight from here).
+#[derive(Clone)]
+pub struct Stored(Arc<[u8]>);
+
+impl Stored {
+    /// The value; `None` for a cached NOT_FOUND.
+    pub fn value(&self) -> Option<&[u8]> {
+        Node::is_value(&self.0).then(|| &self.0[HEADER + Node::key_len(&self.0)..])
+    }
+
+    /// The value as `Bytes` (pointing into the entry; one small allocation for the handle).
+    pub fn value_bytes(&self) -> Option<Bytes> {
+        Node::is_value(&self.0).then(|| {
+            Bytes::from_owner(ValueOf { node: Arc::clone(&self.0), at: HEADER + Node::key_len(&self.0) })
+        })
+    }
+
+    /// When it expires; `None` = never.
+    pub fn expires_at(&self) -> Option<Instant> {
+        let expiry = Node::expiry(&self.0);
+        (expiry > 0).then(|| *BASE + Duration::from_micros(expiry - 1))
+    }
+
+    /// The whole entry.
+    pub fn to_entry(&self) -> Entry {
+        Node::decode(&self.0)
+    }
+
+    /// See [`Entry::refresh_due`].
+    pub fn refresh_due(&self, now: Instant, fraction: f64) -> bool {
+        let lifetime = Node::lifetime_field(&self.0) & !NEGATIVE;
+        let (Some(expires), true) = (self.expires_at(), lifetime > 0) else { return false };
+        let left = expires.saturating_duration_since(now);
+        left < Duration::from_millis(u64::from(lifetime)).mul_f64(1.0 - fraction)
+    }
+}
+
 #[derive(Default)]
 struct Shard {
     /// Slab positions by key hash.
@@ -278,6 +316,12 @@ impl Table {
     /// values). Marks it visited.
     #[inline]
     pub fn get(&self, key: &str) -> Option<Entry> {
+        self.get_stored(key).map(|s| s.to_entry())
+    }
+
+    /// [`Table::get`], the entry as stored.
+    #[inline]
+    pub fn get_stored(&self, key: &str) -> Option<Stored> {
         let hash = self.hash(key.as_bytes());
         let shard = self.shard(hash).read();
         let slot =
@@ -290,7 +334,7 @@ impl Table {
         if meta.load(Ordering::Relaxed) & VISITED == 0 {
             meta.fetch_or(VISITED, Ordering::Relaxed);
         }
-        Some(Node::decode(node))
+        Some(Stored(Arc::clone(node)))
     }
 
     /// Whether the key has an entry that [`Table::get`] would answer (without marking it visited).
@@ -620,6 +664,14 @@ mod tests {
         let t = Table::new(1 << 20, 64, None, None);
         let e = value(b"hello", Some(Duration::from_mins(1))).versioned(42);
         t.insert("k", &e);
+        let stored = t.get_stored("k").expect("stored");
+        assert_eq!(stored.value(), Some(&b"hello"[..]));
+        assert_eq!(stored.value_bytes().as_deref(), Some(&b"hello"[..]));
+        assert_eq!(stored.expires_at(), stored.to_entry().expires_at);
+        assert!(
+            !stored.refresh_due(Instant::now(), 0.5)
+                && stored.refresh_due(Instant::now() + Duration::from_secs(31), 0.5)
+        );
         let got = t.get("k").expect("stored");
         assert_eq!(got.value.as_deref(), Some(&b"hello"[..]));
         assert_eq!(got.version, 42);
@@ -710,5 +762,53 @@ mod tests {
         t.invalidate_all();
         assert_eq!((t.entry_count(), t.weighted_size()), (0, 0));
         assert!(t.get("k600").is_none());
+    }
+
+    /// Writers, removers and readers on four threads over a table that evicts all the time: every read answers
+    /// the key's own value, and afterwards the counters agree with what the table holds.
+    #[test]
+    fn concurrent_writes_reads_and_evictions_keep_the_counters_exact() {
+        let t = Arc::new(Table::new(500 * (16 + 64), 64, Some(Counter::default()), None));
+        let threads: Vec<_> = (0..4u64)
+            .map(|n| {
+                let t = Arc::clone(&t);
+                std::thread::spawn(move || {
+                    for round in 0..20_000u64 {
+                        let k = format!("key-{:05}", (round * 7 + n * 13) % 2000);
+                        match (n, round % 5) {
+                            (0 | 1, 0) => {
+                                t.invalidate(&k);
+                            }
+                            (0 | 1, 1) => {
+                                t.insert(&k, &Entry::value(Bytes::from(k.clone()), Some(Duration::ZERO)));
+                            }
+                            (0 | 1, _) => {
+                                t.insert(&k, &Entry::value(Bytes::from(k.clone()), None));
+                            }
+                            _ => {
+                                if let Some(e) = t.get(&k) {
+                                    assert_eq!(
+                                        e.value.as_deref(),
+                                        Some(k.as_bytes()),
+                                        "a read answers its own key"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().expect("no thread panicked");
+        }
+        t.run_pending_tasks();
+        let held = t.entries();
+        let weighed: u64 =
+            held.iter().map(|(k, e)| (k.len() + e.value.as_ref().map_or(0, Bytes::len)) as u64 + 64).sum();
+        assert_eq!(t.entry_count(), held.len() as u64);
+        assert_eq!(t.weighted_size(), weighed);
+        assert!(t.weighted_size() <= 500 * (16 + 64), "within the capacity: {}", t.weighted_size());
+        assert!(held.len() > 100, "the table stays in use: {}", held.len());
     }
 }

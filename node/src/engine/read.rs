@@ -56,6 +56,30 @@ fn stale_value(bytes: bytes::Bytes) -> Value {
     Value { bytes, ttl: Some(Duration::ZERO), stale: true }
 }
 
+/// A Get answered from memory, still as the store holds it: nothing is copied or allocated until it becomes a
+/// [`Value`] (the RESP front end writes [`Hit::value`] straight into its reply).
+pub struct Hit {
+    stored: crate::table::Stored,
+    stale: bool,
+}
+
+impl Hit {
+    /// The value; `None` for a cached NOT_FOUND.
+    pub fn value(&self) -> Option<&[u8]> {
+        self.stored.value()
+    }
+
+    /// The answer [`Engine::get`] gives for it.
+    pub fn into_value(self) -> Result<Value, EngineError> {
+        let bytes = self.stored.value_bytes().ok_or(EngineError::NotFound)?;
+        if self.stale {
+            return Ok(stale_value(bytes));
+        }
+        let ttl = self.stored.expires_at().map(|e| e.saturating_duration_since(std::time::Instant::now()));
+        Ok(Value { bytes, ttl, stale: false })
+    }
+}
+
 /// Where the keys of a batch are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
@@ -103,26 +127,26 @@ impl Engine {
     /// a load (a miss, or a key the limits refuse, which [`Engine::get`] then reports): the caller falls back to
     /// [`Engine::get`]. Counted like [`Engine::get`]. The RESP front end answers hits through this, in the
     /// connection's task, without a task switch.
-    pub fn get_cached(
-        self: &Arc<Self>,
-        ks: &Arc<KeyspaceRuntime>,
-        key: &str,
-    ) -> Option<Result<Value, EngineError>> {
+    pub fn get_cached(self: &Arc<Self>, ks: &Arc<KeyspaceRuntime>, key: &str) -> Option<Hit> {
         if validate_key(key).is_err() {
             return None;
         }
         let hash = key_hash(key);
-        let answer = if self.remote_owner(hash).is_some() {
-            let entry = ks.store.get(Tier::Hot, key)?;
+        let hit = if self.remote_owner(hash).is_some() {
+            let stored = ks.store.get_stored(Tier::Hot, key)?;
             ks.metrics.hits_hot.inc();
-            entry_to_value(entry)
+            Hit { stored, stale: false }
         } else {
             let epoch = ks.store.epoch(hash);
-            self.answer_main(ks, key, hash, epoch)?
+            self.main_hit(ks, key, hash, epoch)?
         };
         ks.store.touch(hash, key);
-        self.count_get(ks, &answer);
-        Some(answer)
+        if hit.value().is_some() {
+            ks.metrics.get_ok.inc();
+        } else {
+            ks.metrics.get_not_found.inc();
+        }
+        Some(hit)
     }
 
     /// Owner-side get: main tier, then the data source through single flight.
@@ -150,32 +174,43 @@ impl Engine {
         hash: u64,
         epoch: u64,
     ) -> Option<Result<Value, EngineError>> {
-        let entry = ks.store.lookup(Tier::Main, key)?;
-        let Some(expires_at) = entry.expires_at else {
+        self.main_hit(ks, key, hash, epoch).map(Hit::into_value)
+    }
+
+    /// [`Engine::answer_main`], the hit as stored.
+    fn main_hit(
+        self: &Arc<Self>,
+        ks: &Arc<KeyspaceRuntime>,
+        key: &str,
+        hash: u64,
+        epoch: u64,
+    ) -> Option<Hit> {
+        let stored = ks.store.lookup_stored(Tier::Main, key)?;
+        let Some(expires_at) = stored.expires_at() else {
             ks.metrics.hits_main.inc();
-            return Some(entry_to_value(entry));
+            return Some(Hit { stored, stale: false });
         };
         let now = std::time::Instant::now();
         let settings = &ks.protect.settings;
         if expires_at > now {
             ks.metrics.hits_main.inc();
             if let Some(fraction) = settings.refresh_ahead
-                && entry.value.is_some()
-                && entry.refresh_due(now, fraction)
+                && stored.value().is_some()
+                && stored.refresh_due(now, fraction)
             {
                 self.refresh(ks, key, hash, epoch, Why::RefreshAhead);
             }
-            return Some(entry_to_value(entry));
+            return Some(Hit { stored, stale: false });
         }
         let window = settings.stale_while_revalidate?;
-        let bytes = entry.value?;
+        stored.value()?;
         if now - expires_at > window {
             return None;
         }
         ks.metrics.hits_main.inc();
         ks.metrics.stale_revalidate.inc();
         self.refresh(ks, key, hash, epoch, Why::Revalidate);
-        Some(Ok(stale_value(bytes)))
+        Some(Hit { stored, stale: true })
     }
 
     /// Starts a background fetch of a key this node owns, through its single flight (nothing starts when a load

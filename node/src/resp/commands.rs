@@ -238,8 +238,11 @@ impl Session {
                         return Some(Flow::Continue);
                     }
                 };
-                let answer = self.shared.engine.get_cached(&ks, key)?;
-                reply_value(out, answer);
+                let hit = self.shared.engine.get_cached(&ks, key)?;
+                match hit.value() {
+                    Some(value) => out.bulk(value),
+                    None => out.null(),
+                }
             }
             Cmd::Ping => match args.len() {
                 1 => out.simple("PONG"),
@@ -353,7 +356,7 @@ impl Session {
                 }
             };
             match engine.get_cached(&ks, key) {
-                Some(result) => answers[i] = Some(answer(result)),
+                Some(hit) => answers[i] = Some(answer(hit.into_value())),
                 None => add_to_group(&mut groups, ks, i, key),
             }
         }
@@ -956,14 +959,6 @@ fn add_to_group(groups: &mut Vec<Group>, ks: Arc<KeyspaceRuntime>, i: usize, key
 }
 
 /// A GET-style reply: the value, nil for "no value", or the error.
-fn reply_value(out: &mut Out, answer: Result<Value, EngineError>) {
-    match answer {
-        Ok(v) => out.bulk(&v.bytes),
-        Err(EngineError::NotFound) => out.null(),
-        Err(e) => out.error(&error_text(&e)),
-    }
-}
-
 fn reply_option(out: &mut Out, value: Option<&Value>) {
     match value {
         Some(v) => out.bulk(&v.bytes),
