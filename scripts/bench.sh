@@ -187,7 +187,7 @@ node_config bench-node "$GRPC_PORT" "$PEER_PORT" "$ADMIN_PORT" >"$WORK/node.yaml
 node_config bench-node-tls "$TLS_GRPC_PORT" "$TLS_PEER_PORT" "$TLS_ADMIN_PORT" \
   "tls: { certFile: ./tls/tls.crt, keyFile: ./tls/tls.key, caFile: ./tls/ca.crt }" >"$WORK/node-tls.yaml"
 # The RESP nodes serve one cache-aside keyspace, the default of every key (redis-benchmark's key:… included), large
-# enough that nothing is evicted: 1,000,000 entries weigh about 250 MB (key + value + 128 B each).
+# enough that nothing is evicted: 1,000,000 entries weigh about 212 MB (key + value + 96 B each).
 node_config bench-node-resp "$RESP_GRPC_PORT" "$RESP_PEER_PORT" "$RESP_ADMIN_PORT" \
   "resp: { listen: 127.0.0.1:$RESP_PORT, defaultKeyspace: $RESP_KEYSPACE }" ./resp-keyspaces.yaml >"$WORK/node-resp.yaml"
 node_config bench-node-rss "$RSS_GRPC_PORT" "$RSS_PEER_PORT" "$RSS_ADMIN_PORT" \

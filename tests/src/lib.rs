@@ -394,6 +394,30 @@ where
     }
 }
 
+/// `n` loopback addresses for servers a test starts as separate processes, which bind them some time after this
+/// returns. Each is a random `127.0.0.x` (x in 2..=254) with a port the kernel had free there, all held open until
+/// every one is chosen, so no two are the same. Not `127.0.0.1`: the kernel gives clients connecting over loopback
+/// their ephemeral ports on `127.0.0.1` (the source address of the `127/8` route), and such a client of another
+/// test could take a port released here before the process binds it (a node then exits with "address in use").
+pub fn spare_addrs(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    use std::hash::BuildHasher as _;
+    static DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let held = (0..n)
+        .map(|_| {
+            let draw = DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let seed = std::hash::RandomState::new().hash_one((std::process::id(), draw));
+            let host = u8::try_from(seed % 253 + 2)?;
+            Ok(std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, host), 0))?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?)).collect()
+}
+
+/// One address as [`spare_addrs`] chooses them.
+pub fn spare_addr() -> anyhow::Result<SocketAddr> {
+    spare_addrs(1)?.pop().ok_or_else(|| anyhow::anyhow!("no address chosen"))
+}
+
 /// Path of a binary built from this workspace (`cargo build --workspace --bins` in `make test`), next to the
 /// test executable's `deps/` directory.
 pub fn built_binary(name: &str) -> anyhow::Result<PathBuf> {

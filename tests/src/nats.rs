@@ -15,7 +15,7 @@ use distcache_node::{
 
 /// A `nats-server` child process; killed on drop.
 pub struct NatsServer {
-    /// `nats://127.0.0.1:PORT`.
+    /// `nats://127.0.0.x:PORT`.
     pub url: String,
     /// The listen address.
     pub addr: SocketAddr,
@@ -25,7 +25,7 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server on a free port and waits until it accepts connections.
     pub fn start() -> anyhow::Result<Self> {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let addr = crate::spare_addr()?;
         let mut server = Self { url: format!("nats://{addr}"), addr, child: None };
         server.spawn()?;
         Ok(server)
@@ -52,13 +52,13 @@ impl NatsServer {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let binary = nats_server_binary()?;
-        let port = self.addr.port().to_string();
+        let (host, port) = (self.addr.ip().to_string(), self.addr.port().to_string());
         // The port was free a moment ago (or held by the killed server, whose socket the new one can reuse); a
         // few attempts cover a process that exits at once because the port is briefly taken.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut child = Command::new(&binary)
-                .args(["-a", "127.0.0.1", "-p", &port])
+                .args(["-a", &host, "-p", &port])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

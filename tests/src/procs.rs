@@ -11,7 +11,7 @@ use std::{
 use distcache_node::ring::{Member, Ring};
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use crate::{built_binary, http_get, wait_for};
+use crate::{built_binary, http_get, spare_addrs, wait_for};
 
 /// One node process (none while stopped); killed by its PID when dropped.
 pub struct NodeProc {
@@ -28,10 +28,6 @@ pub struct NodeProc {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
-}
-
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 impl NodeProc {
@@ -131,14 +127,15 @@ impl ProcCluster {
     fn start_with(n: usize, keyspaces: &str, extra: &str, resp_fields: Option<&str>) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("keyspaces.yaml"), keyspaces)?;
-        let addrs: Vec<(SocketAddr, SocketAddr, SocketAddr)> =
-            (0..n).map(|_| Ok((free_addr()?, free_addr()?, free_addr()?))).collect::<anyhow::Result<_>>()?;
-        let peers: Vec<String> = addrs.iter().map(|(_, p, _)| format!("\"{p}\"")).collect();
+        // grpc, peer, admin and resp addresses of every node, chosen together so none repeats.
+        let spare = spare_addrs(4 * n)?;
+        let peers: Vec<String> = spare.chunks_exact(4).map(|a| format!("\"{}\"", a[1])).collect();
         let mut nodes = Vec::new();
-        for (i, (grpc, peer, admin)) in addrs.into_iter().enumerate() {
+        for (i, a) in spare.chunks_exact(4).enumerate() {
+            let (grpc, peer, admin, resp) = (a[0], a[1], a[2], a[3]);
             let name = format!("node-{}", i + 1);
             let config = dir.path().join(format!("{name}.yaml"));
-            let resp = resp_fields.map(|fields| free_addr().map(|addr| (addr, fields))).transpose()?;
+            let resp = resp_fields.map(|fields| (resp, fields));
             let resp_section = match resp {
                 Some((addr, "")) => format!("resp: {{ listen: \"{addr}\" }}\n"),
                 Some((addr, fields)) => format!("resp: {{ listen: \"{addr}\", {fields} }}\n"),

@@ -1,4 +1,4 @@
-//! NATS discovery against a real `nats-server` (started per test on a free 127.0.0.1 port, killed at the end):
+//! NATS discovery against a real `nats-server` (started per test on a spare loopback address, killed at the end):
 //! nodes started together agree on one ring, a graceful stop leaves at once, a killed node expires, a NATS outage
 //! keeps the last members and recovers, an unreachable NATS is explained, and a joining node takes over its keys.
 

@@ -33,14 +33,11 @@ impl Drop for NodeProcess {
     }
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 fn write_configs(dir: &Path, n: usize) -> anyhow::Result<Vec<Addrs>> {
-    let addrs: Vec<Addrs> = (0..n)
-        .map(|_| Ok(Addrs { grpc: free_addr()?, peer: free_addr()?, admin: free_addr()? }))
-        .collect::<anyhow::Result<_>>()?;
+    let addrs: Vec<Addrs> = distcache_tests::spare_addrs(3 * n)?
+        .chunks_exact(3)
+        .map(|a| Addrs { grpc: a[0], peer: a[1], admin: a[2] })
+        .collect();
     let peers: Vec<String> = addrs.iter().map(|a| format!("\"{}\"", a.peer)).collect();
     std::fs::write(
         dir.join("keyspaces.yaml"),
