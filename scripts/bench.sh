@@ -27,7 +27,9 @@
 # The RESP front end: the same redis-benchmark drives redis-server and a third node (bench-node-resp, `resp.listen`
 # on, a cache-aside default keyspace holding the same 100,000 keys of 100 B, loaded by the same `redis-cli --pipe`),
 # one right after the other, -c 50 -d 100 -r 100000: GET -P 1, GET -P 16 and SET -P 1 (the same keys again).
-# Reported per pair: ops/s ÷ redis, the p50 and p99 of each (redis-benchmark --csv), server CPU µs per request. Then
+# Reported per pair: ops/s ÷ redis, the p50 and p99 of each (redis-benchmark --csv), server CPU µs per request, and
+# the load generator's own CPU: redis-benchmark is one thread, and when it is busy ≥ 90 % of its core against both
+# servers the ops/s ratio is its ceiling, not a comparison of the servers (a warning says so). Then
 # memory: a fresh redis-server and a fresh RESP node each get 1,000,000 keys of 100 B (`redis-cli --pipe`), and
 # (RSS after − RSS before) ÷ DBSIZE is each one's memory per cached entry. Every redis-benchmark run fails the
 # bench when a server answers an error (redis-benchmark 7 exits at the first one; an older one is given -e so that
@@ -364,6 +366,10 @@ print(float(row[header.index("rps")]))
 EOF
 }
 
+# CPU ticks (user + system) of this script's finished children: sampled around a redis-benchmark run, the load
+# generator's own CPU (it is waited for through `timeout`, whose children's time counts as its own).
+children_cpu_ticks() { awk '{ print $16 + $17 }' "/proc/$$/stat"; }
+
 # redis_run NAME PIPELINE [TEST [KEY_RANGE]]: calibrates -n so that the run lasts about BENCH_SECONDS (the
 # calibration runs also warm the server up), then runs it against the RB_ server with its CPU sampled around it.
 # TEST is get (default, keys from the loaded KEYS) or set.
@@ -380,17 +386,19 @@ redis_run() {
   done
   n=$(python3 -c "print(max(1000, int($rps * $BENCH_SECONDS)))")
   phase "$name: redis-benchmark -p $RB_PORT ($RB_NAME) -t $test -d $VALUE_SIZE -c $CONCURRENCY -P $pipeline -r $range -n $n (calibrated at $(printf '%.0f' "$rps") req/s)"
-  local hits0 misses0 hits1 misses1 cpu0 cpu1 t0 t1
+  local hits0 misses0 hits1 misses1 cpu0 cpu1 t0 t1 client0 client1
   read -r hits0 misses0 <<<"$(rb_counters)"
   cpu0=$(cpu_ticks "$RB_PID")
+  client0=$(children_cpu_ticks)
   t0=$(now_us)
   redis_bench "$test" "$pipeline" "$n" "$WORK/$name.csv" "$range"
   t1=$(now_us)
+  client1=$(children_cpu_ticks)
   cpu1=$(cpu_ticks "$RB_PID")
   read -r hits1 misses1 <<<"$(rb_counters)"
-  printf '{"kind":"%s","name":"%s","port":%d,"test":"%s","pipeline":%d,"key_range":%d,"requests":%d,"cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"hits":%d,"misses":%d,"rss_kib":%d}\n' \
-    "$RB_NAME" "$name" "$RB_PORT" "$row" "$pipeline" "$range" "$n" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) \
-    $((hits1 - hits0)) $((misses1 - misses0)) "$(rss_kib "$RB_PID")" >"$WORK/$name.meta.json"
+  printf '{"kind":"%s","name":"%s","port":%d,"test":"%s","pipeline":%d,"key_range":%d,"requests":%d,"cpu_ticks":%d,"client_cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"hits":%d,"misses":%d,"rss_kib":%d}\n' \
+    "$RB_NAME" "$name" "$RB_PORT" "$row" "$pipeline" "$range" "$n" $((cpu1 - cpu0)) $((client1 - client0)) \
+    "$CLK_TCK" $((t1 - t0)) $((hits1 - hits0)) $((misses1 - misses0)) "$(rss_kib "$RB_PID")" >"$WORK/$name.meta.json"
 }
 
 # node_counters ADMIN_PORT KEYSPACE: the node's hits (main + hot tier), misses and data-source fetches (ok, and any
@@ -556,6 +564,8 @@ def redis_row(name, label):
         "p99_us": raw["p99_latency_ms"] * 1000,
         "server_cpu_us_per_key": cpu_s * 1e6 / meta["requests"],
         "server_cpu_s": cpu_s,
+        # Share of one core the load generator (redis-benchmark, one thread) used during the run.
+        "client_busy": meta["client_cpu_ticks"] / meta["clk_tck"] / (meta["wall_us"] / 1e6) if meta["wall_us"] else None,
         "keys": meta["requests"],
         "errors": None,
         "misses": meta["misses"],
@@ -718,6 +728,8 @@ def memory(name):
     return m
 
 
+# A load generator this busy is the bottleneck of the run.
+CLIENT_BOUND = 0.9
 mem_redis, mem_dc = memory("redis"), memory("distcache")
 mem_ratio = ratio(mem_dc["bytes_per_entry"], mem_redis["bytes_per_entry"])
 resp_summary = {
@@ -742,6 +754,12 @@ for group in resp_pairs:
         is_ratio = r["label"].strip().startswith("ratio")
         print(r["label"].ljust(width) + "".join(fmt(r[k], k, is_ratio).rjust(20) for _, k in cols))
     print()
+# redis-benchmark runs one thread: when it is busy all the time, both servers answer as fast as it asks, and the
+# ops/s ratio says how fast the client is, not which server is faster; the server CPU per request still does.
+print("Load generator (redis-benchmark, one thread) CPU, share of one core, against redis / distcache: " + ", ".join(
+    f"{dc['label'].removeprefix('distcache RESP ')} {redis['client_busy']:.0%} / {dc['client_busy']:.0%}"
+    for redis, dc, _ in resp_pairs))
+print()
 print(f"Memory per cached entry ({mem_redis['keys']:,} keys of {value_size} B, (RSS after − RSS before) ÷ DBSIZE): "
       f"redis {mem_redis['bytes_per_entry']:,.0f} B, distcache {mem_dc['bytes_per_entry']:,.0f} B, "
       f"ratio distcache ÷ redis = {fmt(mem_ratio, 'ops_per_sec', True)}; loaded at "
@@ -752,6 +770,11 @@ for redis, dc, _ in resp_pairs:
     for r in (redis, dc):
         if r["raw"]["meta"]["test"] == "GET" and r["misses"]:
             warnings.append(f"{r['label']}: {r['misses']} misses (keys not loaded or evicted?)")
+for redis, dc, rt in resp_pairs:
+    if min(redis["client_busy"] or 0, dc["client_busy"] or 0) >= CLIENT_BOUND:
+        warnings.append(f"{dc['label']}: redis-benchmark was busy {redis['client_busy']:.0%} / {dc['client_busy']:.0%} "
+                        "of its core: the ops/s ratio is the load generator's ceiling for both servers; compare "
+                        "server CPU µs/req (ratio " + fmt(rt["server_cpu_us_per_key"], "ops_per_sec", True) + ")")
 for r in rows[:7]:
     if r["errors"]:
         warnings.append(f"{r['label']}: {r['errors']} errors")
