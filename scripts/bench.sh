@@ -429,7 +429,9 @@ distcache_run() {
   local args=(bench --op get --keyspace "$keyspace" "${DC_COMMON[@]}" --batch "$batch"
     --duration "${BENCH_SECONDS}s" --warmup "${WARMUP_SECONDS}s" --no-preload "$@" --json)
   phase "$name: $(display_cmd distcache "${args[@]}")"
-  local pid cpu0 cpu1 t0 t1 rc=0 c0 c1
+  local pid cpu0 cpu1 t0 t1 rc=0 c0 c1 client0 client1 started
+  client0=$(children_cpu_ticks)
+  started=$(now_us)
   # The load generator bounds itself (--warmup + --duration); `timeout` is the backstop. While it runs, this script
   # only sleeps and waits, so no polling takes CPU from the two processes under test.
   start_bg_split "distcache bench ($name)" "$WORK/$name.json" "$WORK/$name.err" \
@@ -443,6 +445,7 @@ distcache_run() {
   wait "$pid" || rc=$?
   forget_pid "$pid"
   t1=$(now_us)
+  client1=$(children_cpu_ticks)
   cpu1=$(cpu_ticks "$RUN_NODE_PID")
   c1=$(node_counters "$RUN_ADMIN_PORT" "$keyspace")
   if ((rc != 0)); then
@@ -452,9 +455,11 @@ distcache_run() {
   local h0 m0 ok0 other0 h1 m1 ok1 other1
   read -r h0 m0 ok0 other0 <<<"$c0"
   read -r h1 m1 ok1 other1 <<<"$c1"
-  printf '{"kind":"distcache","name":"%s","endpoint":"%s","batch":%d,"keyspace":"%s","cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"rss_kib":%d,"node_hits":%d,"node_misses":%d,"node_fetches_ok":%d,"node_fetches_failed":%d}\n' \
+  # client_*: the load generator's CPU over its whole life (warm-up included) and that life's wall time.
+  printf '{"kind":"distcache","name":"%s","endpoint":"%s","batch":%d,"keyspace":"%s","cpu_ticks":%d,"clk_tck":%d,"wall_us":%d,"rss_kib":%d,"node_hits":%d,"node_misses":%d,"node_fetches_ok":%d,"node_fetches_failed":%d,"client_cpu_ticks":%d,"client_wall_us":%d}\n' \
     "$name" "$RUN_ENDPOINT" "$batch" "$keyspace" $((cpu1 - cpu0)) "$CLK_TCK" $((t1 - t0)) "$(rss_kib "$RUN_NODE_PID")" \
-    $((h1 - h0)) $((m1 - m0)) $((ok1 - ok0)) $((other1 - other0)) >"$WORK/$name.meta.json"
+    $((h1 - h0)) $((m1 - m0)) $((ok1 - ok0)) $((other1 - other0)) $((client1 - client0)) $((t1 - started)) \
+    >"$WORK/$name.meta.json"
 }
 
 redis_run redis-get-p1 1
@@ -595,6 +600,9 @@ def distcache_row(name, label):
         "errors": raw.get("errors"),
         "misses": raw.get("misses"),
         "server_rss_kib": meta["rss_kib"],
+        # Share of one core the load generator (distcache bench) used, its warm-up included.
+        "client_busy": meta["client_cpu_ticks"] / meta["clk_tck"] / (meta["client_wall_us"] / 1e6)
+        if meta["client_wall_us"] else None,
         "raw": {"bench": raw, "meta": meta},
     }
 
@@ -697,6 +705,8 @@ for group in groups:
         print(r["label"].ljust(width) + "".join(fmt(r[k], k, is_ratio).rjust(20) for _, k in cols))
     print()
 print("ops/s with pipelining/batching count keys; CPU is the server process's utime+stime per request (per key).")
+print("Load generator CPU (one thread each), share of one core: " + ", ".join(
+    f"{r['label']} {r['client_busy']:.0%}" for r in rows[:6] if r.get("client_busy") is not None))
 tls_ops = tls_ratio["ops_per_sec"]
 print(f"TLS: Get ops/s TLS ÷ plain = {fmt(tls_ops, 'ops_per_sec', True)} (goal ≥ {TLS_GOAL:.2f}: "
       f"{'met' if tls_summary['goal_met'] else 'NOT met'}); server CPU µs/req "
