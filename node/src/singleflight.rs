@@ -211,52 +211,71 @@ mod tests {
         }
     }
 
+    /// One flight and loads of `k` that wait for [`Gated::release`], counting those that finished.
+    struct Gated {
+        sf: Arc<SingleFlight<u32>>,
+        finished: Arc<AtomicUsize>,
+        release_tx: tokio::sync::watch::Sender<bool>,
+        release_rx: tokio::sync::watch::Receiver<bool>,
+    }
+
+    impl Gated {
+        fn new() -> Self {
+            let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+            Self { sf: Arc::default(), finished: Arc::default(), release_tx, release_rx }
+        }
+
+        /// A task that loads `k` (leading, or joining the load in flight).
+        fn spawn(&self) -> tokio::task::JoinHandle<Outcome<u32>> {
+            let (sf, load) = (Arc::clone(&self.sf), gated_load(&self.finished, &self.release_rx));
+            tokio::spawn(async move { sf.load("k", load).await })
+        }
+
+        /// [`Gated::spawn`], once the load is in flight.
+        async fn lead(&self) -> tokio::task::JoinHandle<Outcome<u32>> {
+            let leader = self.spawn();
+            while self.sf.is_empty() {
+                tokio::task::yield_now().await;
+            }
+            leader
+        }
+
+        fn release(&self) {
+            self.release_tx.send_replace(true);
+        }
+
+        fn finished(&self) -> usize {
+            self.finished.load(Ordering::SeqCst)
+        }
+    }
+
     #[tokio::test]
     async fn a_leader_that_gives_up_neither_cancels_the_load_nor_fails_its_joiners() {
-        let sf = Arc::new(SingleFlight::<u32>::default());
-        let finished = Arc::new(AtomicUsize::new(0));
-        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-        let leader = tokio::spawn({
-            let (sf, load) = (sf.clone(), gated_load(&finished, &release_rx));
-            async move { sf.load("k", load).await }
-        });
-        while sf.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        let joiner = tokio::spawn({
-            let (sf, load) = (sf.clone(), gated_load(&finished, &release_rx));
-            async move { sf.load("k", load).await }
-        });
+        let g = Gated::new();
+        let leader = g.lead().await;
+        let joiner = g.spawn();
         tokio::task::yield_now().await;
         leader.abort();
         assert!(leader.await.expect_err("aborted").is_cancelled());
-        release_tx.send_replace(true);
+        g.release();
         assert_eq!(joiner.await.expect("joiner"), Ok(7), "the joiner gets the load's result");
-        assert_eq!(finished.load(Ordering::SeqCst), 1, "one load ran, to its end");
-        assert!(sf.is_empty());
+        assert_eq!(g.finished(), 1, "one load ran, to its end");
+        assert!(g.sf.is_empty());
     }
 
     #[tokio::test]
     async fn a_load_nobody_waits_for_any_more_still_finishes_and_leaves_the_flight() {
-        let sf = Arc::new(SingleFlight::<u32>::default());
-        let finished = Arc::new(AtomicUsize::new(0));
-        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-        let leader = tokio::spawn({
-            let (sf, load) = (sf.clone(), gated_load(&finished, &release_rx));
-            async move { sf.load("k", load).await }
-        });
-        while sf.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        let g = Gated::new();
+        let leader = g.lead().await;
         leader.abort();
         assert!(leader.await.expect_err("aborted").is_cancelled());
-        release_tx.send_replace(true);
+        g.release();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !sf.is_empty() || finished.load(Ordering::SeqCst) == 0 {
+        while !g.sf.is_empty() || g.finished() == 0 {
             assert!(tokio::time::Instant::now() < deadline, "the abandoned load did not finish");
             tokio::task::yield_now().await;
         }
-        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        assert_eq!(g.finished(), 1);
     }
 
     #[tokio::test]
