@@ -98,10 +98,10 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
                 // Unregisters the keys however the task ends (waiters then get an error instead of joining a
                 // dead load forever).
                 let guard = Unregister { flight: this, keys: led, id };
-                let led = guard.keys.len();
+                let count = guard.keys.len();
                 // A panic of the load is an error for each of its keys, saying so.
                 let results = AssertUnwindSafe(run).catch_unwind().await.unwrap_or_else(|_| {
-                    (0..led).map(|_| Err(EngineError::Internal("the load panicked".into()))).collect()
+                    (0..count).map(|_| Err(EngineError::Internal("the load panicked".into()))).collect()
                 });
                 drop(guard);
                 // Waiters may all be gone; nothing to do then.

@@ -119,10 +119,20 @@ impl Entry {
     /// Whether a read at `now` falls in the last part of its lifetime that refresh-ahead `fraction` leaves
     /// (0.8: the last fifth).
     pub fn refresh_due(&self, now: Instant, fraction: f64) -> bool {
-        let (Some(expires), true) = (self.expires_at, self.lifetime_ms > 0) else { return false };
-        let left = expires.saturating_duration_since(now);
-        left < Duration::from_millis(u64::from(self.lifetime_ms)).mul_f64(1.0 - fraction)
+        refresh_due(self.expires_at, self.lifetime_ms, now, fraction)
     }
+}
+
+/// [`Entry::refresh_due`] of an entry expiring at `expires_at` that was written with a TTL of `lifetime_ms`.
+pub(crate) fn refresh_due(
+    expires_at: Option<Instant>,
+    lifetime_ms: u32,
+    now: Instant,
+    fraction: f64,
+) -> bool {
+    let (Some(expires), true) = (expires_at, lifetime_ms > 0) else { return false };
+    let left = expires.saturating_duration_since(now);
+    left < Duration::from_millis(u64::from(lifetime_ms)).mul_f64(1.0 - fraction)
 }
 
 /// Which tier an operation addresses.

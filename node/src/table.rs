@@ -146,16 +146,34 @@ impl Node {
         (node.len() - HEADER) as u64
     }
 
-    fn decode(node: &Arc<[u8]>) -> Entry {
-        let value_at = HEADER + Self::key_len(node);
-        let value =
-            Self::is_value(node).then(|| Bytes::from_owner(ValueOf { node: Arc::clone(node), at: value_at }));
+    /// Where the value starts.
+    fn value_at(node: &[u8]) -> usize {
+        HEADER + Self::key_len(node)
+    }
+
+    /// The value as `Bytes` pointing into the entry; `None` for a cached NOT_FOUND.
+    fn value_bytes(node: &Arc<[u8]>) -> Option<Bytes> {
+        Self::is_value(node)
+            .then(|| Bytes::from_owner(ValueOf { node: Arc::clone(node), at: Self::value_at(node) }))
+    }
+
+    /// When it expires; `None` = never.
+    fn expires_at(node: &[u8]) -> Option<Instant> {
         let expiry = Self::expiry(node);
+        (expiry > 0).then(|| *BASE + Duration::from_micros(expiry - 1))
+    }
+
+    /// Its lifetime (the TTL it was written with) in ms.
+    fn lifetime_ms(node: &[u8]) -> u32 {
+        Self::lifetime_field(node) & !NEGATIVE
+    }
+
+    fn decode(node: &Arc<[u8]>) -> Entry {
         Entry {
-            value,
-            expires_at: (expiry > 0).then(|| *BASE + Duration::from_micros(expiry - 1)),
+            value: Self::value_bytes(node),
+            expires_at: Self::expires_at(node),
             version: Self::version(node),
-            lifetime_ms: Self::lifetime_field(node) & !NEGATIVE,
+            lifetime_ms: Self::lifetime_ms(node),
         }
     }
 }
@@ -180,20 +198,17 @@ pub struct Stored(Arc<[u8]>);
 impl Stored {
     /// The value; `None` for a cached NOT_FOUND.
     pub fn value(&self) -> Option<&[u8]> {
-        Node::is_value(&self.0).then(|| &self.0[HEADER + Node::key_len(&self.0)..])
+        Node::is_value(&self.0).then(|| &self.0[Node::value_at(&self.0)..])
     }
 
     /// The value as `Bytes` (pointing into the entry; one small allocation for the handle).
     pub fn value_bytes(&self) -> Option<Bytes> {
-        Node::is_value(&self.0).then(|| {
-            Bytes::from_owner(ValueOf { node: Arc::clone(&self.0), at: HEADER + Node::key_len(&self.0) })
-        })
+        Node::value_bytes(&self.0)
     }
 
     /// When it expires; `None` = never.
     pub fn expires_at(&self) -> Option<Instant> {
-        let expiry = Node::expiry(&self.0);
-        (expiry > 0).then(|| *BASE + Duration::from_micros(expiry - 1))
+        Node::expires_at(&self.0)
     }
 
     /// The whole entry.
@@ -203,10 +218,7 @@ impl Stored {
 
     /// See [`Entry::refresh_due`].
     pub fn refresh_due(&self, now: Instant, fraction: f64) -> bool {
-        let lifetime = Node::lifetime_field(&self.0) & !NEGATIVE;
-        let (Some(expires), true) = (self.expires_at(), lifetime > 0) else { return false };
-        let left = expires.saturating_duration_since(now);
-        left < Duration::from_millis(u64::from(lifetime)).mul_f64(1.0 - fraction)
+        crate::store::refresh_due(self.expires_at(), Node::lifetime_ms(&self.0), now, fraction)
     }
 }
 

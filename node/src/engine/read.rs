@@ -56,6 +56,15 @@ fn stale_value(bytes: bytes::Bytes) -> Value {
     Value { bytes, ttl: Some(Duration::ZERO), stale: true }
 }
 
+/// Counts a Get answered with a value (`found`) or NOT_FOUND.
+fn count_found(ks: &KeyspaceRuntime, found: bool) {
+    if found {
+        ks.metrics.get_ok.inc();
+    } else {
+        ks.metrics.get_not_found.inc();
+    }
+}
+
 /// A Get answered from memory, still as the store holds it: nothing is copied or allocated until it becomes a
 /// [`Value`] (the RESP front end writes [`Hit::value`] straight into its reply).
 pub struct Hit {
@@ -112,12 +121,8 @@ impl Engine {
     /// Counts one Get's outcome (the common ones through handles resolved once).
     fn count_get(&self, ks: &KeyspaceRuntime, result: &Result<Value, EngineError>) {
         match result {
-            Ok(_) => {
-                ks.metrics.get_ok.inc();
-            }
-            Err(EngineError::NotFound) => {
-                ks.metrics.get_not_found.inc();
-            }
+            Ok(_) => count_found(ks, true),
+            Err(EngineError::NotFound) => count_found(ks, false),
             Err(e) => self.metrics.request("get", ks.name(), e.code()),
         }
     }
@@ -141,11 +146,7 @@ impl Engine {
             self.main_hit(ks, key, hash, epoch)?
         };
         ks.store.touch(hash, key);
-        if hit.value().is_some() {
-            ks.metrics.get_ok.inc();
-        } else {
-            ks.metrics.get_not_found.inc();
-        }
+        count_found(ks, hit.value().is_some());
         Some(hit)
     }
 
@@ -157,27 +158,16 @@ impl Engine {
         hash: u64,
     ) -> Result<Value, EngineError> {
         let epoch = ks.store.epoch(hash);
-        if let Some(answer) = self.answer_main(ks, key, hash, epoch) {
-            return answer;
+        if let Some(hit) = self.main_hit(ks, key, hash, epoch) {
+            return hit.into_value();
         }
         ks.metrics.misses.inc();
         self.load_owned(ks, (Arc::from(key), hash, epoch)).await
     }
 
-    /// The owner's answer from its main tier: a fresh entry (refreshed in the background when read in the last
-    /// part of its TTL, with refreshAhead), or an expired value within staleWhileRevalidate, answered stale
-    /// while one background fetch refreshes it. `None`: a miss.
-    fn answer_main(
-        self: &Arc<Self>,
-        ks: &Arc<KeyspaceRuntime>,
-        key: &str,
-        hash: u64,
-        epoch: u64,
-    ) -> Option<Result<Value, EngineError>> {
-        self.main_hit(ks, key, hash, epoch).map(Hit::into_value)
-    }
-
-    /// [`Engine::answer_main`], the hit as stored.
+    /// The owner's answer from its main tier, as stored: a fresh entry (refreshed in the background when read in
+    /// the last part of its TTL, with refreshAhead), or an expired value within staleWhileRevalidate, answered
+    /// stale while one background fetch refreshes it. `None`: a miss.
     fn main_hit(
         self: &Arc<Self>,
         ks: &Arc<KeyspaceRuntime>,
@@ -609,7 +599,7 @@ impl Engine {
                     entry_to_value(entry)
                 })
             } else {
-                self.answer_main(ks, key, hash, epoch)
+                self.main_hit(ks, key, hash, epoch).map(Hit::into_value)
             };
             if let Some(answer) = answer {
                 batch.set(i, answer);

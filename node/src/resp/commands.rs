@@ -958,7 +958,7 @@ fn add_to_group(groups: &mut Vec<Group>, ks: Arc<KeyspaceRuntime>, i: usize, key
     }
 }
 
-/// A GET-style reply: the value, nil for "no value", or the error.
+/// A GET-style reply of a value read before: the value, or nil.
 fn reply_option(out: &mut Out, value: Option<&Value>) {
     match value {
         Some(v) => out.bulk(&v.bytes),
