@@ -178,9 +178,10 @@ admin: 127.0.0.1:$4
 discovery:
   standalone: {}
 keyspacesFile: ${6:-./keyspaces.yaml}
-# Like for like with redis-server (one event loop) and redis-benchmark (one thread): one server worker, and the
-# load generator runs one thread too (distcache bench --threads 1, its default). On a 2-core machine a second
-# worker on either side takes the core the other process needs.
+# Like for like with redis-server (one event loop) and redis-benchmark (one thread): one server worker (with
+# workerThreads 1 a node runs tokio's current-thread runtime, one event loop too), and the load generator runs one
+# thread too (distcache bench --threads 1, its default). On a 2-core machine a second worker on either side takes
+# the core the other process needs.
 workerThreads: ${BENCH_SERVER_THREADS:-1}
 ${5:-}
 EOF

@@ -65,7 +65,8 @@ pub struct NodeConfig {
     #[serde(default = "default_max_message")]
     pub max_message_bytes: ByteSize,
     /// Tokio worker threads; default: one per CPU. On a machine shared with busy neighbours (or a load
-    /// generator), fewer workers avoid contending with them for cores.
+    /// generator), fewer workers avoid contending with them for cores. 1 runs the node as one event loop
+    /// (tokio's current-thread scheduler), the cheapest per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
     /// How long a stopping node keeps answering in-flight requests.

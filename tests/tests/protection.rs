@@ -625,7 +625,8 @@ async fn warm_up_loads_each_listed_key_once_across_the_cluster() -> anyhow::Resu
         "ttl: 10m\nfetchTimeout: 2s\nwarmUp: {{ keys: [{}], fetchesPerSecond: 50 }}",
         listed.join(", ")
     );
-    let cluster = ProcCluster::start(3, &keyspaces(&origin, KS, &settings)?, "")?;
+    // One event loop per node (`workerThreads: 1`): warm-up, its rate limit and the peer loads share it.
+    let cluster = ProcCluster::start(3, &keyspaces(&origin, KS, &settings)?, "workerThreads: 1")?;
     cluster.wait_views(&[0, 1, 2], &ALL, Duration::from_secs(30)).await?;
     wait_serving(&cluster, KS).await?;
 

@@ -135,7 +135,9 @@ impl Bed {
             base = origin.url(),
             host = origin.addr,
         );
-        let cluster = ProcCluster::start_resp(2, &keyspaces, "", resp_fields)?;
+        // One event loop per node (`workerThreads: 1`, the current-thread runtime `make bench` measures): the
+        // real clients, read-through over the peer path and the hook all run on it.
+        let cluster = ProcCluster::start_resp(2, &keyspaces, "workerThreads: 1", resp_fields)?;
         let bed = Self { cluster, origin, data };
         bed.cluster.wait_views(&[0, 1], &["node-1", "node-2"], Duration::from_secs(30)).await?;
         for node in &bed.cluster.nodes {
