@@ -1,12 +1,15 @@
 //! Single flight: concurrent loads of one key share one load.
 //!
-//! The first caller for a key (the leader) registers a shared future for it and spawns the load as its own task,
-//! so a caller that gives up (client cancelled) never cancels the load the others wait on. Later callers find
-//! the registered future and await it. The task unregisters its keys when it finishes, before publishing the
-//! result, so nobody joins a finished load. Batches register every key they lead under one task.
-//! A leader that drives its load itself (no spawn; a task finishing it if the leader is dropped) was measured
-//! against this on the miss path (2026-12-04, one worker thread, c50, interleaved runs): no less CPU per miss and
-//! no better p99, so the simpler spawned task stays.
+//! The first caller for a key (the leader) registers a shared future for it and polls the load once, in its own
+//! task. A load that needs no waiting (a hook without I/O, a cache-aside NOT_FOUND) ends right there: no task is
+//! spawned. A load that must wait is spawned as its own task, so a caller that gives up (client cancelled) never
+//! cancels the load the others wait on. Later callers find the registered future and await it. The load
+//! unregisters its keys when it finishes, before publishing the result, so nobody joins a finished load. Batches
+//! register every key they lead under one load.
+//! Measured (2026-12-04, one worker thread, c50 miss path): on the current-thread runtime a spawned load waits
+//! behind every ready task before it runs, and its caller again behind them after it, so the first poll in the
+//! caller's task is what keeps a miss's queueing close to a hit's. (On a multi-thread runtime, whose LIFO slot
+//! runs a task spawned from a worker next, a leader driving its load itself had made no difference.)
 //! The map is sharded (`DashMap`): no keyspace-wide lock.
 
 use std::{
@@ -15,6 +18,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
 };
 
 use dashmap::{DashMap, mapref::entry::Entry as MapEntry};
@@ -92,21 +96,22 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
             out.push(fut);
         }
         if !led.is_empty() {
-            let this = Arc::clone(self);
-            let run = load(led.clone());
-            tokio::spawn(async move {
-                // Unregisters the keys however the task ends (waiters then get an error instead of joining a
-                // dead load forever).
-                let guard = Unregister { flight: this, keys: led, id };
-                let count = guard.keys.len();
-                // A panic of the load is an error for each of its keys, saying so.
-                let results = AssertUnwindSafe(run).catch_unwind().await.unwrap_or_else(|_| {
-                    (0..count).map(|_| Err(EngineError::Internal("the load panicked".into()))).collect()
-                });
-                drop(guard);
-                // Waiters may all be gone; nothing to do then.
-                let _ = tx.send(results);
-            });
+            // Unregisters the keys however the load ends (waiters then get an error instead of joining a dead
+            // load forever).
+            let guard = Unregister { flight: Arc::clone(self), keys: led, id };
+            // A panic of the load is caught on every poll: it becomes an error for each of its keys.
+            let mut run = AssertUnwindSafe(load(guard.keys.clone())).catch_unwind();
+            // A load that needs no waiting (a hook without I/O, a cache-aside NOT_FOUND) ends in this first poll,
+            // in the caller's task: no task to spawn and no second trip through the run queue, which on a
+            // one-thread node is most of a miss's queueing. A load that must wait goes on in its own task, polled
+            // there with that task's waker, so a caller that gives up never cancels it.
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            match run.poll_unpin(&mut cx) {
+                Poll::Ready(results) => publish(guard, results, tx),
+                Poll::Pending => {
+                    tokio::spawn(async move { publish(guard, run.await, tx) });
+                }
+            }
         }
         out
     }
@@ -136,6 +141,21 @@ impl<T: Clone + Send + Sync + 'static> SingleFlight<T> {
     pub fn is_empty(&self) -> bool {
         self.inflight.is_empty()
     }
+}
+
+/// Ends a load: its keys leave the flight, then its waiters (if any are left) get the results, or "the load
+/// panicked" for each key.
+fn publish<T: Clone + Send + Sync + 'static>(
+    guard: Unregister<T>,
+    results: std::thread::Result<Vec<Outcome<T>>>,
+    tx: futures::channel::oneshot::Sender<Vec<Outcome<T>>>,
+) {
+    let count = guard.keys.len();
+    let results = results.unwrap_or_else(|_| {
+        (0..count).map(|_| Err(EngineError::Internal("the load panicked".into()))).collect()
+    });
+    drop(guard);
+    let _ = tx.send(results);
 }
 
 struct Unregister<T: Clone + Send + Sync + 'static> {
@@ -307,6 +327,27 @@ mod tests {
             let got = caller.await.expect("no caller panics");
             assert!(matches!(got, Err(EngineError::Internal(ref m)) if m.contains("panicked")), "{got:?}");
         }
+        assert!(sf.is_empty());
+        assert_eq!(sf.load("k", || async { Ok(2) }.boxed()).await, Ok(2), "the next load starts afresh");
+    }
+
+    #[tokio::test]
+    async fn a_load_that_needs_no_waiting_is_done_when_the_leader_asks() {
+        let sf = Arc::new(SingleFlight::<u32>::default());
+        let mut futures = sf.load_many(&[Arc::from("a"), Arc::from("b")], |keys| {
+            async move { keys.iter().map(|k| Ok(u32::from(k.as_bytes()[0]))).collect() }.boxed()
+        });
+        assert!(sf.is_empty(), "finished in the first poll, nothing left in flight");
+        let b = futures.pop().expect("b").now_or_never().expect("b is ready without waiting");
+        let a = futures.pop().expect("a").now_or_never().expect("a is ready without waiting");
+        assert_eq!((a, b), (Ok(97), Ok(98)));
+    }
+
+    #[tokio::test]
+    async fn a_load_that_panics_in_its_first_poll_is_an_error_not_a_panic_of_the_caller() {
+        let sf = Arc::new(SingleFlight::<u32>::default());
+        let got = sf.load("k", || async { panic!("a bug in the load") }.boxed()).await;
+        assert!(matches!(got, Err(EngineError::Internal(ref m)) if m.contains("panicked")), "{got:?}");
         assert!(sf.is_empty());
         assert_eq!(sf.load("k", || async { Ok(2) }.boxed()).await, Ok(2), "the next load starts afresh");
     }
