@@ -78,6 +78,36 @@ impl FromStr for Op {
     }
 }
 
+/// How the tasks of a run call the node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Through the [`Client`] handed to [`run`] (tonic), as a Rust application does; calls are spread over its
+    /// connections round-robin.
+    #[default]
+    Client,
+    /// A lean gRPC caller on the `h2` crate, with as many connections as the client has, each task keeping to one:
+    /// the load generator then costs about half as much CPU per call, which on a machine shared with the server
+    /// leaves more of it to the server under test. Plain `http://` endpoints only.
+    H2,
+}
+
+impl Transport {
+    /// The name used on the command line and in reports.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::H2 => "h2",
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Parameters of one benchmark run. The connection count is a property of the [`Client`] handed to [`run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BenchConfig {
@@ -102,6 +132,8 @@ pub struct BenchConfig {
     /// Use a key never used before for every key of every request instead of drawing from `keys`: every read is
     /// then a miss (on a read-through keyspace, a data-source load) and every write inserts a new entry.
     pub unique_keys: bool,
+    /// How calls are made (the preload always goes through the [`Client`]).
+    pub transport: Transport,
 }
 
 impl Default for BenchConfig {
@@ -118,6 +150,7 @@ impl Default for BenchConfig {
             keyspace: "bench".to_owned(),
             preload: true,
             unique_keys: false,
+            transport: Transport::Client,
         }
     }
 }
@@ -199,6 +232,8 @@ pub struct BenchReport {
     pub op: Op,
     /// Concurrent closed-loop tasks.
     pub concurrency: usize,
+    /// How the calls were made.
+    pub transport: Transport,
     /// HTTP/2 connections the tasks shared.
     pub connections: usize,
     /// Keys per call.
@@ -247,6 +282,7 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "op           {}", self.op)?;
         writeln!(f, "concurrency  {}", self.concurrency)?;
+        writeln!(f, "transport    {}", self.transport)?;
         writeln!(f, "connections  {}", self.connections)?;
         writeln!(f, "batch        {}", self.batch)?;
         if self.unique_keys {
@@ -286,6 +322,9 @@ pub enum BenchError {
     /// Merging the per-task histograms failed (a bug: they share their bounds).
     #[error("failed to merge latency histograms")]
     Merge(#[source] hdrhistogram::AdditionError),
+    /// The connections of the `h2` transport could not be opened.
+    #[error("failed to connect")]
+    Connect(#[source] Error),
     /// A benchmark task panicked or was cancelled.
     #[error("a benchmark task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -314,6 +353,23 @@ pub async fn run_with_progress(
         preload(client, config, &keys, &value).await?;
     }
 
+    let callers = match config.transport {
+        Transport::Client => vec![Caller::Client(client.clone())],
+        Transport::H2 => {
+            let endpoint = client.endpoint().ok_or_else(|| {
+                BenchError::InvalidConfig(
+                    "the h2 transport needs a client connected to an endpoint".to_owned(),
+                )
+            })?;
+            let connections = (0..client.connections()).map(|_| wire::Connection::open(endpoint));
+            futures::future::try_join_all(connections)
+                .await
+                .map_err(BenchError::Connect)?
+                .into_iter()
+                .map(Caller::H2)
+                .collect()
+        }
+    };
     let tallies = (0..config.concurrency).map(|_| Tally::new()).collect::<Result<Vec<_>, _>>()?;
     progress(Phase::WarmingUp(config.warmup));
     let warmup_end = Instant::now() + config.warmup;
@@ -330,7 +386,8 @@ pub async fn run_with_progress(
     let mut workers = JoinSet::new();
     for (index, tally) in tallies.into_iter().enumerate() {
         let rng = XorShift64::seeded(index as u64);
-        workers.spawn(worker(client.clone(), Arc::clone(&plan), rng, tally));
+        let caller = callers[index % callers.len()].clone();
+        workers.spawn(worker(caller, Arc::clone(&plan), rng, tally));
     }
     tokio::time::sleep_until(warmup_end.into()).await;
     progress(Phase::Measuring(config.duration));
@@ -415,6 +472,55 @@ impl CallOutcome {
     }
 }
 
+/// What one task calls the node with.
+#[derive(Clone)]
+enum Caller {
+    Client(Client),
+    H2(wire::Connection),
+}
+
+impl Caller {
+    /// `Ok(true)` for a value, `Ok(false)` for none.
+    async fn get(&self, keyspace: &str, key: String) -> Result<bool, Error> {
+        match self {
+            Self::Client(client) => client.get(keyspace, key).await.map(|value| value.is_some()),
+            Self::H2(connection) => connection.get(keyspace, key).await,
+        }
+    }
+
+    async fn get_many(&self, keyspace: &str, keys: Vec<String>) -> Result<Vec<Result<bool, Error>>, Error> {
+        match self {
+            Self::Client(client) => Ok(client
+                .get_many(keyspace, keys)
+                .await?
+                .into_iter()
+                .map(|result| result.map(|value| value.is_some()))
+                .collect()),
+            Self::H2(connection) => connection.get_many(keyspace, keys).await,
+        }
+    }
+
+    async fn put(&self, keyspace: &str, key: String, value: Bytes) -> Result<(), Error> {
+        match self {
+            Self::Client(client) => client.put(keyspace, key, value, None).await,
+            Self::H2(connection) => connection.put(keyspace, key, value).await,
+        }
+    }
+
+    async fn put_many(
+        &self,
+        keyspace: &str,
+        entries: Vec<(String, Bytes)>,
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        match self {
+            Self::Client(client) => {
+                client.put_many(keyspace, entries.into_iter().map(|(key, value)| (key, value, None))).await
+            }
+            Self::H2(connection) => connection.put_many(keyspace, entries).await,
+        }
+    }
+}
+
 impl Plan {
     /// The key of the next request: a fresh one in a `unique_keys` run, else one drawn at random from `keys`.
     fn next_key(&self, rng: &mut XorShift64) -> String {
@@ -424,23 +530,23 @@ impl Plan {
         }
     }
 
-    async fn get(&self, client: &Client, rng: &mut XorShift64) -> CallOutcome {
+    async fn get(&self, caller: &Caller, rng: &mut XorShift64) -> CallOutcome {
         let mut outcome = CallOutcome::default();
         if self.batch == 1 {
-            match client.get(self.keyspace.as_str(), self.next_key(rng)).await {
-                Ok(Some(_)) => {}
-                Ok(None) => outcome.misses = 1,
+            match caller.get(&self.keyspace, self.next_key(rng)).await {
+                Ok(true) => {}
+                Ok(false) => outcome.misses = 1,
                 Err(error) => return CallOutcome::failed(error, 1),
             }
             return outcome;
         }
         let keys: Vec<String> = (0..self.batch).map(|_| self.next_key(rng)).collect();
-        match client.get_many(self.keyspace.as_str(), keys).await {
+        match caller.get_many(&self.keyspace, keys).await {
             Ok(results) => {
                 for result in results {
                     match result {
-                        Ok(Some(_)) => {}
-                        Ok(None) => outcome.misses += 1,
+                        Ok(true) => {}
+                        Ok(false) => outcome.misses += 1,
                         Err(error) => outcome.key_error(error),
                     }
                 }
@@ -450,19 +556,15 @@ impl Plan {
         }
     }
 
-    async fn put(&self, client: &Client, rng: &mut XorShift64) -> CallOutcome {
+    async fn put(&self, caller: &Caller, rng: &mut XorShift64) -> CallOutcome {
         if self.batch == 1 {
-            return match client
-                .put(self.keyspace.as_str(), self.next_key(rng), self.value.clone(), None)
-                .await
-            {
+            return match caller.put(&self.keyspace, self.next_key(rng), self.value.clone()).await {
                 Ok(()) => CallOutcome::default(),
                 Err(error) => CallOutcome::failed(error, 1),
             };
         }
-        let entries: Vec<_> =
-            (0..self.batch).map(|_| (self.next_key(rng), self.value.clone(), None)).collect();
-        match client.put_many(self.keyspace.as_str(), entries).await {
+        let entries: Vec<_> = (0..self.batch).map(|_| (self.next_key(rng), self.value.clone())).collect();
+        match caller.put_many(&self.keyspace, entries).await {
             Ok(results) => {
                 let mut outcome = CallOutcome::default();
                 for error in results.into_iter().filter_map(Result::err) {
@@ -508,7 +610,7 @@ impl Tally {
 }
 
 /// The closed loop of one task: issue, wait, record (after the warm-up), repeat until the end of the run.
-async fn worker(client: Client, plan: Arc<Plan>, mut rng: XorShift64, mut tally: Tally) -> Tally {
+async fn worker(caller: Caller, plan: Arc<Plan>, mut rng: XorShift64, mut tally: Tally) -> Tally {
     loop {
         let start = Instant::now();
         if start >= plan.end {
@@ -520,7 +622,7 @@ async fn worker(client: Client, plan: Arc<Plan>, mut rng: XorShift64, mut tally:
             Op::Mixed => rng.below(10) == 0,
         };
         let outcome =
-            if write { plan.put(&client, &mut rng).await } else { plan.get(&client, &mut rng).await };
+            if write { plan.put(&caller, &mut rng).await } else { plan.get(&caller, &mut rng).await };
         if start >= plan.warmup_end {
             tally.record(start.elapsed(), outcome);
         }
@@ -553,6 +655,7 @@ fn summarize(
     Ok(BenchReport {
         op: config.op,
         concurrency: config.concurrency,
+        transport: config.transport,
         connections,
         batch: config.batch,
         value_size: config.value_size,
@@ -610,3 +713,4 @@ impl XorShift64 {
 
 #[cfg(test)]
 mod tests;
+mod wire;

@@ -515,6 +515,12 @@ impl Client {
         Error::from_status(status)
     }
 
+    /// The endpoint this client connected to, as `http://host:port` or `https://host:port` (none for
+    /// [`Client::from_channel`]).
+    pub fn endpoint(&self) -> Option<&str> {
+        self.inner.target.as_ref().map(|target| target.endpoint.as_str())
+    }
+
     /// Number of HTTP/2 connections calls are spread over.
     pub fn connections(&self) -> usize {
         self.inner.clients.len()

@@ -195,6 +195,26 @@ struct BenchArgs {
     /// the server, more client threads take cores from the server under test.
     #[arg(long, default_value_t = 1, value_parser = parse_positive)]
     threads: usize,
+    /// How the tasks call the node: `client`, the Rust client library (tonic), as an application does; or `h2`,
+    /// a lean gRPC caller on the h2 crate that costs the load generator about half the CPU per call, so more of
+    /// a shared machine is left to the server (what redis-benchmark is to Redis). `h2` needs an http:// endpoint.
+    #[arg(long, value_enum, default_value_t = TransportArg::Client)]
+    transport: TransportArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    Client,
+    H2,
+}
+
+impl From<TransportArg> for bench::Transport {
+    fn from(transport: TransportArg) -> Self {
+        match transport {
+            TransportArg::Client => Self::Client,
+            TransportArg::H2 => Self::H2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -231,6 +251,7 @@ impl BenchArgs {
             keyspace: self.keyspace.clone(),
             preload: !self.no_preload,
             unique_keys: self.unique_keys,
+            transport: self.transport.into(),
         }
     }
 }
@@ -266,13 +287,22 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    // Every command but bench does a handful of calls: one worker is plenty.
-    builder.worker_threads(match &cli.command {
+    // One thread (every command but a multi-threaded bench) runs tokio's current-thread runtime: one event loop,
+    // like redis-benchmark. A multi-thread runtime of one worker hands every wake-up of a call through its LIFO
+    // slot, so each request is written on its own, where one event loop lets the requests that one read of
+    // responses made ready leave together.
+    let threads = match &cli.command {
         Command::Bench(args) => args.threads,
         _ => 1,
-    });
+    };
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all();
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -995,9 +1025,14 @@ mod tests {
         assert_eq!((config.duration, config.warmup), (Duration::from_millis(500), Duration::ZERO));
         assert!(!config.preload);
         assert!(!config.unique_keys);
+        assert_eq!(config.transport, bench::Transport::Client, "the client library unless asked");
         let cli = parse(&["bench", "--unique-keys"]).expect("valid");
         let Command::Bench(args) = cli.command else { panic!("not bench") };
         assert!(args.config().unique_keys);
+        let cli = parse(&["bench", "--transport", "h2"]).expect("valid");
+        let Command::Bench(args) = cli.command else { panic!("not bench") };
+        assert_eq!(args.config().transport, bench::Transport::H2);
+        assert!(parse(&["bench", "--transport", "grpc"]).is_err());
         for bad in [["--concurrency", "0"], ["--batch", "0"], ["--duration", "0s"], ["--op", "scan"]] {
             let err = parse(&["bench", bad[0], bad[1]]).expect_err("invalid");
             assert_eq!(err.exit_code(), 2, "{bad:?}");

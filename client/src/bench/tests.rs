@@ -118,7 +118,10 @@ fn report_renders_as_text_and_json() {
     let report =
         summarize(&config, 4, Duration::from_secs(10), vec![tally(&[250; 100], 0, 0)]).expect("merge");
     let text = report.to_string();
-    assert!(text.starts_with("op           get\nconcurrency  50\nconnections  4\n"), "{text}");
+    assert!(
+        text.starts_with("op           get\nconcurrency  50\ntransport    client\nconnections  4\n"),
+        "{text}"
+    );
     assert!(text.contains("ops/s        10.0\n"), "{text}");
     assert!(text.contains("p50          250 µs\n"), "{text}");
     let json = serde_json::to_value(&report).expect("serializable");
@@ -126,6 +129,7 @@ fn report_renders_as_text_and_json() {
     let mut expected = vec![
         "op",
         "concurrency",
+        "transport",
         "connections",
         "batch",
         "value_size",
@@ -147,6 +151,7 @@ fn report_renders_as_text_and_json() {
     fields.sort_unstable();
     assert_eq!(fields, expected);
     assert_eq!(json["op"], "get");
+    assert_eq!(json["transport"], "client");
     assert_eq!(json["p50_us"], 250);
 }
 
@@ -256,4 +261,78 @@ async fn failures_are_counted_and_explained() {
     assert_eq!(report.errors, report.requests);
     assert!(report.all_failed());
     assert!(report.first_error.as_deref().is_some_and(|e| e.contains("unknown keyspace")), "{report:?}");
+}
+
+// The h2 transport speaks to the same tonic service as the client library: every kind of call, and the same
+// accounting of hits, misses and errors.
+
+#[tokio::test]
+async fn the_h2_transport_reads_writes_and_counts_like_the_client_library() {
+    let (addr, _fake) = crate::testing::serve().await;
+    let client = Client::connect_many(addr.to_string(), 2).await.expect("connect");
+    let h2 = |config: BenchConfig| BenchConfig { transport: Transport::H2, ..config };
+
+    // Get and GetMany of preloaded keys: all hit.
+    for batch in [1, 16] {
+        let report = run(&client, &h2(BenchConfig { batch, ..quick(Op::Get, crate::testing::KEYSPACE) }))
+            .await
+            .expect("runs");
+        assert!(report.requests > 0, "{report:?}");
+        assert_eq!((report.errors, report.misses), (0, 0), "batch {batch}: {report:?}");
+        assert_eq!(report.transport, Transport::H2);
+        assert_eq!(report.connections, 2);
+        assert!(report.to_string().contains("transport    h2"), "{report}");
+    }
+
+    // Keys never written: misses (NOT_FOUND, alone or per key of a batch), not errors.
+    for batch in [1, 8] {
+        let config = h2(BenchConfig { unique_keys: true, batch, ..quick(Op::Get, crate::testing::KEYSPACE) });
+        let report = run(&client, &config).await.expect("runs");
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert_eq!(report.misses, report.requests * batch as u64, "batch {batch}: {report:?}");
+    }
+
+    // Put and PutMany store what later reads find.
+    for batch in [1, 4] {
+        let config =
+            h2(BenchConfig { preload: false, keys: 10, batch, ..quick(Op::Mixed, crate::testing::KEYSPACE) });
+        let report = run(&client, &config).await.expect("runs");
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert!(report.misses < report.requests * batch as u64, "writes turn reads into hits: {report:?}");
+    }
+
+    // An error status (here in a trailers-only answer) is counted and explained as the client library does.
+    for op in [Op::Get, Op::Put] {
+        let config = h2(BenchConfig { preload: false, ..quick(op, "nope") });
+        let report = run(&client, &config).await.expect("runs");
+        assert!(report.all_failed(), "{report:?}");
+        assert!(report.first_error.as_deref().is_some_and(|e| e.contains("unknown keyspace")), "{report:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_h2_transport_fails_clearly_when_the_server_is_gone() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("bound address");
+    let service = distcache_proto::v1::cache_server::CacheServer::new(crate::testing::FakeCache::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+    let client = Client::connect(addr.to_string()).await.expect("connect");
+    let _ = stop.send(());
+    drop(client.clone());
+    server.await.expect("server task").expect("server stops cleanly");
+    let config =
+        BenchConfig { preload: false, transport: Transport::H2, ..quick(Op::Get, crate::testing::KEYSPACE) };
+    match run(&client, &config).await {
+        Err(BenchError::Connect(Error::Unavailable(message))) => {
+            assert!(message.contains(&addr.to_string()), "{message}");
+        }
+        other => panic!("expected a connect error, got {other:?}"),
+    }
 }
