@@ -86,9 +86,9 @@ pub enum Transport {
     /// connections round-robin.
     #[default]
     Client,
-    /// A lean gRPC caller on the `h2` crate, with as many connections as the client has, each task keeping to one:
-    /// the load generator then costs about half as much CPU per call, which on a machine shared with the server
-    /// leaves more of it to the server under test. Plain `http://` endpoints only.
+    /// A lean gRPC caller on the `h2` crate, with as many connections as the client has (and its TLS settings),
+    /// each task keeping to one: the load generator then costs about half as much CPU per call, which on a
+    /// machine shared with the server leaves more of it to the server under test.
     H2,
 }
 
@@ -356,12 +356,12 @@ pub async fn run_with_progress(
     let callers = match config.transport {
         Transport::Client => vec![Caller::Client(client.clone())],
         Transport::H2 => {
-            let endpoint = client.endpoint().ok_or_else(|| {
+            let target = client.target().ok_or_else(|| {
                 BenchError::InvalidConfig(
                     "the h2 transport needs a client connected to an endpoint".to_owned(),
                 )
             })?;
-            let connections = (0..client.connections()).map(|_| wire::Connection::open(endpoint));
+            let connections = (0..client.connections()).map(|_| wire::Connection::open(target));
             futures::future::try_join_all(connections)
                 .await
                 .map_err(BenchError::Connect)?
@@ -471,6 +471,11 @@ impl CallOutcome {
         self.first_error.get_or_insert(error);
     }
 }
+
+/// A connection's byte stream, plain TCP or TLS over it.
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// What one task calls the node with.
 #[derive(Clone)]

@@ -515,10 +515,9 @@ impl Client {
         Error::from_status(status)
     }
 
-    /// The endpoint this client connected to, as `http://host:port` or `https://host:port` (none for
-    /// [`Client::from_channel`]).
-    pub fn endpoint(&self) -> Option<&str> {
-        self.inner.target.as_ref().map(|target| target.endpoint.as_str())
+    /// Where this client connected, and how (none for [`Client::from_channel`]).
+    pub(crate) fn target(&self) -> Option<&Target> {
+        self.inner.target.as_ref()
     }
 
     /// Number of HTTP/2 connections calls are spread over.

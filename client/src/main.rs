@@ -197,7 +197,7 @@ struct BenchArgs {
     threads: usize,
     /// How the tasks call the node: `client`, the Rust client library (tonic), as an application does; or `h2`,
     /// a lean gRPC caller on the h2 crate that costs the load generator about half the CPU per call, so more of
-    /// a shared machine is left to the server (what redis-benchmark is to Redis). `h2` needs an http:// endpoint.
+    /// a shared machine is left to the server (what redis-benchmark is to Redis). Both use the TLS options.
     #[arg(long, value_enum, default_value_t = TransportArg::Client)]
     transport: TransportArg,
 }

@@ -165,6 +165,41 @@ impl Target {
         Some(Error::Tls { endpoint: self.endpoint.clone(), reason })
     }
 
+    /// Opens one connection to the target as `distcache bench --transport h2` uses it: TCP (`TCP_NODELAY`),
+    /// then TLS for an `https://` endpoint. A failure is explained like at connect time.
+    pub(crate) async fn open_stream(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<Box<dyn crate::bench::Io>, Error> {
+        let Some(tls) = &self.tls else {
+            let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(self.authority.as_str()));
+            let tcp = connect
+                .await
+                .map_err(|_| {
+                    Error::Unavailable(format!(
+                        "connecting to {} timed out after {connect_timeout:?}",
+                        self.authority
+                    ))
+                })?
+                .map_err(|err| Error::Unavailable(format!("cannot connect to {}: {err}", self.authority)))?;
+            tcp.set_nodelay(true).map_err(|err| {
+                Error::Unavailable(format!("cannot set TCP_NODELAY towards {}: {err}", self.authority))
+            })?;
+            return Ok(Box::new(tcp));
+        };
+        let uri: Uri = self
+            .dial
+            .parse()
+            .map_err(|err| config_error(format!("invalid endpoint {}: {err}", self.endpoint)))?;
+        let mut connector = Self::connector(tls, connect_timeout).inner;
+        match tower_service::Service::call(&mut connector, uri).await {
+            Ok(stream) => Ok(Box::new(stream.into_inner())),
+            Err(err) => Err(self.explain(&err, true).unwrap_or_else(|| {
+                Error::Unavailable(format!("cannot connect to {}: {err}", self.endpoint))
+            })),
+        }
+    }
+
     /// For a plain endpoint whose connection broke before any answer: does the server speak TLS? It is asked
     /// directly: a TLS server answers the HTTP/2 preface with a TLS alert record.
     pub(crate) async fn explain_plain(&self, timeout: Duration) -> Option<Error> {

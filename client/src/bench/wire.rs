@@ -6,17 +6,16 @@
 //! machine shared with the server the client takes less of the CPU the server under test needs. Each task of a run
 //! keeps to one connection, so the requests of the tasks that one batch of responses woke leave in one write.
 //! The server sees ordinary gRPC calls (the same paths, headers, length-prefixed protobuf messages and trailers as
-//! tonic's); only plain `http://` endpoints are supported.
+//! tonic's), over TLS for an `https://` endpoint (the client's own TLS settings).
 
 use std::{future::Future, sync::Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use distcache_proto::v1 as pb;
 use prost::Message;
-use tokio::net::TcpStream;
 use tonic::{Code, Status};
 
-use crate::Error;
+use crate::{DEFAULT_CONNECT_TIMEOUT, Error, tls::Target};
 
 /// Flow-control windows: large enough that a benchmark's responses never wait for a window update.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -51,32 +50,30 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    /// Opens a connection to `endpoint` (`http://host:port` or `host:port`) and spawns the task that drives it.
-    pub(super) async fn open(endpoint: &str) -> Result<Self, Error> {
-        let authority = plain_authority(endpoint)?;
-        let unavailable = |what: &str, err: &dyn std::fmt::Display| {
-            Error::Unavailable(format!("{what} {authority}: {err}"))
-        };
-        let stream =
-            TcpStream::connect(authority).await.map_err(|err| unavailable("cannot connect to", &err))?;
-        stream.set_nodelay(true).map_err(|err| unavailable("cannot set TCP_NODELAY towards", &err))?;
+    /// Opens a connection to `target` (TLS for an `https://` one) and spawns the task that drives it.
+    pub(super) async fn open(target: &Target) -> Result<Self, Error> {
+        let stream = target.open_stream(DEFAULT_CONNECT_TIMEOUT).await?;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake::<_, Bytes>(stream)
             .await
-            .map_err(|err| unavailable("HTTP/2 handshake failed with", &err))?;
+            .map_err(|err| {
+                Error::Unavailable(format!("HTTP/2 handshake with {} failed: {err}", target.endpoint))
+            })?;
         // The connection ends when every handle is dropped (or the server goes away); calls then fail on their own.
         tokio::spawn(async move {
             let _ = connection.await;
         });
+        let base: http::Uri = target
+            .endpoint
+            .parse()
+            .map_err(|err| Error::Config(format!("invalid endpoint {:?}: {err}", target.endpoint)))?;
         let uri = |method: Method| {
-            http::Uri::builder()
-                .scheme("http")
-                .authority(authority)
-                .path_and_query(method.path())
-                .build()
-                .map_err(|err| Error::Config(format!("invalid endpoint {endpoint:?}: {err}")))
+            let mut parts = base.clone().into_parts();
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static(method.path()));
+            http::Uri::from_parts(parts)
+                .map_err(|err| Error::Config(format!("invalid endpoint {:?}: {err}", target.endpoint)))
         };
         let uris = [uri(Method::Get)?, uri(Method::GetMany)?, uri(Method::Put)?, uri(Method::PutMany)?];
         Ok(Self { send, uris: Arc::new(uris) })
@@ -198,21 +195,6 @@ impl Connection {
     }
 }
 
-/// The `host:port` of a plain-HTTP endpoint.
-fn plain_authority(endpoint: &str) -> Result<&str, Error> {
-    if endpoint.starts_with("https://") {
-        return Err(Error::Config(
-            "the h2 transport speaks plain HTTP/2 only; use --transport client for an https:// endpoint"
-                .to_owned(),
-        ));
-    }
-    let authority = endpoint.strip_prefix("http://").unwrap_or(endpoint).trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') {
-        return Err(Error::Config(format!("invalid endpoint {endpoint:?}: expected http://host:port")));
-    }
-    Ok(authority)
-}
-
 /// A gRPC message: not compressed (0), its length (big-endian u32), then the protobuf encoding.
 fn frame(message: &impl Message) -> Bytes {
     let len = message.encoded_len();
@@ -317,13 +299,5 @@ mod tests {
             Some(Error::NotFound(message)) => assert_eq!(message, "no such key"),
             other => panic!("unexpected {other:?}"),
         }
-    }
-
-    #[test]
-    fn endpoints_must_be_plain_http() {
-        assert_eq!(plain_authority("http://127.0.0.1:7420").ok(), Some("127.0.0.1:7420"));
-        assert_eq!(plain_authority("127.0.0.1:7420/").ok(), Some("127.0.0.1:7420"));
-        assert!(matches!(plain_authority("https://cache:7420"), Err(Error::Config(_))));
-        assert!(matches!(plain_authority("http://cache:7420/x"), Err(Error::Config(_))));
     }
 }

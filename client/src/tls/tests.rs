@@ -246,3 +246,42 @@ fn targets_dial_plain_http_and_check_the_host() {
     assert_eq!((plain.endpoint.as_str(), plain.dial.as_str()), ("http://node:7420", "http://node:7420"));
     assert!(plain.tls.is_none());
 }
+
+#[tokio::test]
+async fn the_bench_h2_transport_speaks_tls_with_the_clients_settings() {
+    use crate::bench::{self, BenchConfig, Op, Transport};
+    let pki = Pki::new();
+    let (addr, fake) = testing::serve_tls(pki.settings(ClientAuth::None)).await;
+    let client =
+        with_ca(https(addr), &pki.server.ca_file).connections(2).connect().await.expect("TLS connect");
+    let config = BenchConfig {
+        op: Op::Mixed,
+        concurrency: 4,
+        duration: std::time::Duration::from_millis(200),
+        warmup: std::time::Duration::ZERO,
+        keys: 20,
+        keyspace: KEYSPACE.to_owned(),
+        transport: Transport::H2,
+        ..BenchConfig::default()
+    };
+    let before = fake.calls.load(std::sync::atomic::Ordering::Relaxed);
+    let report = bench::run(&client, &config).await.expect("bench over TLS");
+    assert!(report.requests > 0, "{report:?}");
+    assert_eq!((report.errors, report.misses), (0, 0), "{report:?}");
+    // Every call of the run reached the server (the preload's PutMany calls come on top).
+    let calls = fake.calls.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert!(calls >= report.requests, "{calls} calls for {report:?}");
+
+    // A certificate the client's CA did not sign fails the connection the way the client library's does.
+    let other = Pki::new();
+    let (other_addr, _other) = testing::serve_tls(other.settings(ClientAuth::None)).await;
+    let stranger = with_ca(https(other_addr), &other.server.ca_file).connect().await.expect("TLS connect");
+    let target = stranger.target().expect("built by the builder").clone();
+    let wrong_ca = Target { tls: client.target().and_then(|t| t.tls.clone()), ..target };
+    match wrong_ca.open_stream(std::time::Duration::from_secs(5)).await {
+        // Both test CAs carry the same name, so rustls finds the issuer and then the signature fails.
+        Err(Error::Tls { reason, .. }) => assert!(reason.contains("BadSignature"), "{reason}"),
+        Err(other) => panic!("expected a TLS error, got {other:?}"),
+        Ok(_) => panic!("a certificate from another CA was accepted"),
+    }
+}
