@@ -87,6 +87,85 @@ pub struct NodeConfig {
     /// The Redis-protocol (RESP2/RESP3) front end: off unless `resp.listen` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resp: Option<RespConfig>,
+    /// Traces over OTLP/gRPC: `{ otlpEndpoint, sampleRatio, recordKeys }`. Off unless an endpoint is set, here
+    /// or in `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+    /// Logs on stderr: `{ format: text|json, level }`. `RUST_LOG`, when set, overrides `level`.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `tracing:` — spans of the request path exported over OTLP/gRPC (see `docs/design.md`, "Tracing").
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector, such as `http://otel-collector.monitoring:4317`. Default: the standard
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then `OTEL_EXPORTER_OTLP_ENDPOINT`; with neither, tracing is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of the requests that start a trace here, 0 to 1 (default 0.01). A request whose caller sent a
+    /// sampled W3C `traceparent` is always traced, one whose caller did not sample it never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_ratio: Option<f64>,
+    /// Record the key itself on spans (`distcache.key`). Off by default: keys can be personal data.
+    #[serde(default)]
+    pub record_keys: bool,
+}
+
+/// The default share of requests traced.
+pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
+
+impl TracingConfig {
+    /// The collector endpoint: the configured one, else the standard environment variables (empty = unset).
+    pub fn endpoint(&self, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+        let set = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
+        set(self.otlp_endpoint.clone())
+            .or_else(|| set(env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")))
+            .or_else(|| set(env("OTEL_EXPORTER_OTLP_ENDPOINT")))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(ratio) = self.sample_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return Err(format!("tracing.sampleRatio must be between 0 and 1, got {ratio}"));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !endpoint.trim().is_empty()
+            && !endpoint.starts_with("http://")
+        {
+            return Err(format!(
+                "tracing.otlpEndpoint must be an http:// URL of an OTLP/gRPC collector (such as \
+                 http://otel-collector:4317), got {endpoint:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `log:` — how the node logs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`: one JSON object per line, with `trace_id` and `span_id` inside a traced
+    /// request. `DISTCACHE_LOG=json` also selects JSON.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Levels in `RUST_LOG` syntax, such as `info` (the default) or `info,distcache_node::hooks=debug`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+/// The log line format.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `resp:` — the Redis-protocol front end (see `docs/design.md`, "The RESP front end").
@@ -580,6 +659,8 @@ impl Default for NodeConfig {
             hooks: HooksConfig::default(),
             handoff: HandoffConfig::default(),
             resp: None,
+            tracing: TracingConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -737,22 +818,39 @@ impl NodeConfig {
                 }
             }
         }
-        if config.admin.tls && config.tls.is_none() {
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The checks a file that parses can still fail: settings that contradict each other or are out of range.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.admin.tls && self.tls.is_none() {
             return Err(ConfigError::Invalid {
                 origin: "config".into(),
                 message: "admin.tls is true but tls (certFile, keyFile, caFile) is not set".into(),
             });
         }
-        if let Some(resp) = &config.resp {
+        if let Some(resp) = &self.resp {
             resp.check().map_err(|message| ConfigError::Invalid { origin: "config".into(), message })?;
         }
-        if !(1..=100_000).contains(&config.hooks.max_instances) {
+        self.tracing.check().map_err(|message| ConfigError::Invalid { origin: "config".into(), message })?;
+        if let Some(level) = &self.log.level
+            && let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level)
+        {
+            return Err(ConfigError::Invalid {
+                origin: "config".into(),
+                message: format!(
+                    "log.level {level:?} is not a valid filter (such as info or warn,distcache_node=debug): {e}"
+                ),
+            });
+        }
+        if !(1..=100_000).contains(&self.hooks.max_instances) {
             return Err(ConfigError::Invalid {
                 origin: "config".into(),
                 message: "hooks.maxInstances must be between 1 and 100000".into(),
             });
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The member name: configured, else the hostname.

@@ -42,6 +42,7 @@ pub mod singleflight;
 pub mod source;
 pub mod store;
 pub mod table;
+pub mod telemetry;
 
 pub use config::NodeConfig;
 pub use node::{NodeOptions, RunningNode, start};

@@ -15,22 +15,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None, after_help = "Every config field can also be set by an environment \
 variable DISTCACHE_<FIELD> (nested fields joined by __, values in YAML), e.g. DISTCACHE_ADVERTISE=10.0.0.7:7420.\n\
-Logging: RUST_LOG (default info); DISTCACHE_LOG=json for JSON lines.")]
+Logging: log.format and log.level in the config; RUST_LOG overrides the level, DISTCACHE_LOG=json selects JSON \
+lines.\nTraces: tracing.otlpEndpoint, or the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT.")]
 struct Args {
     /// Node configuration file (YAML). Without it, defaults and DISTCACHE_* variables apply.
     #[arg(long, short = 'c', env = "DISTCACHE_CONFIG")]
     config: Option<PathBuf>,
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if std::env::var("DISTCACHE_LOG").is_ok_and(|v| v == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 async fn shutdown_signal() {
@@ -56,11 +46,18 @@ async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging();
     let args = Args::parse();
     let env = std::env::vars().filter(|(k, _)| k != "DISTCACHE_CONFIG");
+    // A bad configuration is reported on stderr before any logging is set up (logging is configured by it).
     let config = NodeConfig::load(args.config.as_deref(), env).context("cannot start: bad configuration")?;
-    runtime(config.worker_threads)?.block_on(run(config))
+    runtime(config.worker_threads)?.block_on(async {
+        // Inside the runtime: the trace exporter's connection and batch processor are tasks on it.
+        let telemetry = distcache_node::telemetry::init(&config.log, &config.tracing, "distcache-node")
+            .context("cannot start: logging or tracing")?;
+        let result = run(config).await;
+        telemetry.shutdown().await;
+        result
+    })
 }
 
 /// The async runtime for `workerThreads`. One worker is tokio's current-thread scheduler: a single event loop,

@@ -16,6 +16,7 @@ use distcache_proto::v1::{
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::{
     batch::Batch,
@@ -25,6 +26,7 @@ use crate::{
     membership::ChangeKind,
     peer::WriteEntry,
     ring::Member,
+    telemetry,
 };
 
 impl From<EngineError> for Status {
@@ -151,11 +153,38 @@ fn pb_member(m: &Member, local: &str) -> pb::Member {
 #[tonic::async_trait]
 impl pb::cache_server::Cache for CacheService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let span = tracing::info_span!(
+            target: telemetry::SPANS,
+            "distcache.Cache/Get",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            distcache.keyspace = tracing::field::Empty,
+            distcache.key = tracing::field::Empty,
+            distcache.outcome = tracing::field::Empty,
+            distcache.bytes = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        telemetry::adopt_parent(&span, request.metadata());
         let who = identities(&request);
         let req = request.into_inner();
-        self.engine.authorize(&req.keyspace, "get", AccessOp::Read, &who)?;
-        let v = self.engine.get(&req.keyspace, &req.key).await?;
-        Ok(Response::new(get_response(v)))
+        if !span.is_none() {
+            span.record("distcache.keyspace", req.keyspace.as_str());
+            if telemetry::record_keys() {
+                span.record("distcache.key", req.key.as_str());
+            }
+        }
+        let answer = async {
+            self.engine.authorize(&req.keyspace, "get", AccessOp::Read, &who)?;
+            self.engine.get(&req.keyspace, &req.key).await
+        }
+        .instrument(span.clone())
+        .await;
+        match &answer {
+            Ok(v) => span.record("distcache.bytes", v.bytes.len()),
+            Err(EngineError::NotFound) => span.record("distcache.outcome", "not_found"),
+            Err(_) => span.record("otel.status_code", "ERROR"),
+        };
+        Ok(Response::new(get_response(answer?)))
     }
 
     async fn get_many(&self, request: Request<GetManyRequest>) -> Result<Response<GetManyResponse>, Status> {
@@ -355,11 +384,9 @@ impl PeerService {
     pub fn new(engine: Arc<Engine>, advertise: String) -> Self {
         Self { engine, advertise }
     }
-}
 
-#[tonic::async_trait]
-impl pb::peer_server::Peer for PeerService {
-    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+    /// `Load`, inside its span.
+    async fn load_traced(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
         let remote = request
             .remote_addr()
             .or_else(|| request.extensions().get::<distcache_tls::TlsConnectInfo>().and_then(|i| i.remote));
@@ -370,6 +397,23 @@ impl pb::peer_server::Peer for PeerService {
             Err(e) => per_key_failure(&req.keys, &e),
         };
         Ok(Response::new(LoadResponse { results }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let span = tracing::info_span!(
+            target: telemetry::SPANS,
+            "distcache.Peer/Load",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            distcache.keyspace = request.get_ref().keyspace.as_str(),
+            distcache.keys = request.get_ref().keys.len(),
+            distcache.from = request.get_ref().from.as_str(),
+        );
+        telemetry::adopt_parent(&span, request.metadata());
+        self.load_traced(request).instrument(span).await
     }
 
     async fn store(&self, request: Request<StoreRequest>) -> Result<Response<StoreResponse>, Status> {

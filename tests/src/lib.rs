@@ -16,6 +16,7 @@ pub mod nats;
 pub mod netns;
 pub mod operator;
 pub mod origin;
+pub mod otlp;
 pub mod procs;
 pub mod testbed;
 pub mod tls;

@@ -43,6 +43,8 @@ struct State {
     hits: BTreeMap<String, u64>,
     /// Arrival instant and path of every data request, in order.
     log: Vec<(Instant, String)>,
+    /// Path and W3C `traceparent` header of every data request that carried one, in order.
+    traceparents: Vec<(String, String)>,
     /// Status every data request is answered with, unless a burst is in progress.
     fail: Option<u16>,
     /// Delay of every data answer.
@@ -57,6 +59,7 @@ impl Default for State {
         Self {
             hits: BTreeMap::new(),
             log: Vec::new(),
+            traceparents: Vec::new(),
             fail: None,
             delay: Duration::ZERO,
             burst: 0,
@@ -168,6 +171,11 @@ impl Origin {
         lock(&self.state).log.clone()
     }
 
+    /// The `traceparent` header of every data request that carried one: `(path, traceparent)`, in order.
+    pub fn traceparents(&self) -> Vec<(String, String)> {
+        lock(&self.state).traceparents.clone()
+    }
+
     /// Answers every data request with `status` (an HTTP error status, 400 to 599, empty body) from now on;
     /// `None` answers normally again. A burst in progress ([`Origin::fail_next`]) goes first.
     pub fn fail_with(&self, status: Option<u16>) {
@@ -204,6 +212,8 @@ struct Request {
     query: String,
     /// The client sent `Connection: close`: answer, then close the connection.
     close: bool,
+    /// The W3C `traceparent` header, if sent.
+    traceparent: Option<String>,
 }
 
 async fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
@@ -214,6 +224,7 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Opti
     let target = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
     let mut content_length = 0usize;
     let mut close = false;
+    let mut traceparent = None;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).await? == 0 || header.trim().is_empty() {
@@ -230,13 +241,18 @@ async fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Opti
         {
             close = true;
         }
+        if let Some((name, value)) = header.split_once(':')
+            && name.trim().eq_ignore_ascii_case("traceparent")
+        {
+            traceparent = Some(value.trim().to_owned());
+        }
     }
     if content_length > 0 {
         let mut body = vec![0; content_length.min(1 << 20)];
         reader.read_exact(&mut body).await?;
     }
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    Ok(Some(Request { path: percent_decode(path), query: query.to_owned(), close }))
+    Ok(Some(Request { path: percent_decode(path), query: query.to_owned(), close, traceparent }))
 }
 
 fn percent_decode(s: &str) -> String {
@@ -268,7 +284,13 @@ async fn serve_connection(stream: TcpStream, dir: &Path, state: &Mutex<State>) -
             }
             "/_control" => control(&request.query, state),
             path => {
-                let (forced, delay) = lock(state).admit(path);
+                let (forced, delay) = {
+                    let mut state = lock(state);
+                    if let Some(traceparent) = &request.traceparent {
+                        state.traceparents.push((path.to_owned(), traceparent.clone()));
+                    }
+                    state.admit(path)
+                };
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }

@@ -31,6 +31,11 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
+    /// The node's log so far (stdout and stderr of every start).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Starts the process (again); its log is appended to.
     pub fn start(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.child.is_none(), "{} is running", self.name);

@@ -4,6 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::{FutureExt, future::BoxFuture};
+use tracing::Instrument;
 
 use super::{
     Engine, LoadKey, entry_to_value, peer_unreachable, routing::group_by_owner, validate_batch, validate_key,
@@ -18,6 +19,7 @@ use crate::{
     ring::{Member, Ring, key_hash},
     source::{DataSource, FetchError, Fetched},
     store::{Entry, HOT_MAX_TTL, Tier},
+    telemetry,
 };
 
 /// The keys of one owner that missed this node's cache: position in the batch, and the key to load.
@@ -159,9 +161,11 @@ impl Engine {
     ) -> Result<Value, EngineError> {
         let epoch = ks.store.epoch(hash);
         if let Some(hit) = self.main_hit(ks, key, hash, epoch) {
+            telemetry::record_outcome(if hit.stale { "stale" } else { "hit" });
             return hit.into_value();
         }
         ks.metrics.misses.inc();
+        telemetry::record_outcome("miss");
         self.load_owned(ks, (Arc::from(key), hash, epoch)).await
     }
 
@@ -247,6 +251,13 @@ impl Engine {
     ) -> BoxFuture<'static, KeyResults<Value>> {
         let ks = Arc::clone(ks);
         let this = Arc::clone(self);
+        // The load a single flight's leader runs for everyone who asked for these keys meanwhile.
+        let span = tracing::info_span!(
+            target: telemetry::SPANS,
+            "distcache.singleflight",
+            distcache.keyspace = ks.name(),
+            distcache.keys = keys.len(),
+        );
         async move {
             let mut batch = Batch::new(keys.len());
             let mut missing = Vec::with_capacity(keys.len());
@@ -294,6 +305,7 @@ impl Engine {
             batch.fill(positions, results);
             batch.finish()
         }
+        .instrument(span)
         .boxed()
     }
 
@@ -308,15 +320,27 @@ impl Engine {
         let epoch = ks.store.epoch(hash);
         if let Some(entry) = ks.store.get(Tier::Hot, key) {
             ks.metrics.hits_hot.inc();
+            telemetry::record_outcome("hot_hit");
             return entry_to_value(entry);
         }
         ks.metrics.misses.inc();
         ks.metrics.forwarded.inc();
+        telemetry::record_outcome("forwarded");
         ks.peer_flight
             .load(key, || {
                 let owner = ring.members()[owner].clone();
+                // Only the leader of the key's flight asks the owner: its span is the one hop.
+                let span = tracing::info_span!(
+                    target: telemetry::SPANS,
+                    "distcache.forward",
+                    otel.kind = "client",
+                    rpc.system = "grpc",
+                    distcache.owner = owner.name.as_str(),
+                    distcache.owner_address = owner.address.as_str(),
+                );
                 self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)], false)
                     .map(super::single)
+                    .instrument(span)
                     .boxed()
             })
             .await
@@ -395,7 +419,14 @@ impl Engine {
                         counter.inc_by(keys.len() as u64);
                     }
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    let (fetched, cut) = fetch(&ks, source.as_ref(), &keys, left).await;
+                    let span = tracing::info_span!(
+                        target: telemetry::SPANS,
+                        "distcache.source.fetch",
+                        distcache.keyspace = ks.name(),
+                        distcache.keys = keys.len(),
+                        distcache.hook = ks.config.spec.hook.is_some(),
+                    );
+                    let (fetched, cut) = fetch(&ks, source.as_ref(), &keys, left).instrument(span).await;
                     admission.record(&fetched);
                     // A refresh replaces the entry it refreshes (a fill only takes the place of no entry).
                     let replace = matches!(mode, Fetch::Background(Why::Revalidate | Why::RefreshAhead));

@@ -13,8 +13,10 @@ use std::{
 
 use distcache_api::{Host, HostPort};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use super::bindings::wit_http::{Error, Request, Response};
+use crate::telemetry;
 
 /// Most redirects followed for one request.
 const MAX_REDIRECTS: usize = 5;
@@ -133,6 +135,21 @@ impl HttpGate {
                 .map_err(|_| Error::InvalidRequest(format!("invalid value of header {name}")))?;
             headers.append(name, value);
         }
+        // The origin sees the request's trace (W3C traceparent), unless the hook sent a traceparent of its own.
+        let span = tracing::info_span!(
+            target: telemetry::SPANS,
+            "distcache.hook.http",
+            otel.kind = "client",
+            http.request.method = method.as_str(),
+            server.address = url.host_str().unwrap_or_default(),
+            server.port = url.port_or_known_default().unwrap_or_default(),
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        if !headers.contains_key("traceparent") {
+            let _entered = span.enter();
+            telemetry::inject_headers(&mut headers);
+        }
         let now = Instant::now();
         let mut timeout = deadline.saturating_duration_since(now);
         if let Some(ms) = request.timeout_ms {
@@ -166,7 +183,13 @@ impl HttpGate {
             }
             Ok(Response { status, headers, body })
         };
-        tokio::time::timeout(timeout, work).await.unwrap_or(Err(Error::Timeout))
+        let answer =
+            tokio::time::timeout(timeout, work).instrument(span.clone()).await.unwrap_or(Err(Error::Timeout));
+        match &answer {
+            Ok(response) => span.record("http.response.status_code", response.status),
+            Err(_) => span.record("otel.status_code", "ERROR"),
+        };
+        answer
     }
 }
 

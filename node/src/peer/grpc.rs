@@ -148,9 +148,11 @@ impl GrpcPeers {
     }
 }
 
+/// A call to a peer: its deadline, and the caller's trace (W3C `traceparent`) when it is traced.
 fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.set_timeout(timeout);
+    crate::telemetry::inject_metadata(r.metadata_mut());
     r
 }
 
