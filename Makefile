@@ -162,6 +162,9 @@ chart-check:
 	$(HELM) template distcache charts/distcache --namespace distcache-system \
 	  --set operator.image.repository=example.invalid/distcache-operator,operator.image.tag=test \
 	  --set node.image.repository=example.invalid/distcache-node,node.image.tag=test,watchNamespace=apps >/dev/null
+	$(HELM) template distcache charts/distcache --api-versions monitoring.coreos.com/v1 \
+	  --set monitoring.podMonitor.enabled=true,monitoring.serviceMonitor.enabled=true \
+	  --set monitoring.prometheusRule.enabled=true >/dev/null
 
 doctest:
 	$(CARGO) test --workspace --doc

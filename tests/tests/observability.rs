@@ -1,4 +1,4 @@
-//! Traces across nodes, the hook and the origin: real `distcache-node` processes exporting over OTLP/gRPC to an
+//! Observability. Traces across nodes, the hook and the origin: real `distcache-node` processes exporting over OTLP/gRPC to an
 //! in-process collector (`distcache_tests::otlp`), the `http-json` hook reading from the in-process origin.
 //!
 //! - [`a_cold_get_through_a_non_owner_is_one_trace_from_the_caller_to_the_origin`]: the caller's `traceparent`
@@ -7,6 +7,9 @@
 //!   span is the child of the one before, and the key is not recorded (`recordKeys` off).
 //! - [`a_dead_collector_costs_no_read_and_is_said_once`]: with the exporter pointed at a closed port, every read
 //!   succeeds and the node says once that it cannot export, also after more failed exports at its stop.
+//! - [`the_dashboard_and_the_alerts_query_metrics_a_node_serves`]: the chart's Grafana dashboard parses, every
+//!   panel has a query, and every metric family the dashboard and the PrometheusRule name is on a running node's
+//!   `/metrics`.
 //!
 //! Run after `cargo build -p distcache-node --bins`, with the `wasm32-wasip2` target installed.
 
@@ -138,5 +141,80 @@ async fn a_dead_collector_costs_no_read_and_is_said_once() -> anyhow::Result<()>
     cluster.nodes[0].stop(Duration::from_secs(30)).await?;
     let log = cluster.nodes[0].log_text();
     assert_eq!(log.matches(said).count(), 1, "said once:\n{log}");
+    Ok(())
+}
+
+/// The metric families a query names (`distcache_…`), without the `_total`, `_bucket`, `_sum` and `_count` of
+/// their series.
+fn families_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("distcache_") {
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        names.insert(family.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test]
+async fn the_dashboard_and_the_alerts_query_metrics_a_node_serves() -> anyhow::Result<()> {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/distcache");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chart.join("dashboards/distcache.json"))?)?;
+    let panels = dashboard["panels"].as_array().ok_or_else(|| anyhow::anyhow!("no panels"))?;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut queries = String::new();
+    for panel in panels {
+        anyhow::ensure!(ids.insert(panel["id"].as_u64()), "panel ids are unique: {panel}");
+        let targets = panel["targets"].as_array().ok_or_else(|| anyhow::anyhow!("no targets in {panel}"))?;
+        anyhow::ensure!(!targets.is_empty(), "{} has no query", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            anyhow::ensure!(
+                expr.contains("distcache_"),
+                "{}: {expr:?} queries no DistCache metric",
+                panel["title"]
+            );
+            queries.push_str(expr);
+            queries.push('\n');
+        }
+    }
+    for want in [
+        "distcache_requests_total",
+        "distcache_cache_hits_total",
+        "distcache_source_fetch_seconds_bucket",
+        "distcache_hook_traps_total",
+        "distcache_members",
+        "distcache_evictions_total",
+        "distcache_bytes",
+    ] {
+        anyhow::ensure!(queries.contains(want), "the dashboard shows {want}");
+    }
+    let alerts = std::fs::read_to_string(chart.join("templates/monitoring.yaml"))?;
+
+    let cluster = ProcCluster::start(1, "keyspaces:\n  - name: users\n    maxBytes: 1Mi\n", "")?;
+    cluster.wait_views(&[0], &["node-1"], Duration::from_secs(30)).await?;
+    let (status, metrics) = distcache_tests::http_get(cluster.nodes[0].admin, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    let served: std::collections::BTreeSet<String> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    for (what, text) in [("the dashboard", &queries), ("the alerts", &alerts)] {
+        let missing: Vec<_> = families_in(text).into_iter().filter(|f| !served.contains(f)).collect();
+        assert!(
+            missing.is_empty(),
+            "{what} query metrics a node does not serve: {missing:?}\nserved: {served:?}"
+        );
+    }
     Ok(())
 }
