@@ -4,7 +4,8 @@
 //! - [`a_cold_get_through_a_non_owner_is_one_trace_from_the_caller_to_the_origin`]: the caller's `traceparent`
 //!   is continued by the Cache/Get span of the node it asked, which forwards to the owner (Peer/Load), whose
 //!   single flight fetches through the hook; the hook's HTTP request carries the same trace to the origin. Every
-//!   span is the child of the one before, and the key is not recorded (`recordKeys` off).
+//!   span is the child of the one before, and the key is not recorded (`recordKeys` off). The nodes log JSON
+//!   lines, and a warning logged inside a traced request carries its `trace_id` and `span_id`.
 //! - [`a_dead_collector_costs_no_read_and_is_said_once`]: with the exporter pointed at a closed port, every read
 //!   succeeds and the node says once that it cannot export, also after more failed exports at its stop.
 //! - [`the_dashboard_and_the_alerts_query_metrics_a_node_serves`]: the chart's Grafana dashboard parses, every
@@ -35,7 +36,10 @@ async fn a_cold_get_through_a_non_owner_is_one_trace_from_the_caller_to_the_orig
     let keys: Vec<String> = (0..64).map(|i| format!("user{i}")).collect();
     let (_data, origin) = serving_items(&keys, |key| format!("{{\"id\":\"{key}\"}}").into_bytes()).await?;
     let collector = Collector::start().await?;
-    let extra = format!("tracing: {{ otlpEndpoint: \"{}\", sampleRatio: 1.0 }}", collector.url());
+    let extra = format!(
+        "tracing: {{ otlpEndpoint: \"{}\", sampleRatio: 1.0 }}\nlog: {{ format: json }}",
+        collector.url()
+    );
     let cluster = ProcCluster::start(2, &keyspaces(&origin.url(), origin.addr)?, &extra)?;
     cluster.wait_views(&[0, 1], &["node-1", "node-2"], Duration::from_secs(30)).await?;
     // A key node 2 owns, asked of node 1.
@@ -100,6 +104,32 @@ async fn a_cold_get_through_a_non_owner_is_one_trace_from_the_caller_to_the_orig
         origin.traceparents(),
         origin.requests()
     );
+
+    // A log line inside a traced request carries its ids: the hook's warning about an origin error, on the owner.
+    let failing = keys
+        .iter()
+        .find(|k| cluster.owner_of(k) == 1 && *k != key)
+        .ok_or_else(|| anyhow::anyhow!("no second key on node 2"))?;
+    origin.fail_next(1, 418);
+    let mut request = tonic::Request::new(GetRequest { keyspace: "users".into(), key: failing.clone() });
+    let other_trace = "0af7651916cd43dd8448eb211c80319c";
+    request.metadata_mut().insert("traceparent", format!("00-{other_trace}-{CALLER_SPAN}-01").parse()?);
+    let _ = client.get(request).await;
+    let warned = wait_for(Duration::from_secs(30), "the hook's warning in the owner's JSON log", || async {
+        Ok(cluster.nodes[1].log_text().lines().any(|line| {
+            serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
+                v["message"].as_str().is_some_and(|m| m.contains("unexpected status 418"))
+                    && v["trace_id"] == other_trace
+                    && v["span_id"].as_str().is_some_and(|id| id.len() == 16)
+            })
+        }))
+    })
+    .await;
+    warned.map_err(|e| e.context(cluster.logs()))?;
+    // Every line of the log is one JSON object.
+    for line in cluster.nodes[0].log_text().lines().filter(|l| !l.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line).map_err(|e| anyhow::anyhow!("{e}: {line}"))?;
+    }
     Ok(())
 }
 
