@@ -113,18 +113,7 @@ pub struct TracingConfig {
     pub record_keys: bool,
 }
 
-/// The default share of requests traced.
-pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
-
 impl TracingConfig {
-    /// The collector endpoint: the configured one, else the standard environment variables (empty = unset).
-    pub fn endpoint(&self, env: impl Fn(&str) -> Option<String>) -> Option<String> {
-        let set = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
-        set(self.otlp_endpoint.clone())
-            .or_else(|| set(env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")))
-            .or_else(|| set(env("OTEL_EXPORTER_OTLP_ENDPOINT")))
-    }
-
     fn check(&self) -> Result<(), String> {
         if let Some(ratio) = self.sample_ratio
             && !(0.0..=1.0).contains(&ratio)

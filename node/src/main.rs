@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let config = NodeConfig::load(args.config.as_deref(), env).context("cannot start: bad configuration")?;
     runtime(config.worker_threads)?.block_on(async {
         // Inside the runtime: the trace exporter's connection and batch processor are tasks on it.
-        let telemetry = distcache_node::telemetry::init(&config.log, &config.tracing, "distcache-node")
+        let telemetry = distcache_node::telemetry::init_node(&config.log, &config.tracing)
             .context("cannot start: logging or tracing")?;
         let result = run(config).await;
         telemetry.shutdown().await;

@@ -16,6 +16,7 @@ pub mod status;
 pub mod validate;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
+use tracing::Instrument;
 
 use distcache_api::{DistCache, HookState};
 use futures::StreamExt;
@@ -232,8 +233,33 @@ const SETTLED_REQUEUE: Duration = Duration::from_mins(5);
 const BUSY_REQUEUE: Duration = Duration::from_secs(5);
 const KEYSPACE_REQUEUE: Duration = Duration::from_secs(15);
 
-/// One reconcile of one DistCache.
+/// One reconcile of one DistCache, in its own span (exported when the operator traces).
 async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let (namespace, name) = match &guard.0 {
+        Ok(dc) => (dc.metadata.namespace.clone(), dc.metadata.name.clone()),
+        Err(_) => (None, None),
+    };
+    let span = tracing::info_span!(
+        target: distcache_telemetry::SPANS,
+        "distcache.reconcile",
+        k8s.namespace.name = namespace.as_deref().unwrap_or_default(),
+        distcache.name = name.as_deref().unwrap_or_default(),
+        distcache.result = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    // Boxed: the reconcile future is large (about 18 KiB), and the controller keeps one per DistCache in flight.
+    let result = Box::pin(reconcile_one(guard, ctx).instrument(span.clone())).await;
+    match &result {
+        Ok(_) => span.record("distcache.result", "ok"),
+        Err(e) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("distcache.result", e.to_string().as_str())
+        }
+    };
+    result
+}
+
+async fn reconcile_one(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -> Result<Action, Error> {
     let dc = match &guard.0 {
         Ok(dc) => dc,
         Err(invalid) => return Err(Error::Invalid(invalid.error.clone())),

@@ -55,6 +55,20 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "DISTCACHE_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// OTLP/gRPC collector for the reconcile spans (such as http://otel-collector.monitoring:4317); default: the
+    /// standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT; with neither, no traces.
+    #[arg(long, env = "DISTCACHE_OPERATOR_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of reconciles traced, 0 to 1.
+    #[arg(long, env = "DISTCACHE_OPERATOR_TRACE_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    trace_sample_ratio: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a number between 0 and 1")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,24 +84,25 @@ fn main() -> anyhow::Result<()> {
             print!("{}", distcache_operator::crd_yaml(!without_cel_rules).context("cannot render the CRD")?);
             Ok(())
         }
-        Command::Run(args) => {
-            init_logging(args.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?
-                .block_on(run(args))
-        }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(async {
+                // Inside the runtime: the trace exporter's connection and batch processor are tasks on it.
+                let telemetry = distcache_telemetry::init(&distcache_telemetry::Settings {
+                    json: matches!(args.log_format, LogFormat::Json),
+                    level: None,
+                    otlp_endpoint: args.otlp_endpoint.clone(),
+                    sample_ratio: Some(args.trace_sample_ratio),
+                    record_keys: false,
+                    service: "distcache-operator".to_owned(),
+                })
+                .context("cannot start: logging or tracing")?;
+                let result = run(args).await;
+                telemetry.shutdown().await;
+                result
+            }),
     }
 }
 
