@@ -6,10 +6,11 @@
 #
 # The servers are started here (free ports, PIDs recorded) and stopped on every exit path: redis-server, a plain
 # node and a TLS node (its certificate, for IP 127.0.0.1 from a throwaway CA, made here with openssl). All get the
-# same data: 100,000 keys of 100 B. Then eleven runs of BENCH_SECONDS each (default 10):
+# same data: 100,000 keys of 100 B. Then twelve runs of BENCH_SECONDS each (default 10):
 #   redis GET P1           redis-benchmark -t get -d 100 -c 50 -P 1 -r 100000
 #   distcache Get c50      distcache bench --op get --concurrency 50 --value-size 100 --keys 100000 --transport h2
 #   distcache Get c50 TLS  the same against the TLS node (https://, --tls-ca; no client certificate)
+#   ... tracing 0.01       the same against a node exporting spans (sampleRatio 0.01) to distcache-otlp-sink
 #   ... client library     the plain Get with --transport client (the Rust client library, tonic)
 #   redis GET P16          redis-benchmark ... -P 16               (ops/s of pipelined GETs = keys/s)
 #   distcache GetMany(16)  distcache bench ... --batch 16 --transport h2    (keys/s)
@@ -88,6 +89,9 @@ HTTP_HOOK="$(target_dir)/hooks/wasm32-wasip2/release/http_json.wasm"
 [[ -f $HTTP_HOOK ]] || die "$HTTP_HOOK not found; build it first: make hooks"
 ORIGIN_BIN="$BIN_DIR/distcache-origin"
 [[ -x $ORIGIN_BIN ]] || die "$ORIGIN_BIN not found; build it first: make build"
+# The OTLP collector the traced node exports to (it counts the spans).
+SINK_BIN="$BIN_DIR/distcache-otlp-sink"
+[[ -x $SINK_BIN ]] || die "$SINK_BIN not found; build it first: make build"
 EXPIRING_KEYS=1000
 ORIGIN_DELAY=20ms
 CLK_TCK=$(getconf CLK_TCK)
@@ -139,10 +143,11 @@ rss_kib() {
 
 read -r REDIS_PORT GRPC_PORT PEER_PORT ADMIN_PORT TLS_GRPC_PORT TLS_PEER_PORT TLS_ADMIN_PORT ORIGIN_PORT \
   RESP_GRPC_PORT RESP_PEER_PORT RESP_ADMIN_PORT RESP_PORT \
-  RSS_REDIS_PORT RSS_GRPC_PORT RSS_PEER_PORT RSS_ADMIN_PORT RSS_RESP_PORT < <(
+  RSS_REDIS_PORT RSS_GRPC_PORT RSS_PEER_PORT RSS_ADMIN_PORT RSS_RESP_PORT \
+  TRACED_GRPC_PORT TRACED_PEER_PORT TRACED_ADMIN_PORT SINK_PORT < <(
   python3 -c '
 import socket
-socks = [socket.socket() for _ in range(17)]
+socks = [socket.socket() for _ in range(21)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -150,6 +155,7 @@ print(*(s.getsockname()[1] for s in socks))
 )
 ENDPOINT="http://127.0.0.1:$GRPC_PORT"
 TLS_ENDPOINT="https://127.0.0.1:$TLS_GRPC_PORT"
+TRACED_ENDPOINT="http://127.0.0.1:$TRACED_GRPC_PORT"
 
 # The TLS node's material: a CA and a certificate for 127.0.0.1 (serverAuth for the client port, clientAuth because
 # a node is also a client of its peers), ECDSA P-256 like cert-manager's default for ECDSA.
@@ -193,6 +199,9 @@ ${5:-}
 EOF
 }
 node_config bench-node "$GRPC_PORT" "$PEER_PORT" "$ADMIN_PORT" >"$WORK/node.yaml"
+# The traced node: the same, exporting spans to the OTLP sink at the default sample ratio of 0.01.
+node_config bench-node-traced "$TRACED_GRPC_PORT" "$TRACED_PEER_PORT" "$TRACED_ADMIN_PORT" \
+  "tracing: { otlpEndpoint: \"http://127.0.0.1:$SINK_PORT\", sampleRatio: 0.01 }" >"$WORK/node-traced.yaml"
 node_config bench-node-tls "$TLS_GRPC_PORT" "$TLS_PEER_PORT" "$TLS_ADMIN_PORT" \
   "tls: { certFile: ./tls/tls.crt, keyFile: ./tls/tls.key, caFile: ./tls/ca.crt }" >"$WORK/node-tls.yaml"
 # The RESP nodes serve one cache-aside keyspace, the default of every key (redis-benchmark's key:… included), large
@@ -255,6 +264,10 @@ start_bg distcache-node-tls "$WORK/node-tls.log" "$NODE_BIN" --config "$WORK/nod
 TLS_NODE_PID=$LAST_PID
 start_bg distcache-node-resp "$WORK/node-resp.log" "$NODE_BIN" --config "$WORK/node-resp.yaml"
 RESP_NODE_PID=$LAST_PID
+start_bg distcache-otlp-sink "$WORK/otlp-sink.log" "$SINK_BIN" --listen "127.0.0.1:$SINK_PORT"
+SINK_PID=$LAST_PID
+start_bg distcache-node-traced "$WORK/node-traced.log" "$NODE_BIN" --config "$WORK/node-traced.yaml"
+TRACED_NODE_PID=$LAST_PID
 start_bg distcache-origin "$WORK/origin.log" "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" --dir "$WORK/origin" \
   --delay "$ORIGIN_DELAY"
 ORIGIN_PID=$LAST_PID
@@ -266,6 +279,7 @@ wait_http_ready "$RESP_NODE_PID" 127.0.0.1 "$RESP_ADMIN_PORT" /readyz 30
 wait_ready "$RESP_NODE_PID" 30 "RESP PING on :$RESP_PORT" resp_ping "$RESP_PORT"
 wait_http_ready "$NODE_PID" 127.0.0.1 "$ADMIN_PORT" /readyz 30
 wait_http_ready "$TLS_NODE_PID" 127.0.0.1 "$TLS_ADMIN_PORT" /readyz 30
+wait_http_ready "$TRACED_NODE_PID" 127.0.0.1 "$TRACED_ADMIN_PORT" /readyz 30
 wait_http_ready "$ORIGIN_PID" 127.0.0.1 "$ORIGIN_PORT" /_stats 30
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -321,6 +335,8 @@ phase "loading $KEYS keys of $VALUE_SIZE B into distcache (distcache bench prelo
 dc_preload dc-preload --endpoint "$ENDPOINT"
 phase "loading $KEYS keys of $VALUE_SIZE B into the TLS node (distcache bench preload over TLS)"
 dc_preload dc-preload-tls --endpoint "$TLS_ENDPOINT" "${TLS_CLI_ARGS[@]}"
+phase "loading $KEYS keys of $VALUE_SIZE B into the traced node (distcache bench preload)"
+dc_preload dc-preload-traced --endpoint "$TRACED_ENDPOINT"
 
 # --- runs ------------------------------------------------------------------------------------------------------
 
@@ -474,6 +490,9 @@ distcache_run distcache-get-c50 1 "$KEYSPACE" --transport h2
 # The TLS node right after the plain one, so that both Get runs see the same machine state.
 RUN_ENDPOINT=$TLS_ENDPOINT RUN_NODE_PID=$TLS_NODE_PID RUN_ADMIN_PORT=$TLS_ADMIN_PORT RUN_CLI_ARGS=("${TLS_CLI_ARGS[@]}")
 distcache_run distcache-get-c50-tls 1 "$KEYSPACE" --transport h2
+# The traced node (sample ratio 0.01) right after as well.
+RUN_ENDPOINT=$TRACED_ENDPOINT RUN_NODE_PID=$TRACED_NODE_PID RUN_ADMIN_PORT=$TRACED_ADMIN_PORT RUN_CLI_ARGS=()
+distcache_run distcache-get-c50-traced 1 "$KEYSPACE" --transport h2
 RUN_ENDPOINT=$ENDPOINT RUN_NODE_PID=$NODE_PID RUN_ADMIN_PORT=$ADMIN_PORT RUN_CLI_ARGS=()
 distcache_run distcache-get-c50-client 1 "$KEYSPACE" --transport client
 redis_run redis-get-p16 "$BATCH"
@@ -632,6 +651,7 @@ rows = [
     distcache_row("distcache-expiring-swr", "distcache Get expiring, SWR 30s"),
     distcache_row("distcache-get-c50-client", f"distcache Get c{concurrency}, client library"),
     distcache_row("distcache-get-miss-client", f"distcache Get miss c{concurrency}, client library"),
+    distcache_row("distcache-get-c50-traced", f"distcache Get c{concurrency}, tracing 0.01"),
 ]
 ratios = []
 for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5]), (rows[0], rows[9]), (rows[4], rows[10])):
@@ -666,6 +686,28 @@ tls_summary = {
              "--transport h2 against both nodes",
 }
 
+# Tracing at the default sample ratio (0.01, spans exported to the OTLP sink) ÷ tracing off, the same Get run
+# right after the plain one. Goal: ops/s ≥ 0.95.
+TRACING_GOAL = 0.95
+traced_get = rows[11]
+tracing_ratio = {
+    "label": "  ratio tracing ÷ off",
+    "ops_per_sec": ratio(traced_get["ops_per_sec"], plain_get["ops_per_sec"]),
+    "p50_us": ratio(traced_get["p50_us"], plain_get["p50_us"]),
+    "p99_us": ratio(traced_get["p99_us"], plain_get["p99_us"]),
+    "server_cpu_us_per_key": ratio(traced_get["server_cpu_us_per_key"], plain_get["server_cpu_us_per_key"]),
+}
+tracing_summary = {
+    "ops_per_sec_ratio": tracing_ratio["ops_per_sec"],
+    "goal_ops_per_sec_ratio": TRACING_GOAL,
+    "goal_met": tracing_ratio["ops_per_sec"] is not None and tracing_ratio["ops_per_sec"] >= TRACING_GOAL,
+    "server_cpu_us_per_req_ratio": tracing_ratio["server_cpu_us_per_key"],
+    # The sink's last count (it prints one each second the count changed).
+    "spans_received": next((int(l.split(":")[1]) for l in reversed(read("otlp-sink.log").splitlines())
+                            if l.startswith("spans received:")), 0),
+    "setup": "tracing: { otlpEndpoint: <distcache-otlp-sink>, sampleRatio: 0.01 }, distcache bench --transport h2",
+}
+
 # Keys whose 1 s TTL keeps expiring behind a 20 ms origin: p99 with staleWhileRevalidate ÷ without.
 no_swr, swr = rows[7], rows[8]
 swr_ratio = {
@@ -686,7 +728,7 @@ swr_summary = {
 
 cols = [("ops/s (keys/s)", "ops_per_sec"), ("p50 µs", "p50_us"), ("p99 µs", "p99_us"),
         ("server CPU µs/req", "server_cpu_us_per_key")]
-width = max(len(r["label"]) for r in rows + ratios + [tls_ratio, swr_ratio]) + 2
+width = max(len(r["label"]) for r in rows + ratios + [tls_ratio, swr_ratio, tracing_ratio]) + 2
 
 
 def fmt(value, key, is_ratio):
@@ -713,7 +755,7 @@ print()
 print("".ljust(width) + "".join(c.rjust(20) for c, _ in cols))
 groups = ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1]), (rows[4], rows[5], ratios[2]),
           (rows[0], rows[9], ratios[3]), (rows[4], rows[10], ratios[4]),
-          (rows[1], rows[6], tls_ratio), (rows[7], rows[8], swr_ratio))
+          (rows[1], rows[6], tls_ratio), (rows[1], rows[11], tracing_ratio), (rows[7], rows[8], swr_ratio))
 for group in groups:
     for r in group:
         is_ratio = r["label"].strip().startswith("ratio")
@@ -723,6 +765,9 @@ print("ops/s with pipelining/batching count keys; CPU is the server process's ut
 print("Load generator CPU (one thread each), share of one core: " + ", ".join(
     f"{r['label']} {r['client_busy']:.0%}" for r in rows[:6] + rows[9:] if r.get("client_busy") is not None))
 tls_ops = tls_ratio["ops_per_sec"]
+print(f"Tracing: Get ops/s with sampleRatio 0.01 ÷ tracing off = {fmt(tracing_ratio['ops_per_sec'], 'ops_per_sec', True)} "
+      f"(goal ≥ {TRACING_GOAL:.2f}: {'met' if tracing_summary['goal_met'] else 'NOT met'}); "
+      f"{tracing_summary['spans_received']:,} spans reached the OTLP sink")
 print(f"TLS: Get ops/s TLS ÷ plain = {fmt(tls_ops, 'ops_per_sec', True)} (goal ≥ {TLS_GOAL:.2f}: "
       f"{'met' if tls_summary['goal_met'] else 'NOT met'}); server CPU µs/req "
       f"{fmt(plain_get['server_cpu_us_per_key'], 'server_cpu_us_per_key', False)} plain, "
@@ -825,6 +870,9 @@ for r in (rows[5], rows[10]):
     # requests in flight at either edge.
     if abs(meta["node_fetches_ok"] - bench["requests"]) > max(2 * concurrency, bench["requests"] // 100):
         warnings.append(f"{r['label']}: {meta['node_fetches_ok']} hook loads for {bench['requests']} Gets")
+if not tracing_summary["goal_met"]:
+    warnings.append(f"Get ops/s with tracing at 0.01 is {fmt(tracing_ratio['ops_per_sec'], 'ops_per_sec', True)} of "
+                    f"tracing off, below the goal {TRACING_GOAL:.2f}")
 if not tls_summary["goal_met"]:
     warnings.append(f"TLS Get ops/s is {fmt(tls_ops, 'ops_per_sec', True)} of plain, below the goal {TLS_GOAL:.2f}")
 for w in warnings:
@@ -837,8 +885,9 @@ result = {
                "batch": batch, "distcache_warmup_s": warmup},
     "versions": {"redis": read("redis-version.txt"), "distcache": read("distcache-version.txt")},
     "rows": rows,
-    "ratios": ratios + [tls_ratio, swr_ratio],
+    "ratios": ratios + [tls_ratio, swr_ratio, tracing_ratio],
     "tls": tls_summary,
+    "tracing": tracing_summary,
     "stale_while_revalidate": swr_summary,
     "resp": resp_summary,
     "distcache_preload": last_json_object(read("dc-preload.json")) if read("dc-preload.json") else None,

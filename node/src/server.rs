@@ -153,9 +153,10 @@ fn pb_member(m: &Member, local: &str) -> pb::Member {
 #[tonic::async_trait]
 impl pb::cache_server::Cache for CacheService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let span = tracing::info_span!(
-            target: telemetry::SPANS,
-            "distcache.Cache/Get",
+        let span = if telemetry::sampled(request.metadata()) {
+            tracing::info_span!(
+                target: telemetry::SPANS,
+                "distcache.Cache/Get",
             otel.kind = "server",
             rpc.system = "grpc",
             distcache.keyspace = tracing::field::Empty,
@@ -163,7 +164,10 @@ impl pb::cache_server::Cache for CacheService {
             distcache.outcome = tracing::field::Empty,
             distcache.bytes = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
-        );
+            )
+        } else {
+            tracing::Span::none()
+        };
         telemetry::adopt_parent(&span, request.metadata());
         let who = identities(&request);
         let req = request.into_inner();
@@ -403,15 +407,19 @@ impl PeerService {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
-        let span = tracing::info_span!(
-            target: telemetry::SPANS,
-            "distcache.Peer/Load",
-            otel.kind = "server",
-            rpc.system = "grpc",
-            distcache.keyspace = request.get_ref().keyspace.as_str(),
-            distcache.keys = request.get_ref().keys.len(),
-            distcache.from = request.get_ref().from.as_str(),
-        );
+        let span = if telemetry::sampled(request.metadata()) {
+            tracing::info_span!(
+                target: telemetry::SPANS,
+                "distcache.Peer/Load",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                distcache.keyspace = request.get_ref().keyspace.as_str(),
+                distcache.keys = request.get_ref().keys.len(),
+                distcache.from = request.get_ref().from.as_str(),
+            )
+        } else {
+            tracing::Span::none()
+        };
         telemetry::adopt_parent(&span, request.metadata());
         self.load_traced(request).instrument(span).await
     }

@@ -239,14 +239,18 @@ async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -
         Ok(dc) => (dc.metadata.namespace.clone(), dc.metadata.name.clone()),
         Err(_) => (None, None),
     };
-    let span = tracing::info_span!(
-        target: distcache_telemetry::SPANS,
-        "distcache.reconcile",
-        k8s.namespace.name = namespace.as_deref().unwrap_or_default(),
-        distcache.name = name.as_deref().unwrap_or_default(),
-        distcache.result = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
+    let span = if distcache_telemetry::sampled_root() {
+        tracing::info_span!(
+            target: distcache_telemetry::SPANS,
+            "distcache.reconcile",
+            k8s.namespace.name = namespace.as_deref().unwrap_or_default(),
+            distcache.name = name.as_deref().unwrap_or_default(),
+            distcache.result = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     // Boxed: the reconcile future is large (about 18 KiB), and the controller keeps one per DistCache in flight.
     let result = Box::pin(reconcile_one(guard, ctx).instrument(span.clone())).await;
     match &result {

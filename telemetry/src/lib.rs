@@ -99,6 +99,66 @@ pub fn record_outcome(outcome: &'static str) {
     }
 }
 
+/// The share of root requests traced, as the bits of an `f64`.
+static SAMPLE_RATIO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether a request that arrived with `metadata` is traced. Decided before any span is made, so that an
+/// untraced request costs no span at all (a span the SDK samples out still costs its creation and its
+/// attributes): a caller's `traceparent` decides by its sampled flag; without one, the sample ratio does.
+pub fn sampled(metadata: &tonic::metadata::MetadataMap) -> bool {
+    if !tracing_enabled() {
+        return false;
+    }
+    match metadata.get("traceparent").and_then(|v| v.to_str().ok()) {
+        // version-traceid-parentid-flags: bit 0 of the flags is "sampled".
+        Some(traceparent) => traceparent
+            .rsplit('-')
+            .next()
+            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 1 == 1),
+        None => sampled_root(),
+    }
+}
+
+/// Whether a request without a caller's trace is traced: the sample ratio decides.
+pub fn sampled_root() -> bool {
+    if !tracing_enabled() {
+        return false;
+    }
+    let ratio = f64::from_bits(SAMPLE_RATIO.load(Ordering::Relaxed));
+    if ratio >= 1.0 {
+        return true;
+    }
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(seed());
+    }
+    // xorshift64*: a uniform draw in [0, 1) without a lock or a system call.
+    let draw = STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    });
+    #[allow(clippy::cast_precision_loss)] // 53 bits of the draw are plenty for a probability.
+    let uniform = (draw >> 11) as f64 / (1u64 << 53) as f64;
+    uniform < ratio
+}
+
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs());
+    let here = std::ptr::from_ref(&nanos) as usize as u64;
+    (nanos ^ here.rotate_left(32)) | 1
+}
+
+/// Whether the current task is inside a traced request: the spans below a request's root are made only then.
+pub fn in_trace() -> bool {
+    tracing_enabled() && !tracing::Span::current().is_none()
+}
+
 /// Whether spans are exported (a collector is configured).
 pub fn tracing_enabled() -> bool {
     TRACING.load(Ordering::Relaxed)
@@ -121,7 +181,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
     let endpoint = endpoint(settings.otlp_endpoint.as_deref(), env);
     let sample_ratio = settings.sample_ratio.unwrap_or(DEFAULT_SAMPLE_RATIO);
     let provider = match &endpoint {
-        Some(endpoint) => Some(provider(endpoint, sample_ratio, &settings.service)?),
+        Some(endpoint) => Some(provider(endpoint, &settings.service)?),
         None => None,
     };
     let otel = provider.as_ref().map(|provider| {
@@ -144,6 +204,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
     tracing_subscriber::registry().with(otel).with(fmt).try_init()?;
     TRACING.store(provider.is_some(), Ordering::Relaxed);
     RECORD_KEYS.store(settings.record_keys, Ordering::Relaxed);
+    SAMPLE_RATIO.store(sample_ratio.to_bits(), Ordering::Relaxed);
     if let Some(endpoint) = &endpoint {
         tracing::info!(
             endpoint = %endpoint,
@@ -155,7 +216,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
     Ok(Telemetry { provider, endpoint, record_keys: settings.record_keys })
 }
 
-fn provider(endpoint: &str, sample_ratio: f64, service: &str) -> anyhow::Result<SdkTracerProvider> {
+fn provider(endpoint: &str, service: &str) -> anyhow::Result<SdkTracerProvider> {
     use opentelemetry_otlp::WithExportConfig;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
@@ -174,7 +235,8 @@ fn provider(endpoint: &str, sample_ratio: f64, service: &str) -> anyhow::Result<
         .build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(batches)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(sample_ratio))))
+        // Roots are sampled before their span is made ([`sampled`]); every span made is exported.
+        .with_sampler(Sampler::AlwaysOn)
         .with_resource(Resource::builder().with_service_name(service.to_owned()).build())
         .build())
 }

@@ -252,12 +252,16 @@ impl Engine {
         let ks = Arc::clone(ks);
         let this = Arc::clone(self);
         // The load a single flight's leader runs for everyone who asked for these keys meanwhile.
-        let span = tracing::info_span!(
-            target: telemetry::SPANS,
-            "distcache.singleflight",
-            distcache.keyspace = ks.name(),
-            distcache.keys = keys.len(),
-        );
+        let span = if telemetry::in_trace() {
+            tracing::info_span!(
+                target: telemetry::SPANS,
+                "distcache.singleflight",
+                distcache.keyspace = ks.name(),
+                distcache.keys = keys.len(),
+            )
+        } else {
+            tracing::Span::none()
+        };
         async move {
             let mut batch = Batch::new(keys.len());
             let mut missing = Vec::with_capacity(keys.len());
@@ -330,14 +334,18 @@ impl Engine {
             .load(key, || {
                 let owner = ring.members()[owner].clone();
                 // Only the leader of the key's flight asks the owner: its span is the one hop.
-                let span = tracing::info_span!(
-                    target: telemetry::SPANS,
-                    "distcache.forward",
-                    otel.kind = "client",
-                    rpc.system = "grpc",
-                    distcache.owner = owner.name.as_str(),
-                    distcache.owner_address = owner.address.as_str(),
-                );
+                let span = if telemetry::in_trace() {
+                    tracing::info_span!(
+                        target: telemetry::SPANS,
+                        "distcache.forward",
+                        otel.kind = "client",
+                        rpc.system = "grpc",
+                        distcache.owner = owner.name.as_str(),
+                        distcache.owner_address = owner.address.as_str(),
+                    )
+                } else {
+                    tracing::Span::none()
+                };
                 self.peer_load(ks, owner, vec![(Arc::from(key), hash, epoch)], false)
                     .map(super::single)
                     .instrument(span)
@@ -419,13 +427,17 @@ impl Engine {
                         counter.inc_by(keys.len() as u64);
                     }
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    let span = tracing::info_span!(
-                        target: telemetry::SPANS,
-                        "distcache.source.fetch",
-                        distcache.keyspace = ks.name(),
-                        distcache.keys = keys.len(),
-                        distcache.hook = ks.config.spec.hook.is_some(),
-                    );
+                    let span = if telemetry::in_trace() {
+                        tracing::info_span!(
+                            target: telemetry::SPANS,
+                            "distcache.source.fetch",
+                            distcache.keyspace = ks.name(),
+                            distcache.keys = keys.len(),
+                            distcache.hook = ks.config.spec.hook.is_some(),
+                        )
+                    } else {
+                        tracing::Span::none()
+                    };
                     let (fetched, cut) = fetch(&ks, source.as_ref(), &keys, left).instrument(span).await;
                     admission.record(&fetched);
                     // A refresh replaces the entry it refreshes (a fill only takes the place of no entry).

@@ -136,16 +136,20 @@ impl HttpGate {
             headers.append(name, value);
         }
         // The origin sees the request's trace (W3C traceparent), unless the hook sent a traceparent of its own.
-        let span = tracing::info_span!(
-            target: telemetry::SPANS,
-            "distcache.hook.http",
-            otel.kind = "client",
-            http.request.method = method.as_str(),
-            server.address = url.host_str().unwrap_or_default(),
-            server.port = url.port_or_known_default().unwrap_or_default(),
-            http.response.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-        );
+        let span = if telemetry::in_trace() {
+            tracing::info_span!(
+                target: telemetry::SPANS,
+                "distcache.hook.http",
+                otel.kind = "client",
+                http.request.method = method.as_str(),
+                server.address = url.host_str().unwrap_or_default(),
+                server.port = url.port_or_known_default().unwrap_or_default(),
+                http.response.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         if !headers.contains_key("traceparent") {
             let _entered = span.enter();
             telemetry::inject_headers(&mut headers);
