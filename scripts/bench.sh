@@ -264,8 +264,8 @@ start_bg distcache-node-tls "$WORK/node-tls.log" "$NODE_BIN" --config "$WORK/nod
 TLS_NODE_PID=$LAST_PID
 start_bg distcache-node-resp "$WORK/node-resp.log" "$NODE_BIN" --config "$WORK/node-resp.yaml"
 RESP_NODE_PID=$LAST_PID
+# (Stopped with the others by the exit trap; the traced node's exporter connects when its first batch is due.)
 start_bg distcache-otlp-sink "$WORK/otlp-sink.log" "$SINK_BIN" --listen "127.0.0.1:$SINK_PORT"
-SINK_PID=$LAST_PID
 start_bg distcache-node-traced "$WORK/node-traced.log" "$NODE_BIN" --config "$WORK/node-traced.yaml"
 TRACED_NODE_PID=$LAST_PID
 start_bg distcache-origin "$WORK/origin.log" "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" --dir "$WORK/origin" \
