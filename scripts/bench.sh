@@ -639,6 +639,12 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def ratio_row(label, num, den):
+    """The row of ratios num ÷ den of ops/s, p50, p99 and server CPU per request."""
+    return {"label": label, **{k: ratio(num[k], den[k])
+                               for k in ("ops_per_sec", "p50_us", "p99_us", "server_cpu_us_per_key")}}
+
+
 rows = [
     redis_row("redis-get-p1", "redis GET P1"),
     distcache_row("distcache-get-c50", f"distcache Get c{concurrency}"),
@@ -655,24 +661,12 @@ rows = [
 ]
 ratios = []
 for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5]), (rows[0], rows[9]), (rows[4], rows[10])):
-    ratios.append({
-        "label": "  ratio distcache ÷ redis",
-        "ops_per_sec": ratio(dc["ops_per_sec"], redis["ops_per_sec"]),
-        "p50_us": ratio(dc["p50_us"], redis["p50_us"]),
-        "p99_us": ratio(dc["p99_us"], redis["p99_us"]),
-        "server_cpu_us_per_key": ratio(dc["server_cpu_us_per_key"], redis["server_cpu_us_per_key"]),
-    })
+    ratios.append(ratio_row("  ratio distcache ÷ redis", dc, redis))
 
 # TLS ÷ plain, the same Get run against the TLS node right after the plain one. Goal: ops/s ≥ 0.85 of plain.
 TLS_GOAL = 0.85
 plain_get, tls_get = rows[1], rows[6]
-tls_ratio = {
-    "label": "  ratio TLS ÷ plain",
-    "ops_per_sec": ratio(tls_get["ops_per_sec"], plain_get["ops_per_sec"]),
-    "p50_us": ratio(tls_get["p50_us"], plain_get["p50_us"]),
-    "p99_us": ratio(tls_get["p99_us"], plain_get["p99_us"]),
-    "server_cpu_us_per_key": ratio(tls_get["server_cpu_us_per_key"], plain_get["server_cpu_us_per_key"]),
-}
+tls_ratio = ratio_row("  ratio TLS ÷ plain", tls_get, plain_get)
 tls_summary = {
     "ops_per_sec_ratio": tls_ratio["ops_per_sec"],
     "goal_ops_per_sec_ratio": TLS_GOAL,
@@ -690,13 +684,7 @@ tls_summary = {
 # right after the plain one. Goal: ops/s ≥ 0.95.
 TRACING_GOAL = 0.95
 traced_get = rows[11]
-tracing_ratio = {
-    "label": "  ratio tracing ÷ off",
-    "ops_per_sec": ratio(traced_get["ops_per_sec"], plain_get["ops_per_sec"]),
-    "p50_us": ratio(traced_get["p50_us"], plain_get["p50_us"]),
-    "p99_us": ratio(traced_get["p99_us"], plain_get["p99_us"]),
-    "server_cpu_us_per_key": ratio(traced_get["server_cpu_us_per_key"], plain_get["server_cpu_us_per_key"]),
-}
+tracing_ratio = ratio_row("  ratio tracing ÷ off", traced_get, plain_get)
 tracing_summary = {
     "ops_per_sec_ratio": tracing_ratio["ops_per_sec"],
     "goal_ops_per_sec_ratio": TRACING_GOAL,
@@ -710,13 +698,7 @@ tracing_summary = {
 
 # Keys whose 1 s TTL keeps expiring behind a 20 ms origin: p99 with staleWhileRevalidate ÷ without.
 no_swr, swr = rows[7], rows[8]
-swr_ratio = {
-    "label": "  ratio SWR ÷ no SWR",
-    "ops_per_sec": ratio(swr["ops_per_sec"], no_swr["ops_per_sec"]),
-    "p50_us": ratio(swr["p50_us"], no_swr["p50_us"]),
-    "p99_us": ratio(swr["p99_us"], no_swr["p99_us"]),
-    "server_cpu_us_per_key": ratio(swr["server_cpu_us_per_key"], no_swr["server_cpu_us_per_key"]),
-}
+swr_ratio = ratio_row("  ratio SWR ÷ no SWR", swr, no_swr)
 swr_summary = {
     "p99_ratio": swr_ratio["p99_us"],
     "no_swr": {"p99_us": no_swr["p99_us"], "p50_us": no_swr["p50_us"], "ops_per_sec": no_swr["ops_per_sec"],
@@ -782,13 +764,7 @@ print(f"Expiring keys (1,000 keys, TTL 1 s, origin 20 ms): p99 with staleWhileRe
 resp_pairs = []
 for suffix, what in (("get-p1", "GET P1"), ("get-p16", f"GET P{batch}"), ("set-p1", "SET P1")):
     redis, dc = redis_row(f"resp-redis-{suffix}", f"redis {what}"), redis_row(f"resp-distcache-{suffix}", f"distcache RESP {what}")
-    resp_pairs.append((redis, dc, {
-        "label": "  ratio distcache ÷ redis",
-        "ops_per_sec": ratio(dc["ops_per_sec"], redis["ops_per_sec"]),
-        "p50_us": ratio(dc["p50_us"], redis["p50_us"]),
-        "p99_us": ratio(dc["p99_us"], redis["p99_us"]),
-        "server_cpu_us_per_key": ratio(dc["server_cpu_us_per_key"], redis["server_cpu_us_per_key"]),
-    }))
+    resp_pairs.append((redis, dc, ratio_row("  ratio distcache ÷ redis", dc, redis)))
 
 
 def memory(name):
