@@ -157,13 +157,13 @@ impl pb::cache_server::Cache for CacheService {
             tracing::info_span!(
                 target: telemetry::SPANS,
                 "distcache.Cache/Get",
-            otel.kind = "server",
-            rpc.system = "grpc",
-            distcache.keyspace = tracing::field::Empty,
-            distcache.key = tracing::field::Empty,
-            distcache.outcome = tracing::field::Empty,
-            distcache.bytes = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                distcache.keyspace = tracing::field::Empty,
+                distcache.key = tracing::field::Empty,
+                distcache.outcome = tracing::field::Empty,
+                distcache.bytes = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
             )
         } else {
             tracing::Span::none()

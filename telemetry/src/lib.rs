@@ -167,10 +167,6 @@ pub fn tracing_enabled() -> bool {
 /// What [`init`] installed; [`Telemetry::shutdown`] exports the spans still queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
-    /// The collector spans go to, if any.
-    pub endpoint: Option<String>,
-    /// Whether spans carry the key itself.
-    pub record_keys: bool,
 }
 
 /// Installs the global subscriber: logs as `settings` say and, with a collector, the OpenTelemetry layer. Must
@@ -213,7 +209,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<Telemetry> {
             "exporting traces over OTLP/gRPC"
         );
     }
-    Ok(Telemetry { provider, endpoint, record_keys: settings.record_keys })
+    Ok(Telemetry { provider })
 }
 
 fn provider(endpoint: &str, service: &str) -> anyhow::Result<SdkTracerProvider> {
