@@ -520,9 +520,21 @@ pub async fn watch_file(
         if unchanged && !retry {
             continue;
         }
+        if !unchanged && !settled(&path, &current).await {
+            // Caught while an editor or a script that does not rename writes it: read again next tick.
+            continue;
+        }
         last = Some(current.clone());
         let text = String::from_utf8_lossy(&current);
-        let outcome = match parse_keyspaces(&path, &text) {
+        let parsed = if text.trim().is_empty() {
+            Err(LoadError::Invalid {
+                path: path.clone(),
+                message: "the file is empty; write `keyspaces: []` to remove every keyspace".into(),
+            })
+        } else {
+            parse_keyspaces(&path, &text)
+        };
+        let outcome = match parsed {
             Ok(specs) => {
                 // Fingerprinted before the build reads them: a change during the build is seen next tick.
                 watched = keyspaces.watch_paths(&specs, &base);
@@ -544,6 +556,16 @@ pub async fn watch_file(
             }
         }
     }
+}
+
+/// How long a changed keyspaces file must read the same before it is applied.
+const SETTLE_READ: Duration = Duration::from_millis(25);
+
+/// Whether the file still holds `read` after [`SETTLE_READ`]: a writer that truncates and then writes (not a
+/// rename, as ConfigMap mounts do) can be caught in between, with an empty or a cut-off file that may even parse.
+async fn settled(path: &Path, read: &[u8]) -> bool {
+    tokio::time::sleep(SETTLE_READ).await;
+    tokio::fs::read(path).await.is_ok_and(|again| again == read)
 }
 
 #[cfg(test)]
@@ -717,6 +739,47 @@ mod tests {
                 assert_eq!(factory.builds(), 1, "a permanent failure is not retried");
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_caught_mid_write_or_emptied_is_not_applied() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("keyspaces.yaml");
+        let two = "keyspaces:\n  - { name: plain, maxBytes: 1Mi }\n  - { name: old, maxBytes: 1Mi }\n";
+        write(&file, two);
+        let metrics = Arc::new(Metrics::new());
+        let keyspaces = Arc::new(Keyspaces::new(Flaky::new(false, 0), Arc::clone(&metrics)));
+        keyspaces.load_file(&file).await.expect("applies");
+        let names = |k: &Keyspaces| k.names();
+
+        // A writer that truncates and writes: a tick at 100 ms reads the cut-off file (valid YAML, one keyspace
+        // fewer), which the file no longer holds 25 ms later; only the finished file is applied.
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(watch_file(
+            Arc::clone(&keyspaces),
+            Arc::clone(&metrics),
+            file.clone(),
+            Duration::from_millis(10),
+            false,
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(95)).await;
+        write(&file, "keyspaces:\n  - { name: plain, maxBytes: 1Mi }\n");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        write(&file, &format!("{two}  - {{ name: new, maxBytes: 1Mi }}\n"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(names(&keyspaces), "new, old, plain");
+        assert_eq!(metrics.reloads("applied"), 1, "the cut-off file was never applied");
+
+        // An emptied file is refused, not read as "no keyspaces".
+        write(&file, " \n");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        shutdown.cancel();
+        task.await.expect("watcher ends");
+        assert_eq!(names(&keyspaces), "new, old, plain", "every keyspace still serves");
+        let error = error_of(&keyspaces);
+        assert!(error.contains("the file is empty; write `keyspaces: []`"), "{error}");
+        assert_eq!(metrics.reloads("refused"), 1);
     }
 
     #[test]
