@@ -220,6 +220,13 @@ up() {
 
 crd_up() {
   [[ -f $TESTBED_DIR/ports ]] || die "the test bed is not running: testbed.sh up first"
+  # `up` starts it too: a second one would be an orphan nobody stops.
+  local running
+  running=$(awk '$2 == "apiextensions-apiserver" {print $1}' "$TESTBED_DIR/pids" 2>/dev/null)
+  if [[ -n $running ]] && kill -0 "$running" 2>/dev/null && [[ -f $TESTBED_DIR/kubeconfig-crd ]]; then
+    log "apiextensions-apiserver 1.36.4 already running (pid $running)"
+    return 0
+  fi
   [[ -x $APIEXT_BIN ]] || bash "$HERE/build-apiextensions.sh"
   # shellcheck source=/dev/null
   source "$TESTBED_DIR/ports"
@@ -242,8 +249,9 @@ crd_up() {
 crd_down() {
   [[ -f $TESTBED_DIR/pids ]] || return 0
   local pid
-  pid=$(awk '$2 == "apiextensions-apiserver" {print $1}' "$TESTBED_DIR/pids")
-  [[ -n $pid ]] && stop_component "$pid" apiextensions-apiserver
+  while read -r pid; do
+    stop_component "$pid" apiextensions-apiserver
+  done < <(awk '$2 == "apiextensions-apiserver" {print $1}' "$TESTBED_DIR/pids")
   sed -i '/ apiextensions-apiserver$/d' "$TESTBED_DIR/pids"
   rm -f "$TESTBED_DIR/kubeconfig-crd"
 }
