@@ -4,7 +4,10 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use opentelemetry_proto::tonic::{
@@ -27,6 +30,8 @@ pub struct Span {
     pub parent_span_id: String,
     /// `service.name` of the exporting process.
     pub service: String,
+    /// The exporting process's resource attributes (`service.name`, `k8s.pod.name`, ...).
+    pub resource: BTreeMap<String, String>,
     /// String forms of the span's attributes.
     pub attributes: BTreeMap<String, String>,
 }
@@ -34,7 +39,9 @@ pub struct Span {
 type Spans = Arc<Mutex<Vec<Span>>>;
 
 struct Service {
-    spans: Spans,
+    /// `None`: count only (a benchmark's sink keeps nothing, so that it costs the machine next to nothing).
+    spans: Option<Spans>,
+    count: Arc<AtomicU64>,
 }
 
 fn text(value: Option<&AnyValue>) -> String {
@@ -58,13 +65,18 @@ impl TraceService for Service {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let spans: usize =
+            request.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        self.count.fetch_add(spans as u64, Ordering::Relaxed);
+        let Some(kept) = &self.spans else {
+            return Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }));
+        };
         let mut received = Vec::new();
-        for resource in request.into_inner().resource_spans {
-            let service = resource
-                .resource
-                .as_ref()
-                .and_then(|r| attributes(&r.attributes).remove("service.name"))
-                .unwrap_or_default();
+        for resource in request.resource_spans {
+            let resource_attributes =
+                resource.resource.as_ref().map(|r| attributes(&r.attributes)).unwrap_or_default();
+            let service = resource_attributes.get("service.name").cloned().unwrap_or_default();
             for scope in resource.scope_spans {
                 for span in scope.spans {
                     received.push(Span {
@@ -73,12 +85,13 @@ impl TraceService for Service {
                         span_id: hex(&span.span_id),
                         parent_span_id: hex(&span.parent_span_id),
                         service: service.clone(),
+                        resource: resource_attributes.clone(),
                         attributes: attributes(&span.attributes),
                     });
                 }
             }
         }
-        self.spans.lock().unwrap_or_else(PoisonError::into_inner).extend(received);
+        kept.lock().unwrap_or_else(PoisonError::into_inner).extend(received);
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
@@ -95,6 +108,7 @@ pub struct Collector {
     /// Bound address.
     pub addr: SocketAddr,
     spans: Spans,
+    count: Arc<AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -104,13 +118,26 @@ impl Collector {
         Self::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
-    /// Serves on `addr`.
+    /// Serves on `addr`, keeping every span.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::serve(addr, true).await
+    }
+
+    /// Serves on `addr`, counting the spans without keeping them ([`Collector::spans`] stays empty).
+    pub async fn start_counting_on(addr: SocketAddr) -> std::io::Result<Self> {
+        Self::serve(addr, false).await
+    }
+
+    async fn serve(addr: SocketAddr, keep: bool) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let spans = Spans::default();
+        let count = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
-        let service = TraceServiceServer::new(Service { spans: Arc::clone(&spans) });
+        let service = TraceServiceServer::new(Service {
+            spans: keep.then(|| Arc::clone(&spans)),
+            count: Arc::clone(&count),
+        });
         let stopped = stop.clone();
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -119,7 +146,7 @@ impl Collector {
                 .serve_with_incoming_shutdown(incoming, stopped.cancelled_owned())
                 .await;
         });
-        Ok(Self { addr, spans, stop })
+        Ok(Self { addr, spans, count, stop })
     }
 
     /// The endpoint for `tracing.otlpEndpoint`.
@@ -130,6 +157,11 @@ impl Collector {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<Span> {
         self.spans.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// How many spans were received so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
     }
 }
 
