@@ -161,7 +161,8 @@ chart-check:
 	$(HELM) template distcache charts/distcache >/dev/null
 	$(HELM) template distcache charts/distcache --namespace distcache-system \
 	  --set operator.image.repository=example.invalid/distcache-operator,operator.image.tag=test \
-	  --set node.image.repository=example.invalid/distcache-node,node.image.tag=test,watchNamespace=apps >/dev/null
+	  --set node.image.repository=example.invalid/distcache-node,node.image.tag=test,watchNamespace=apps \
+	  --set tracing.otlpEndpoint=http://otel-collector.monitoring:4317,tracing.sampleRatio=0.5 >/dev/null
 	$(HELM) template distcache charts/distcache --api-versions monitoring.coreos.com/v1 \
 	  --set monitoring.podMonitor.enabled=true,monitoring.serviceMonitor.enabled=true \
 	  --set monitoring.prometheusRule.enabled=true >/dev/null

@@ -145,6 +145,17 @@ pub struct DistCacheSpec {
     /// changing any of its fields, rolls the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resp: Option<RespSpec>,
+
+    /// Traces of the nodes' request path (a Get through the node that forwards it, the owner, the data source's
+    /// hook and its HTTP calls), exported over OTLP/gRPC to a collector. Default: off. Changing it rolls the
+    /// pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+
+    /// How the nodes log (on stderr, as `kubectl logs` shows). Default: text lines at level `info`. Changing it
+    /// rolls the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogSpec>,
 }
 
 fn default_replicas() -> i32 {
@@ -423,6 +434,60 @@ impl Default for HandoffSpec {
 
 fn default_handoff_timeout() -> crate::DurationString {
     crate::DurationString(DEFAULT_HANDOFF_TIMEOUT)
+}
+
+/// The nodes' traces.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// The OTLP/gRPC collector the nodes export spans to, an `http://` URL such as
+    /// `http://otel-collector.monitoring:4317`. Required to turn tracing on.
+    #[schemars(length(min = 8, max = 512), regex(pattern = r"^http://[^\s/]+(/\S*)?$"))]
+    pub otlp_endpoint: String,
+    /// Share of the requests that start a trace at a node, 0 to 1. Default 0.01. A request whose caller sent a
+    /// sampled W3C `traceparent` is always traced, one whose caller sent an unsampled one never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sample_ratio: Option<f64>,
+    /// Record the key itself on spans (`distcache.key`). Default false: keys can be personal data.
+    #[serde(default)]
+    pub record_keys: bool,
+}
+
+/// The nodes' logs.
+#[derive(KubeSchema, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogSpec {
+    /// `text` (human-readable lines, the default) or `json` (one JSON object per line, with `trace_id` and
+    /// `span_id` inside a traced request).
+    #[serde(default)]
+    pub format: LogFormatSpec,
+    /// Levels in `RUST_LOG` syntax: `info` (the default), `warn`, or directives such as
+    /// `info,distcache_node::hooks=debug`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub level: Option<String>,
+}
+
+/// The nodes' log line format.
+#[derive(JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatSpec {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormatSpec {
+    /// The spelling in the spec and in the node's `log.format`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
 }
 
 /// Default of `spec.resp.port`, Redis's own port.

@@ -21,9 +21,9 @@ pub use admin::{
 pub use distcache::{
     CertManagerSpec, ClientAuth, DEFAULT_HANDOFF_TIMEOUT, DEFAULT_REPLICAS, DEFAULT_RESP_PORT, DiscoverySpec,
     DistCache, DistCacheSpec, DistCacheStatus, DnsDiscoverySpec, GROUP, HandoffSpec, HookState, ImageSpec,
-    IssuerRef, KeyspaceStatus, KubernetesDiscoverySpec, MAX_HANDOFF_TIMEOUT, MAX_REPLICAS, NatsDiscoverySpec,
-    NetworkPolicySpec, PodDisruptionBudgetSpec, RespSpec, SchedulingSpec, SecretKeyRef, ServiceSpec, TlsSpec,
-    VERSION,
+    IssuerRef, KeyspaceStatus, KubernetesDiscoverySpec, LogFormatSpec, LogSpec, MAX_HANDOFF_TIMEOUT,
+    MAX_REPLICAS, NatsDiscoverySpec, NetworkPolicySpec, PodDisruptionBudgetSpec, RespSpec, SchedulingSpec,
+    SecretKeyRef, ServiceSpec, TlsSpec, TracingSpec, VERSION,
 };
 pub use duration::{DurationString, ParseDurationError};
 pub use host::{Host, HostPort, ParseHostPortError};

@@ -10,6 +10,7 @@ use std::{
 };
 
 use distcache_api::{ByteSize, DurationString};
+use distcache_telemetry::{check_endpoint, check_level, check_sample_ratio};
 use serde::{Deserialize, Serialize};
 use serde_yaml::{Mapping, Value};
 
@@ -115,19 +116,11 @@ pub struct TracingConfig {
 
 impl TracingConfig {
     fn check(&self) -> Result<(), String> {
-        if let Some(ratio) = self.sample_ratio
-            && !(0.0..=1.0).contains(&ratio)
-        {
-            return Err(format!("tracing.sampleRatio must be between 0 and 1, got {ratio}"));
+        if let Some(ratio) = self.sample_ratio {
+            check_sample_ratio(ratio).map_err(|e| format!("tracing.sampleRatio {e}"))?;
         }
-        if let Some(endpoint) = &self.otlp_endpoint
-            && !endpoint.trim().is_empty()
-            && !endpoint.starts_with("http://")
-        {
-            return Err(format!(
-                "tracing.otlpEndpoint must be an http:// URL of an OTLP/gRPC collector (such as \
-                 http://otel-collector:4317), got {endpoint:?}"
-            ));
+        if let Some(endpoint) = self.otlp_endpoint.as_deref().filter(|e| !e.trim().is_empty()) {
+            check_endpoint(endpoint).map_err(|e| format!("tracing.otlpEndpoint {e}"))?;
         }
         Ok(())
     }
@@ -824,14 +817,9 @@ impl NodeConfig {
         }
         self.tracing.check().map_err(|message| ConfigError::Invalid { origin: "config".into(), message })?;
         if let Some(level) = &self.log.level
-            && let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level)
+            && let Err(e) = check_level(level)
         {
-            return Err(ConfigError::Invalid {
-                origin: "config".into(),
-                message: format!(
-                    "log.level {level:?} is not a valid filter (such as info or warn,distcache_node=debug): {e}"
-                ),
-            });
+            return Err(ConfigError::Invalid { origin: "config".into(), message: format!("log.level {e}") });
         }
         if !(1..=100_000).contains(&self.hooks.max_instances) {
             return Err(ConfigError::Invalid {
@@ -1068,6 +1056,33 @@ mod tests {
             ("resp: { listen: 127.0.0.1:1, maxConnections: 0 }", "maxConnections"),
             ("resp: { listen: 127.0.0.1:1, maxOutputBytes: 1Ki }", "maxOutputBytes"),
             ("resp: { listen: 127.0.0.1:1, defaultKeyspce: users }", "defaultKeyspce"),
+        ] {
+            let err = load_yaml(yaml).expect_err(yaml).to_string();
+            assert!(err.contains(says), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn tracing_and_log_settings_come_from_the_file_or_the_environment_and_bad_ones_say_which() {
+        let env = vec![
+            ("DISTCACHE_TRACING__OTLP_ENDPOINT".to_owned(), "http://otel:4317".to_owned()),
+            ("DISTCACHE_TRACING__SAMPLE_RATIO".to_owned(), "0.5".to_owned()),
+            ("DISTCACHE_LOG__FORMAT".to_owned(), "json".to_owned()),
+            ("DISTCACHE_LOG__LEVEL".to_owned(), "info,distcache_node=debug".to_owned()),
+        ];
+        let c = NodeConfig::load(None, env).expect("the operator's variables load");
+        assert_eq!(c.tracing.otlp_endpoint.as_deref(), Some("http://otel:4317"));
+        assert_eq!(c.tracing.sample_ratio, Some(0.5));
+        assert_eq!(
+            (c.log.format, c.log.level.as_deref()),
+            (LogFormat::Json, Some("info,distcache_node=debug"))
+        );
+        for (yaml, says) in [
+            ("tracing: { otlpEndpoint: 'https://otel:4317' }", "tracing.otlpEndpoint must be an http:// URL"),
+            ("tracing: { otlpEndpoint: 'http://' }", "tracing.otlpEndpoint must be an http:// URL"),
+            ("tracing: { sampleRatio: 1.5 }", "tracing.sampleRatio must be between 0 and 1, got 1.5"),
+            ("log: { level: 'info,=[' }", "log.level \"info,=[\" is not a valid filter"),
+            ("log: { format: xml }", "xml"),
         ] {
             let err = load_yaml(yaml).expect_err(yaml).to_string();
             assert!(err.contains(says), "{yaml}: {err}");

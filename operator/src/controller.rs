@@ -253,13 +253,11 @@ async fn reconcile(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context>) -
     };
     // Boxed: the reconcile future is large (about 18 KiB), and the controller keeps one per DistCache in flight.
     let result = Box::pin(reconcile_one(guard, ctx).instrument(span.clone())).await;
-    match &result {
-        Ok(_) => span.record("distcache.result", "ok"),
-        Err(e) => {
-            span.record("otel.status_code", "ERROR");
-            span.record("distcache.result", e.to_string().as_str())
-        }
-    };
+    // Success is recorded inside (ok, or invalid with the problems), as the reconciliations metric counts it.
+    if let Err(e) = &result {
+        span.record("otel.status_code", "ERROR");
+        span.record("distcache.result", e.to_string().as_str());
+    }
     result
 }
 
@@ -280,6 +278,7 @@ async fn reconcile_one(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context
             status::patch(&ctx.client, dc, &status::degraded(dc, "InvalidSpec", problems.to_string()))
                 .await?;
             ctx.metrics.reconciled("invalid");
+            tracing::Span::current().record("distcache.result", "invalid");
             return Ok(Action::await_change());
         }
     };
@@ -287,6 +286,7 @@ async fn reconcile_one(guard: Arc<DeserializeGuard<DistCache>>, ctx: Arc<Context
         Ok(action) => {
             ctx.failures.lock().remove(&ObjectRef::from_obj(guard.as_ref()));
             ctx.metrics.reconciled("ok");
+            tracing::Span::current().record("distcache.result", "ok");
             Ok(action)
         }
         Err(e) => {

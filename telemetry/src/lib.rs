@@ -74,6 +74,33 @@ pub fn endpoint(configured: Option<&str>, env: impl Fn(&str) -> Option<String>) 
         .or_else(|| set(env("OTEL_EXPORTER_OTLP_ENDPOINT")))
 }
 
+/// Checks a collector endpoint: an `http://` URL (the exporter speaks OTLP/gRPC without TLS). The message names
+/// no field: the caller prefixes its own (`tracing.otlpEndpoint`, `spec.tracing.otlpEndpoint`).
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let rest = endpoint.strip_prefix("http://").unwrap_or_default();
+    if rest.is_empty() || rest.starts_with('/') || endpoint.contains(char::is_whitespace) {
+        return Err(format!(
+            "must be an http:// URL of an OTLP/gRPC collector (such as http://otel-collector:4317), got {endpoint:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a sample ratio: 0 to 1.
+pub fn check_sample_ratio(ratio: f64) -> Result<(), String> {
+    if (0.0..=1.0).contains(&ratio) { Ok(()) } else { Err(format!("must be between 0 and 1, got {ratio}")) }
+}
+
+/// Checks log levels in `RUST_LOG` syntax.
+pub fn check_level(level: &str) -> Result<(), String> {
+    if level.trim().is_empty() {
+        return Err("must not be empty (such as info or warn,distcache_node=debug)".into());
+    }
+    EnvFilter::builder().parse(level).map(|_| ()).map_err(|e| {
+        format!("{level:?} is not a valid filter (such as info or warn,distcache_node=debug): {e}")
+    })
+}
+
 /// The target of the request path's spans (see the module documentation).
 pub const SPANS: &str = "distcache_spans";
 

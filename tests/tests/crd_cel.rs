@@ -129,7 +129,9 @@ fn valid(name: &str) -> Value {
                 "port": 6380,
                 "defaultKeyspace": "users",
                 "passwordSecret": { "name": "cache-redis", "key": "password" }
-            }
+            },
+            "tracing": { "otlpEndpoint": "http://otel-collector.monitoring:4317", "sampleRatio": 0.05 },
+            "log": { "format": "json", "level": "info,distcache_node::hooks=debug" }
         }
     })
 }
@@ -174,6 +176,7 @@ fn cases() -> anyhow::Result<Vec<Case>> {
     let mut all = tls_cases()?;
     all.extend(protection_cases()?);
     all.extend(resp_cases()?);
+    all.extend(telemetry_cases()?);
     all.extend([
         case("a hook module without a source", with("no-source", module, json!({}))?, MODULE, true),
         case(
@@ -395,6 +398,29 @@ fn resp_cases() -> anyhow::Result<Vec<Case>> {
             with("resp-key", "/spec/resp/passwordSecret/key", json!("a/b"))?,
             "should match",
             false,
+        ),
+    ])
+}
+
+/// `spec.tracing` and `spec.log`: schema bounds only.
+fn telemetry_cases() -> anyhow::Result<Vec<Case>> {
+    let case = |what, object, expect| Case { what, object, expect, cel: false };
+    Ok(vec![
+        case(
+            "an OTLP endpoint that is not http://",
+            with("otlp-https", "/spec/tracing/otlpEndpoint", json!("https://otel:4317"))?,
+            "should match",
+        ),
+        case(
+            "a sample ratio above 1",
+            with("ratio-high", "/spec/tracing/sampleRatio", json!(2))?,
+            "less than or equal to 1",
+        ),
+        case("tracing without an endpoint", with("otlp-none", "/spec/tracing", json!({}))?, "Required value"),
+        case(
+            "a log format that is neither text nor json",
+            with("log-xml", "/spec/log/format", json!("xml"))?,
+            "Unsupported value",
         ),
     ])
 }

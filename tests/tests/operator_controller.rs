@@ -12,6 +12,9 @@
 //!   `KeyspaceRefused` Event, while the other keyspaces keep serving; once the ConfigMap exists every node loads
 //!   the hook (`Loaded`, `nodesLoaded` = replicas, one module sha256) and serves reads through it.
 //! - `/metrics` counts the reconciliations by result.
+//! - Traces: the operator, run with `--otlp-endpoint`, exports a `distcache.reconcile` span per reconcile naming
+//!   the DistCache, its namespace and the result (`ok`, `invalid`) to an in-process OTLP collector; the nodes of a
+//!   DistCache with `spec.tracing` export theirs to it, each span naming its pod and namespace.
 //!
 //! A second private bed, for the network and TLS objects (DistCaches of 0 replicas: nothing here needs a node to
 //! run):
@@ -34,7 +37,13 @@ use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use distcache_api::{DistCache, HookState};
 use distcache_proto::v1::{GetRequest, PutRequest, cache_client::CacheClient};
-use distcache_tests::{built_binary, hook_module, http_get, repo_root, testbed::PrivateBed, wait_for};
+use distcache_tests::{
+    built_binary, hook_module, http_get,
+    otlp::{Collector, Span},
+    repo_root,
+    testbed::PrivateBed,
+    wait_for,
+};
 use k8s_openapi::{
     ByteString,
     api::{
@@ -135,13 +144,18 @@ async fn install_crd(client: &Client, file: &str, name: &str) -> anyhow::Result<
 }
 
 /// The DistCache CRD as a 1.20 cluster gets it (no CEL rules), the operator as a process with the bed's admin
-/// credentials (metrics on `listen`), and the test namespace.
-async fn start_operator(private: &PrivateBed, listen: &str) -> anyhow::Result<tokio::process::Child> {
+/// credentials (metrics on `listen`; with `otlp`, exporting its reconcile spans there), and the test namespace.
+async fn start_operator(
+    private: &PrivateBed,
+    listen: &str,
+    otlp: Option<&str>,
+) -> anyhow::Result<tokio::process::Child> {
     let client = private.bed.client.clone();
     install_crd(&client, "crds/distcache-without-cel.yaml", "distcaches.distcache.io").await?;
     let operator = tokio::process::Command::new(built_binary("distcache-operator")?)
         .args(["run", "--listen", listen, "--node-listen-on-pod-ip", "--node-image"])
         .arg("example.invalid/distcache-node:test")
+        .args(otlp.map(|url| format!("--otlp-endpoint={url}")))
         .env("KUBECONFIG", &private.bed.kubeconfig)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -164,9 +178,10 @@ async fn the_operator_reports_invalid_specs_and_refused_keyspaces_and_keeps_reco
 {
     let private = PrivateBed::start(42).await?;
     let client = private.bed.client.clone();
-    let mut operator = start_operator(&private, OPERATOR_ADDR).await?;
+    let collector = Collector::start().await?;
+    let mut operator = start_operator(&private, OPERATOR_ADDR, Some(&collector.url())).await?;
     let caches: Api<DistCache> = Api::namespaced(client.clone(), NS);
-    invalid_specs_and_pod_disruption_budgets(&client, &caches).await?;
+    invalid_specs_and_pod_disruption_budgets(&client, &caches, &collector).await?;
     refused_then_loaded_keyspace(&client, &caches).await?;
 
     // Metrics of the reconciliations.
@@ -186,6 +201,7 @@ async fn the_operator_reports_invalid_specs_and_refused_keyspaces_and_keeps_reco
 async fn invalid_specs_and_pod_disruption_budgets(
     client: &Client,
     caches: &Api<DistCache>,
+    collector: &Collector,
 ) -> anyhow::Result<()> {
     // An invalid DistCache next to a valid one.
     let bad = dc(
@@ -204,9 +220,11 @@ async fn invalid_specs_and_pod_disruption_budgets(
         }),
     )?;
     caches.create(&PostParams::default(), &bad).await?;
+    // Its nodes export every request's spans to the collector the operator exports to.
     let good = dc(
         "good",
-        &serde_json::json!({ "replicas": 2, "keyspaces": [{ "name": "sessions", "maxBytes": "1Mi" }] }),
+        &serde_json::json!({ "replicas": 2, "keyspaces": [{ "name": "sessions", "maxBytes": "1Mi" }],
+            "tracing": { "otlpEndpoint": collector.url(), "sampleRatio": 1.0 }, "log": { "format": "json" } }),
     )?;
     caches.create(&PostParams::default(), &good).await?;
 
@@ -234,6 +252,7 @@ async fn invalid_specs_and_pod_disruption_budgets(
     );
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), NS);
     assert!(sets.get_opt("bad").await?.is_none(), "nothing is built from an invalid spec");
+    traces_of_the_operator_and_the_nodes(client, collector).await?;
 
     // 1.20: the PodDisruptionBudget exists as policy/v1beta1, and the status says so.
     let s = status_of(caches, "good").await?;
@@ -290,6 +309,49 @@ async fn invalid_specs_and_pod_disruption_budgets(
     })
     .await?;
 
+    Ok(())
+}
+
+/// The operator's reconcile spans name each DistCache and its result; the nodes of `good` trace as its
+/// `spec.tracing` says, each span naming its pod and namespace.
+async fn traces_of_the_operator_and_the_nodes(client: &Client, collector: &Collector) -> anyhow::Result<()> {
+    let reconciled = |name: &'static str, result: &'static str| {
+        move |s: &Span| {
+            s.name == "distcache.reconcile"
+                && s.service == "distcache-operator"
+                && s.attributes.get("distcache.name").map(String::as_str) == Some(name)
+                && s.attributes.get("k8s.namespace.name").map(String::as_str) == Some(NS)
+                && s.attributes.get("distcache.result").map(String::as_str) == Some(result)
+        }
+    };
+    wait_for(Duration::from_secs(30), "the operator's reconcile spans of good and bad", || {
+        let spans = collector.spans();
+        std::future::ready(Ok(
+            spans.iter().any(reconciled("good", "ok")) && spans.iter().any(reconciled("bad", "invalid"))
+        ))
+    })
+    .await?;
+
+    let ip =
+        ready_pod_ips(client, "good").await?.into_iter().next().ok_or_else(|| anyhow::anyhow!("no pod"))?;
+    let mut cache = CacheClient::connect(format!("http://{ip}:7420")).await?;
+    let got = cache.get(GetRequest { keyspace: "sessions".into(), key: "nobody".into() }).await;
+    assert_eq!(got.map_err(|s| s.code()).err(), Some(tonic::Code::NotFound), "a cache-aside miss");
+    let mut get = None;
+    wait_for(Duration::from_secs(30), "the node's span of that Get", || {
+        get = collector.spans().into_iter().find(|s| s.name == "distcache.Cache/Get");
+        std::future::ready(Ok(get.is_some()))
+    })
+    .await?;
+    let get = get.ok_or_else(|| anyhow::anyhow!("no Get span"))?;
+    assert_eq!(get.service, "distcache-node");
+    assert_eq!(get.attributes.get("distcache.keyspace").map(String::as_str), Some("sessions"), "{get:?}");
+    assert!(
+        get.resource.get("k8s.pod.name").is_some_and(|p| p.starts_with("good-")),
+        "the pod names itself: {:?}",
+        get.resource
+    );
+    assert_eq!(get.resource.get("k8s.namespace.name").map(String::as_str), Some(NS));
     Ok(())
 }
 
@@ -369,7 +431,7 @@ async fn refused_then_loaded_keyspace(client: &Client, caches: &Api<DistCache>) 
 async fn the_operator_guards_the_peer_port_and_reports_the_tls_material() -> anyhow::Result<()> {
     let private = PrivateBed::start(43).await?;
     let client = private.bed.client.clone();
-    let mut operator = start_operator(&private, TLS_OPERATOR_ADDR).await?;
+    let mut operator = start_operator(&private, TLS_OPERATOR_ADDR, None).await?;
     let caches: Api<DistCache> = Api::namespaced(client.clone(), NS);
     ports_and_network_policy(&client, &caches).await?;
     tls_from_a_secret(&client, &caches).await?;

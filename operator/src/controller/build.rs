@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use distcache_api::KeyspacesFile;
+use distcache_api::{KeyspacesFile, LogFormatSpec};
 use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy},
@@ -490,6 +490,32 @@ fn yaml_string(s: &str) -> String {
     }
 }
 
+/// The node's `tracing` and `log` settings from `spec.tracing` and `spec.log`; with tracing, the pod and its
+/// namespace as resource attributes of every span (`k8s.pod.name`, `k8s.namespace.name`).
+fn telemetry_env(valid: &ValidSpec) -> Vec<EnvVar> {
+    let mut vars = Vec::new();
+    if let Some(tracing) = &valid.tracing {
+        vars.push(env("DISTCACHE_TRACING__OTLP_ENDPOINT", yaml_string(&tracing.otlp_endpoint)));
+        if let Some(ratio) = tracing.sample_ratio {
+            vars.push(env("DISTCACHE_TRACING__SAMPLE_RATIO", ratio.to_string()));
+        }
+        if tracing.record_keys {
+            vars.push(env("DISTCACHE_TRACING__RECORD_KEYS", "true"));
+        }
+        vars.push(env(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)",
+        ));
+    }
+    if valid.log.format != LogFormatSpec::Text {
+        vars.push(env("DISTCACHE_LOG__FORMAT", valid.log.format.as_str()));
+    }
+    if let Some(level) = &valid.log.level {
+        vars.push(env("DISTCACHE_LOG__LEVEL", yaml_string(level)));
+    }
+    vars
+}
+
 /// A read-only mount of the volume `name` at `path` (Secrets: certificates, the RESP password).
 fn read_only_mount(name: &str, path: &str) -> VolumeMount {
     VolumeMount {
@@ -638,6 +664,7 @@ fn node_container(valid: &ValidSpec, config: &BuildConfig, mounts: Vec<VolumeMou
     if let Some(resp) = &valid.resp {
         env_vars.extend(resp_env(resp, bind));
     }
+    env_vars.extend(telemetry_env(valid));
     let port = |name: &str, port: i32| ContainerPort {
         name: Some(name.to_owned()),
         container_port: port,
@@ -1431,6 +1458,38 @@ spec:
             template(&with_resp("{ enabled: true }")),
             "turning it on rolls the pods"
         );
+    }
+
+    #[test]
+    fn tracing_and_log_become_the_nodes_settings() {
+        let config = BuildConfig::default();
+        let c = container(&objects(&dc(DEMO), &config));
+        assert!(
+            c.env.iter().flatten().all(|e| !e.name.starts_with("DISTCACHE_TRACING")
+                && !e.name.starts_with("DISTCACHE_LOG")
+                && !e.name.starts_with("OTEL_")),
+            "nothing without spec.tracing and spec.log"
+        );
+        let traced = dc(&format!(
+            "{DEMO}  tracing: {{ otlpEndpoint: 'http://otel:4317', sampleRatio: 0.5, recordKeys: true }}\n  \
+             log: {{ format: json, level: 'info,distcache_node=debug' }}\n"
+        ));
+        let c = container(&objects(&traced, &config));
+        for (name, value) in [
+            ("DISTCACHE_TRACING__OTLP_ENDPOINT", "http://otel:4317"),
+            ("DISTCACHE_TRACING__SAMPLE_RATIO", "0.5"),
+            ("DISTCACHE_TRACING__RECORD_KEYS", "true"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)"),
+            ("DISTCACHE_LOG__FORMAT", "json"),
+            ("DISTCACHE_LOG__LEVEL", "info,distcache_node=debug"),
+        ] {
+            assert_eq!(env_value(&c, name).as_deref(), Some(value), "{name}");
+        }
+        let names: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        let at = |n: &str| names.iter().position(|x| *x == n);
+        assert!(at("POD_NAMESPACE") < at("OTEL_RESOURCE_ATTRIBUTES"), "$(POD_NAMESPACE) is defined before");
+        let template = |d: &DistCache| objects(d, &config).stateful_set.spec.expect("spec").template;
+        assert_ne!(template(&dc(DEMO)), template(&traced), "changing them rolls the pods");
     }
 
     #[test]

@@ -7,8 +7,9 @@
 use std::{collections::BTreeMap, fmt};
 
 use distcache_api::{
-    ClientAuth, DEFAULT_RESP_PORT, DistCache, DistCacheSpec, DurationString, ImageSpec, MAX_HANDOFF_TIMEOUT,
-    MAX_REPLICAS, RespSpec, SchedulingSpec, SecretKeyRef, TlsSpec, ValidKeyspace, validate_keyspaces,
+    ClientAuth, DEFAULT_RESP_PORT, DistCache, DistCacheSpec, DurationString, ImageSpec, LogSpec,
+    MAX_HANDOFF_TIMEOUT, MAX_REPLICAS, RespSpec, SchedulingSpec, SecretKeyRef, TlsSpec, TracingSpec,
+    ValidKeyspace, validate_keyspaces,
 };
 use k8s_openapi::{
     api::core::v1::ResourceRequirements,
@@ -55,6 +56,10 @@ pub struct ValidSpec {
     pub handoff_timeout: std::time::Duration,
     /// The Redis-protocol front end, when `spec.resp.enabled`.
     pub resp: Option<Resp>,
+    /// The nodes' traces, when `spec.tracing` is set: an endpoint and a ratio the nodes accept.
+    pub tracing: Option<TracingSpec>,
+    /// The nodes' logs (defaults: text, the node's default level).
+    pub log: LogSpec,
 }
 
 /// The nodes' Redis-protocol front end, with its defaults applied.
@@ -300,6 +305,7 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
         None => Some(None),
         Some(r) => parse_resp(r, spec, &mut problems).map(|resp| r.enabled.then_some(resp)),
     };
+    check_telemetry(spec, &mut problems);
     let handoff_timeout = spec.handoff.timeout.get();
     if handoff_timeout > MAX_HANDOFF_TIMEOUT {
         problems.push(format!(
@@ -350,8 +356,29 @@ pub fn validate(dc: &DistCache) -> Result<ValidSpec, InvalidSpec> {
             network_policy: spec.network_policy.enabled,
             handoff_timeout,
             resp,
+            tracing: spec.tracing.clone(),
+            log: spec.log.clone().unwrap_or_default(),
         }),
         _ => Err(InvalidSpec(problems.0)),
+    }
+}
+
+/// `spec.tracing` and `spec.log`, checked as the nodes check their `tracing` and `log` (which they become).
+fn check_telemetry(spec: &DistCacheSpec, problems: &mut Problems) {
+    if let Some(tracing) = &spec.tracing {
+        if let Err(e) = distcache_telemetry::check_endpoint(&tracing.otlp_endpoint) {
+            problems.push(format!("spec.tracing.otlpEndpoint: {e}"));
+        }
+        if let Some(ratio) = tracing.sample_ratio
+            && let Err(e) = distcache_telemetry::check_sample_ratio(ratio)
+        {
+            problems.push(format!("spec.tracing.sampleRatio: {e}"));
+        }
+    }
+    if let Some(level) = spec.log.as_ref().and_then(|l| l.level.as_deref())
+        && let Err(e) = distcache_telemetry::check_level(level)
+    {
+        problems.push(format!("spec.log.level: {e}"));
     }
 }
 
@@ -954,6 +981,42 @@ keyspaces:
         assert_eq!(err("resp: { port: 7422, defaultKeyspace: users }").len(), 1);
         assert!(serde_yaml::from_str::<DistCacheSpec>("resp: { enabled: true, port: 65536 }").is_err());
         assert!(serde_yaml::from_str::<DistCacheSpec>("resp: { enabled: true, port: -1 }").is_err());
+    }
+
+    #[test]
+    fn tracing_and_log_are_checked_as_the_nodes_check_them() {
+        let valid = check(
+            "demo",
+            &spec(
+                "tracing: { otlpEndpoint: 'http://otel-collector.monitoring:4317', sampleRatio: 0.25 }\n\
+                 log: { format: json, level: 'info,distcache_node::hooks=debug' }",
+            ),
+        )
+        .expect("valid");
+        let tracing = valid.tracing.expect("tracing");
+        assert_eq!(
+            (tracing.otlp_endpoint.as_str(), tracing.sample_ratio, tracing.record_keys),
+            ("http://otel-collector.monitoring:4317", Some(0.25), false)
+        );
+        assert_eq!(valid.log.format, distcache_api::LogFormatSpec::Json);
+        let plain = check("demo", &spec("{}")).expect("valid");
+        assert_eq!((plain.tracing, plain.log), (None, LogSpec::default()), "off, text, the node's level");
+
+        let err = check(
+            "demo",
+            &spec("tracing: { otlpEndpoint: 'https://c:4317', sampleRatio: 1.5 }\nlog: { level: 'info,=[' }"),
+        )
+        .expect_err("invalid")
+        .0;
+        assert_eq!(err.len(), 3, "{err:?}");
+        assert!(err[0].starts_with("spec.tracing.otlpEndpoint: must be an http:// URL"), "{err:?}");
+        assert_eq!(err[1], "spec.tracing.sampleRatio: must be between 0 and 1, got 1.5");
+        assert!(err[2].starts_with(r#"spec.log.level: "info,=[" is not a valid filter"#), "{err:?}");
+        assert!(serde_yaml::from_str::<DistCacheSpec>("log: { format: xml }").is_err());
+        assert!(
+            serde_yaml::from_str::<DistCacheSpec>("tracing: { sampleRatio: 0.5 }").is_err(),
+            "no endpoint"
+        );
     }
 
     #[test]
