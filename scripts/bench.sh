@@ -6,11 +6,10 @@
 #
 # The servers are started here (free ports, PIDs recorded) and stopped on every exit path: redis-server, a plain
 # node and a TLS node (its certificate, for IP 127.0.0.1 from a throwaway CA, made here with openssl). All get the
-# same data: 100,000 keys of 100 B. Then twelve runs of BENCH_SECONDS each (default 10):
+# same data: 100,000 keys of 100 B. Then these runs of BENCH_SECONDS each (default 10):
 #   redis GET P1           redis-benchmark -t get -d 100 -c 50 -P 1 -r 100000
 #   distcache Get c50      distcache bench --op get --concurrency 50 --value-size 100 --keys 100000 --transport h2
 #   distcache Get c50 TLS  the same against the TLS node (https://, --tls-ca; no client certificate)
-#   ... tracing 0.01       the same against a node exporting spans (sampleRatio 0.01) to distcache-otlp-sink
 #   ... client library     the plain Get with --transport client (the Rust client library, tonic)
 #   redis GET P16          redis-benchmark ... -P 16               (ops/s of pipelined GETs = keys/s)
 #   distcache GetMany(16)  distcache bench ... --batch 16 --transport h2    (keys/s)
@@ -41,12 +40,19 @@
 # (RSS after − RSS before) ÷ DBSIZE is each one's memory per cached entry. Every redis-benchmark run fails the
 # bench when a server answers an error (redis-benchmark 7 exits at the first one; an older one is given -e so that
 # it prints them) or when it says anything on stderr; so does a load whose `redis-cli --pipe` counts an error.
+# The cost of tracing: Get c50 against the plain node and against a node exporting spans (sampleRatio 0.01) to
+# distcache-otlp-sink, in BENCH_PAIRS (default 4) interleaved pairs of half-length runs (off, traced; traced, off;
+# ...), so that a machine that slows down or speeds up during the bench weighs on both alike; reported: the pooled
+# ops/s and server CPU per request of each, their ratio (goal ≥ 0.95) and each pair's ratio. With
+# BENCH_BASELINE_NODE=<path of another build's distcache-node>, the plain node is compared the same way with a node
+# of that build (the same configuration, its own port): "does this build cost more than that one".
 # Server CPU per request (per key for batches) comes from utime+stime in /proc/PID/stat of the server process,
 # sampled around the measured window. The table and the ratios (distcache ÷ redis, and TLS ÷ plain Get, whose goal
 # is ≥ 0.85 for ops/s) go to stdout, every raw number to ${CARGO_TARGET_DIR:-target}/bench/results.json.
 #
 # Environment: BENCH_SECONDS (default 10), BENCH_CONNECTIONS (passed to `distcache bench --connections` when set),
-# RUST_LOG for the node (default warn), BENCH_RSS_KEYS (keys of the memory test, default 1000000).
+# RUST_LOG for the node (default warn), BENCH_RSS_KEYS (keys of the memory test, default 1000000), BENCH_PAIRS and
+# BENCH_BASELINE_NODE (above).
 #
 # The load generators run on the same cores as the servers: compare the ratios, never absolute numbers across
 # machines.
@@ -58,6 +64,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BENCH_SECONDS=${BENCH_SECONDS:-10}
 [[ $BENCH_SECONDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_SECONDS must be a positive whole number of seconds, got '$BENCH_SECONDS'"
 BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-}
+BENCH_PAIRS=${BENCH_PAIRS:-4}
+[[ $BENCH_PAIRS =~ ^[1-9][0-9]*$ ]] || die "BENCH_PAIRS must be a positive whole number, got '$BENCH_PAIRS'"
+# Each run of an interleaved pair lasts half a BENCH_SECONDS (at least 3 s).
+PAIR_SECONDS=$((BENCH_SECONDS / 2 > 3 ? BENCH_SECONDS / 2 : 3))
+BENCH_BASELINE_NODE=${BENCH_BASELINE_NODE:-}
+if [[ -n $BENCH_BASELINE_NODE ]]; then
+  [[ -x $BENCH_BASELINE_NODE ]] || die "BENCH_BASELINE_NODE=$BENCH_BASELINE_NODE is not an executable distcache-node"
+  BENCH_BASELINE_NODE=$(realpath "$BENCH_BASELINE_NODE")
+fi
 [[ -z $BENCH_CONNECTIONS || $BENCH_CONNECTIONS =~ ^[1-9][0-9]*$ ]] || die "BENCH_CONNECTIONS must be a positive number"
 KEYS=100000
 VALUE_SIZE=100
@@ -144,10 +159,10 @@ rss_kib() {
 read -r REDIS_PORT GRPC_PORT PEER_PORT ADMIN_PORT TLS_GRPC_PORT TLS_PEER_PORT TLS_ADMIN_PORT ORIGIN_PORT \
   RESP_GRPC_PORT RESP_PEER_PORT RESP_ADMIN_PORT RESP_PORT \
   RSS_REDIS_PORT RSS_GRPC_PORT RSS_PEER_PORT RSS_ADMIN_PORT RSS_RESP_PORT \
-  TRACED_GRPC_PORT TRACED_PEER_PORT TRACED_ADMIN_PORT SINK_PORT < <(
+  TRACED_GRPC_PORT TRACED_PEER_PORT TRACED_ADMIN_PORT SINK_PORT BASE_GRPC_PORT BASE_PEER_PORT BASE_ADMIN_PORT < <(
   python3 -c '
 import socket
-socks = [socket.socket() for _ in range(21)]
+socks = [socket.socket() for _ in range(24)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -156,6 +171,7 @@ print(*(s.getsockname()[1] for s in socks))
 ENDPOINT="http://127.0.0.1:$GRPC_PORT"
 TLS_ENDPOINT="https://127.0.0.1:$TLS_GRPC_PORT"
 TRACED_ENDPOINT="http://127.0.0.1:$TRACED_GRPC_PORT"
+BASE_ENDPOINT="http://127.0.0.1:$BASE_GRPC_PORT"
 
 # The TLS node's material: a CA and a certificate for 127.0.0.1 (serverAuth for the client port, clientAuth because
 # a node is also a client of its peers), ECDSA P-256 like cert-manager's default for ECDSA.
@@ -202,6 +218,7 @@ node_config bench-node "$GRPC_PORT" "$PEER_PORT" "$ADMIN_PORT" >"$WORK/node.yaml
 # The traced node: the same, exporting spans to the OTLP sink at the default sample ratio of 0.01.
 node_config bench-node-traced "$TRACED_GRPC_PORT" "$TRACED_PEER_PORT" "$TRACED_ADMIN_PORT" \
   "tracing: { otlpEndpoint: \"http://127.0.0.1:$SINK_PORT\", sampleRatio: 0.01 }" >"$WORK/node-traced.yaml"
+node_config bench-node-baseline "$BASE_GRPC_PORT" "$BASE_PEER_PORT" "$BASE_ADMIN_PORT" >"$WORK/node-baseline.yaml"
 node_config bench-node-tls "$TLS_GRPC_PORT" "$TLS_PEER_PORT" "$TLS_ADMIN_PORT" \
   "tls: { certFile: ./tls/tls.crt, keyFile: ./tls/tls.key, caFile: ./tls/ca.crt }" >"$WORK/node-tls.yaml"
 # The RESP nodes serve one cache-aside keyspace, the default of every key (redis-benchmark's key:… included), large
@@ -268,6 +285,12 @@ RESP_NODE_PID=$LAST_PID
 start_bg distcache-otlp-sink "$WORK/otlp-sink.log" "$SINK_BIN" --listen "127.0.0.1:$SINK_PORT"
 start_bg distcache-node-traced "$WORK/node-traced.log" "$NODE_BIN" --config "$WORK/node-traced.yaml"
 TRACED_NODE_PID=$LAST_PID
+BASE_NODE_PID=
+if [[ -n $BENCH_BASELINE_NODE ]]; then
+  start_bg distcache-node-baseline "$WORK/node-baseline.log" "$BENCH_BASELINE_NODE" --config "$WORK/node-baseline.yaml"
+  BASE_NODE_PID=$LAST_PID
+  "$BENCH_BASELINE_NODE" --version >"$WORK/baseline-version.txt" 2>&1 || true
+fi
 start_bg distcache-origin "$WORK/origin.log" "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" --dir "$WORK/origin" \
   --delay "$ORIGIN_DELAY"
 ORIGIN_PID=$LAST_PID
@@ -280,6 +303,7 @@ wait_ready "$RESP_NODE_PID" 30 "RESP PING on :$RESP_PORT" resp_ping "$RESP_PORT"
 wait_http_ready "$NODE_PID" 127.0.0.1 "$ADMIN_PORT" /readyz 30
 wait_http_ready "$TLS_NODE_PID" 127.0.0.1 "$TLS_ADMIN_PORT" /readyz 30
 wait_http_ready "$TRACED_NODE_PID" 127.0.0.1 "$TRACED_ADMIN_PORT" /readyz 30
+[[ -z $BASE_NODE_PID ]] || wait_http_ready "$BASE_NODE_PID" 127.0.0.1 "$BASE_ADMIN_PORT" /readyz 30
 wait_http_ready "$ORIGIN_PID" 127.0.0.1 "$ORIGIN_PORT" /_stats 30
 
 # --- data ------------------------------------------------------------------------------------------------------
@@ -337,6 +361,10 @@ phase "loading $KEYS keys of $VALUE_SIZE B into the TLS node (distcache bench pr
 dc_preload dc-preload-tls --endpoint "$TLS_ENDPOINT" "${TLS_CLI_ARGS[@]}"
 phase "loading $KEYS keys of $VALUE_SIZE B into the traced node (distcache bench preload)"
 dc_preload dc-preload-traced --endpoint "$TRACED_ENDPOINT"
+if [[ -n $BASE_NODE_PID ]]; then
+  phase "loading $KEYS keys of $VALUE_SIZE B into the baseline node (distcache bench preload)"
+  dc_preload dc-preload-baseline --endpoint "$BASE_ENDPOINT"
+fi
 
 # --- runs ------------------------------------------------------------------------------------------------------
 
@@ -450,7 +478,7 @@ distcache_run() {
   local name=$1 batch=$2 keyspace=$3
   shift 3
   local args=(bench --op get --keyspace "$keyspace" "${DC_COMMON[@]}" --batch "$batch"
-    --duration "${BENCH_SECONDS}s" --warmup "${WARMUP_SECONDS}s" --no-preload "$@" --json)
+    --duration "${RUN_SECONDS:-$BENCH_SECONDS}s" --warmup "${WARMUP_SECONDS}s" --no-preload "$@" --json)
   phase "$name: $(display_cmd distcache "${args[@]}")"
   local pid cpu0 cpu1 t0 t1 rc=0 c0 c1 client0 client1 started
   client0=$(children_cpu_ticks)
@@ -490,11 +518,36 @@ distcache_run distcache-get-c50 1 "$KEYSPACE" --transport h2
 # The TLS node right after the plain one, so that both Get runs see the same machine state.
 RUN_ENDPOINT=$TLS_ENDPOINT RUN_NODE_PID=$TLS_NODE_PID RUN_ADMIN_PORT=$TLS_ADMIN_PORT RUN_CLI_ARGS=("${TLS_CLI_ARGS[@]}")
 distcache_run distcache-get-c50-tls 1 "$KEYSPACE" --transport h2
-# The traced node (sample ratio 0.01) right after as well.
-RUN_ENDPOINT=$TRACED_ENDPOINT RUN_NODE_PID=$TRACED_NODE_PID RUN_ADMIN_PORT=$TRACED_ADMIN_PORT RUN_CLI_ARGS=()
-distcache_run distcache-get-c50-traced 1 "$KEYSPACE" --transport h2
 RUN_ENDPOINT=$ENDPOINT RUN_NODE_PID=$NODE_PID RUN_ADMIN_PORT=$ADMIN_PORT RUN_CLI_ARGS=()
 distcache_run distcache-get-c50-client 1 "$KEYSPACE" --transport client
+
+# use_node plain|traced|baseline: the node that distcache_run drives.
+use_node() {
+  case $1 in
+    plain) RUN_ENDPOINT=$ENDPOINT RUN_NODE_PID=$NODE_PID RUN_ADMIN_PORT=$ADMIN_PORT ;;
+    traced) RUN_ENDPOINT=$TRACED_ENDPOINT RUN_NODE_PID=$TRACED_NODE_PID RUN_ADMIN_PORT=$TRACED_ADMIN_PORT ;;
+    baseline) RUN_ENDPOINT=$BASE_ENDPOINT RUN_NODE_PID=$BASE_NODE_PID RUN_ADMIN_PORT=$BASE_ADMIN_PORT ;;
+    *) die "use_node: unknown node $1" ;;
+  esac
+  RUN_CLI_ARGS=()
+}
+
+# interleave A B: BENCH_PAIRS pairs of PAIR_SECONDS Get runs against nodes A and B, in the order A B, B A, A B, ...;
+# run i of node X is named distcache-pair-A-B-X-i.
+interleave() {
+  local a=$1 b=$2 i first second node
+  for ((i = 1; i <= BENCH_PAIRS; i++)); do
+    if ((i % 2)); then first=$a second=$b; else first=$b second=$a; fi
+    for node in "$first" "$second"; do
+      use_node "$node"
+      RUN_SECONDS=$PAIR_SECONDS distcache_run "distcache-pair-$a-$b-$node-$i" 1 "$KEYSPACE" --transport h2
+    done
+  done
+  use_node plain
+}
+# The cost of tracing at the default sample ratio; and, when asked, of this build against another one.
+interleave plain traced
+[[ -z $BASE_NODE_PID ]] || interleave plain baseline
 redis_run redis-get-p16 "$BATCH"
 distcache_run distcache-getmany-16 "$BATCH" "$KEYSPACE" --transport h2
 redis_run redis-set-p1 1 set "$SET_KEY_RANGE"
@@ -557,11 +610,13 @@ redis-server --version >"$WORK/redis-version.txt" 2>&1 || true
 # --- report ----------------------------------------------------------------------------------------------------
 
 RESULTS="$OUT_DIR/results.json"
-python3 - "$WORK" "$RESULTS" "$BENCH_SECONDS" "$KEYS" "$VALUE_SIZE" "$CONCURRENCY" "$BATCH" "$WARMUP_SECONDS" <<'EOF'
+python3 - "$WORK" "$RESULTS" "$BENCH_SECONDS" "$KEYS" "$VALUE_SIZE" "$CONCURRENCY" "$BATCH" "$WARMUP_SECONDS" \
+  "$BENCH_PAIRS" "$PAIR_SECONDS" "${BENCH_BASELINE_NODE:-}" <<'EOF'
 import csv, json, os, platform, sys, time
 
 work, results_path = sys.argv[1], sys.argv[2]
-seconds, keys, value_size, concurrency, batch, warmup = map(int, sys.argv[3:9])
+seconds, keys, value_size, concurrency, batch, warmup, pairs, pair_seconds = map(int, sys.argv[3:11])
+baseline_node = sys.argv[11]
 
 
 def read(name):
@@ -657,7 +712,6 @@ rows = [
     distcache_row("distcache-expiring-swr", "distcache Get expiring, SWR 30s"),
     distcache_row("distcache-get-c50-client", f"distcache Get c{concurrency}, client library"),
     distcache_row("distcache-get-miss-client", f"distcache Get miss c{concurrency}, client library"),
-    distcache_row("distcache-get-c50-traced", f"distcache Get c{concurrency}, tracing 0.01"),
 ]
 ratios = []
 for redis, dc in ((rows[0], rows[1]), (rows[2], rows[3]), (rows[4], rows[5]), (rows[0], rows[9]), (rows[4], rows[10])):
@@ -680,21 +734,69 @@ tls_summary = {
              "--transport h2 against both nodes",
 }
 
-# Tracing at the default sample ratio (0.01, spans exported to the OTLP sink) ÷ tracing off, the same Get run
-# right after the plain one. Goal: ops/s ≥ 0.95.
+
+
+def pooled(a, b, node, label):
+    """The runs of `node` in the interleaved pairs of nodes a and b, pooled: mean ops/s, p50 and p99 (the runs
+    are equally long), server CPU of all runs ÷ all their requests; and the single runs."""
+    runs = [distcache_row(f"distcache-pair-{a}-{b}-{node}-{i}", label) for i in range(1, pairs + 1)]
+    mean = lambda k: sum(r[k] for r in runs) / len(runs)
+    cpu_s, keys_done = sum(r["server_cpu_s"] for r in runs), sum(r["keys"] for r in runs)
+    return {"label": label, "ops_per_sec": mean("ops_per_sec"), "p50_us": mean("p50_us"), "p99_us": mean("p99_us"),
+            "server_cpu_us_per_key": cpu_s * 1e6 / keys_done if keys_done else None, "server_cpu_s": cpu_s,
+            "keys": keys_done, "errors": sum(r["errors"] or 0 for r in runs),
+            "misses": sum(r["misses"] or 0 for r in runs), "client_busy": None, "runs": runs}
+
+
+def comparison(a, b, label_a, label_b, ratio_label, goal=None):
+    """Node b ÷ node a over their interleaved pairs: the pooled rows, their ratio row and a summary."""
+    row_a, row_b = pooled(a, b, a, label_a), pooled(a, b, b, label_b)
+    rt = ratio_row(ratio_label, row_b, row_a)
+    per_pair = [ratio(rb["ops_per_sec"], ra["ops_per_sec"]) for ra, rb in zip(row_a["runs"], row_b["runs"])]
+    cpu_per_pair = [ratio(rb["server_cpu_us_per_key"], ra["server_cpu_us_per_key"])
+                    for ra, rb in zip(row_a["runs"], row_b["runs"])]
+    summary = {
+        "ops_per_sec_ratio": rt["ops_per_sec"],
+        "server_cpu_us_per_req_ratio": rt["server_cpu_us_per_key"],
+        "pair_ops_per_sec_ratios": per_pair,
+        "pair_server_cpu_ratios": cpu_per_pair,
+        a: {k: row_a[k] for k in ("ops_per_sec", "server_cpu_us_per_key", "p50_us", "p99_us")},
+        b: {k: row_b[k] for k in ("ops_per_sec", "server_cpu_us_per_key", "p50_us", "p99_us")},
+        "pairs": pairs, "seconds_per_run": pair_seconds,
+    }
+    if goal is not None:
+        summary["goal_ops_per_sec_ratio"] = goal
+        summary["goal_met"] = rt["ops_per_sec"] is not None and rt["ops_per_sec"] >= goal
+    return row_a, row_b, rt, summary
+
+
+# Tracing at the default sample ratio (0.01, spans exported to the OTLP sink) ÷ tracing off, over interleaved
+# pairs of runs. Goal: ops/s ≥ 0.95.
 TRACING_GOAL = 0.95
-traced_get = rows[11]
-tracing_ratio = ratio_row("  ratio tracing ÷ off", traced_get, plain_get)
-tracing_summary = {
-    "ops_per_sec_ratio": tracing_ratio["ops_per_sec"],
-    "goal_ops_per_sec_ratio": TRACING_GOAL,
-    "goal_met": tracing_ratio["ops_per_sec"] is not None and tracing_ratio["ops_per_sec"] >= TRACING_GOAL,
-    "server_cpu_us_per_req_ratio": tracing_ratio["server_cpu_us_per_key"],
+untraced_get, traced_get, tracing_ratio, tracing_summary = comparison(
+    "plain", "traced", f"distcache Get c{concurrency}, tracing off", f"distcache Get c{concurrency}, tracing 0.01",
+    "  ratio tracing ÷ off", TRACING_GOAL)
+tracing_summary |= {
     # The sink's last count (it prints one each second the count changed).
     "spans_received": next((int(l.split(":")[1]) for l in reversed(read("otlp-sink.log").splitlines())
                             if l.startswith("spans received:")), 0),
-    "setup": "tracing: { otlpEndpoint: <distcache-otlp-sink>, sampleRatio: 0.01 }, distcache bench --transport h2",
+    "setup": f"tracing: {{ otlpEndpoint: <distcache-otlp-sink>, sampleRatio: 0.01 }} ÷ no tracing section, "
+             f"distcache bench --transport h2, {pairs} interleaved pairs of {pair_seconds} s runs",
 }
+
+# This build ÷ another build's node (BENCH_BASELINE_NODE), the same way.
+baseline = None
+if baseline_node:
+    _, _, baseline_ratio, baseline_summary = comparison(
+        "plain", "baseline", f"distcache Get c{concurrency}, this build", f"distcache Get c{concurrency}, baseline",
+        "  ratio baseline ÷ this build")
+    # Said as this build ÷ baseline: < 1 means this build is slower.
+    inv = lambda v: 1 / v if v else None
+    baseline = {"node": baseline_node, "version": read("baseline-version.txt"),
+                "ops_per_sec_ratio_this_over_baseline": inv(baseline_summary["ops_per_sec_ratio"]),
+                "server_cpu_ratio_this_over_baseline": inv(baseline_summary["server_cpu_us_per_req_ratio"]),
+                "pair_ops_per_sec_ratios_this_over_baseline": [inv(v) for v in baseline_summary["pair_ops_per_sec_ratios"]],
+                **{k: baseline_summary[k] for k in ("plain", "baseline", "pairs", "seconds_per_run")}}
 
 # Keys whose 1 s TTL keeps expiring behind a 20 ms origin: p99 with staleWhileRevalidate ÷ without.
 no_swr, swr = rows[7], rows[8]
@@ -710,7 +812,7 @@ swr_summary = {
 
 cols = [("ops/s (keys/s)", "ops_per_sec"), ("p50 µs", "p50_us"), ("p99 µs", "p99_us"),
         ("server CPU µs/req", "server_cpu_us_per_key")]
-width = max(len(r["label"]) for r in rows + ratios + [tls_ratio, swr_ratio, tracing_ratio]) + 2
+width = max(len(r["label"]) for r in rows + ratios + [tls_ratio, swr_ratio, tracing_ratio, traced_get]) + 2
 
 
 def fmt(value, key, is_ratio):
@@ -737,7 +839,7 @@ print()
 print("".ljust(width) + "".join(c.rjust(20) for c, _ in cols))
 groups = ((rows[0], rows[1], ratios[0]), (rows[2], rows[3], ratios[1]), (rows[4], rows[5], ratios[2]),
           (rows[0], rows[9], ratios[3]), (rows[4], rows[10], ratios[4]),
-          (rows[1], rows[6], tls_ratio), (rows[1], rows[11], tracing_ratio), (rows[7], rows[8], swr_ratio))
+          (rows[1], rows[6], tls_ratio), (untraced_get, traced_get, tracing_ratio), (rows[7], rows[8], swr_ratio))
 for group in groups:
     for r in group:
         is_ratio = r["label"].strip().startswith("ratio")
@@ -747,9 +849,18 @@ print("ops/s with pipelining/batching count keys; CPU is the server process's ut
 print("Load generator CPU (one thread each), share of one core: " + ", ".join(
     f"{r['label']} {r['client_busy']:.0%}" for r in rows[:6] + rows[9:] if r.get("client_busy") is not None))
 tls_ops = tls_ratio["ops_per_sec"]
+pair_list = lambda values: ", ".join(fmt(v, "ops_per_sec", True) for v in values)
 print(f"Tracing: Get ops/s with sampleRatio 0.01 ÷ tracing off = {fmt(tracing_ratio['ops_per_sec'], 'ops_per_sec', True)} "
-      f"(goal ≥ {TRACING_GOAL:.2f}: {'met' if tracing_summary['goal_met'] else 'NOT met'}); "
+      f"(goal ≥ {TRACING_GOAL:.2f}: {'met' if tracing_summary['goal_met'] else 'NOT met'}) over {pairs} interleaved "
+      f"pairs of {pair_seconds} s runs (each pair: {pair_list(tracing_summary['pair_ops_per_sec_ratios'])}); "
+      f"server CPU µs/req {fmt(tracing_ratio['server_cpu_us_per_key'], 'ops_per_sec', True)}; "
       f"{tracing_summary['spans_received']:,} spans reached the OTLP sink")
+if baseline:
+    print(f"This build ÷ baseline ({baseline['node']}): Get ops/s "
+          f"{fmt(baseline['ops_per_sec_ratio_this_over_baseline'], 'ops_per_sec', True)} over {pairs} interleaved "
+          f"pairs (each pair: {pair_list(baseline['pair_ops_per_sec_ratios_this_over_baseline'])}); server CPU µs/req "
+          f"{fmt(baseline['server_cpu_ratio_this_over_baseline'], 'ops_per_sec', True)} "
+          f"({baseline['plain']['server_cpu_us_per_key']:.2f} vs {baseline['baseline']['server_cpu_us_per_key']:.2f})")
 print(f"TLS: Get ops/s TLS ÷ plain = {fmt(tls_ops, 'ops_per_sec', True)} (goal ≥ {TLS_GOAL:.2f}: "
       f"{'met' if tls_summary['goal_met'] else 'NOT met'}); server CPU µs/req "
       f"{fmt(plain_get['server_cpu_us_per_key'], 'server_cpu_us_per_key', False)} plain, "
@@ -821,7 +932,7 @@ for redis, dc, rt in resp_pairs:
         warnings.append(f"{dc['label']}: redis-benchmark was busy {redis['client_busy']:.0%} / {dc['client_busy']:.0%} "
                         "of its core: the ops/s ratio is the load generator's ceiling for both servers; compare "
                         "server CPU µs/req (ratio " + fmt(rt["server_cpu_us_per_key"], "ops_per_sec", True) + ")")
-for r in rows[:7] + rows[9:]:
+for r in rows[:7] + rows[9:] + [untraced_get, traced_get]:
     if r["errors"]:
         warnings.append(f"{r['label']}: {r['errors']} errors")
     if r["misses"]:
@@ -864,6 +975,7 @@ result = {
     "ratios": ratios + [tls_ratio, swr_ratio, tracing_ratio],
     "tls": tls_summary,
     "tracing": tracing_summary,
+    "baseline": baseline,
     "stale_while_revalidate": swr_summary,
     "resp": resp_summary,
     "distcache_preload": last_json_object(read("dc-preload.json")) if read("dc-preload.json") else None,
