@@ -4,8 +4,12 @@
 #
 #   $TESTBED_CACHE/kubernetes-v1.20.2/bin/{kube-apiserver,kube-controller-manager,kubectl}
 #
-# A second run finds them and does nothing; `build-kube.sh --check` only says whether they are there (exit status 0
-# or 1, no output). Needs root for apt (golang-1.19-go, rsync, the patched reflect2, etcd).
+# `build-kube.sh --node` also builds what a real node runs, for the bed's real-node mode: kubelet, kube-proxy and
+# kube-scheduler, into the same directory (about 6 minutes more on 2 cores), and `pause`, the pod sandbox's process,
+# from the same tree's build/pause/linux/pause.c (gcc, static; no registry serves the pause image here).
+#
+# A second run finds them and does nothing; `build-kube.sh --check [--node]` only says whether they are there (exit
+# status 0 or 1, no output). Needs root for apt (golang-1.19-go, rsync, the patched reflect2, etcd).
 # The source is fetched with a private apt configuration under $TESTBED_CACHE/apt (its own sources list with a
 # deb-src entry, its own package lists); the machine's apt sources are never changed.
 #
@@ -21,6 +25,14 @@ TESTBED_CACHE=${TESTBED_CACHE:-/var/cache/distcache/testbed}
 OUT=$TESTBED_CACHE/kubernetes-$VERSION
 BIN=$OUT/bin
 WANT=(kube-apiserver kube-controller-manager kubectl)
+CHECK=false
+for arg in "$@"; do
+  case $arg in
+    --check) CHECK=true ;;
+    --node) WANT+=(kubelet kube-proxy kube-scheduler pause) ;;
+    *) printf 'usage: %s [--check] [--node]\n' "$0" >&2 && exit 2 ;;
+  esac
+done
 
 log() { printf '==> [%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() {
@@ -35,7 +47,7 @@ have_all() {
   done
 }
 
-if [[ ${1:-} == --check ]]; then
+if $CHECK; then
   have_all
   exit
 fi
@@ -44,7 +56,7 @@ if have_all; then
   exit 0
 fi
 
-APT_PACKAGES=(golang-1.19-go rsync golang-github-modern-go-reflect2-dev etcd-server dpkg-dev openssl curl)
+APT_PACKAGES=(golang-1.19-go rsync golang-github-modern-go-reflect2-dev etcd-server dpkg-dev openssl curl gcc libc6-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) == "install ok installed" ]] || missing+=("$pkg")
@@ -91,6 +103,12 @@ fi
 mkdir -p "$BIN"
 for b in "${WANT[@]}"; do
   [[ -x $BIN/$b ]] && continue
+  if [[ $b == pause ]]; then
+    log "building pause (gcc -static)"
+    gcc -Os -static -DVERSION="$VERSION" -o "$BIN/pause.tmp" "$WORK/build/pause/linux/pause.c"
+    mv "$BIN/pause.tmp" "$BIN/pause"
+    continue
+  fi
   log "building $b $VERSION (several minutes on 2 cores)"
   (
     cd "$WORK"
