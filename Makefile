@@ -15,6 +15,9 @@
 #                    kubelet; binaries built once and cached in /var/cache/distcache/testbed), write
 #                    target/testbed/kubeconfig; make testbed-down stops it (tests/testbed/README.md)
 #   make testbed-crd-up  also an apiextensions-apiserver 1.36.4 (CEL validation) beside the bed; kubeconfig-crd
+#   make testbed-up KUBELET=real  the bed with a real node instead: containerd and kubelet v1.20.2 in the network
+#                    namespace distcache-bed (work in progress: no kube-proxy, scheduler or DNS yet)
+#   make testbed-real-check  that bed up, a pod as 65532 on a read-only root, down, the host left unchanged
 #   make hooks       build the hooks workspace (SDK, example and test hooks) into
 #                    ${CARGO_TARGET_DIR:-target}/hooks/wasm32-wasip2/release/*.wasm
 #   make build       release binaries distcache-node and distcache in ${CARGO_TARGET_DIR:-target}/release
@@ -57,7 +60,7 @@ HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
 .PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks wasm-target hooks-test nextest doctest build \
 	demo bench clean-demo generate verify chart-check \
-	testbed-up testbed-down testbed-crd-up testbed-crd-down
+	testbed-up testbed-down testbed-crd-up testbed-crd-down testbed-real-check
 
 help:
 	@sed -n '/^# DistCache/,/^# CI runs/{s/^# \{0,1\}//;p}' $(firstword $(MAKEFILE_LIST))
@@ -128,6 +131,10 @@ testbed-down:
 	bash tests/testbed/testbed.sh down
 
 # The apiextensions-apiserver 1.36.4 (CEL rules) beside a running bed; `testbed-up` starts it too.
+# The bed with a real node (containerd, kubelet) in its own network namespace: up, a pod, down, host unchanged.
+testbed-real-check:
+	bash tests/testbed/real-node-check.sh
+
 testbed-crd-up:
 	bash tests/testbed/build-apiextensions.sh
 	bash tests/testbed/testbed.sh crd-up

@@ -30,10 +30,44 @@ APIEXT_BIN=$TESTBED_CACHE/apiextensions-1.36.4/bin/apiextensions-apiserver
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 KUBELET_BIN=${TESTBED_KUBELET:-$TARGET/debug/distcache-test-kubelet}
 
+# KUBELET=real: a real node instead of the test kubelet. The whole bed then runs in the network namespace
+# $BED_NETNS (entered with nsenter --net, which keeps the mount namespace: `ip netns exec` would hide the cgroup
+# mounts the kubelet and runc need), with a veth to the host, the pod bridge and no default route; containerd and
+# the kubelet v1.20.2 run pods from images imported into containerd's k8s.io namespace. `down` removes what `up`
+# added and restores the host settings the kubelet changes. (Work in progress: no kube-proxy, scheduler or DNS yet.)
+REQUESTED_MODE=${KUBELET:-test}
+KUBELET_MODE=$REQUESTED_MODE
+BED_NETNS=distcache-bed
+BED_HOST_IF=dcbed-host
+BED_NODE_IF=dcbed-node
+BED_HOST_ADDR=10.213.0.1
+BED_NODE_ADDR=10.213.0.2
+BED_POD_CIDR=10.213.128.0/24
+BED_POD_GATEWAY=10.213.128.1
+BED_SERVICE_CIDR=10.213.64.0/24
+BED_NODE_NAME=distcache-bed-node
+PAUSE_IMAGE=localhost/distcache-testbed/pause:3.2
+# The host settings the kubelet changes (it sets them for its own OOM and panic policy).
+KUBELET_SYSCTLS=(kernel.panic kernel.panic_on_oops vm.overcommit_memory)
+
 log() { printf '==> [%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() {
   printf 'error: %s\n' "$*" >&2
   exit 1
+}
+
+[[ $KUBELET_MODE == test || $KUBELET_MODE == real ]] || die "KUBELET must be test or real, got '$KUBELET_MODE'"
+# A bed brought up with a real node is taken down as one, whatever KUBELET says then.
+[[ -f $TESTBED_DIR/real-node ]] && KUBELET_MODE=real
+real() { [[ $KUBELET_MODE == real ]]; }
+
+# in_bed COMMAND...: runs COMMAND in the bed's network namespace (real node), else as it is.
+in_bed() {
+  if real; then
+    nsenter --net="/run/netns/$BED_NETNS" "$@"
+  else
+    "$@"
+  fi
 }
 
 free_ports() {
@@ -63,7 +97,12 @@ start() {
   shift
   # The command is kept so that `restart NAME` can run it again (same ports, same data).
   printf '%q ' "$@" >"$TESTBED_DIR/cmd.$name"
-  setsid "$@" >>"$TESTBED_DIR/$name.log" 2>&1 </dev/null &
+  # nsenter and setsid exec what they run: $! is the component's own PID.
+  if real; then
+    nsenter --net="/run/netns/$BED_NETNS" setsid "$@" >>"$TESTBED_DIR/$name.log" 2>&1 </dev/null &
+  else
+    setsid "$@" >>"$TESTBED_DIR/$name.log" 2>&1 </dev/null &
+  fi
   echo "$! $name" >>"$TESTBED_DIR/pids"
 }
 
@@ -133,7 +172,13 @@ pki() {
   sign apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+subjectAltName=IP:127.0.0.1,IP:$BED_NODE_ADDR,IP:${BED_SERVICE_CIDR%.0/24}.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+  # The real node's kubelet: a client of the API (the Node authorizer's system:node:<name>) and the server of its
+  # own port 10250.
+  sign node "/O=system:nodes/CN=system:node:$BED_NODE_NAME" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth,serverAuth
+subjectAltName=IP:$BED_NODE_ADDR,DNS:$BED_NODE_NAME"
   sign admin "/O=system:masters/CN=testbed-admin" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
@@ -142,7 +187,7 @@ extendedKeyUsage=clientAuth"
 }
 
 kubeconfig() {
-  local server=$1 out=$2 d=$TESTBED_DIR/pki
+  local server=$1 out=$2 user=${3:-admin} d=$TESTBED_DIR/pki
   cat >"$out" <<KC
 apiVersion: v1
 kind: Config
@@ -154,8 +199,8 @@ clusters:
 users:
   - name: admin
     user:
-      client-certificate-data: $(base64 -w0 <"$d/admin.crt")
-      client-key-data: $(base64 -w0 <"$d/admin.key")
+      client-certificate-data: $(base64 -w0 <"$d/$user.crt")
+      client-key-data: $(base64 -w0 <"$d/$user.key")
 contexts:
   - name: testbed
     context: { cluster: testbed, user: admin }
@@ -164,11 +209,20 @@ KC
 }
 
 up() {
-  if [[ -f $TESTBED_DIR/pids ]]; then
+  if [[ -f $TESTBED_DIR/real-node ]]; then
+    log "a real-node test bed seems to run already; taking it down first"
+    KUBELET_MODE=real
+    real_down
+  elif [[ -f $TESTBED_DIR/pids ]]; then
     log "a test bed seems to run already ($TESTBED_DIR/pids); stopping it first"
     stop_all
   fi
-  bash "$HERE/build-kube.sh"
+  KUBELET_MODE=$REQUESTED_MODE
+  if real; then
+    bash "$HERE/build-kube.sh" --node
+  else
+    bash "$HERE/build-kube.sh"
+  fi
   bash "$HERE/build-apiextensions.sh"
   bash "$HERE/install-helm.sh"
   command -v etcd >/dev/null || die "etcd not found (apt-get install etcd-server; build-kube.sh does it as root)"
@@ -177,21 +231,29 @@ up() {
   pki
   read -r ETCD_CLIENT ETCD_PEER API_PORT <<<"$(free_ports 3)"
   printf 'ETCD_CLIENT=%s\nAPI_PORT=%s\n' "$ETCD_CLIENT" "$API_PORT" >"$TESTBED_DIR/ports"
-  local server=https://127.0.0.1:$API_PORT
+  local api_addr=127.0.0.1 api_bind=127.0.0.1 service_cidr=10.0.0.0/24
+  local admission=(--disable-admission-plugins ServiceAccount)
+  if real; then
+    real_network_up
+    api_addr=$BED_NODE_ADDR api_bind=0.0.0.0 service_cidr=$BED_SERVICE_CIDR
+    # Pods get their service account token: the operator reaches the API through the `kubernetes` Service.
+    admission=()
+  fi
+  local server=https://$api_addr:$API_PORT
   start etcd etcd --name testbed --data-dir "$TESTBED_DIR/etcd-data" \
     --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT" --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
     --initial-cluster "testbed=http://127.0.0.1:$ETCD_PEER"
-  wait_for 30 "etcd ready on 127.0.0.1:$ETCD_CLIENT" curl -fsS "http://127.0.0.1:$ETCD_CLIENT/health" ||
+  wait_for 30 "etcd ready on 127.0.0.1:$ETCD_CLIENT" in_bed curl -fsS "http://127.0.0.1:$ETCD_CLIENT/health" ||
     { stop_all; die "etcd did not start; see $TESTBED_DIR/etcd.log"; }
   local p=$TESTBED_DIR/pki
   start kube-apiserver "$KUBE_BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$ETCD_CLIENT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
+    --bind-address "$api_bind" --advertise-address "$api_addr" --secure-port "$API_PORT" --insecure-port 0 \
     --tls-cert-file "$p/apiserver.crt" --tls-private-key-file "$p/apiserver.key" --client-ca-file "$p/ca.crt" \
     --authorization-mode Node,RBAC --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$p/sa.pub" --service-account-signing-key-file "$p/sa.key" \
-    --api-audiences https://kubernetes.default.svc --service-cluster-ip-range 10.0.0.0/24 \
-    --disable-admission-plugins ServiceAccount --allow-privileged=false
+    --api-audiences https://kubernetes.default.svc --service-cluster-ip-range "$service_cidr" \
+    "${admission[@]}" --allow-privileged=false
   kubeconfig "$server" "$TESTBED_DIR/kubeconfig"
   wait_for 60 "kube-apiserver ready on $server" curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" \
     --key "$p/admin.key" "$server/readyz" || { stop_all; die "kube-apiserver did not start; see $TESTBED_DIR/kube-apiserver.log"; }
@@ -205,7 +267,11 @@ up() {
     --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
     "$server/api/v1/namespaces/default/serviceaccounts/default" ||
     { stop_all; die "kube-controller-manager did not start; see $TESTBED_DIR/kube-controller-manager.log"; }
-  if [[ -x $KUBELET_BIN ]]; then
+  if real; then
+    real_node_up "$server"
+    status
+    return
+  elif [[ -x $KUBELET_BIN ]]; then
     start test-kubelet "$KUBELET_BIN" --kubeconfig "$TESTBED_DIR/kubeconfig" --dir "$TESTBED_DIR/kubelet" \
       --binaries "$TARGET/debug" --pod-subnet "${TESTBED_POD_SUBNET:-127.0.0}"
     wait_for 30 "test kubelet registered its Node" curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" \
@@ -216,6 +282,169 @@ up() {
   fi
   crd_up
   status
+}
+
+# --- the real node (KUBELET=real) ------------------------------------------------------------------------------
+
+# real_network_up: the namespace, a veth pair (host $BED_HOST_ADDR, node $BED_NODE_ADDR), the pod bridge with the
+# Service range routed on it, and host routes to the pods and Services. No default route in the namespace.
+real_network_up() {
+  local missing=() pkg
+  for pkg in containerd runc containernetworking-plugins util-linux iproute2; do
+    [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true) == "install ok installed" ]] || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}) and not root"
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  ! ip netns list | grep -qw "$BED_NETNS" || die "network namespace $BED_NETNS exists: another real-node bed? (testbed.sh down)"
+  touch "$TESTBED_DIR/real-node"
+  ip netns list | awk '{print $1}' >"$TESTBED_DIR/netns.before"
+  local n=/run/netns/$BED_NETNS
+  ip netns add "$BED_NETNS"
+  ip link add "$BED_HOST_IF" type veth peer name "$BED_NODE_IF"
+  ip link set "$BED_NODE_IF" netns "$BED_NETNS"
+  ip addr add "$BED_HOST_ADDR/30" dev "$BED_HOST_IF"
+  ip link set "$BED_HOST_IF" up
+  nsenter --net="$n" ip link set lo up
+  nsenter --net="$n" ip addr add "$BED_NODE_ADDR/30" dev "$BED_NODE_IF"
+  nsenter --net="$n" ip link set "$BED_NODE_IF" up
+  nsenter --net="$n" ip link add dcbr0 type bridge
+  nsenter --net="$n" ip addr add "$BED_POD_GATEWAY/${BED_POD_CIDR#*/}" dev dcbr0
+  nsenter --net="$n" ip link set dcbr0 up
+  nsenter --net="$n" ip route add "$BED_SERVICE_CIDR" dev dcbr0
+  nsenter --net="$n" sysctl -qw net.ipv4.ip_forward=1
+  ip route add "$BED_POD_CIDR" via "$BED_NODE_ADDR"
+  ip route add "$BED_SERVICE_CIDR" via "$BED_NODE_ADDR"
+  log "network namespace $BED_NETNS: node $BED_NODE_ADDR, pods $BED_POD_CIDR, Services $BED_SERVICE_CIDR"
+}
+
+# real_node_up SERVER: containerd (its own root, state and socket under $TESTBED_DIR), the pause image, the CNI
+# bridge, and the kubelet; waits for the Node to be Ready.
+real_node_up() {
+  local server=$1 d=$TESTBED_DIR/containerd k=$TESTBED_DIR/kubelet
+  mkdir -p "$d" "$TESTBED_DIR/cni" "$k"
+  cat >"$d/config.toml" <<TOML
+version = 2
+root = "$d/root"
+state = "$d/state"
+[grpc]
+  address = "$d/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  # Without CAP_SYS_RESOURCE runc cannot lower oom_score_adj: "can't get final child's PID from pipe".
+  restrict_oom_score_adj = true
+  sandbox_image = "$PAUSE_IMAGE"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "$d/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$TESTBED_DIR/cni"
+TOML
+  cat >"$TESTBED_DIR/cni/10-distcache-bed.conflist" <<CNI
+{
+  "cniVersion": "0.4.0",
+  "name": "distcache-bed",
+  "plugins": [
+    { "type": "bridge", "bridge": "dcbr0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+      "ipam": { "type": "host-local", "ranges": [[{ "subnet": "$BED_POD_CIDR", "gateway": "$BED_POD_GATEWAY" }]],
+                "routes": [{ "dst": "0.0.0.0/0" }], "dataDir": "$TESTBED_DIR/cni-ipam" } },
+    { "type": "portmap", "capabilities": { "portMappings": true } }
+  ]
+}
+CNI
+  # The shims' sockets go under /run/containerd whatever the state directory: removed by `down` if `up` made it.
+  [[ -e /run/containerd ]] || touch "$TESTBED_DIR/made-run-containerd"
+  start containerd containerd --config "$d/config.toml"
+  wait_for 30 "containerd ready" in_bed ctr --address "$d/containerd.sock" version ||
+    die "containerd did not start; see $TESTBED_DIR/containerd.log"
+  python3 "$HERE/oci-image.py" "$TESTBED_DIR/pause.tar" "$PAUSE_IMAGE" "$KUBE_BIN/pause:/pause" \
+    --entrypoint /pause --user 65535:65535
+  in_bed ctr --address "$d/containerd.sock" -n k8s.io images import "$TESTBED_DIR/pause.tar" >/dev/null
+  kubeconfig "$server" "$TESTBED_DIR/kubeconfig-node" node
+  printf 'nameserver %s\n' "${BED_SERVICE_CIDR%.0/24}.10" >"$TESTBED_DIR/resolv.conf"
+  cat >"$TESTBED_DIR/kubelet.yaml" <<KUBELET
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $BED_NODE_ADDR
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+authentication:
+  anonymous: { enabled: false }
+  webhook: { enabled: false }
+  x509: { clientCAFile: $TESTBED_DIR/pki/ca.crt }
+authorization: { mode: AlwaysAllow }
+tlsCertFile: $TESTBED_DIR/pki/node.crt
+tlsPrivateKeyFile: $TESTBED_DIR/pki/node.key
+cgroupDriver: cgroupfs
+clusterDomain: cluster.local
+clusterDNS: [${BED_SERVICE_CIDR%.0/24}.10]
+resolvConf: $TESTBED_DIR/resolv.conf
+failSwapOn: false
+podCIDR: $BED_POD_CIDR
+serializeImagePulls: false
+evictionHard: { memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%" }
+KUBELET
+  local name
+  for name in "${KUBELET_SYSCTLS[@]}"; do
+    printf '%s=%s\n' "$name" "$(sysctl -n "$name")"
+  done >"$TESTBED_DIR/sysctls.before"
+  start kubelet "$KUBE_BIN/kubelet" --config "$TESTBED_DIR/kubelet.yaml" --kubeconfig "$TESTBED_DIR/kubeconfig-node" \
+    --container-runtime=remote --container-runtime-endpoint="unix://$d/containerd.sock" \
+    --node-ip="$BED_NODE_ADDR" --hostname-override="$BED_NODE_NAME" --root-dir="$k" --cert-dir="$k/pki" --v=1
+  wait_for 60 "kubelet: Node $BED_NODE_NAME Ready" node_ready "$server" ||
+    die "the kubelet's Node did not become Ready; see $TESTBED_DIR/kubelet.log"
+}
+
+node_ready() {
+  local p=$TESTBED_DIR/pki
+  curl -fsS --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" "$1/api/v1/nodes/$BED_NODE_NAME" |
+    python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n["status"].get("conditions",[])) else 1)'
+}
+
+# real_down: the pods' containers (before containerd stops), every process, mounts under $TESTBED_DIR, the pod
+# network namespaces containerd made, the kubelet's cgroups, the namespace and its links, the host routes, and the
+# host settings the kubelet changed.
+real_down() {
+  local d=$TESTBED_DIR/containerd id
+  if [[ -S $d/containerd.sock ]] && ip netns list | grep -qw "$BED_NETNS"; then
+    for id in $(in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null); do
+      in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+    done
+    sleep 1
+    for id in $(in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null); do
+      in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true
+    done
+  fi
+  stop_all
+  local m
+  # Deepest first: overlay snapshots and the kubelet's bind mounts.
+  while read -r m; do umount -l "$m" 2>/dev/null || true; done < <(awk -v t="$TESTBED_DIR" 'index($2, t) == 1 {print $2}' /proc/self/mounts | sort -r)
+  # Pod network namespaces made by containerd's CNI while this bed ran.
+  if [[ -f $TESTBED_DIR/netns.before ]]; then
+    for m in $(ip netns list | awk '$1 ~ /^cni-/ {print $1}'); do
+      grep -qx "$m" "$TESTBED_DIR/netns.before" || ip netns delete "$m" 2>/dev/null || true
+    done
+  fi
+  local h
+  for h in /sys/fs/cgroup/*/kubepods; do
+    [[ -d $h ]] && find "$h" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
+  ip route del "$BED_POD_CIDR" via "$BED_NODE_ADDR" 2>/dev/null || true
+  ip route del "$BED_SERVICE_CIDR" via "$BED_NODE_ADDR" 2>/dev/null || true
+  ip link del "$BED_HOST_IF" 2>/dev/null || true
+  ip netns delete "$BED_NETNS" 2>/dev/null || true
+  if [[ -f $TESTBED_DIR/sysctls.before ]]; then
+    sysctl -q -p "$TESTBED_DIR/sysctls.before" >/dev/null
+  fi
+  [[ -f $TESTBED_DIR/made-run-containerd ]] && rm -rf /run/containerd
+  log "real node removed: namespace $BED_NETNS, links, routes, mounts, cgroups; host settings restored"
 }
 
 crd_up() {
@@ -269,8 +498,8 @@ status() {
 case ${1:-} in
   up) up ;;
   down)
-    stop_all
-    rm -rf "$TESTBED_DIR/etcd-data" "$TESTBED_DIR/kubelet"
+    if real; then real_down; else stop_all; fi
+    rm -rf "$TESTBED_DIR/etcd-data" "$TESTBED_DIR/kubelet" "$TESTBED_DIR/containerd" "$TESTBED_DIR/real-node"
     log "test bed down"
     ;;
   status) status ;;

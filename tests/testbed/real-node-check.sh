@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The real-node mode of the bed, end to end on this machine (root): `KUBELET=real testbed.sh up` in a throw-away
+# TESTBED_DIR, a pod run by containerd as user 65532 on a read-only root file system with its service account
+# token, then `down`; fails unless the Node was Ready, the pod ran as asked, and `down` left the host as it found it
+# (network namespaces, links, routes, mounts, cgroups, the sysctls the kubelet changes, processes).
+#
+#   make testbed-real-check
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+KUBECTL=${TESTBED_CACHE:-/var/cache/distcache/testbed}/kubernetes-v1.20.2/bin/kubectl
+DIR=$(mktemp -d "${TMPDIR:-/tmp}/distcache-real-bed.XXXXXX")
+export TESTBED_DIR=$DIR KUBELET=real
+
+log() { printf '==> [%s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+fail() {
+  printf 'real-node check FAILED: %s\n' "$*" >&2
+  exit 1
+}
+
+# What the real node may change on the host, and must give back.
+host_state() {
+  sysctl kernel.panic kernel.panic_on_oops vm.overcommit_memory
+  ip netns list | awk '{print "netns " $1}'
+  ip -o link show | awk -F': ' '{print "link " $2}' | sed 's/@.*//'
+  ip route show | sed 's/^/route /'
+  awk -v d="$DIR" 'index($2, d) == 1 || $2 ~ /^\/run\/netns\// {print "mount " $2}' /proc/self/mounts
+  find /sys/fs/cgroup -maxdepth 2 -name kubepods | sed 's/^/cgroup /'
+  [[ -e /run/containerd ]] && echo "dir /run/containerd"
+  local name
+  for name in kubelet containerd containerd-shim pause; do
+    pgrep -x "$name" >/dev/null && echo "process $name"
+  done
+  true
+}
+
+before=$(host_state)
+brought_up=false
+cleanup() {
+  local rc=$?
+  if $brought_up; then bash "$HERE/testbed.sh" down >/dev/null 2>&1 || true; fi
+  rm -rf "$DIR"
+  exit "$rc"
+}
+trap cleanup EXIT
+
+started=$SECONDS
+brought_up=true
+bash "$HERE/testbed.sh" up
+log "bed with a real node up in $((SECONDS - started)) s"
+kubectl() { "$KUBECTL" --kubeconfig "$DIR/kubeconfig" "$@"; }
+
+kubectl apply -f - <<'POD'
+apiVersion: v1
+kind: Pod
+metadata: { name: sandbox-check, namespace: default }
+spec:
+  nodeName: distcache-bed-node
+  securityContext: { runAsUser: 65532, runAsGroup: 65532, runAsNonRoot: true }
+  containers:
+    - name: pause
+      image: localhost/distcache-testbed/pause:3.2
+      imagePullPolicy: Never
+      securityContext: { readOnlyRootFilesystem: true, allowPrivilegeEscalation: false }
+POD
+deadline=$((SECONDS + 60))
+until [[ $(kubectl get pod sandbox-check -o jsonpath='{.status.phase}') == Running ]]; do
+  ((SECONDS < deadline)) || fail "the pod is not Running after 60 s: $(kubectl describe pod sandbox-check | tail -5)"
+  sleep 0.5
+done
+ip=$(kubectl get pod sandbox-check -o jsonpath='{.status.podIP}')
+[[ $ip == 10.213.128.* ]] || fail "pod IP $ip is not on the pod bridge (10.213.128.0/24)"
+token=$(kubectl get pod sandbox-check -o jsonpath='{.spec.volumes[0].secret.secretName}')
+[[ $token == default-token-* ]] || fail "no service account token mounted (volume secret: '$token')"
+# The container's process: the pod's own pause runs as 65532 with a read-only root; the sandbox's runs as 65535.
+pid=$(pgrep -x -u 65532 pause | head -n1)
+[[ -n $pid ]] || fail "no pause process of uid 65532 (the pod's container)"
+awk '$5 == "/" {print $6}' "/proc/$pid/mountinfo" | grep -q '^ro' || fail "the container's root file system is not read-only"
+log "pod ran: IP $ip, uid 65532, read-only root, token $token"
+
+bash "$HERE/testbed.sh" down
+brought_up=false
+after=$(host_state)
+if [[ $before != "$after" ]]; then
+  diff <(printf '%s\n' "$before") <(printf '%s\n' "$after") >&2 || true
+  fail "down left the host changed (diff above: < before up, > after down)"
+fi
+log "real-node check passed: down restored the host"
