@@ -15,9 +15,10 @@
 #                    kubelet; binaries built once and cached in /var/cache/distcache/testbed), write
 #                    target/testbed/kubeconfig; make testbed-down stops it (tests/testbed/README.md)
 #   make testbed-crd-up  also an apiextensions-apiserver 1.36.4 (CEL validation) beside the bed; kubeconfig-crd
-#   make testbed-up KUBELET=real  the bed with a real node instead: containerd and kubelet v1.20.2 in the network
-#                    namespace distcache-bed (work in progress: no kube-proxy, scheduler or DNS yet)
-#   make testbed-real-check  that bed up, a pod as 65532 on a read-only root, down, the host left unchanged
+#   make testbed-up KUBELET=real  the bed with a real node instead: containerd, kubelet, kube-scheduler and
+#                    kube-proxy v1.20.2 in the network namespace distcache-bed (work in progress: no cluster DNS yet)
+#   make testbed-real-check  that bed up, a scheduled pod as 65532 on a read-only root, the kubernetes Service's
+#                    ClusterIP from the host, down, the host left unchanged
 #   make hooks       build the hooks workspace (SDK, example and test hooks) into
 #                    ${CARGO_TARGET_DIR:-target}/hooks/wasm32-wasip2/release/*.wasm
 #   make build       release binaries distcache-node and distcache in ${CARGO_TARGET_DIR:-target}/release

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The real-node mode of the bed, end to end on this machine (root): `KUBELET=real testbed.sh up` in a throw-away
-# TESTBED_DIR, a pod run by containerd as user 65532 on a read-only root file system with its service account
-# token, then `down`; fails unless the Node was Ready, the pod ran as asked, and `down` left the host as it found it
-# (network namespaces, links, routes, mounts, cgroups, the sysctls the kubelet changes, processes).
+# TESTBED_DIR; a pod placed by kube-scheduler and run by containerd as user 65532 on a read-only root file system
+# with its service account token; the API server reached from the host through the `kubernetes` Service's
+# ClusterIP (kube-proxy's rules); then `down`. Fails unless all of that held and `down` left the host as it found
+# it (network namespaces, links, routes, mounts, cgroups, the sysctls the kubelet changes, conntrack size, the host's
+# iptables rules, processes).
 #
 #   make testbed-real-check
 set -euo pipefail
@@ -21,6 +23,9 @@ fail() {
 # What the real node may change on the host, and must give back.
 host_state() {
   sysctl kernel.panic kernel.panic_on_oops vm.overcommit_memory
+  sysctl net.netfilter.nf_conntrack_max 2>/dev/null || true
+  iptables -S 2>/dev/null | sed 's/^/iptables /'
+  iptables -t nat -S 2>/dev/null | sed 's/^/iptables-nat /'
   ip netns list | awk '{print "netns " $1}'
   ip -o link show | awk -F': ' '{print "link " $2}' | sed 's/@.*//'
   ip route show | sed 's/^/route /'
@@ -55,7 +60,6 @@ apiVersion: v1
 kind: Pod
 metadata: { name: sandbox-check, namespace: default }
 spec:
-  nodeName: distcache-bed-node
   securityContext: { runAsUser: 65532, runAsGroup: 65532, runAsNonRoot: true }
   containers:
     - name: pause
@@ -76,7 +80,14 @@ token=$(kubectl get pod sandbox-check -o jsonpath='{.spec.volumes[0].secret.secr
 pid=$(pgrep -x -u 65532 pause | head -n1)
 [[ -n $pid ]] || fail "no pause process of uid 65532 (the pod's container)"
 awk '$5 == "/" {print $6}' "/proc/$pid/mountinfo" | grep -q '^ro' || fail "the container's root file system is not read-only"
-log "pod ran: IP $ip, uid 65532, read-only root, token $token"
+node=$(kubectl get pod sandbox-check -o jsonpath='{.spec.nodeName}')
+[[ $node == distcache-bed-node ]] || fail "the pod was not scheduled onto the node (nodeName '$node')"
+log "pod scheduled and ran: IP $ip, uid 65532, read-only root, token $token"
+p=$DIR/pki
+ready=$(curl -fsS -m 5 --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" https://10.213.64.1/readyz) ||
+  fail "the API server does not answer through the kubernetes Service (10.213.64.1:443) from the host"
+[[ $ready == ok ]] || fail "readyz through the kubernetes Service said '$ready'"
+log "the kubernetes Service's ClusterIP reaches the API server from the host"
 
 bash "$HERE/testbed.sh" down
 brought_up=false

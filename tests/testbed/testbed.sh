@@ -34,7 +34,7 @@ KUBELET_BIN=${TESTBED_KUBELET:-$TARGET/debug/distcache-test-kubelet}
 # $BED_NETNS (entered with nsenter --net, which keeps the mount namespace: `ip netns exec` would hide the cgroup
 # mounts the kubelet and runc need), with a veth to the host, the pod bridge and no default route; containerd and
 # the kubelet v1.20.2 run pods from images imported into containerd's k8s.io namespace. `down` removes what `up`
-# added and restores the host settings the kubelet changes. (Work in progress: no kube-proxy, scheduler or DNS yet.)
+# added and restores the host settings the kubelet changes. With kube-scheduler and kube-proxy (iptables). (Work in progress: no cluster DNS yet.)
 REQUESTED_MODE=${KUBELET:-test}
 KUBELET_MODE=$REQUESTED_MODE
 BED_NETNS=distcache-bed
@@ -400,6 +400,22 @@ KUBELET
     --node-ip="$BED_NODE_ADDR" --hostname-override="$BED_NODE_NAME" --root-dir="$k" --cert-dir="$k/pki" --v=1
   wait_for 60 "kubelet: Node $BED_NODE_NAME Ready" node_ready "$server" ||
     die "the kubelet's Node did not become Ready; see $TESTBED_DIR/kubelet.log"
+  start kube-scheduler "$KUBE_BIN/kube-scheduler" --kubeconfig "$TESTBED_DIR/kubeconfig" --leader-elect=false \
+    --port=0 --secure-port=0
+  # iptables mode inside the namespace; every conntrack setting 0, so that it changes nothing host-wide (the
+  # conntrack table size is global); --masquerade-all so that a pod reaching a Service backed by a pod on the same
+  # bridge gets its reply through the gateway (no br_netfilter here).
+  start kube-proxy "$KUBE_BIN/kube-proxy" --kubeconfig "$TESTBED_DIR/kubeconfig" --proxy-mode=iptables \
+    --hostname-override="$BED_NODE_NAME" --cluster-cidr="$BED_POD_CIDR" --masquerade-all \
+    --conntrack-max-per-core=0 --conntrack-min=0 --conntrack-tcp-timeout-established=0 \
+    --conntrack-tcp-timeout-close-wait=0 --healthz-bind-address=127.0.0.1:10256 --metrics-bind-address=127.0.0.1:10249
+  local kubernetes_ip=${BED_SERVICE_CIDR%.0/24}.1
+  wait_for 60 "kube-proxy: Service kubernetes ($kubernetes_ip:443) in iptables" service_rule "$kubernetes_ip" ||
+    die "kube-proxy did not program the kubernetes Service; see $TESTBED_DIR/kube-proxy.log"
+}
+
+service_rule() {
+  in_bed iptables -t nat -S KUBE-SERVICES | grep -q -- "-d $1/32"
 }
 
 node_ready() {
@@ -412,7 +428,10 @@ node_ready() {
 # network namespaces containerd made, the kubelet's cgroups, the namespace and its links, the host routes, and the
 # host settings the kubelet changed.
 real_down() {
-  local d=$TESTBED_DIR/containerd id
+  local d=$TESTBED_DIR/containerd id pid
+  # The kubelet first: alive, it would start the containers killed below again.
+  pid=$(awk '$2 == "kubelet" {print $1}' "$TESTBED_DIR/pids" 2>/dev/null)
+  [[ -z $pid ]] || stop_component "$pid" kubelet
   if [[ -S $d/containerd.sock ]] && ip netns list | grep -qw "$BED_NETNS"; then
     for id in $(in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null); do
       in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
