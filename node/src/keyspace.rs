@@ -741,6 +741,15 @@ mod tests {
         }
     }
 
+    /// Polls `condition` every 10 ms of the paused clock, for at most one virtual second.
+    async fn until(condition: impl Fn() -> bool, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while !condition() {
+            assert!(tokio::time::Instant::now() < deadline, "not within 1 s: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_file_caught_mid_write_or_emptied_is_not_applied() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -767,13 +776,13 @@ mod tests {
         write(&file, "keyspaces:\n  - { name: plain, maxBytes: 1Mi }\n");
         tokio::time::sleep(Duration::from_millis(10)).await;
         write(&file, &format!("{two}  - {{ name: new, maxBytes: 1Mi }}\n"));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(names(&keyspaces), "new, old, plain");
-        assert_eq!(metrics.reloads("applied"), 1, "the cut-off file was never applied");
+        // The first reload applied is the finished file: had the cut-off one been applied, it would be first.
+        until(|| metrics.reloads("applied") == 1, "a reload applied").await;
+        assert_eq!(names(&keyspaces), "new, old, plain", "the cut-off file was never applied");
 
         // An emptied file is refused, not read as "no keyspaces".
         write(&file, " \n");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until(|| metrics.reloads("refused") == 1, "the emptied file refused").await;
         shutdown.cancel();
         task.await.expect("watcher ends");
         assert_eq!(names(&keyspaces), "new, old, plain", "every keyspace still serves");

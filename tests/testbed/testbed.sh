@@ -433,10 +433,7 @@ real_down() {
   pid=$(awk '$2 == "kubelet" {print $1}' "$TESTBED_DIR/pids" 2>/dev/null)
   [[ -z $pid ]] || stop_component "$pid" kubelet
   if [[ -S $d/containerd.sock ]] && ip netns list | grep -qw "$BED_NETNS"; then
-    for id in $(in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null); do
-      in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-    done
-    sleep 1
+    # --force: containerd kills the task with SIGKILL and waits for it to exit before deleting it.
     for id in $(in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null); do
       in_bed ctr --address "$d/containerd.sock" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true
     done
