@@ -546,13 +546,23 @@ impl Client {
 
     /// Reads one key. A miss in a read-through keyspace is loaded from the data source by the key's owner (once,
     /// however many clients ask). A key with no value is `Ok(None)`, not an error.
+    ///
+    /// A read whose connection broke before the node answered (the node shut down: a rolling update, a
+    /// scale-in) is sent once more on a new connection; reads change nothing, so this is safe. Writes are not
+    /// sent twice.
     pub async fn get(
         &self,
         keyspace: impl Into<String>,
         key: impl Into<String>,
     ) -> Result<Option<Value>, Error> {
-        let request = self.request(pb::GetRequest { keyspace: keyspace.into(), key: key.into() });
-        match self.raw().get(request).await {
+        let message = pb::GetRequest { keyspace: keyspace.into(), key: key.into() };
+        let mut result = self.raw().get(self.request(message.clone())).await;
+        if let Err(status) = &result
+            && crate::error::connection_lost(status)
+        {
+            result = self.raw().get(self.request(message)).await;
+        }
+        match result {
             Ok(response) => Ok(Some(response.into_inner().into())),
             Err(status) if status.code() == Code::NotFound => Ok(None),
             Err(status) => Err(self.error(status)),
@@ -576,9 +586,15 @@ impl Client {
             return Ok(Vec::new());
         }
         let expected = keys.len();
-        let request = self.request(pb::GetManyRequest { keyspace: keyspace.into(), keys });
-        let results =
-            self.raw().get_many(request).await.map_err(|status| self.error(status))?.into_inner().results;
+        let message = pb::GetManyRequest { keyspace: keyspace.into(), keys };
+        // Sent once more when the connection broke before the answer, as `get` does.
+        let mut result = self.raw().get_many(self.request(message.clone())).await;
+        if let Err(status) = &result
+            && crate::error::connection_lost(status)
+        {
+            result = self.raw().get_many(self.request(message)).await;
+        }
+        let results = result.map_err(|status| self.error(status))?.into_inner().results;
         check_count(expected, results.len())?;
         Ok(results
             .into_iter()

@@ -139,6 +139,17 @@ fn describe_status(status: &tonic::Status) -> String {
     }
 }
 
+/// Whether a call failed because its connection broke before the node answered: a status tonic made from a
+/// transport error (it has a source; a status the node sent has none), `CANCELLED` ("operation was canceled": the
+/// connection closed with the request queued on it, as when a node shuts down and its GOAWAY crosses the request)
+/// or `UNAVAILABLE`, and not the client's own timeout. A read that failed so can be sent again at once: the
+/// channel connects anew (through a Service, to another pod).
+pub(crate) fn connection_lost(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Cancelled | Code::Unavailable)
+        && std::error::Error::source(status).is_some()
+        && !caused_by_timeout(status)
+}
+
 pub(crate) fn caused_by_timeout(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(err) = source {
@@ -153,6 +164,24 @@ pub(crate) fn caused_by_timeout(status: &tonic::Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_broken_connection_counts_as_lost() {
+        let transport = |code| {
+            let mut status = tonic::Status::new(code, "operation was canceled");
+            status.set_source(std::sync::Arc::new(std::io::Error::other("connection closed")));
+            status
+        };
+        assert!(connection_lost(&transport(Code::Cancelled)));
+        assert!(connection_lost(&transport(Code::Unavailable)));
+        // The node's own answers (no source) are not retried, nor other codes, nor the client's timeout.
+        assert!(!connection_lost(&tonic::Status::unavailable("the data source is down")));
+        assert!(!connection_lost(&tonic::Status::cancelled("cancelled by the node")));
+        assert!(!connection_lost(&transport(Code::Internal)));
+        let mut timeout = tonic::Status::cancelled("timeout expired");
+        timeout.set_source(std::sync::Arc::new(tonic::TimeoutExpired(())));
+        assert!(!connection_lost(&timeout));
+    }
 
     #[test]
     fn maps_documented_codes_to_variants() {
