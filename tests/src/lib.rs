@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cluster_dns;
 pub mod dns;
 pub mod kubelet;
 pub mod nats;

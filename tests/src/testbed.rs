@@ -101,17 +101,16 @@ const NOT_RUNNING: &str =
 /// there (`testbed.sh up` writes them, `down` removes the PID list) and its API server accepts a connection (a bed
 /// left behind by a killed run or a reboot has the files but no server, and a client would only time out).
 fn ensure_running(dir: &Path) -> anyhow::Result<()> {
-    let api_port = std::fs::read_to_string(dir.join("ports")).ok().and_then(|ports| {
-        ports
-            .lines()
-            .find_map(|line| line.strip_prefix("API_PORT="))
-            .and_then(|port| port.trim().parse::<u16>().ok())
-    });
+    let ports = std::fs::read_to_string(dir.join("ports")).unwrap_or_default();
+    let value = |name: &str| ports.lines().find_map(|line| line.strip_prefix(name)).map(str::trim);
+    let api_port = value("API_PORT=").and_then(|port| port.parse::<u16>().ok());
+    // A bed with a real node serves the API on its namespace's address (API_ADDR), others on 127.0.0.1.
+    let api_addr =
+        value("API_ADDR=").and_then(|addr| addr.parse::<Ipv4Addr>().ok()).unwrap_or(Ipv4Addr::LOCALHOST);
     let running = dir.join("kubeconfig").exists()
         && dir.join("pids").exists()
         && api_port.is_some_and(|port| {
-            TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(2))
-                .is_ok()
+            TcpStream::connect_timeout(&SocketAddr::from((api_addr, port)), Duration::from_secs(2)).is_ok()
         });
     anyhow::ensure!(running, "{NOT_RUNNING} (no bed answers in {})", dir.display());
     Ok(())

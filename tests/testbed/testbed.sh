@@ -34,7 +34,7 @@ KUBELET_BIN=${TESTBED_KUBELET:-$TARGET/debug/distcache-test-kubelet}
 # $BED_NETNS (entered with nsenter --net, which keeps the mount namespace: `ip netns exec` would hide the cgroup
 # mounts the kubelet and runc need), with a veth to the host, the pod bridge and no default route; containerd and
 # the kubelet v1.20.2 run pods from images imported into containerd's k8s.io namespace. `down` removes what `up`
-# added and restores the host settings the kubelet changes. With kube-scheduler and kube-proxy (iptables). (Work in progress: no cluster DNS yet.)
+# added and restores the host settings the kubelet changes. With kube-scheduler, kube-proxy (iptables) and a cluster DNS for cluster.local.
 REQUESTED_MODE=${KUBELET:-test}
 KUBELET_MODE=$REQUESTED_MODE
 BED_NETNS=distcache-bed
@@ -111,6 +111,7 @@ start() {
 stop_component() {
   local pid=$1 name=$2 binary=$2
   [[ $name == test-kubelet ]] && binary=distcache-test-kubelet
+  [[ $name == cluster-dns ]] && binary=distcache-testbed-dns
   kill -0 "$pid" 2>/dev/null || return 0
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$binary" || return 0
   kill -TERM "$pid" 2>/dev/null || true
@@ -179,6 +180,10 @@ subjectAltName=IP:127.0.0.1,IP:$BED_NODE_ADDR,IP:${BED_SERVICE_CIDR%.0/24}.1,DNS
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth,serverAuth
 subjectAltName=IP:$BED_NODE_ADDR,DNS:$BED_NODE_NAME"
+  # The API server's client certificate towards the kubelet (logs, exec), as kubeadm's apiserver-kubelet-client.
+  sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
   sign admin "/O=system:masters/CN=testbed-admin" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
@@ -236,8 +241,12 @@ up() {
   if real; then
     real_network_up
     api_addr=$BED_NODE_ADDR api_bind=0.0.0.0 service_cidr=$BED_SERVICE_CIDR
+    # Where a client on the host reaches the API server (tests/src/testbed.rs checks it answers).
+    printf 'API_ADDR=%s\n' "$api_addr" >>"$TESTBED_DIR/ports"
     # Pods get their service account token: the operator reaches the API through the `kubernetes` Service.
-    admission=()
+    # `kubectl logs` goes through the kubelet, which accepts client certificates of the bed's CA.
+    admission=(--kubelet-client-certificate "$TESTBED_DIR/pki/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$TESTBED_DIR/pki/apiserver-kubelet-client.key" --kubelet-preferred-address-types InternalIP)
   fi
   local server=https://$api_addr:$API_PORT
   start etcd etcd --name testbed --data-dir "$TESTBED_DIR/etcd-data" \
@@ -359,8 +368,12 @@ TOML
   ]
 }
 CNI
-  # The shims' sockets go under /run/containerd whatever the state directory: removed by `down` if `up` made it.
-  [[ -e /run/containerd ]] || touch "$TESTBED_DIR/made-run-containerd"
+  # The shims' sockets go under /run/containerd whatever the state directory, and the kubelet writes container
+  # logs under /var/log/pods (links in /var/log/containers), fixed paths in v1.20: `down` removes those `up` made.
+  local fixed
+  for fixed in /run/containerd /var/log/pods /var/log/containers; do
+    [[ -e $fixed ]] || echo "$fixed" >>"$TESTBED_DIR/made-dirs"
+  done
   start containerd containerd --config "$d/config.toml"
   wait_for 30 "containerd ready" in_bed ctr --address "$d/containerd.sock" version ||
     die "containerd did not start; see $TESTBED_DIR/containerd.log"
@@ -412,6 +425,36 @@ KUBELET
   local kubernetes_ip=${BED_SERVICE_CIDR%.0/24}.1
   wait_for 60 "kube-proxy: Service kubernetes ($kubernetes_ip:443) in iptables" service_rule "$kubernetes_ip" ||
     die "kube-proxy did not program the kubernetes Service; see $TESTBED_DIR/kube-proxy.log"
+  cluster_dns_up
+}
+
+# cluster_dns_up: the cluster DNS (distcache-testbed-dns: hickory-server answering cluster.local from the API's
+# Services and Endpoints) on the pod gateway, behind the Service kube-system/kube-dns at the kubelet's clusterDNS
+# address, as CoreDNS sits behind it in a cluster. Its Endpoints are written here (the server is not a pod).
+cluster_dns_up() {
+  local dns_ip=${BED_SERVICE_CIDR%.0/24}.10 bin=$TARGET/debug/distcache-testbed-dns
+  [[ -x $bin ]] || die "no $bin (cargo build -p distcache-tests --bins; make testbed-up does it)"
+  start cluster-dns "$bin" --kubeconfig "$TESTBED_DIR/kubeconfig" --listen "$BED_POD_GATEWAY:53" \
+    --domain cluster.local
+  "$KUBE_BIN/kubectl" --kubeconfig "$TESTBED_DIR/kubeconfig" apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Service
+metadata: { name: kube-dns, namespace: kube-system, labels: { k8s-app: kube-dns } }
+spec:
+  clusterIP: $dns_ip
+  ports: [{ name: dns, port: 53, protocol: UDP }, { name: dns-tcp, port: 53, protocol: TCP }]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: { name: kube-dns, namespace: kube-system, labels: { k8s-app: kube-dns } }
+subsets:
+  - addresses: [{ ip: $BED_POD_GATEWAY }]
+    ports: [{ name: dns, port: 53, protocol: UDP }, { name: dns-tcp, port: 53, protocol: TCP }]
+YAML
+  # From the host, through kube-proxy's rules for the kube-dns Service, as a pod asks.
+  wait_for 30 "cluster DNS: kubernetes.default.svc.cluster.local at $dns_ip" \
+    python3 "$HERE/dns-query.py" "$dns_ip" kubernetes.default.svc.cluster.local A ||
+    die "the cluster DNS does not answer; see $TESTBED_DIR/cluster-dns.log"
 }
 
 service_rule() {
@@ -459,7 +502,9 @@ real_down() {
   if [[ -f $TESTBED_DIR/sysctls.before ]]; then
     sysctl -q -p "$TESTBED_DIR/sysctls.before" >/dev/null
   fi
-  [[ -f $TESTBED_DIR/made-run-containerd ]] && rm -rf /run/containerd
+  if [[ -f $TESTBED_DIR/made-dirs ]]; then
+    while read -r m; do rm -rf "$m"; done <"$TESTBED_DIR/made-dirs"
+  fi
   log "real node removed: namespace $BED_NETNS, links, routes, mounts, cgroups; host settings restored"
 }
 
