@@ -16,7 +16,12 @@
 #                    target/testbed/kubeconfig; make testbed-down stops it (tests/testbed/README.md)
 #   make testbed-crd-up  also an apiextensions-apiserver 1.36.4 (CEL validation) beside the bed; kubeconfig-crd
 #   make testbed-up KUBELET=real  the bed with a real node instead: containerd, kubelet, kube-scheduler and
-#                    kube-proxy v1.20.2 in the network namespace distcache-bed (work in progress: no cluster DNS yet)
+#                    kube-proxy v1.20.2 and a cluster DNS, in the network namespace distcache-bed
+#   make e2e-real    the operator end to end on that real node with the project's images (tests/tests/real_node.rs):
+#                    images with the workspace's binaries copied in (E2E_IMAGES=dockerfiles: built by the
+#                    Dockerfiles instead), bed up, helm install ... uninstall, bed down; not part of make test
+#   make images      buildah bud of docker/*.Dockerfile as they are, offline bases built from Debian packages
+#                    (tests/testbed/images.sh; IMAGE_TAG=dev), each build timed
 #   make testbed-real-check  that bed up, a scheduled pod as 65532 on a read-only root, the kubernetes Service's
 #                    ClusterIP from the host, down, the host left unchanged
 #   make hooks       build the hooks workspace (SDK, example and test hooks) into
@@ -61,7 +66,7 @@ HOOKS_MANIFEST := --manifest-path hooks/Cargo.toml
 
 .PHONY: help test setup shellcheck fmt fmt-check clippy build-debug hooks wasm-target hooks-test nextest doctest build \
 	demo bench clean-demo generate verify chart-check \
-	testbed-up testbed-down testbed-crd-up testbed-crd-down testbed-real-check
+	testbed-up testbed-down testbed-crd-up testbed-crd-down testbed-real-check e2e-real images
 
 help:
 	@sed -n '/^# DistCache/,/^# CI runs/{s/^# \{0,1\}//;p}' $(firstword $(MAKEFILE_LIST))
@@ -135,6 +140,25 @@ testbed-down:
 # The bed with a real node (containerd, kubelet) in its own network namespace: up, a pod, down, host unchanged.
 testbed-real-check:
 	bash tests/testbed/real-node-check.sh
+
+# The operator end to end on the real node. The images: the runtime stage of docker/*.Dockerfile with the debug
+# binaries just built copied in (prebuilt), or E2E_IMAGES=dockerfiles for the Dockerfiles' own cargo build. The
+# bed is stopped afterwards whatever the outcome.
+E2E_IMAGES ?= prebuilt
+E2E_IMAGE_TAG ?= e2e
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+e2e-real: build-debug hooks
+	@if [[ "$(E2E_IMAGES)" == dockerfiles ]]; then bash tests/testbed/images.sh dockerfiles $(E2E_IMAGE_TAG); \
+	else bash tests/testbed/images.sh prebuilt $(E2E_IMAGE_TAG) $(TARGET_DIR)/debug; fi
+	KUBELET=real bash tests/testbed/testbed.sh up
+	status=0; bash tests/testbed/images.sh import $(E2E_IMAGE_TAG) && \
+	  DISTCACHE_E2E_IMAGE_TAG=$(E2E_IMAGE_TAG) $(CARGO) nextest run -p distcache-tests --test real_node \
+	  --run-ignored only --no-capture || status=$$?; \
+	bash tests/testbed/testbed.sh down; exit $$status
+
+IMAGE_TAG ?= dev
+images:
+	bash tests/testbed/images.sh dockerfiles $(IMAGE_TAG)
 
 testbed-crd-up:
 	bash tests/testbed/build-apiextensions.sh
