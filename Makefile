@@ -4,7 +4,8 @@
 #   make test        everything CI checks, one step after the other: make setup, make shellcheck, fmt check, clippy
 #                    (-D warnings), debug build of the binaries (the integration tests spawn them from the same target
 #                    dir), CRD drift check, helm lint/template, the WebAssembly hooks (hooks/, for wasm32-wasip2) and
-#                    their unit tests, nextest (profile `ci`, with the Kubernetes test bed up), doc tests
+#                    their unit tests, nextest (profile `ci`, with the Kubernetes test bed up), doc tests, and last the
+#                    operator end to end on the bed's real node (make e2e-real)
 #   make setup       scripts/setup.sh, idempotent (seconds when all is there): Debian packages (apt-get as root; else
 #                    it says what to install), the Rust toolchain's components and target (rust-toolchain.toml),
 #                    cargo-nextest, the test bed's binaries and helm (built or fetched once, about 20 minutes on 2
@@ -19,7 +20,7 @@
 #                    kube-proxy v1.20.2 and a cluster DNS, in the network namespace distcache-bed
 #   make e2e-real    the operator end to end on that real node with the project's images (tests/tests/real_node.rs):
 #                    images with the workspace's binaries copied in (E2E_IMAGES=dockerfiles: built by the
-#                    Dockerfiles instead), bed up, helm install ... uninstall, bed down; not part of make test
+#                    Dockerfiles instead), bed up, helm install ... uninstall, bed down (root: a network namespace)
 #   make images      buildah bud of docker/*.Dockerfile as they are, offline bases built from Debian packages
 #                    (tests/testbed/images.sh; IMAGE_TAG=dev), each build timed
 #   make testbed-real-check  that bed up, a scheduled pod as 65532 on a read-only root, the kubernetes Service's
@@ -84,6 +85,7 @@ test:
 	$(MAKE) hooks-test
 	$(MAKE) nextest
 	$(MAKE) doctest
+	$(MAKE) e2e-real
 
 # Installs or checks what `make test` needs (scripts/setup.sh says what, phase by phase).
 setup:
@@ -152,7 +154,7 @@ e2e-real: build-debug hooks
 	else bash tests/testbed/images.sh prebuilt $(E2E_IMAGE_TAG) $(TARGET_DIR)/debug; fi
 	KUBELET=real bash tests/testbed/testbed.sh up
 	status=0; bash tests/testbed/images.sh import $(E2E_IMAGE_TAG) && \
-	  DISTCACHE_E2E_IMAGE_TAG=$(E2E_IMAGE_TAG) $(CARGO) nextest run -p distcache-tests --test real_node \
+	  DISTCACHE_E2E_IMAGE_TAG=$(E2E_IMAGE_TAG) $(CARGO) nextest run --profile $(NEXTEST_PROFILE) -p distcache-tests --test real_node \
 	  --run-ignored only --no-capture || status=$$?; \
 	bash tests/testbed/testbed.sh down; exit $$status
 

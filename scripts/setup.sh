@@ -45,10 +45,14 @@ is_root() { [[ $(id -u) -eq 0 ]]; }
 #                               it with `npm pack`); an npm that came with Node.js (nodesource, nvm) counts
 #   python3-venv                ensurepip, without which Debian's python3 makes no venv (for redis-py); only when
 #                               python3 lacks it (a pyenv python has it)
+#   containerd, runc, containernetworking-plugins, iptables, iproute2  the bed's real node (make e2e-real):
+#                               its container runtime, pod network and kube-proxy's rules, in a network namespace
+#   buildah, debootstrap        the project's images for it, built offline (tests/testbed/images.sh)
 # redis-server, which only `make bench` uses, is not installed here: the package registers a system service that
 # could outlive this run. redis-tools has no service.
 APT_PACKAGES=(ca-certificates curl make gcc libc6-dev pkg-config git shellcheck nats-server etcd-server openssl
-  python3:python3 redis-tools npm:npm)
+  python3:python3 redis-tools npm:npm containerd runc containernetworking-plugins iptables iproute2 buildah
+  debootstrap)
 if ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
   APT_PACKAGES+=(python3-venv)
 fi
@@ -70,10 +74,10 @@ else
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
-  # Debian's nats-server and etcd-server packages enable and start a system service (on machines that run systemd
-  # or SysV init). This run installed them, so it stops them: nothing may outlive the tests, which need no shared
-  # server.
-  for pair in nats-server:nats-server etcd-server:etcd; do
+  # Debian's nats-server, etcd-server and containerd packages enable and start a system service (on machines that
+  # run systemd or SysV init). This run installed them, so it stops them: nothing may outlive the tests, which need
+  # no shared server (the real-node bed runs its own containerd).
+  for pair in nats-server:nats-server etcd-server:etcd containerd:containerd; do
     pkg=${pair%%:*}
     service=${pair#*:}
     [[ " ${missing[*]} " == *" $pkg "* ]] || continue
@@ -141,11 +145,14 @@ phase "cargo-nextest: $nextest"
 
 # --- the test bed's binaries ---------------------------------------------------------------------------------------
 testbed_missing=()
+# build-kube.sh --node: also the kubelet, kube-proxy and kube-scheduler of the real node (make e2e-real).
 for script in build-kube build-apiextensions install-helm; do
-  bash "tests/testbed/$script.sh" --check || testbed_missing+=("$script")
+  args=()
+  [[ $script == build-kube ]] && args=(--node)
+  bash "tests/testbed/$script.sh" --check "${args[@]}" || testbed_missing+=("$script")
 done
 if ((${#testbed_missing[@]} == 0)); then
-  phase "test bed: kube v1.20.2, apiextensions-apiserver 1.36.4, helm 3.17.2 cached in $TESTBED_CACHE"
+  phase "test bed: kube v1.20.2 (with the real node's), apiextensions-apiserver 1.36.4, helm 3.17.2 cached in $TESTBED_CACHE"
 else
   if ! is_root && ! { mkdir -p "$TESTBED_CACHE" 2>/dev/null && [[ -w $TESTBED_CACHE ]]; }; then
     die "the test bed's binaries (${testbed_missing[*]}) are missing and $TESTBED_CACHE is not writable:" \
@@ -153,7 +160,9 @@ else
   fi
   phase "test bed: building or fetching ${testbed_missing[*]} into $TESTBED_CACHE (about 20 minutes cold on 2 cores)"
   for script in "${testbed_missing[@]}"; do
-    bash "tests/testbed/$script.sh"
+    args=()
+    [[ $script == build-kube ]] && args=(--node)
+    bash "tests/testbed/$script.sh" "${args[@]}"
   done
 fi
 

@@ -46,7 +46,6 @@ need_tools() {
   local missing=()
   command -v buildah >/dev/null || missing+=(buildah)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
-  command -v fuse-overlayfs >/dev/null || missing+=(fuse-overlayfs)
   if ((${#missing[@]})); then
     log "installing ${missing[*]} (apt)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null ||
@@ -162,6 +161,14 @@ bases() {
   log "bases ready: $BUILD_BASE, $RUNTIME_BASE"
 }
 
+# The runtime base only: all `prebuilt` needs.
+runtime_only() {
+  need_tools
+  mkdir -p "$IMAGES_CACHE"
+  bootstrap
+  runtime_base
+}
+
 revision() { git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown; }
 
 dockerfiles() {
@@ -189,7 +196,7 @@ dockerfiles() {
 # stage's USER, EXPOSE, ENTRYPOINT, CMD and COPY of examples/data from the Dockerfile itself, so the two stay one.
 prebuilt() {
   local tag=${1:?usage: images.sh prebuilt TAG DIR} dir=${2:?usage: images.sh prebuilt TAG DIR}
-  bases
+  runtime_only
   local image bin c dockerfile
   for image in "${IMAGES[@]}"; do
     bin=$dir/distcache-$image

@@ -17,7 +17,8 @@
 # build-kube.sh, so a warm `up` takes seconds. Ports are free ones chosen at `up`.
 #
 # What it does not emulate: no scheduler (the test kubelet binds the pods it runs), no Service VIPs or kube-proxy,
-# no cluster DNS, no container isolation (pods are processes on 127.0.0.x). See tests/testbed/README.md.
+# no cluster DNS, no container isolation (pods are processes on 127.0.0.x); KUBELET=real below has all of them.
+# See tests/testbed/README.md.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
