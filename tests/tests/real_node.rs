@@ -604,6 +604,7 @@ async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
     let uids: Vec<String> =
         node_pods(env, name).await?.iter().filter_map(|p| p.metadata.uid.clone()).collect();
     anyhow::ensure!(!uids.is_empty(), "no node pod before the delete");
+    let deleting = Instant::now();
     distcaches(client, &env.ns).delete(name, &DeleteParams::background()).await?;
     let left = Mutex::new(Vec::new());
     let gone = wait_for(Duration::from_mins(2), "every owned object, pod and container gone", || {
@@ -644,6 +645,10 @@ async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
     })
     .await;
     gone.with_context(|| format!("left: {:?}", left.lock().expect("not poisoned")))?;
+    eprintln!(
+        "the DistCaches' objects, pods and containers gone {:.1?} after the delete",
+        deleting.elapsed()
+    );
 
     let operator: Vec<String> = Api::<Pod>::namespaced(client.clone(), &env.system)
         .list(&ListParams::default().labels(OPERATOR_SELECTOR))
@@ -652,6 +657,7 @@ async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
         .iter()
         .filter_map(|p| p.metadata.uid.clone())
         .collect();
+    let uninstalling = Instant::now();
     env.helm.run(&["uninstall", RELEASE, "--namespace", &env.system]).await?;
     wait_for(Duration::from_mins(1), "the operator pod and its container gone", || async {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &env.system);
@@ -662,6 +668,7 @@ async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
         Ok(pods.list(&ListParams::default().labels(OPERATOR_SELECTOR)).await?.items.is_empty() && !running)
     })
     .await?;
+    eprintln!("the operator pod and container gone {:.1?} after helm uninstall", uninstalling.elapsed());
     let crd = Api::<CustomResourceDefinition>::all(client.clone()).get_opt(CRD_NAME).await?;
     anyhow::ensure!(
         crd.is_some_and(|c| c.metadata.deletion_timestamp.is_none()),
