@@ -55,6 +55,18 @@ need_tools() {
 
 have_image() { buildah images -q "$1" >/dev/null 2>&1 && [[ -n $(buildah images -q "$1" 2>/dev/null) ]]; }
 
+# image_id NAME: its ID, or nothing.
+image_id() { buildah images -q --no-trunc "$1" 2>/dev/null | head -n 1 || true; }
+
+# drop_replaced ID: removes the image ID that a build just took the name of, once nothing names it (each build
+# with new binaries would otherwise leave half a gigabyte behind).
+drop_replaced() {
+  local id=$1
+  [[ -n $id ]] || return 0
+  buildah images -q --no-trunc --filter dangling=true 2>/dev/null | grep -qx "$id" || return 0
+  buildah rmi "$id" >/dev/null 2>&1 || true
+}
+
 # The bookworm root file system both bases come from, as debootstrap leaves it (its .debs stay in
 # var/cache/apt/archives for the runtime base).
 bootstrap() {
@@ -178,6 +190,8 @@ dockerfiles() {
   for image in "${IMAGES[@]}"; do
     start=$(date +%s)
     log "buildah bud docker/$image.Dockerfile -> localhost/distcache-$image:$tag"
+    local replaced
+    replaced=$(image_id "localhost/distcache-$image:$tag")
     # --network=host: the build stage's cargo fetches crates from the registry; --pull=never: the bases are local.
     # The machine's CA bundle is mounted over the base's for the RUN steps only (a machine behind a TLS-inspecting
     # proxy reaches the registry with it); no image keeps it.
@@ -188,6 +202,7 @@ dockerfiles() {
       tail -n 30 "$IMAGES_CACHE/bud-$image.log" >&2
       die "building docker/$image.Dockerfile failed; see $IMAGES_CACHE/bud-$image.log"
     }
+    drop_replaced "$replaced"
     log "docker/$image.Dockerfile built in $(($(date +%s) - start)) s"
   done
 }
@@ -225,7 +240,10 @@ prebuilt() {
     buildah config "${args[@]}" --label org.opencontainers.image.title="distcache-$image" \
       --label org.opencontainers.image.revision="$(revision)" --label org.opencontainers.image.version=prebuilt \
       "$c"
+    local replaced
+    replaced=$(image_id "localhost/distcache-$image:$tag")
     buildah commit --quiet --rm "$c" "localhost/distcache-$image:$tag" >/dev/null
+    drop_replaced "$replaced"
     log "localhost/distcache-$image:$tag from $bin"
   done
 }

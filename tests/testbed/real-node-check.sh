@@ -31,9 +31,15 @@ host_state() {
   ip route show | sed 's/^/route /'
   awk -v d="$DIR" 'index($2, d) == 1 || $2 ~ /^\/run\/netns\// {print "mount " $2}' /proc/self/mounts
   find /sys/fs/cgroup -maxdepth 2 -name kubepods | sed 's/^/cgroup /'
-  [[ -e /run/containerd ]] && echo "dir /run/containerd"
+  # Fixed paths the kubelet, containerd and CNI write to whatever their flags say (pod logs in v1.20), and the usual
+  # places of their state, which the bed moves under its own directory.
+  local path
+  for path in /run/containerd /var/log/pods /var/log/containers /var/lib/kubelet /var/lib/dockershim \
+    /var/lib/containerd /var/lib/cni /etc/cni/net.d /etc/kubernetes /run/flannel; do
+    [[ -e $path ]] && echo "path $path $(find "$path" 2>/dev/null | wc -l)"
+  done
   local name
-  for name in kubelet containerd containerd-shim pause; do
+  for name in kubelet containerd containerd-shim pause distcache-testbed-dns; do
     pgrep -x "$name" >/dev/null && echo "process $name"
   done
   true

@@ -369,10 +369,12 @@ TOML
   ]
 }
 CNI
-  # The shims' sockets go under /run/containerd whatever the state directory, and the kubelet writes container
-  # logs under /var/log/pods (links in /var/log/containers), fixed paths in v1.20: `down` removes those `up` made.
+  # Fixed paths, whatever the flags say: the shims' sockets under /run/containerd, container logs under
+  # /var/log/pods (links in /var/log/containers), the device-plugin socket directory under /var/lib/kubelet, the
+  # CNI library's result cache under /var/lib/cni and its lock under /etc/cni. `down` removes those `up` made, and
+  # from a result cache that was there before only this bed's entries.
   local fixed
-  for fixed in /run/containerd /var/log/pods /var/log/containers; do
+  for fixed in /run/containerd /var/log/pods /var/log/containers /var/lib/kubelet /var/lib/cni /etc/cni; do
     [[ -e $fixed ]] || echo "$fixed" >>"$TESTBED_DIR/made-dirs"
   done
   start containerd containerd --config "$d/config.toml"
@@ -506,6 +508,14 @@ real_down() {
   if [[ -f $TESTBED_DIR/made-dirs ]]; then
     while read -r m; do rm -rf "$m"; done <"$TESTBED_DIR/made-dirs"
   fi
+  # The sandboxes killed above had no CNI DEL: their results stay cached, as <network>-<sandbox id>-<interface>.
+  local result sandbox
+  for result in /var/lib/cni/results/distcache-bed-*-eth0; do
+    [[ -f $result ]] || continue
+    sandbox=${result#/var/lib/cni/results/distcache-bed-}
+    sandbox=${sandbox%-eth0}
+    rm -f "$result" "/var/lib/cni/results/cni-loopback-$sandbox-lo"
+  done
   log "real node removed: namespace $BED_NETNS, links, routes, mounts, cgroups; host settings restored"
 }
 
