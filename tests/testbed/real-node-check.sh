@@ -39,7 +39,8 @@ host_state() {
     [[ -e $path ]] && echo "path $path $(find "$path" 2>/dev/null | wc -l)"
   done
   local name
-  for name in kubelet containerd containerd-shim pause distcache-testbed-dns; do
+  # (comm is cut at 15 characters: distcache-testbed-dns is distcache-testb)
+  for name in kubelet containerd containerd-shim pause distcache-testb; do
     pgrep -x "$name" >/dev/null && echo "process $name"
   done
   true
