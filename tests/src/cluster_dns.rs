@@ -30,7 +30,7 @@ use hickory_server::{
     store::in_memory::InMemoryZoneHandler,
     zone_handler::{AxfrPolicy, Catalog, ZoneType},
 };
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Service, ServiceSpec};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt as _, reflector, watcher},
@@ -43,7 +43,8 @@ fn name(text: &str) -> anyhow::Result<Name> {
     Name::from_ascii(text).with_context(|| format!("{text:?} is not a DNS name"))
 }
 
-/// The zone's records for these Services and Endpoints, SOA first.
+/// The zone's records for these Services and Endpoints, SOA first. A Service whose names cannot be made (none
+/// should: its name and namespace are DNS labels) is left out with a warning; the others are served.
 pub fn zone_records(
     domain: &Name,
     services: &[Service],
@@ -69,62 +70,82 @@ pub fn zone_records(
         else {
             continue;
         };
-        let service_name = name(&format!("{svc}.{ns}.svc.{domain}"))?;
-        let a = |owner: &Name, ip: Ipv4Addr| Record::from_rdata(owner.clone(), TTL, RData::A(A(ip)));
-        let srv = |owner: Name, port: u16, target: &Name| {
-            Record::from_rdata(owner, TTL, RData::SRV(SRV::new(0, 100, port, target.clone())))
-        };
-        let port_owner = |port: &str, protocol: Option<&str>| {
-            name(&format!("_{port}._{}.{service_name}", protocol.unwrap_or("TCP").to_ascii_lowercase()))
-        };
-        match spec.cluster_ip.as_deref() {
-            Some("None") => {
-                let Some(endpoints) = by_key.get(&(ns.to_owned(), svc.to_owned())) else { continue };
-                for subset in endpoints.subsets.iter().flatten() {
-                    let mut targets = Vec::new();
-                    for address in subset.addresses.iter().flatten() {
-                        let Ok(ip) = address.ip.parse::<Ipv4Addr>() else { continue };
-                        let host = match address.hostname.as_deref() {
-                            Some(h) if !h.is_empty() => h.to_owned(),
-                            _ => address.ip.replace('.', "-"),
-                        };
-                        let target = name(&format!("{host}.{service_name}"))?;
-                        records.push(a(&service_name, ip));
-                        records.push(a(&target, ip));
-                        targets.push(target);
-                    }
-                    for port in subset.ports.iter().flatten() {
-                        let Ok(number) = u16::try_from(port.port) else { continue };
-                        for target in &targets {
-                            records.push(srv(service_name.clone(), number, target));
-                            if let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) {
-                                records.push(srv(
-                                    port_owner(port_name, port.protocol.as_deref())?,
-                                    number,
-                                    target,
-                                ));
-                            }
+        let endpoints = by_key.get(&(ns.to_owned(), svc.to_owned())).copied();
+        match service_records(domain, ns, svc, spec, endpoints) {
+            Ok(found) => records.extend(found),
+            Err(error) => {
+                let error = format!("{error:#}");
+                tracing::warn!(namespace = ns, service = svc, %error, "Service left out of the zone");
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// The records of one Service (`spec`), with its Endpoints when it has some.
+fn service_records(
+    domain: &Name,
+    ns: &str,
+    svc: &str,
+    spec: &ServiceSpec,
+    endpoints: Option<&Endpoints>,
+) -> anyhow::Result<Vec<Record>> {
+    let mut records = Vec::new();
+    let service_name = name(&format!("{svc}.{ns}.svc.{domain}"))?;
+    let a = |owner: &Name, ip: Ipv4Addr| Record::from_rdata(owner.clone(), TTL, RData::A(A(ip)));
+    let srv = |owner: Name, port: u16, target: &Name| {
+        Record::from_rdata(owner, TTL, RData::SRV(SRV::new(0, 100, port, target.clone())))
+    };
+    let port_owner = |port: &str, protocol: Option<&str>| {
+        name(&format!("_{port}._{}.{service_name}", protocol.unwrap_or("TCP").to_ascii_lowercase()))
+    };
+    match spec.cluster_ip.as_deref() {
+        Some("None") => {
+            let Some(endpoints) = endpoints else { return Ok(records) };
+            for subset in endpoints.subsets.iter().flatten() {
+                let mut targets = Vec::new();
+                for address in subset.addresses.iter().flatten() {
+                    let Ok(ip) = address.ip.parse::<Ipv4Addr>() else { continue };
+                    let host = match address.hostname.as_deref() {
+                        Some(h) if !h.is_empty() => h.to_owned(),
+                        _ => address.ip.replace('.', "-"),
+                    };
+                    let target = name(&format!("{host}.{service_name}"))?;
+                    records.push(a(&service_name, ip));
+                    records.push(a(&target, ip));
+                    targets.push(target);
+                }
+                for port in subset.ports.iter().flatten() {
+                    let Ok(number) = u16::try_from(port.port) else { continue };
+                    for target in &targets {
+                        records.push(srv(service_name.clone(), number, target));
+                        if let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+                            records.push(srv(
+                                port_owner(port_name, port.protocol.as_deref())?,
+                                number,
+                                target,
+                            ));
                         }
                     }
                 }
             }
-            Some(ip) => {
-                let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
-                records.push(a(&service_name, ip));
-                for port in spec.ports.iter().flatten() {
-                    let Ok(number) = u16::try_from(port.port) else { continue };
-                    records.push(srv(service_name.clone(), number, &service_name));
-                    if let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) {
-                        records.push(srv(
-                            port_owner(port_name, port.protocol.as_deref())?,
-                            number,
-                            &service_name,
-                        ));
-                    }
+        }
+        Some(ip) => {
+            let Ok(ip) = ip.parse::<Ipv4Addr>() else { return Ok(records) };
+            records.push(a(&service_name, ip));
+            for port in spec.ports.iter().flatten() {
+                let Ok(number) = u16::try_from(port.port) else { continue };
+                records.push(srv(service_name.clone(), number, &service_name));
+                if let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+                    records.push(srv(
+                        port_owner(port_name, port.protocol.as_deref())?,
+                        number,
+                        &service_name,
+                    ));
                 }
             }
-            None => {}
         }
+        None => {}
     }
     Ok(records)
 }
