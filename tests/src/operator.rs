@@ -16,12 +16,14 @@ use anyhow::Context as _;
 use distcache_proto::v1::{GetRequest, cache_client::CacheClient};
 use futures::StreamExt as _;
 use k8s_openapi::{
-    api::core::v1::Pod, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    ByteString,
+    api::core::v1::{ConfigMap, Pod},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     serde::Deserialize as _,
 };
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    api::{ApiResource, DynamicObject, GroupVersionKind, PostParams},
     runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::io::AsyncWriteExt as _;
@@ -40,6 +42,72 @@ pub const CRD_NAME: &str = "distcaches.distcache.io";
 pub const GRPC_PORT: u16 = 7420;
 /// The node's admin HTTP port.
 pub const ADMIN_PORT: u16 = 7421;
+
+/// Runs one step of a scenario, saying how long it took (and which step failed).
+pub async fn step<T>(what: &str, run: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let started = Instant::now();
+    let result = run.await.with_context(|| format!("step {what}"));
+    eprintln!("step {what}: {} in {:.1?}", if result.is_ok() { "ok" } else { "FAILED" }, started.elapsed());
+    result
+}
+
+/// The example DistCache of examples/k8s/distcache.yaml.
+pub struct Example {
+    /// The DistCache object as the file has it.
+    pub distcache: serde_json::Value,
+    /// Its name.
+    pub name: String,
+    /// Its keyspace whose hook module is a ConfigMap.
+    pub keyspace: serde_json::Value,
+}
+
+/// Reads the example DistCache (examples/k8s/distcache.yaml).
+pub fn example_distcache() -> anyhow::Result<Example> {
+    let distcache = manifests(&crate::repo_root().join("examples/k8s/distcache.yaml"))?
+        .into_iter()
+        .find(|d| d["kind"] == "DistCache")
+        .ok_or_else(|| anyhow::anyhow!("examples/k8s/distcache.yaml has no DistCache"))?;
+    let name = distcache["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let keyspace = distcache["spec"]["keyspaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["hook"]["module"]["configMap"].is_object())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!("the example DistCache has no keyspace with a ConfigMap hook module")
+        })?;
+    Ok(Example { distcache, name, keyspace })
+}
+
+/// Creates the ConfigMap `keyspace`'s hook module names, holding the example hook (http-json), in `namespace`, as
+/// a user does with `kubectl create configmap <name> --from-file=<key>=http-json.wasm`.
+pub async fn create_hook_config_map(
+    client: &Client,
+    namespace: &str,
+    keyspace: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let module = &keyspace["hook"]["module"]["configMap"];
+    let (name, key) =
+        (module["name"].as_str().unwrap_or_default(), module["key"].as_str().unwrap_or_default());
+    let wasm = std::fs::read(crate::hook_module("http_json")?)?;
+    let mut hook: ConfigMap = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))?;
+    hook.binary_data = Some([(key.to_owned(), ByteString(wasm))].into());
+    Api::<ConfigMap>::namespaced(client.clone(), namespace).create(&PostParams::default(), &hook).await?;
+    Ok(())
+}
+
+/// The users a ConfigMap of examples/k8s/origin.yaml serves: `<id>.json` → its bytes.
+pub fn origin_users(config_map: &serde_json::Value) -> BTreeMap<String, Vec<u8>> {
+    config_map["data"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(file, content)| {
+            Some((file.strip_suffix(".json")?.to_owned(), content.as_str()?.as_bytes().to_vec()))
+        })
+        .collect()
+}
 
 /// The DistCache resource (`distcache.io/v1alpha1`, plural `distcaches`).
 pub fn distcache_resource() -> ApiResource {

@@ -42,11 +42,12 @@ use std::{
 use anyhow::Context as _;
 use distcache_proto::v1::{GetRequest, ListKeySpacesRequest, PurgeKeySpaceRequest, PutRequest};
 use distcache_tests::{
-    hook_module, http_get,
+    http_get,
     operator::{
-        CRD_NAME, PodWatch, Tool, cli, connect, distcaches, get_dynamic, manifests, members_seen,
-        node_selector, parse_table, pod_image, pod_ip, pod_log_tail, pod_pid, process_running, restarts,
-        spawn_reader, to_yaml_stream, wait_established,
+        CRD_NAME, Example, PodWatch, Tool, cli, connect, create_hook_config_map, distcaches,
+        example_distcache, get_dynamic, manifests, members_seen, node_selector, origin_users, parse_table,
+        pod_image, pod_ip, pod_log_tail, pod_pid, process_running, restarts, spawn_reader, step,
+        to_yaml_stream, wait_established,
     },
     repo_root,
     testbed::{Testbed, is_ready},
@@ -181,14 +182,6 @@ impl Fetched {
     }
 }
 
-/// Runs one step, saying how long it took (and which step failed).
-async fn step<T>(what: &str, run: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    let started = Instant::now();
-    let result = run.await.with_context(|| format!("step {what}"));
-    eprintln!("step {what}: {} in {:.1?}", if result.is_ok() { "ok" } else { "FAILED" }, started.elapsed());
-    result
-}
-
 // ---- 1 ----------------------------------------------------------------------------------------------------
 
 async fn install_operator(env: &Env) -> anyhow::Result<()> {
@@ -230,32 +223,8 @@ async fn adopt_kept_crd(env: &Env) -> anyhow::Result<()> {
 // ---- 2 ----------------------------------------------------------------------------------------------------
 
 async fn deploy(env: &Env) -> anyhow::Result<Deployed> {
-    let examples = repo_root().join("examples/k8s");
-    let mut distcache = manifests(&examples.join("distcache.yaml"))?
-        .into_iter()
-        .find(|d| d["kind"] == "DistCache")
-        .ok_or_else(|| anyhow::anyhow!("examples/k8s/distcache.yaml has no DistCache"))?;
-    let name = distcache["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-    let keyspace = distcache["spec"]["keyspaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|k| k["hook"]["module"]["configMap"].is_object())
-        .cloned()
-        .ok_or_else(|| {
-            anyhow::anyhow!("the example DistCache has no keyspace with a ConfigMap hook module")
-        })?;
-
-    // The hook module, as the user creates it: `kubectl create configmap users-hook --from-file=...`.
-    let module = &keyspace["hook"]["module"]["configMap"];
-    let (cm_name, cm_key) =
-        (module["name"].as_str().unwrap_or_default(), module["key"].as_str().unwrap_or_default());
-    let wasm = std::fs::read(hook_module("http_json")?)?;
-    let mut hook: ConfigMap = serde_json::from_value(json!({ "metadata": { "name": cm_name } }))?;
-    hook.binary_data = Some([(cm_key.to_owned(), ByteString(wasm))].into());
-    Api::<ConfigMap>::namespaced(env.bed.client.clone(), &env.ns)
-        .create(&PostParams::default(), &hook)
-        .await?;
+    let Example { mut distcache, name, keyspace } = example_distcache()?;
+    create_hook_config_map(&env.bed.client, &env.ns, &keyspace).await?;
 
     let (origin, users, bulk) = start_origin(env).await?;
 
@@ -310,11 +279,7 @@ async fn start_origin(env: &Env) -> anyhow::Result<(SocketAddr, Users, Users)> {
     for doc in &mut docs {
         doc["metadata"]["namespace"] = env.ns.clone().into();
         if doc["kind"] == "ConfigMap" {
-            for (file, content) in doc["data"].as_object().into_iter().flatten() {
-                if let (Some(id), Some(text)) = (file.strip_suffix(".json"), content.as_str()) {
-                    users.insert(id.to_owned(), text.as_bytes().to_vec());
-                }
-            }
+            users.extend(origin_users(doc));
             for (id, text) in bulk.iter().chain(&protected_users()) {
                 doc["data"][format!("{id}.json")] = String::from_utf8_lossy(text).into_owned().into();
             }

@@ -34,10 +34,10 @@ use anyhow::Context as _;
 use distcache_client::Client;
 use distcache_proto::v1::{GetRequest, cache_client::CacheClient};
 use distcache_tests::{
-    hook_module, http_get,
+    http_get,
     operator::{
-        CRD_NAME, Tool, distcaches, manifests, members_seen, node_selector, pod_image, pod_ip,
-        to_yaml_stream, wait_established,
+        CRD_NAME, Example, Tool, create_hook_config_map, distcaches, example_distcache, manifests,
+        members_seen, node_selector, origin_users, pod_image, pod_ip, step, to_yaml_stream, wait_established,
     },
     repo_root,
     testbed::{Testbed, is_ready, testbed_dir},
@@ -45,7 +45,6 @@ use distcache_tests::{
 };
 use futures::FutureExt as _;
 use k8s_openapi::{
-    ByteString,
     api::{
         apps::v1::StatefulSet,
         core::v1::{ConfigMap, Pod, Service},
@@ -54,7 +53,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams},
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -130,13 +129,6 @@ async fn scenario(env: &Env) -> anyhow::Result<()> {
     step("7. DNS discovery through the headless Service", dns_discovery(env)).await?;
     step("8. delete, garbage collection, uninstall", delete_and_uninstall(env, &d.name)).await?;
     Ok(())
-}
-
-async fn step<T>(what: &str, run: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    let started = Instant::now();
-    let result = run.await.with_context(|| format!("step {what}"));
-    eprintln!("step {what}: {} in {:.1?}", if result.is_ok() { "ok" } else { "FAILED" }, started.elapsed());
-    result
 }
 
 // ---- processes of containers ----------------------------------------------------------------------------------
@@ -242,27 +234,8 @@ async fn install_operator(env: &Env) -> anyhow::Result<()> {
 
 async fn deploy(env: &Env) -> anyhow::Result<Deployed> {
     let examples = repo_root().join("examples/k8s");
-    let mut distcache = manifests(&examples.join("distcache.yaml"))?
-        .into_iter()
-        .find(|d| d["kind"] == "DistCache")
-        .ok_or_else(|| anyhow::anyhow!("examples/k8s/distcache.yaml has no DistCache"))?;
-    let name = distcache["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-    let keyspace = distcache["spec"]["keyspaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|k| k["hook"]["module"]["configMap"].is_object())
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("the example DistCache has no keyspace with a ConfigMap hook"))?;
-    let module = &keyspace["hook"]["module"]["configMap"];
-    let (cm_name, cm_key) =
-        (module["name"].as_str().unwrap_or_default(), module["key"].as_str().unwrap_or_default());
-    let wasm = std::fs::read(hook_module("http_json")?)?;
-    let mut hook: ConfigMap = serde_json::from_value(json!({ "metadata": { "name": cm_name } }))?;
-    hook.binary_data = Some([(cm_key.to_owned(), ByteString(wasm))].into());
-    Api::<ConfigMap>::namespaced(env.bed.client.clone(), &env.ns)
-        .create(&PostParams::default(), &hook)
-        .await?;
+    let Example { mut distcache, name, keyspace } = example_distcache()?;
+    create_hook_config_map(&env.bed.client, &env.ns, &keyspace).await?;
 
     // The origin as the example ships it, on the image built here.
     let mut docs = manifests(&examples.join("origin.yaml"))?;
@@ -270,11 +243,7 @@ async fn deploy(env: &Env) -> anyhow::Result<Deployed> {
     for doc in &mut docs {
         doc["metadata"]["namespace"] = env.ns.clone().into();
         if doc["kind"] == "ConfigMap" {
-            for (file, content) in doc["data"].as_object().into_iter().flatten() {
-                if let (Some(id), Some(text)) = (file.strip_suffix(".json"), content.as_str()) {
-                    users.insert(id.to_owned(), text.as_bytes().to_vec());
-                }
-            }
+            users.extend(origin_users(doc));
         }
         if doc["kind"] == "Deployment" {
             for container in
