@@ -608,7 +608,11 @@ async fn delete_and_uninstall(env: &Env, name: &str) -> anyhow::Result<()> {
                 }
             }
             let done = now.is_empty();
-            *left.lock().expect("not poisoned") = now;
+            let mut last = left.lock().expect("not poisoned");
+            if *last != now {
+                eprintln!("{:>5.1?} after the delete, left: {now:?}", deleting.elapsed());
+            }
+            *last = now;
             Ok(done)
         }
     })
