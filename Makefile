@@ -145,17 +145,16 @@ testbed-real-check:
 
 # The operator end to end on the real node. The images: the runtime stage of docker/*.Dockerfile with the debug
 # binaries just built copied in (prebuilt), or E2E_IMAGES=dockerfiles for the Dockerfiles' own cargo build. The
-# bed is stopped afterwards whatever the outcome.
+# bed is taken down afterwards whatever the outcome, also when it failed to come up half-way.
 E2E_IMAGES ?= prebuilt
 E2E_IMAGE_TAG ?= e2e
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 e2e-real: build-debug hooks
 	@if [[ "$(E2E_IMAGES)" == dockerfiles ]]; then bash tests/testbed/images.sh dockerfiles $(E2E_IMAGE_TAG); \
 	else bash tests/testbed/images.sh prebuilt $(E2E_IMAGE_TAG) $(TARGET_DIR)/debug; fi
-	KUBELET=real bash tests/testbed/testbed.sh up
-	status=0; bash tests/testbed/images.sh import $(E2E_IMAGE_TAG) && \
-	  DISTCACHE_E2E_IMAGE_TAG=$(E2E_IMAGE_TAG) $(CARGO) nextest run --profile $(NEXTEST_PROFILE) -p distcache-tests --test real_node \
-	  --run-ignored only --no-capture || status=$$?; \
+	status=0; KUBELET=real bash tests/testbed/testbed.sh up && bash tests/testbed/images.sh import $(E2E_IMAGE_TAG) && \
+	  DISTCACHE_E2E_IMAGE_TAG=$(E2E_IMAGE_TAG) $(CARGO) nextest run --profile $(NEXTEST_PROFILE) -p distcache-tests \
+	  --test real_node --run-ignored only --no-capture || status=$$?; \
 	bash tests/testbed/testbed.sh down; exit $$status
 
 IMAGE_TAG ?= dev
