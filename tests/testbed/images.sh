@@ -268,6 +268,18 @@ import() {
   log "tagged localhost/distcache-node:$tag-next (for a rolling update)"
 }
 
+# buildah creates its CNI configuration directory /etc/cni/net.d (with a lock file) on first use, even for builds
+# on the host network; when this run made it and nothing else was put there, it is removed again, so that the host
+# keeps no trace beyond the caches above.
+drop_cni_dir() {
+  [[ -d /etc/cni/net.d ]] || return 0
+  [[ -z $(find /etc/cni -mindepth 1 ! -path /etc/cni/net.d ! -path /etc/cni/net.d/cni.lock) ]] || return 0
+  rm -rf /etc/cni
+}
+if [[ ! -e /etc/cni ]]; then
+  trap drop_cni_dir EXIT
+fi
+
 case ${1:-} in
   bases) bases ;;
   dockerfiles) dockerfiles "${2:-}" ;;
