@@ -39,9 +39,12 @@ host_state() {
     [[ -e $path ]] && echo "path $path $(find "$path" 2>/dev/null | wc -l)"
   done
   local name
-  # (comm is cut at 15 characters: distcache-testbed-dns is distcache-testb)
+  # (comm is cut at 15 characters: distcache-testbed-dns is distcache-testb; a zombie waiting for PID 1 to reap it
+  # has exited, so it does not count)
+  local running
+  running=$(ps -e -o stat=,comm= | awk '$1 !~ /^Z/ {print $2}')
   for name in kubelet containerd containerd-shim pause distcache-testb; do
-    pgrep -x "$name" >/dev/null && echo "process $name"
+    grep -qx "$name" <<<"$running" && echo "process $name"
   done
   true
 }

@@ -118,6 +118,9 @@ stop_component() {
   kill -TERM "$pid" 2>/dev/null || true
   for _ in $(seq 1 50); do
     kill -0 "$pid" 2>/dev/null || break
+    # Exited, not yet reaped: its parent is PID 1 (the shell that started it is gone), which may reap only every
+    # few seconds; a zombie holds no port, file or mount.
+    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
     sleep 0.2
   done
   kill -KILL "$pid" 2>/dev/null || true
