@@ -32,7 +32,6 @@ use std::{
 
 use anyhow::Context as _;
 use distcache_client::Client;
-use distcache_proto::v1::{GetRequest, cache_client::CacheClient};
 use distcache_tests::{
     http_get,
     operator::{
@@ -57,7 +56,6 @@ use kube::{
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 const RELEASE: &str = "distcache";
 const OPERATOR_SELECTOR: &str =
@@ -369,13 +367,13 @@ async fn cache_service(env: &Env, name: &str) -> anyhow::Result<String> {
     Ok(format!("{ip}:7420"))
 }
 
-async fn channel(addr: &str) -> anyhow::Result<CacheClient<Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+/// The project's client of the Service at `addr`, as an application connects (2 s to connect, 5 s per call).
+async fn connect(addr: &str) -> Result<Client, distcache_client::Error> {
+    Client::builder(format!("http://{addr}"))
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(5))
         .connect()
-        .await?;
-    Ok(CacheClient::new(channel))
+        .await
 }
 
 async fn origin_hits(d: &Deployed) -> anyhow::Result<BTreeMap<String, u64>> {
@@ -389,10 +387,12 @@ async fn read_through_service(env: &Env, d: &Deployed) -> anyhow::Result<()> {
     // Several rounds, each on a new connection: kube-proxy spreads them over the pods, and every read of a key
     // not yet cached asks its owner, which loads it once.
     for round in 0..6 {
-        let mut client = channel(&service).await?;
+        let client = connect(&service).await?;
         for (user, want) in &d.users {
-            let got = client.get(GetRequest { keyspace: d.keyspace.clone(), key: user.clone() }).await;
-            let got = got.with_context(|| format!("{user} through {service}, round {round}"))?.into_inner();
+            let got = client.get(d.keyspace.as_str(), user.as_str()).await;
+            let got = got.with_context(|| format!("{user} through {service}, round {round}"))?;
+            let got =
+                got.ok_or_else(|| anyhow::anyhow!("{user} through {service}, round {round}: not found"))?;
             assert_eq!(&got.value, want, "{user} through the Service {service}, round {round}");
         }
     }
@@ -442,12 +442,6 @@ fn spawn_service_reader(
         let mut long_lived: Option<Client> = None;
         let mut pace = tokio::time::interval(Duration::from_millis(10));
         let mut i = 0usize;
-        let connect = || {
-            Client::builder(format!("http://{addr}"))
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(5))
-                .connect()
-        };
         while !stop.is_cancelled() && started.elapsed() < Duration::from_mins(5) {
             pace.tick().await;
             let (key, want) = &keys[i % keys.len()];
@@ -461,7 +455,7 @@ fn spawn_service_reader(
             };
             let client = match &long_lived {
                 Some(client) if !fresh => Ok(client.clone()),
-                _ => connect().await,
+                _ => connect(&addr).await,
             };
             let client = match client {
                 Ok(client) => client,
